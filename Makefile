@@ -1,0 +1,42 @@
+# The two commands of the README: `make demo` (the daemon on synthetic parts) and `make test`.
+# Both build .venv on first use: torch 2.13.0 (the CPU wheel) first, so nothing can pull a second torch.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT_PACKAGES := mosquitto mosquitto-clients systemd openssl
+
+.PHONY: demo test lint system-deps venv clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+# Real services the tests and the demo talk to: Debian's mosquitto, systemd-analyze for the unit file.
+system-deps:
+	@missing=""; \
+	command -v mosquitto >/dev/null || missing="$$missing mosquitto mosquitto-clients"; \
+	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
+	command -v openssl >/dev/null || missing="$$missing openssl"; \
+	if [ -n "$$missing" ]; then \
+		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; \
+	fi
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: $(STAMP) system-deps lint
+	$(BIN)/pytest
+
+demo: $(STAMP) system-deps
+	$(BIN)/inspector demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache var

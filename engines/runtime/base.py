@@ -1,0 +1,32 @@
+"""The Engine seam between the model and the daemon, and the factory that picks a backend by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """One loaded SKU model: uint8 RGB frames in, float32 anomaly maps in [0, 1] out."""
+
+    backend: str
+    image_size: int
+
+    def load(self, sku_dir: Path) -> None:
+        """Load the SKU directory's weights/graphs/plans; raise EngineError with the fix on failure."""
+        ...
+
+    def infer(self, images_u8_nhwc: np.ndarray) -> np.ndarray:
+        """Map N x S x S x 3 uint8 RGB images to N x S x S float32 anomaly maps at input resolution."""
+        ...
+
+    def warmup(self) -> None:
+        """Run a dummy batch so the first real frame does not pay for lazy initialisation."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """Backend, precision, image size, schedule and versions, for status messages and logs."""
+        ...

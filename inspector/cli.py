@@ -1,0 +1,105 @@
+"""`inspector`: the command line of the daemon, training, engines and calibration.
+
+Subcommands are built lazily: only the module of the chosen subcommand is imported, so `inspector --help`
+and `inspector config check` start in a fraction of a second without torch. Operator mistakes
+(InspectorError) are printed as one line and exit 2; nothing an operator can cause shows a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from inspector.errors import InspectorError
+
+EXIT_OPERATOR_ERROR = 2
+EXIT_INTERRUPTED = 130
+
+# name -> (module exposing add_arguments(parser) and run(args) -> int, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "run": ("inspector.service", "run the inspection daemon (camera -> engine -> verdicts over MQTT)"),
+    "train": ("engines.train", "train a SKU's TDAD model from good images"),
+    "export": ("engines.export", "export a SKU's networks to ONNX"),
+    "build": ("engines.runtime.build", "build TensorRT engines (.plan) from a SKU's ONNX graphs"),
+    "calibrate": ("calibration.thresholds", "fit a SKU's decision thresholds from good (and NG) parts"),
+    "eval": ("calibration.evaluate", "measure a SKU's model on a labelled test set (AUROC, AUPRO)"),
+    "bench": ("engines.runtime.benchmark", "benchmark latency and throughput per backend"),
+    "demo": ("inspector.demo", "train a demo SKU and run the daemon on synthetic parts"),
+}
+
+
+def _config_parent() -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument(
+        "--config",
+        type=Path,
+        default=argparse.SUPPRESS,
+        help="inspector.toml to use (default: $INSPECTOR_CONFIG, else ./inspector.toml)",
+    )
+    return parent
+
+
+def build_parser(command: str | None) -> argparse.ArgumentParser:
+    """The full parser; only `command`'s module is imported to add its own arguments."""
+    parent = _config_parent()
+    parser = argparse.ArgumentParser(
+        prog="inspector", description="tdad-inspector: TDAD visual inspection on the line", parents=[parent]
+    )
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text, parents=[parent])
+        if name == command:
+            importlib.import_module(module).add_arguments(sub_parser)
+    config = sub.add_parser("config", help="inspect the operator configuration", parents=[parent])
+    config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    config_sub.add_parser(
+        "check", help="validate inspector.toml and print the resolved config", parents=[parent]
+    )
+    return parser
+
+
+def _chosen_command(argv: Sequence[str]) -> str | None:
+    """The first word of argv that names a subcommand (option values never do)."""
+    return next((word for word in argv if word in COMMANDS), None)
+
+
+def config_check(args: argparse.Namespace) -> int:
+    """Validate the config and print it resolved (secrets masked) as JSON."""
+    from inspector.config import config_path, load_config, masked_dump
+
+    config = load_config(args.config)
+    print(json.dumps(masked_dump(config), indent=2))
+    print(f"ok: {config_path(args.config)} is valid", file=sys.stderr)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `inspector` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_chosen_command(argv))
+    args = parser.parse_args(argv)
+    args.config = getattr(args, "config", None)
+    try:
+        if args.command == "config":
+            return config_check(args)
+        return int(importlib.import_module(COMMANDS[args.command][0]).run(args))
+    except InspectorError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_OPERATOR_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        if args.debug:
+            raise
+        print(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,310 @@
+"""Operator configuration: `inspector.toml` validated by pydantic-settings, with INSPECTOR_* env overrides.
+
+The file is found at `--config`, else `$INSPECTOR_CONFIG`, else `./inspector.toml`. Any environment variable
+`INSPECTOR_<SECTION>__<KEY>` (e.g. `INSPECTOR_MQTT__HOST`) overrides the file. Relative paths are resolved
+against the config file's folder so a station's config works from any working directory. Every mistake an
+operator can make is reported as one `ConfigError` line naming the file, the key path and what is expected.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from inspector.errors import ConfigError
+
+DEFAULT_CONFIG = Path("inspector.toml")
+CONFIG_ENV = "INSPECTOR_CONFIG"
+
+
+class _Section(BaseModel):
+    """A config table: unknown keys are errors, so a typo never silently falls back to a default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class LineConfig(_Section):
+    line_id: str = Field("line1", pattern=r"^[A-Za-z0-9_.-]+$", description="production line id (topic part)")
+    station_id: str = Field("station1", pattern=r"^[A-Za-z0-9_.-]+$", description="camera station id")
+
+
+class SyntheticCamera(_Section):
+    """Procedural parts with and without defects, for the demo and tests."""
+
+    type: Literal["synthetic"] = "synthetic"
+    width: int = Field(256, ge=16, le=8192)
+    height: int = Field(256, ge=16, le=8192)
+    fps: float = Field(10.0, ge=0.0, description="0 = as fast as the pipeline takes frames")
+    frames: int = Field(0, ge=0, description="0 = endless")
+    defect_rate: float = Field(0.2, ge=0.0, le=1.0)
+    seed: int = 0
+    texture: str = "brick"
+
+
+class FolderCamera(_Section):
+    """Replays the images of a folder, in name order."""
+
+    type: Literal["folder"] = "folder"
+    path: Path
+    pattern: str = "*.png"
+    loop: bool = False
+    fps: float = Field(0.0, ge=0.0)
+
+
+class VideoCamera(_Section):
+    """Replays a video file through OpenCV."""
+
+    type: Literal["video"] = "video"
+    path: Path
+    loop: bool = False
+    fps: float = Field(0.0, ge=0.0)
+
+
+class GenTLCamera(_Section):
+    """A GenICam camera through a GenTL producer (.cti) loaded by harvesters."""
+
+    type: Literal["gentl"] = "gentl"
+    cti: Path
+    serial: str | None = None
+    index: int = Field(0, ge=0)
+    pixel_format: str | None = None
+    exposure_us: float | None = Field(None, gt=0)
+    gain_db: float | None = None
+    trigger: Literal["free_run", "software", "hardware"] = "free_run"
+    timeout_s: float = Field(2.0, gt=0)
+    reconnect_min_s: float = Field(0.5, gt=0)
+    reconnect_max_s: float = Field(10.0, gt=0)
+
+
+CameraConfig = Annotated[
+    SyntheticCamera | FolderCamera | VideoCamera | GenTLCamera, Field(discriminator="type")
+]
+
+
+class MqttConfig(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(1883, ge=1, le=65535)
+    client_id: str | None = None
+    topic_prefix: str = Field("inspector", pattern=r"^[A-Za-z0-9_./-]+$")
+    qos: Literal[0, 1, 2] = 1
+    keepalive_s: int = Field(30, ge=5, le=3600)
+    username: str | None = None
+    password_file: Path | None = None
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    spool_dir: Path = Path("var/spool")
+    spool_max_mb: float = Field(256.0, gt=0)
+    reconnect_min_s: float = Field(0.5, gt=0)
+    reconnect_max_s: float = Field(30.0, gt=0)
+
+    def password(self) -> str | None:
+        """Read the broker password from `password_file`, refusing a file anyone on the box can read."""
+        if self.password_file is None:
+            return None
+        return read_secret(self.password_file, "mqtt.password_file")
+
+
+class EngineConfig(_Section):
+    backend: Literal["onnxruntime", "tensorrt", "torch"] = "onnxruntime"
+    device_id: int = Field(0, ge=0)
+    batch: int = Field(1, ge=1, le=256)
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    threads: int = Field(0, ge=0, description="CPU threads for onnxruntime/torch; 0 = library default")
+
+
+class ArchiveConfig(_Section):
+    enabled: bool = True
+    dir: Path = Path("var/archive")
+    ok_sample_rate: float = Field(0.0, ge=0.0, le=1.0)
+    max_mb: float = Field(1024.0, gt=0)
+
+
+class ServiceConfig(_Section):
+    watchdog: bool = True
+    queue_depth: int = Field(16, ge=1, le=4096)
+    frame_timeout_ms: float = Field(2000.0, gt=0)
+    fail_safe: Literal["ng", "ok"] = "ng"
+    drain_timeout_s: float = Field(10.0, gt=0)
+
+
+class SkuConfig(_Section):
+    """Everything the daemon needs to inspect one product type."""
+
+    model_dir: Path
+    roi: tuple[int, int, int, int] | None = Field(None, description="x, y, width, height in frame pixels")
+    input_size: int | None = Field(None, ge=16, description="must match the trained model when set")
+    steps1: int | None = Field(None, ge=1)
+    steps2: int | None = Field(None, ge=1)
+    t1: int | None = Field(None, ge=1)
+    t2: int | None = Field(None, ge=1)
+    thresholds_file: Path | None = None
+    publish_mask: Literal["ng", "all", "none"] = "ng"
+
+    @field_validator("roi")
+    @classmethod
+    def _roi_positive(cls, roi: tuple[int, int, int, int] | None) -> tuple[int, int, int, int] | None:
+        if roi is not None and (roi[0] < 0 or roi[1] < 0 or roi[2] <= 0 or roi[3] <= 0):
+            raise ValueError("expected [x, y, width, height] with x, y >= 0 and width, height > 0")
+        return roi
+
+    def schedule_override(self) -> dict[str, int]:
+        """The schedule fields this SKU overrides (none set = the trained model's schedule)."""
+        fields = {"steps1": self.steps1, "steps2": self.steps2, "t1": self.t1, "t2": self.t2}
+        return {k: v for k, v in fields.items() if v is not None}
+
+    def calibration_path(self) -> Path:
+        """Where this SKU's thresholds live: `thresholds_file`, else `<model_dir>/calibration.json`."""
+        return self.thresholds_file or self.model_dir / "calibration.json"
+
+
+class InspectorConfig(BaseSettings):
+    """The whole of `inspector.toml`; one instance per daemon, passed down, never read globally."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="INSPECTOR_", env_nested_delimiter="__", extra="forbid", case_sensitive=False
+    )
+
+    active_sku: str
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    line: LineConfig = LineConfig()
+    camera: CameraConfig = SyntheticCamera()
+    mqtt: MqttConfig = MqttConfig()
+    engine: EngineConfig = EngineConfig()
+    archive: ArchiveConfig = ArchiveConfig()
+    service: ServiceConfig = ServiceConfig()
+    skus: dict[str, SkuConfig] = Field(min_length=1)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Environment overrides first, then the TOML document passed in by `load_config`."""
+        return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _active_sku_known(self) -> InspectorConfig:
+        if self.active_sku not in self.skus:
+            known = ", ".join(sorted(self.skus))
+            raise ValueError(f"active_sku {self.active_sku!r} has no [skus.{self.active_sku}] table (known: {known})")
+        return self
+
+    @property
+    def topic_root(self) -> str:
+        """`<prefix>/<line>/<station>`: the root of every topic this station publishes or subscribes."""
+        return f"{self.mqtt.topic_prefix}/{self.line.line_id}/{self.line.station_id}"
+
+    def sku(self, name: str) -> SkuConfig:
+        """The SKU table `name`, or a ConfigError listing the SKUs that exist."""
+        return resolve_sku(self, name)
+
+
+def resolve_sku(config: InspectorConfig, name: str) -> SkuConfig:
+    """Look up a SKU by name; an unknown name is an operator error that lists the known ones."""
+    try:
+        return config.skus[name]
+    except KeyError:
+        known = ", ".join(sorted(config.skus))
+        raise ConfigError(f"unknown SKU {name!r}: inspector.toml has [skus.*] tables for: {known}") from None
+
+
+def config_path(path: Path | None) -> Path:
+    """The config file to use: the explicit path, else $INSPECTOR_CONFIG, else ./inspector.toml."""
+    if path is not None:
+        return path
+    return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG)
+
+
+def load_config(path: Path | None = None) -> InspectorConfig:
+    """Read, validate and resolve the operator config; any problem is one ConfigError line."""
+    path = config_path(path)
+    try:
+        document = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found (pass --config FILE or set {CONFIG_ENV})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config file: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: TOML syntax error: {exc}") from None
+    try:
+        config = InspectorConfig(**document)
+    except ValidationError as exc:
+        raise ConfigError(_describe_validation_error(path, exc)) from None
+    _resolve_relative_paths(config, path.resolve().parent)
+    return config
+
+
+def _describe_validation_error(path: Path, exc: ValidationError) -> str:
+    """Turn pydantic's error list into one line: file, dotted key path, what was expected."""
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    loc = _key_path(first["loc"])
+    if first["type"] == "extra_forbidden":
+        what = "unknown key (check the spelling against the shipped inspector.toml)"
+    elif first["type"] == "missing":
+        what = "required key is missing"
+    elif first["type"] == "union_tag_invalid":
+        tag = first["input"].get("type") if isinstance(first["input"], dict) else first["input"]
+        what = f"unknown camera type {tag!r} (expected gentl, folder, video or synthetic)"
+    else:
+        got = first.get("input")
+        what = first["msg"] + (f" (got {got!r})" if not isinstance(got, dict) else "")
+    if not loc and "active_sku" in first["msg"]:
+        loc = "active_sku"
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    return f"{path}: {loc or '<top level>'}: {what}{more}"
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    """Dotted TOML key path from a pydantic location, dropping the union tag that pydantic inserts."""
+    parts = [str(p) for p in loc]
+    if len(parts) >= 2 and parts[0] == "camera" and parts[1] in {"synthetic", "folder", "video", "gentl"}:
+        parts.pop(1)
+    return ".".join(parts)
+
+
+def _resolve_relative_paths(model: BaseModel, base: Path) -> None:
+    """Make every relative Path in the config absolute against the config file's folder."""
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, Path) and not value.is_absolute():
+            object.__setattr__(model, name, base / value)
+        elif isinstance(value, BaseModel):
+            _resolve_relative_paths(value, base)
+        elif isinstance(value, dict):
+            for item in value.values():
+                if isinstance(item, BaseModel):
+                    _resolve_relative_paths(item, base)
+
+
+def read_secret(path: Path, key: str) -> str:
+    """Read a secret file (password, key) after checking that other users cannot read it."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise ConfigError(f"{key}: secret file {path} not found") from None
+    if mode & stat.S_IROTH:
+        raise ConfigError(
+            f"{key}: secret file {path} is world-readable (mode {stat.S_IMODE(mode):o}); run chmod 640 {path}"
+        )
+    return path.read_text(encoding="utf-8").strip()
+
+
+def masked_dump(config: InspectorConfig) -> dict[str, Any]:
+    """The resolved config as plain data for `config check`, with secret contents never included."""
+    data = config.model_dump(mode="json")
+    mqtt = data["mqtt"]
+    if mqtt.get("password_file"):
+        mqtt["password_file"] = f"{mqtt['password_file']} (contents not shown)"
+    return data

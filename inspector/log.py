@@ -1,0 +1,47 @@
+"""structlog set-up: JSON lines for the journal when not on a TTY, coloured key-value on a terminal."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import structlog
+
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+def configure_logging(level: str = "info", json: bool | None = None) -> None:
+    """Configure structlog once for the process; `json=None` picks JSON unless stderr is a TTY."""
+    if json is None:
+        json = not sys.stderr.isatty()
+    renderer: structlog.types.Processor = (
+        structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=True)
+    )
+    processors: list[structlog.types.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.processors.StackInfoRenderer(),
+    ]
+    if json:
+        processors.append(structlog.processors.format_exc_info)
+    processors.append(renderer)
+    structlog.configure(
+        processors=processors,
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    logging.basicConfig(level=_LEVELS[level], stream=sys.stderr, format="%(name)s: %(message)s")
+
+
+def bind_context(**context: Any) -> None:
+    """Attach line/station/sku (or any key) to every event logged afterwards in this context."""
+    structlog.contextvars.bind_contextvars(**{k: v for k, v in context.items() if v is not None})
+
+
+def get_logger(name: str | None = None, **bind: Any) -> Any:
+    """A structlog logger tagged with the module name and any extra fields."""
+    logger = structlog.get_logger()
+    return logger.bind(logger=name, **bind) if name else logger.bind(**bind)

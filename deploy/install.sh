@@ -1,0 +1,239 @@
+#!/usr/bin/env bash
+# Install (or remove) tdad-inspector on an edge box: system user, directories, venv, systemd unit,
+# starter config. Idempotent: a second run with the same arguments changes nothing.
+#
+#   sudo deploy/install.sh --station station1 [--source DIR_OR_WHEEL]
+#   sudo deploy/install.sh --uninstall [--purge]
+#   DESTDIR=/tmp/root deploy/install.sh --station station1 --no-venv     # staging / tests
+#
+# DESTDIR (default empty = the real root) prefixes every path. Under DESTDIR the real user database
+# and systemd are left alone: the `inspector` user is not created and nothing is chowned (the intended
+# owners are printed instead), so a staged tree can be built without root.
+# TORCH_INDEX_URL (optional) is the pip index for torch, e.g. https://download.pytorch.org/whl/cpu on
+# a box without a GPU; by default pip's configured index is used.
+set -euo pipefail
+umask 022
+
+readonly TORCH_PIN="torch==2.13.0"
+readonly SVC_USER="inspector"
+script_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+usage() {
+    sed -n '2,14s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+    exit "${1:-0}"
+}
+
+die() { echo "install.sh: error: $*" >&2; exit 2; }
+note() { echo "install.sh: $*"; }
+
+station=""
+source_dir="$(dirname "$script_dir")"
+with_venv=1
+mode="install"
+purge=0
+while (($#)); do
+    case "$1" in
+        --station) station="${2:?--station needs a name}"; shift 2 ;;
+        --source) source_dir="${2:?--source needs a directory or wheel}"; shift 2 ;;
+        --no-venv) with_venv=0; shift ;;
+        --uninstall) mode="uninstall"; shift ;;
+        --purge) purge=1; shift ;;
+        -h | --help) usage 0 ;;
+        *) echo "install.sh: unknown argument '$1'" >&2; usage 2 ;;
+    esac
+done
+
+root="${DESTDIR:-}"
+root="${root%/}"
+etc_dir="$root/etc/inspector"
+secrets_dir="$etc_dir/secrets"
+lib_dir="$root/var/lib/inspector"
+cache_dir="$root/var/cache/inspector"
+opt_dir="$root/opt/tdad-inspector"
+venv_dir="$opt_dir/venv"
+unit_path="$root/etc/systemd/system/inspector@.service"
+
+# True when changes to the real system (users, chown, systemctl) are allowed.
+real_root() { [[ -z "$root" ]]; }
+systemd_running() { real_root && [[ -d /run/systemd/system ]]; }
+
+# Set owner:group where allowed; under DESTDIR only report the intent.
+own() {
+    local owner="$1"
+    shift
+    if real_root; then
+        chown "$owner" "$@"
+    elif [[ -z "${own_notice_shown:-}" ]]; then
+        note "DESTDIR set: not creating user '$SVC_USER' or changing owners; chown at deployment:"
+        note "  root:$SVC_USER /etc/inspector (0750) and its *.toml/*.env (0640);"
+        note "  $SVC_USER:$SVC_USER /etc/inspector/secrets (0700) and /var/lib/inspector/<station> (0750)"
+        own_notice_shown=1
+    fi
+}
+
+# Copy a file only when its content or mode differs, so reruns keep the tree (and mtimes) unchanged.
+install_file() {
+    local mode_bits="$1" src="$2" dst="$3"
+    if ! cmp -s "$src" "$dst" 2>/dev/null; then
+        install -D -m "$mode_bits" "$src" "$dst"
+    fi
+    chmod "$mode_bits" "$dst"
+}
+
+ensure_user() {
+    real_root || return 0
+    if ! getent passwd "$SVC_USER" >/dev/null; then
+        useradd --system --user-group --home-dir /var/lib/inspector --no-create-home \
+            --shell /usr/sbin/nologin --comment "tdad-inspector daemon" "$SVC_USER"
+        note "created system user '$SVC_USER'"
+    fi
+    # USB3 Vision cameras are usually reachable through the plugdev/video groups (vendor udev rules).
+    local group
+    for group in plugdev video; do
+        if getent group "$group" >/dev/null && ! id -nG "$SVC_USER" | tr ' ' '\n' | grep -qx "$group"; then
+            usermod -a -G "$group" "$SVC_USER"
+        fi
+    done
+}
+
+make_dirs() {
+    install -d -m 0755 "$opt_dir" "$root/etc/systemd/system"
+    install -d -m 0750 "$etc_dir" "$etc_dir/tls" "$lib_dir" "$lib_dir/skus" "$cache_dir"
+    install -d -m 0700 "$secrets_dir"
+    install -d -m 0750 "$lib_dir/$station" "$lib_dir/$station/spool" "$lib_dir/$station/archive"
+    own "root:$SVC_USER" "$etc_dir" "$etc_dir/tls" "$lib_dir" "$lib_dir/skus" "$cache_dir"
+    own "$SVC_USER:$SVC_USER" "$secrets_dir" "$lib_dir/$station" "$lib_dir/$station/spool" \
+        "$lib_dir/$station/archive"
+}
+
+make_venv() {
+    if ((!with_venv)); then
+        note "--no-venv: skipping the virtual environment in $venv_dir"
+        return 0
+    fi
+    [[ -n "$root" ]] && note "warning: a venv built under DESTDIR has DESTDIR in its script paths"
+    [[ -x "$venv_dir/bin/python" ]] || python3 -m venv "$venv_dir"
+    local pip=("$venv_dir/bin/python" -m pip install --disable-pip-version-check --quiet)
+    local constraints="$opt_dir/constraints.txt"
+    # The constraint keeps pip from ever resolving a second torch (e.g. a multi-GB CUDA build).
+    echo "$TORCH_PIN" >"$constraints.new"
+    install_file 0644 "$constraints.new" "$constraints"
+    rm -f "$constraints.new"
+    if [[ -n "${TORCH_INDEX_URL:-}" ]]; then
+        "${pip[@]}" --index-url "$TORCH_INDEX_URL" "$TORCH_PIN"
+    else
+        "${pip[@]}" "$TORCH_PIN"
+    fi
+    local extra=""
+    if command -v nvidia-smi >/dev/null && nvidia-smi >/dev/null 2>&1; then
+        extra="[gpu]"
+        note "nvidia-smi works: installing the [gpu] extra (TensorRT, pycuda)"
+    fi
+    "${pip[@]}" --constraint "$constraints" "$source_dir$extra"
+}
+
+# The config template: the source tree's inspector.toml, else the one next to this script's repo.
+config_template() {
+    local candidate
+    for candidate in "$source_dir/inspector.toml" "$(dirname "$script_dir")/inspector.toml"; do
+        if [[ -f "$candidate" ]]; then
+            echo "$candidate"
+            return 0
+        fi
+    done
+    die "no inspector.toml in '$source_dir' or '$(dirname "$script_dir")'; pass --source REPO_DIR"
+}
+
+# Starter config: the shipped inspector.toml with this station's id and absolute /var/lib paths
+# (relative paths would resolve under /etc/inspector, which the service cannot write).
+write_config() {
+    local cfg="$etc_dir/$station.toml"
+    if [[ -e "$cfg" ]]; then
+        note "keeping existing $cfg"
+    else
+        sed -e "s|^station_id = .*|station_id = \"$station\"|" \
+            -e "s|station1|$station|g" \
+            -e "s|\"var/spool\"|\"/var/lib/inspector/$station/spool\"|" \
+            -e "s|\"var/archive\"|\"/var/lib/inspector/$station/archive\"|" \
+            -e "s|\"var/skus/|\"/var/lib/inspector/skus/|g" \
+            "$(config_template)" >"$cfg.new"
+        chmod 0640 "$cfg.new"
+        mv "$cfg.new" "$cfg"
+        note "wrote starter config $cfg: set camera, broker and SKUs, then check it"
+    fi
+    own "root:$SVC_USER" "$cfg"
+}
+
+write_env() {
+    local env_file="$etc_dir/$station.env"
+    if [[ ! -e "$env_file" ]]; then
+        cat >"$env_file.new" <<EOF
+# Environment for inspector@$station (systemd EnvironmentFile). Any config key can be overridden as
+# INSPECTOR_<SECTION>__<KEY>; prefer editing $station.toml, keep this for per-box differences.
+# INSPECTOR_MQTT__HOST=10.0.0.5
+# INSPECTOR_ENGINE__BACKEND=tensorrt
+# CUDA_VISIBLE_DEVICES=0
+# OMP_NUM_THREADS=4
+EOF
+        chmod 0640 "$env_file.new"
+        mv "$env_file.new" "$env_file"
+    fi
+    own "root:$SVC_USER" "$env_file"
+}
+
+install_unit_and_docs() {
+    install_file 0644 "$script_dir/inspector@.service" "$unit_path"
+    if [[ -f "$(dirname "$script_dir")/docs/operations.md" ]]; then
+        install_file 0644 "$(dirname "$script_dir")/docs/operations.md" "$opt_dir/docs/operations.md"
+    fi
+}
+
+do_install() {
+    [[ -n "$station" ]] || die "--station NAME is required (the systemd instance, e.g. station1)"
+    [[ "$station" =~ ^[A-Za-z0-9_.-]+$ ]] || die "--station '$station': use letters, digits, '_', '.', '-'"
+    [[ -e "$source_dir" ]] || die "--source '$source_dir' does not exist"
+    ensure_user
+    make_dirs
+    make_venv
+    install_unit_and_docs
+    write_config
+    write_env
+    if systemd_running; then
+        systemctl daemon-reload
+        systemctl enable "inspector@$station.service"
+        note "enabled inspector@$station; start it with: systemctl start inspector@$station"
+    else
+        note "systemd not managed here: run 'systemctl daemon-reload && systemctl enable inspector@$station'"
+    fi
+}
+
+do_uninstall() {
+    if systemd_running; then
+        local units
+        units="$(systemctl list-units --all --plain --no-legend 'inspector@*.service' | awk '{print $1}')"
+        if [[ -n "$units" ]]; then
+            # shellcheck disable=SC2086  # one unit name per word
+            systemctl disable --now $units
+        fi
+    fi
+    rm -f "$unit_path"
+    rm -rf "$opt_dir"
+    if ((purge)); then
+        rm -rf "$etc_dir" "$lib_dir" "$cache_dir"
+        if real_root && getent passwd "$SVC_USER" >/dev/null; then
+            userdel "$SVC_USER"
+        fi
+        note "purged configs, secrets, SKUs, spool and archive"
+    else
+        note "kept $etc_dir (configs, secrets) and $lib_dir (SKUs, spool, archive); --purge removes them"
+    fi
+    if systemd_running; then
+        systemctl daemon-reload
+    fi
+}
+
+if [[ "$mode" == "uninstall" ]]; then
+    do_uninstall
+else
+    do_install
+fi

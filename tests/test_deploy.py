@@ -1,0 +1,213 @@
+"""deploy/: the install script in a throw-away root, and the systemd unit checked by systemd-analyze."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from inspector.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+INSTALL = REPO / "deploy" / "install.sh"
+UNIT = REPO / "deploy" / "inspector@.service"
+STATION = "station7"
+MAX_EXPOSURE = 4.0
+
+needs_systemd_analyze = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze missing (apt-get install systemd)"
+)
+
+
+def run_install(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run deploy/install.sh with DESTDIR=root; fail the test with its output when it fails."""
+    env = {**os.environ, "DESTDIR": str(root)}
+    done = subprocess.run(
+        ["bash", str(INSTALL), *args], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done
+
+
+def snapshot(root: Path) -> dict[str, tuple[str, str]]:
+    """Every path under root with its mode and content hash (or link target): what idempotency compares."""
+    tree: dict[str, tuple[str, str]] = {}
+    for path in sorted(root.rglob("*")):
+        info = path.lstat()
+        if stat.S_ISLNK(info.st_mode):
+            content = "-> " + os.readlink(path)
+        elif stat.S_ISREG(info.st_mode):
+            content = hashlib.sha256(path.read_bytes()).hexdigest()
+        else:
+            content = ""
+        tree[str(path.relative_to(root))] = (stat.filemode(info.st_mode), content)
+    return tree
+
+
+def mode(path: Path) -> int:
+    """Permission bits of path."""
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def unit_directives(text: str) -> dict[str, list[str]]:
+    """Directives of a unit file, key -> values in order (systemd allows repeated keys)."""
+    directives: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if line and not line.startswith(("#", ";", "[")):
+            key, _, value = line.partition("=")
+            directives.setdefault(key, []).append(value)
+    return directives
+
+
+def test_install_script_parses() -> None:
+    """bash -n catches syntax errors without running anything."""
+    subprocess.run(["bash", "-n", str(INSTALL)], check=True, timeout=30)
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck missing (apt-get install shellcheck)")
+def test_shell_scripts_pass_shellcheck() -> None:
+    """All deploy scripts are shellcheck-clean."""
+    scripts = sorted(str(p) for p in (REPO / "deploy").rglob("*.sh"))
+    done = subprocess.run(["shellcheck", *scripts], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stdout
+
+
+@pytest.mark.integration
+def test_install_lays_out_the_box(tmp_path: Path) -> None:
+    """A fresh install creates the directories with tight modes, the unit and a valid starter config."""
+    run_install(tmp_path, "--station", STATION, "--no-venv")
+    etc = tmp_path / "etc" / "inspector"
+    lib = tmp_path / "var" / "lib" / "inspector"
+    assert mode(etc) == 0o750
+    assert mode(etc / "secrets") == 0o700
+    for sub in ("", "spool", "archive"):
+        assert mode(lib / STATION / sub) == 0o750
+    assert mode(etc / f"{STATION}.toml") == 0o640
+    assert mode(etc / f"{STATION}.env") == 0o640
+    assert (tmp_path / "etc" / "systemd" / "system" / "inspector@.service").read_text() == UNIT.read_text()
+
+    config = load_config(etc / f"{STATION}.toml")
+    assert config.line.station_id == STATION
+    assert config.mqtt.spool_dir == Path(f"/var/lib/inspector/{STATION}/spool")
+    assert config.archive.dir == Path(f"/var/lib/inspector/{STATION}/archive")
+    assert all(sku.model_dir.is_relative_to("/var/lib/inspector/skus") for sku in config.skus.values())
+
+
+@pytest.mark.integration
+def test_install_twice_changes_nothing(tmp_path: Path) -> None:
+    """Idempotent: the second run leaves every path, mode and content as the first left it."""
+    run_install(tmp_path, "--station", STATION, "--no-venv")
+    first = snapshot(tmp_path)
+    run_install(tmp_path, "--station", STATION, "--no-venv")
+    assert snapshot(tmp_path) == first
+
+
+@pytest.mark.integration
+def test_install_never_overwrites_a_config(tmp_path: Path) -> None:
+    """An operator's edited config and env file survive a re-install."""
+    run_install(tmp_path, "--station", STATION, "--no-venv")
+    config = tmp_path / "etc" / "inspector" / f"{STATION}.toml"
+    env = tmp_path / "etc" / "inspector" / f"{STATION}.env"
+    config.write_text('active_sku = "edited"\n')
+    env.write_text("INSPECTOR_LOG_LEVEL=debug\n")
+    done = run_install(tmp_path, "--station", STATION, "--no-venv")
+    assert config.read_text() == 'active_sku = "edited"\n'
+    assert env.read_text() == "INSPECTOR_LOG_LEVEL=debug\n"
+    assert "keeping existing" in done.stdout
+
+
+@pytest.mark.integration
+def test_uninstall_keeps_configs_and_data_unless_purged(tmp_path: Path) -> None:
+    """--uninstall removes the program and unit; --purge also removes configs, secrets and data."""
+    run_install(tmp_path, "--station", STATION, "--no-venv")
+    secret = tmp_path / "etc" / "inspector" / "secrets" / f"{STATION}.password"
+    secret.write_text("s3cret\n")
+    spooled = tmp_path / "var" / "lib" / "inspector" / STATION / "spool" / "0001.json"
+    spooled.write_text("{}")
+
+    run_install(tmp_path, "--uninstall")
+    assert not (tmp_path / "etc" / "systemd" / "system" / "inspector@.service").exists()
+    assert not (tmp_path / "opt" / "tdad-inspector").exists()
+    assert secret.exists() and spooled.exists()
+    assert (tmp_path / "etc" / "inspector" / f"{STATION}.toml").exists()
+
+    run_install(tmp_path, "--uninstall", "--purge")
+    assert not (tmp_path / "etc" / "inspector").exists()
+    assert not (tmp_path / "var" / "lib" / "inspector").exists()
+
+
+@pytest.mark.integration
+def test_install_rejects_a_bad_station_name(tmp_path: Path) -> None:
+    """Station names become unit instances, paths and broker users: no slashes or spaces."""
+    done = subprocess.run(
+        ["bash", str(INSTALL), "--station", "../etc", "--no-venv"],
+        env={**os.environ, "DESTDIR": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "--station" in done.stderr
+    assert not any(tmp_path.iterdir())
+
+
+def test_unit_has_the_service_contract() -> None:
+    """The directives the daemon and operations guide rely on."""
+    unit = unit_directives(UNIT.read_text())
+    assert unit["Type"] == ["notify"]
+    assert unit["NotifyAccess"] == ["main"]
+    assert unit["WatchdogSec"] == ["10s"]
+    assert unit["Restart"] == ["on-failure"]
+    assert unit["User"] == ["inspector"]
+    assert unit["ExecStart"] == ["/opt/tdad-inspector/venv/bin/inspector run --config /etc/inspector/%i.toml"]
+    assert unit["EnvironmentFile"] == ["-/etc/inspector/%i.env"]
+    assert unit["StateDirectory"] == ["inspector/%i"]
+    assert unit["DevicePolicy"] == ["closed"]
+    assert unit["CapabilityBoundingSet"] == [""]
+
+
+@pytest.mark.integration
+@needs_systemd_analyze
+def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    """systemd-analyze verify on the installed tree (stub executable, the host's system units)."""
+    run_install(tmp_path, "--station", STATION, "--no-venv")
+    exe = tmp_path / "opt" / "tdad-inspector" / "venv" / "bin" / "inspector"
+    exe.parent.mkdir(parents=True)
+    exe.write_text("#!/bin/sh\n")
+    exe.chmod(0o755)
+    system_units = next(p for p in (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system")) if p.is_dir())
+    shutil.copytree(system_units, tmp_path / "usr" / "lib" / "systemd" / "system", symlinks=True)
+
+    done = subprocess.run(
+        ["systemd-analyze", "verify", f"--root={tmp_path}", f"inspector@{STATION}.service"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip() == "", done.stderr
+
+
+@pytest.mark.integration
+@needs_systemd_analyze
+def test_unit_exposure_is_low() -> None:
+    """systemd-analyze security rates the unit's exposure below 4.0 ("OK")."""
+    done = subprocess.run(
+        ["systemd-analyze", "security", "--offline=true", "--no-pager", str(UNIT)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", done.stdout)
+    assert found, done.stdout + done.stderr
+    assert float(found.group(1)) < MAX_EXPOSURE, done.stdout

@@ -1,0 +1,305 @@
+"""Image data sets (plain folder, MVTec AD, VisA) behind one lazily loaded, corruption-tolerant Item sequence.
+
+Layouts
+-------
+folder  ``<root>/**/*.{png,jpg,jpeg,bmp,tif,tiff}`` (recursive, case-insensitive suffixes, hidden files and
+        folders ignored): good images only, label 0, mask None.
+mvtec   ``<root>/<category>/train/good/*.png``; ``<root>/<category>/test/<type>/*.png`` with masks at
+        ``<root>/<category>/ground_truth/<type>/<stem>_mask.png``; test ``good`` items get an all-false mask.
+visa    ``<root>/split_csv/1cls.csv`` (columns object,split,label,image,mask; label normal/anomaly; paths
+        relative to root) pointing into ``<root>/<category>/Data/Images/{Normal,Anomaly}/*.JPG`` and
+        ``<root>/<category>/Data/Masks/Anomaly/*.png`` (non-zero = defect); normal test items get an
+        all-false mask.
+
+Corrupt files
+-------------
+Construction checks every file's header with ``cv2.haveImageReader`` (reads a few bytes, no decode): a file
+OpenCV cannot read at all (e.g. a text file named .png) is left out and logged once as ``image_skipped``.
+A file that passes the header check but fails to decode (e.g. a truncated PNG) is found on first access:
+``__getitem__`` logs it, records it in ``skipped`` and returns the next decodable item instead (wrapping
+around), so an epoch never crashes on one bad file; ``DataError`` only when no file decodes at all.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, overload
+
+import cv2
+import numpy as np
+
+from inspector.errors import DataError
+from inspector.log import get_logger
+
+log = get_logger(__name__)
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})
+DatasetKind = Literal["folder", "mvtec", "visa"]
+Split = Literal["train", "test"]
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image with its ground truth: uint8 HxWx3 RGB, bool HxW mask (None when a good item has no GT)."""
+
+    image: np.ndarray
+    mask: np.ndarray | None
+    label: int
+    path: Path
+    defect_type: str
+
+
+@dataclass(frozen=True)
+class Record:
+    """What a scan finds for one item, before anything is decoded."""
+
+    path: Path
+    mask_path: Path | None
+    label: int
+    defect_type: str
+    empty_mask: bool
+
+
+def list_images(root: Path, recursive: bool = True) -> list[Path]:
+    """Sorted image files under root (by suffix, case-insensitive), skipping hidden files and folders."""
+    if not root.is_dir():
+        return []
+    candidates = root.rglob("*") if recursive else root.iterdir()
+    return sorted(
+        p
+        for p in candidates
+        if p.suffix.lower() in IMAGE_SUFFIXES
+        and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+
+
+def load_image_rgb(path: Path) -> np.ndarray:
+    """Decode an image file to uint8 HxWx3 RGB; DataError naming the file when it cannot be read."""
+    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if image is None:
+        raise DataError(f"cannot read image {path}: the file is missing, truncated or not an image")
+    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def load_mask(path: Path) -> np.ndarray:
+    """Decode a mask file to bool HxW (non-zero = defect); DataError naming the file when unreadable."""
+    mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if mask is None:
+        raise DataError(f"cannot read mask {path}: the file is missing, truncated or not an image")
+    return mask > 0
+
+
+def _has_reader(path: Path) -> bool:
+    """Cheap header check: can OpenCV decode this file at all (never decodes the pixels)."""
+    try:
+        return bool(cv2.haveImageReader(str(path)))
+    except cv2.error:
+        return False
+
+
+class ImageDataset(Sequence[Item]):
+    """A scanned list of Records decoded on access and resized to image_size x image_size."""
+
+    layout = ""
+
+    def __init__(self, root: Path, image_size: int, records: list[Record]) -> None:
+        if image_size <= 0:
+            raise DataError(f"image_size must be a positive number of pixels, got {image_size}")
+        self.root = Path(root)
+        self.image_size = image_size
+        self.skipped: list[Path] = []
+        self.records = [r for r in records if self._readable(r)]
+        self._bad: set[int] = set()
+        if not self.records:
+            raise DataError(f"no readable images under {self.root}: every file failed to open")
+
+    def _readable(self, record: Record) -> bool:
+        """Header-check the image and mask files of a record; skip (and log) it when either is unreadable."""
+        for path in (record.path, record.mask_path):
+            if path is not None and not _has_reader(path):
+                self._skip(path, "not a readable image")
+                return False
+        return True
+
+    def _skip(self, path: Path, reason: str) -> None:
+        """Remember and report one unreadable file."""
+        self.skipped.append(path)
+        log.warning("image_skipped", path=str(path), reason=reason)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @overload
+    def __getitem__(self, index: int) -> Item: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Item]: ...
+    def __getitem__(self, index: int | slice) -> Item | list[Item]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        n = len(self.records)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} items")
+        index %= n
+        for offset in range(n):
+            candidate = (index + offset) % n
+            if candidate in self._bad:
+                continue
+            try:
+                return self._load(self.records[candidate])
+            except DataError as exc:
+                self._bad.add(candidate)
+                self._skip(self.records[candidate].path, str(exc))
+        raise DataError(f"no decodable images under {self.root}: all {n} files failed to decode")
+
+    def __iter__(self) -> Iterator[Item]:
+        return (self[i] for i in range(len(self)))
+
+    def _load(self, record: Record) -> Item:
+        """Decode and resize one record (INTER_AREA for the image, INTER_NEAREST for the mask)."""
+        size = (self.image_size, self.image_size)
+        image = cv2.resize(load_image_rgb(record.path), size, interpolation=cv2.INTER_AREA)
+        mask: np.ndarray | None = None
+        if record.mask_path is not None:
+            raw = load_mask(record.mask_path).astype(np.uint8)
+            mask = cv2.resize(raw, size, interpolation=cv2.INTER_NEAREST) > 0
+        elif record.empty_mask:
+            mask = np.zeros(size, dtype=bool)
+        return Item(image=image, mask=mask, label=record.label, path=record.path, defect_type=record.defect_type)
+
+    def relative_files(self) -> list[Path]:
+        """Every image and mask file of the data set, relative to root (what file_list_hash covers)."""
+        files = [r.path for r in self.records] + [r.mask_path for r in self.records if r.mask_path]
+        return sorted(p.relative_to(self.root) for p in files)
+
+
+class FolderDataset(ImageDataset):
+    """Every image under a folder (recursive), all good: the simplest way to train one SKU."""
+
+    layout = "folder"
+
+    def __init__(self, root: Path, image_size: int) -> None:
+        root = Path(root)
+        paths = list_images(root)
+        if not paths:
+            raise DataError(
+                f"no images in {root}: expected a folder of good images (*.png, *.jpg, *.bmp, *.tif, recursive)"
+            )
+        super().__init__(root, image_size, [Record(p, None, 0, "good", False) for p in paths])
+
+
+class MVTecDataset(ImageDataset):
+    """One MVTec AD category, train (good only) or test (good + defect types with ground-truth masks)."""
+
+    layout = "mvtec"
+
+    def __init__(self, root: Path, category: str, split: Split, image_size: int) -> None:
+        root = Path(root)
+        base = root / category
+        if split == "train":
+            records = [Record(p, None, 0, "good", False) for p in list_images(base / "train" / "good", False)]
+            if not records:
+                raise DataError(
+                    f"no images in {base / 'train' / 'good'}: expected MVTec AD layout "
+                    "<root>/<category>/train/good/*.png"
+                )
+        elif split == "test":
+            records = self._scan_test(base)
+        else:
+            raise DataError(f"unknown split {split!r} for {base}: use 'train' or 'test'")
+        super().__init__(root, image_size, records)
+
+    @staticmethod
+    def _scan_test(base: Path) -> list[Record]:
+        """Test items per defect-type folder; every non-good image must have its <stem>_mask.png."""
+        expected = (
+            "expected MVTec AD layout <root>/<category>/test/<type>/*.png with masks at "
+            "<root>/<category>/ground_truth/<type>/<stem>_mask.png"
+        )
+        test_dir = base / "test"
+        types = sorted(d.name for d in test_dir.iterdir() if d.is_dir()) if test_dir.is_dir() else []
+        records: list[Record] = []
+        for defect_type in types:
+            for path in list_images(test_dir / defect_type, False):
+                if defect_type == "good":
+                    records.append(Record(path, None, 0, "good", True))
+                    continue
+                mask_path = base / "ground_truth" / defect_type / f"{path.stem}_mask.png"
+                if not mask_path.is_file():
+                    raise DataError(f"missing ground-truth mask {mask_path} for {path}: {expected}")
+                records.append(Record(path, mask_path, 1, defect_type, False))
+        if not records:
+            raise DataError(f"no images in {test_dir}/<type>: {expected}")
+        return records
+
+
+class VisADataset(ImageDataset):
+    """One VisA category, split by the official <root>/split_csv/1cls.csv."""
+
+    layout = "visa"
+    csv_name = Path("split_csv") / "1cls.csv"
+    columns = ("object", "split", "label", "image", "mask")
+
+    def __init__(self, root: Path, category: str, split: Split, image_size: int) -> None:
+        root = Path(root)
+        if split not in ("train", "test"):
+            raise DataError(f"unknown split {split!r} for {root / category}: use 'train' or 'test'")
+        rows = self._read_split_csv(root)
+        records = [self._record(root, row) for row in rows if row["object"] == category and row["split"] == split]
+        if not records:
+            raise DataError(
+                f"no {split} rows for object {category!r} in {root / self.csv_name}: expected VisA layout with "
+                f"<root>/{category}/Data/Images/{{Normal,Anomaly}}/*.JPG listed in split_csv/1cls.csv"
+            )
+        super().__init__(root, image_size, records)
+
+    @classmethod
+    def _read_split_csv(cls, root: Path) -> list[dict[str, str]]:
+        """Rows of the split CSV; DataError naming the file when it is missing or has other columns."""
+        path = root / cls.csv_name
+        if not path.is_file():
+            raise DataError(f"no split file {path}: expected VisA layout <root>/split_csv/1cls.csv")
+        with path.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            if reader.fieldnames is None or not set(cls.columns) <= set(reader.fieldnames):
+                raise DataError(f"{path} has columns {reader.fieldnames}: expected {','.join(cls.columns)}")
+            return list(reader)
+
+    @staticmethod
+    def _record(root: Path, row: dict[str, str]) -> Record:
+        """One CSV row as a Record; anomalies need a mask, normal test items get an empty one."""
+        image = root / row["image"]
+        if not image.is_file():
+            raise DataError(f"image {image} listed in {root / VisADataset.csv_name} does not exist")
+        if row["label"] == "normal":
+            return Record(image, None, 0, "good", row["split"] == "test")
+        if row["label"] != "anomaly":
+            raise DataError(f"label {row['label']!r} for {image} in split_csv/1cls.csv: expected normal/anomaly")
+        mask = root / row["mask"] if row["mask"] else None
+        if mask is None or not mask.is_file():
+            raise DataError(f"missing mask {mask} for anomaly {image}: expected <category>/Data/Masks/Anomaly/")
+        return Record(image, mask, 1, "anomaly", False)
+
+
+def open_dataset(kind: DatasetKind, root: Path, category: str | None, split: str, image_size: int) -> ImageDataset:
+    """Open a data set by layout name; the one entry point for train, eval and calibrate."""
+    if kind == "folder":
+        return FolderDataset(root, image_size)
+    if kind not in ("mvtec", "visa"):
+        raise DataError(f"unknown data set kind {kind!r} for {root}: use folder, mvtec or visa")
+    if not category:
+        raise DataError(f"a {kind} data set at {root} needs a category (e.g. --category bottle)")
+    cls = MVTecDataset if kind == "mvtec" else VisADataset
+    return cls(root, category, split, image_size)
+
+
+def file_list_hash(dataset: ImageDataset) -> str:
+    """sha256 over the sorted relative paths and byte sizes of every image and mask (the SKU's train_hash)."""
+    digest = hashlib.sha256()
+    for rel in dataset.relative_files():
+        digest.update(f"{rel.as_posix()}\t{(dataset.root / rel).stat().st_size}\n".encode())
+    return digest.hexdigest()

@@ -1,0 +1,38 @@
+"""Tiny on-disk data sets for tests: thin wrappers over engines.sample_data with small defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from engines.sample_data import write_good_folder, write_mvtec_tree, write_visa_tree
+
+
+def make_good_folder(directory: Path, n: int = 6, size: int = 32, texture: str = "brick", seed: int = 0) -> Path:
+    """A plain folder of n good size x size PNG parts; returns the folder."""
+    return write_good_folder(directory, n, size, texture, seed)
+
+
+def make_mvtec_tree(
+    root: Path,
+    category: str = "brick",
+    n_train: int = 6,
+    n_test_good: int = 3,
+    n_test_bad: int = 4,
+    size: int = 32,
+    seed: int = 0,
+) -> Path:
+    """An MVTec AD style <root>/<category> tree (defect types scratch/blob/spot/missing); returns root."""
+    return write_mvtec_tree(root, category, n_train, n_test_good, n_test_bad, size, seed)
+
+
+def make_visa_tree(
+    root: Path,
+    category: str = "brick",
+    n_train: int = 6,
+    n_test_good: int = 3,
+    n_test_bad: int = 4,
+    size: int = 32,
+    seed: int = 0,
+) -> Path:
+    """A VisA style tree with split_csv/1cls.csv for one category; returns root."""
+    return write_visa_tree(root, category, n_train, n_test_good, n_test_bad, size, seed)

@@ -1,0 +1,152 @@
+"""Data set layouts, errors an operator can cause, corrupt-file handling and the training-data hash."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from structlog.testing import capture_logs
+
+from engines.data import (
+    FolderDataset,
+    MVTecDataset,
+    VisADataset,
+    file_list_hash,
+    load_image_rgb,
+    open_dataset,
+)
+from inspector.errors import DataError
+from tests.fixtures_data import make_good_folder, make_mvtec_tree, make_visa_tree
+
+
+def test_folder_dataset_is_recursive_and_ignores_hidden_and_non_images(tmp_path: Path) -> None:
+    make_good_folder(tmp_path, n=3, size=24)
+    make_good_folder(tmp_path / "line2", n=2, size=24, seed=1)
+    make_good_folder(tmp_path / ".thumbs", n=2, size=24)
+    (tmp_path / "notes.txt").write_text("not an image")
+    dataset = FolderDataset(tmp_path, image_size=16)
+    assert len(dataset) == 5
+    for item in dataset:
+        assert item.image.shape == (16, 16, 3) and item.image.dtype == np.uint8
+        assert item.mask is None and item.label == 0 and item.defect_type == "good"
+
+
+def test_mvtec_train_and_test_counts_labels_and_masks(tmp_path: Path) -> None:
+    make_mvtec_tree(tmp_path, "brick", n_train=5, n_test_good=3, n_test_bad=4, size=32)
+    train = MVTecDataset(tmp_path, "brick", "train", image_size=32)
+    assert len(train) == 5 and {i.label for i in train} == {0} and all(i.mask is None for i in train)
+    test = MVTecDataset(tmp_path, "brick", "test", image_size=16)
+    assert len(test) == 7
+    assert sorted(i.label for i in test) == [0] * 3 + [1] * 4
+    assert {i.defect_type for i in test} == {"good", "scratch", "blob", "spot", "missing"}
+    for item in test:
+        assert item.mask is not None and item.mask.shape == (16, 16) and item.mask.dtype == bool
+        assert item.mask.any() == bool(item.label)
+
+
+def test_mvtec_masks_mark_exactly_the_drawn_defect(tmp_path: Path) -> None:
+    make_mvtec_tree(tmp_path, n_train=1, n_test_good=1, n_test_bad=4, size=32)
+    for item in MVTecDataset(tmp_path, "brick", "test", image_size=32):
+        if item.label:
+            assert item.mask is not None
+            assert np.array_equal(item.image[item.mask].min(axis=0), item.image[item.mask].max(axis=0))
+
+
+def test_visa_split_csv_counts_labels_and_masks(tmp_path: Path) -> None:
+    make_visa_tree(tmp_path, "brick", n_train=4, n_test_good=2, n_test_bad=3, size=32)
+    make_visa_tree(tmp_path, "grass", n_train=2, n_test_good=1, n_test_bad=1, size=32)
+    train = VisADataset(tmp_path, "brick", "train", image_size=16)
+    assert len(train) == 4 and all(i.label == 0 and i.mask is None for i in train)
+    test = VisADataset(tmp_path, "brick", "test", image_size=16)
+    assert sorted(i.label for i in test) == [0, 0, 1, 1, 1]
+    for item in test:
+        assert item.mask is not None and item.mask.shape == (16, 16)
+        assert item.mask.any() == bool(item.label)
+    assert len(VisADataset(tmp_path, "grass", "test", image_size=16)) == 2
+
+
+def test_open_dataset_dispatches_by_kind(tmp_path: Path) -> None:
+    make_mvtec_tree(tmp_path / "mvtec", n_train=2, n_test_good=1, n_test_bad=1)
+    make_visa_tree(tmp_path / "visa", n_train=2, n_test_good=1, n_test_bad=1)
+    make_good_folder(tmp_path / "folder", n=2)
+    assert isinstance(open_dataset("mvtec", tmp_path / "mvtec", "brick", "train", 16), MVTecDataset)
+    assert isinstance(open_dataset("visa", tmp_path / "visa", "brick", "test", 16), VisADataset)
+    assert isinstance(open_dataset("folder", tmp_path / "folder", None, "train", 16), FolderDataset)
+    with pytest.raises(DataError, match="needs a category"):
+        open_dataset("mvtec", tmp_path / "mvtec", None, "train", 16)
+    with pytest.raises(DataError, match="unknown data set kind"):
+        open_dataset("coco", tmp_path, "brick", "train", 16)  # type: ignore[arg-type]
+    with pytest.raises(DataError, match="unknown split"):
+        open_dataset("mvtec", tmp_path / "mvtec", "brick", "val", 16)
+
+
+@pytest.mark.parametrize(
+    ("build", "match"),
+    [
+        (lambda root: FolderDataset(root, 16), "expected a folder of good images"),
+        (lambda root: MVTecDataset(root, "bottle", "train", 16), "expected MVTec AD layout"),
+        (lambda root: MVTecDataset(root, "bottle", "test", 16), "expected MVTec AD layout"),
+        (lambda root: VisADataset(root, "candle", "train", 16), "expected VisA layout"),
+    ],
+)
+def test_empty_folder_names_the_path_and_the_expected_layout(tmp_path: Path, build, match: str) -> None:
+    with pytest.raises(DataError, match=match) as info:
+        build(tmp_path)
+    assert str(tmp_path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_wrong_layout_is_reported(tmp_path: Path) -> None:
+    make_good_folder(tmp_path / "bottle", n=2)
+    with pytest.raises(DataError, match=r"bottle/train/good: expected MVTec AD layout"):
+        MVTecDataset(tmp_path, "bottle", "train", 16)
+    make_mvtec_tree(tmp_path / "m", n_train=1, n_test_good=1, n_test_bad=2)
+    next((tmp_path / "m" / "brick" / "ground_truth").rglob("*_mask.png")).unlink()
+    with pytest.raises(DataError, match="missing ground-truth mask"):
+        MVTecDataset(tmp_path / "m", "brick", "test", 16)
+    make_visa_tree(tmp_path / "v", n_train=2, n_test_good=1, n_test_bad=1)
+    (tmp_path / "v" / "split_csv" / "1cls.csv").write_text("name,path\na,b\n")
+    with pytest.raises(DataError, match="expected object,split,label,image,mask"):
+        VisADataset(tmp_path / "v", "brick", "train", 16)
+
+
+def test_corrupt_images_are_skipped_and_reported(tmp_path: Path) -> None:
+    make_good_folder(tmp_path, n=3, size=24)
+    text = tmp_path / "good_001.png"
+    text.write_text("this is not a png")
+    truncated = tmp_path / "good_002.png"
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    with capture_logs() as logs:
+        dataset = FolderDataset(tmp_path, image_size=16)
+        assert len(dataset) == 2
+        items = list(dataset)
+    assert [i.path.name for i in items] == ["good_000.png", "good_000.png"]
+    assert dataset.skipped == [text, truncated]
+    assert [e["path"] for e in logs if e["event"] == "image_skipped"] == [str(text), str(truncated)]
+
+
+def test_all_corrupt_raises(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_text("nope")
+    with pytest.raises(DataError, match=f"no readable images under {tmp_path}"):
+        FolderDataset(tmp_path, 16)
+
+
+def test_load_image_rgb_returns_rgb_and_names_unreadable_files(tmp_path: Path) -> None:
+    bgr = np.zeros((4, 4, 3), np.uint8)
+    bgr[..., 2] = 255
+    cv2.imwrite(str(tmp_path / "red.png"), bgr)
+    assert load_image_rgb(tmp_path / "red.png")[0, 0].tolist() == [255, 0, 0]
+    with pytest.raises(DataError, match="missing.png"):
+        load_image_rgb(tmp_path / "missing.png")
+
+
+def test_file_list_hash_tracks_files_not_location(tmp_path: Path) -> None:
+    make_mvtec_tree(tmp_path / "a", n_train=3, n_test_good=1, n_test_bad=2)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    hash_a = file_list_hash(MVTecDataset(tmp_path / "a", "brick", "test", 16))
+    assert hash_a == file_list_hash(MVTecDataset(tmp_path / "b", "brick", "test", 16))
+    assert hash_a != file_list_hash(MVTecDataset(tmp_path / "a", "brick", "train", 16))
+    make_good_folder(tmp_path / "b" / "brick" / "test" / "good", n=2, seed=5)
+    assert hash_a != file_list_hash(MVTecDataset(tmp_path / "b", "brick", "test", 16))

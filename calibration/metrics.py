@@ -39,9 +39,7 @@ def _binary_pair(labels: np.ndarray, scores: np.ndarray, what: str) -> tuple[np.
         raise ValueError(f"{what}: scores contain NaN or infinity")
     n_pos = int(np.count_nonzero(labels))
     if n_pos == 0 or n_pos == labels.size:
-        raise ValueError(
-            f"{what}: needs both anomalous and normal samples, got {n_pos} anomalous of {labels.size}"
-        )
+        raise ValueError(f"{what}: needs both anomalous and normal samples, got {n_pos} anomalous of {labels.size}")
     return labels, scores
 
 
@@ -55,15 +53,13 @@ def _check_ndim(array: np.ndarray, ndim: int, name: str) -> np.ndarray:
 
 def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     """Area under the ROC curve of per-image scores (bool N labels, float N scores)."""
-    labels, scores = _binary_pair(_check_ndim(labels, 1, "labels"), _check_ndim(scores, 1, "scores"),
-                                  "image_auroc")
+    labels, scores = _binary_pair(_check_ndim(labels, 1, "labels"), _check_ndim(scores, 1, "scores"), "image_auroc")
     return float(roc_auc_score(labels, scores))
 
 
 def pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float:
     """Area under the ROC curve over all test pixels (bool N x H x W masks, float N x H x W maps)."""
-    labels, scores = _binary_pair(_check_ndim(masks, 3, "masks"), _check_ndim(maps, 3, "maps"),
-                                  "pixel_auroc")
+    labels, scores = _binary_pair(_check_ndim(masks, 3, "masks"), _check_ndim(maps, 3, "maps"), "pixel_auroc")
     return float(roc_auc_score(labels, scores))
 
 

@@ -1,0 +1,277 @@
+"""Per-SKU decision thresholds from good parts (target false-reject rate), checked on labelled NG parts.
+
+`inspector calibrate` runs the SKU's engine over a folder of good images (and optionally one of NG
+images), fits a `Calibration` with `fit_thresholds` and writes it to `<sku_dir>/calibration.json`, which
+the daemon's Decider loads with `load_calibration`. The Decider rejects a part when its image score is
+>= image_threshold and marks a pixel defective when its map value is > pixel_threshold; regions smaller
+than min_defect_area_px (8-connected, at map resolution) are not reported.
+
+This module is imported by the daemon for the `Calibration` model, so the engine stack is imported only
+inside the CLI's `run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from datetime import UTC, datetime
+from pathlib import Path
+
+import cv2
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from calibration.metrics import f1_max_threshold
+from inspector.errors import DataError
+
+CALIBRATION_FILE = "calibration.json"
+# Without NG masks, the pixel threshold is this quantile of all good-part pixel scores.
+GOOD_PIXEL_QUANTILE = 0.999
+# min_defect_area_px = ceil(largest good-part component x this margin) + 1.
+AREA_MARGIN = 1.2
+
+
+class Calibration(BaseModel):
+    """One SKU's thresholds and how they were obtained (the content of calibration.json)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    image_threshold: float = Field(description="a part is NG when its image score is >= this")
+    pixel_threshold: float = Field(description="a pixel is defective when its map value is > this")
+    min_defect_area_px: int = Field(ge=1, description="smallest reported region, map pixels, 8-connected")
+    target_false_reject_rate: float = Field(gt=0, lt=1)
+    n_good: int = Field(ge=0)
+    n_ng: int = Field(ge=0)
+    data_hash: str = ""
+    created: datetime
+    score_top_k: int | None = Field(None, description="top-k of the image score the thresholds assume")
+    threshold_rank: int | None = Field(None, description="k: image_threshold is the k-th largest good score")
+    expected_false_reject_rate: float | None = Field(None, description="k / (n_good + 1)")
+    empirical_false_reject_rate: float | None = Field(None, description="good calibration parts rejected")
+    pixel_threshold_method: str = ""
+    miss_rate_at_threshold: float | None = Field(None, description="NG parts scored below image_threshold")
+    f1_optimal_threshold: float | None = Field(None, description="image threshold of best F1 on good + NG")
+    f1_at_optimal_threshold: float | None = None
+    note: str = ""
+
+
+def calibration_fix(path: Path) -> str:
+    """The one-line fix for a missing or broken calibration file."""
+    return f"run `inspector calibrate --sku NAME --good DIR` (or --sku-dir {path.parent}) to write it"
+
+
+def load_calibration(path: Path) -> Calibration:
+    """Read calibration.json; DataError naming the file and `inspector calibrate` when missing or corrupt."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise DataError(f"no calibration file {path}: {calibration_fix(path)}") from None
+    except OSError as exc:
+        raise DataError(f"cannot read calibration file {path} ({exc.strerror}): {calibration_fix(path)}") from None
+    try:
+        return Calibration.model_validate_json(text)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "document"
+        raise DataError(f"corrupt calibration file {path} ({where}: {first['msg']}): {calibration_fix(path)}") from None
+
+
+def save_calibration(calibration: Calibration, path: Path) -> None:
+    """Write calibration.json atomically (temp file + rename) so the daemon never reads half a file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(calibration.model_dump_json(indent=2) + "\n")
+    tmp.replace(path)
+
+
+def good_images_needed(target_frr: float) -> int:
+    """Fewest good parts for which the order-statistic threshold can meet target_frr: ceil(1/frr) - 1."""
+    return math.ceil(1.0 / target_frr - 1e-9) - 1
+
+
+def order_statistic_threshold(good_scores: np.ndarray, target_frr: float) -> tuple[float, int]:
+    """The k-th largest good score with k = floor(frr (n+1)), the largest k whose expected FRR k/(n+1) <= frr.
+
+    For a new good part whose score is exchangeable with the n calibration scores (continuous, so ties have
+    probability 0), its rank among the n+1 scores is uniform, so it lands among the top k, i.e. at or above
+    the k-th largest calibration score, with probability exactly k/(n+1). This needs k >= 1, that is
+    n >= ceil(1/frr) - 1 good parts; fewer is a DataError saying how many are needed.
+    """
+    if not 0.0 < target_frr < 0.5:
+        raise DataError(f"target false-reject rate {target_frr} is not in (0, 0.5): pass e.g. --frr 0.005")
+    scores = np.sort(np.asarray(good_scores, dtype=np.float64).reshape(-1))[::-1]
+    n = scores.size
+    k = math.floor(target_frr * (n + 1) + 1e-9)
+    if k < 1:
+        need = good_images_needed(target_frr)
+        raise DataError(
+            f"{n} good images cannot calibrate a false-reject rate of {target_frr}: the order-statistic bound "
+            f"needs at least {need}; add good images to --good or raise --frr to at least {1 / (n + 1):.4g}"
+        )
+    return float(scores[k - 1]), k
+
+
+def largest_component_area(maps_f32_nhw: np.ndarray, pixel_threshold: float) -> int:
+    """Area (px) of the largest 8-connected component of map > pixel_threshold over all maps (0 if none)."""
+    largest = 0
+    for map_hw in maps_f32_nhw:
+        above = (map_hw > pixel_threshold).astype(np.uint8)
+        count, _, stats, _ = cv2.connectedComponentsWithStats(above, connectivity=8)
+        if count > 1:
+            largest = max(largest, int(stats[1:, cv2.CC_STAT_AREA].max()))
+    return largest
+
+
+def fit_thresholds(
+    good_scores: np.ndarray,
+    good_maps: np.ndarray,
+    target_frr: float = 0.005,
+    ng_scores: np.ndarray | None = None,
+    ng_maps: np.ndarray | None = None,
+    ng_masks: np.ndarray | None = None,
+    *,
+    score_top_k: int | None = None,
+    data_hash: str = "",
+) -> Calibration:
+    """Fit a SKU's thresholds from good image scores (N) and maps (N x H x W), optionally NG ones.
+
+    image_threshold: the k-th largest good score (see `order_statistic_threshold`): with n good parts the
+      expected false-reject rate is k/(n+1) <= target_frr, which needs n >= ceil(1/frr) - 1 (199 for 0.5 %).
+    With ng_scores: the miss rate at that threshold (NG scored below it) and the F1-optimal alternative
+      threshold on good + NG scores, reported but not used for decisions.
+    pixel_threshold: with ng_maps and ng_masks, the F1-optimal pixel threshold over good pixels (all
+      negative) and NG pixels; otherwise the 99.9 % quantile of all good pixels. Never above
+      image_threshold, so a rejected part (top-k mean >= image_threshold) has pixels above it.
+    min_defect_area_px: ceil(1.2 x the largest 8-connected component that good parts still show above
+      pixel_threshold) + 1, so no region seen on a good calibration part would be reported.
+    """
+    good_scores = np.asarray(good_scores, dtype=np.float64).reshape(-1)
+    good_maps = np.asarray(good_maps, dtype=np.float32)
+    if good_maps.ndim != 3 or len(good_maps) != len(good_scores):
+        raise ValueError(f"good_maps must be N x H x W for {len(good_scores)} scores, got {good_maps.shape}")
+    image_threshold, k = order_statistic_threshold(good_scores, target_frr)
+    n = good_scores.size
+
+    ng_fields: dict[str, float | None] = {}
+    n_ng = 0
+    if ng_scores is not None:
+        ng_scores = np.asarray(ng_scores, dtype=np.float64).reshape(-1)
+        n_ng = ng_scores.size
+        if n_ng:
+            labels = np.concatenate([np.zeros(n, dtype=bool), np.ones(n_ng, dtype=bool)])
+            f1, f1_threshold = f1_max_threshold(labels, np.concatenate([good_scores, ng_scores]))
+            ng_fields = {
+                "miss_rate_at_threshold": float(np.mean(ng_scores < image_threshold)),
+                "f1_optimal_threshold": f1_threshold,
+                "f1_at_optimal_threshold": f1,
+            }
+
+    if ng_maps is not None and ng_masks is not None and np.asarray(ng_masks).any():
+        ng_maps = np.asarray(ng_maps, dtype=np.float32)
+        ng_masks = np.asarray(ng_masks, dtype=bool)
+        if ng_maps.shape != ng_masks.shape or ng_maps.shape[1:] != good_maps.shape[1:]:
+            raise ValueError(f"ng_maps {ng_maps.shape} and ng_masks {ng_masks.shape} must match good maps")
+        pixel_labels = np.concatenate([np.zeros(good_maps.shape, dtype=bool), ng_masks])
+        _, pixel_threshold = f1_max_threshold(pixel_labels, np.concatenate([good_maps, ng_maps]))
+        method = "f1_optimal_on_ng_masks"
+    else:
+        pixel_threshold = float(np.quantile(good_maps, GOOD_PIXEL_QUANTILE))
+        method = f"good_pixel_quantile_{GOOD_PIXEL_QUANTILE}"
+    pixel_threshold = min(pixel_threshold, image_threshold)
+    largest = largest_component_area(good_maps, pixel_threshold)
+
+    return Calibration(
+        image_threshold=image_threshold,
+        pixel_threshold=pixel_threshold,
+        min_defect_area_px=math.ceil(largest * AREA_MARGIN) + 1,
+        target_false_reject_rate=target_frr,
+        n_good=n,
+        n_ng=n_ng,
+        data_hash=data_hash,
+        created=datetime.now(UTC),
+        score_top_k=score_top_k,
+        threshold_rank=k,
+        expected_false_reject_rate=k / (n + 1),
+        empirical_false_reject_rate=float(np.mean(good_scores >= image_threshold)),
+        pixel_threshold_method=method,
+        note=(
+            f"image_threshold is the {k}-th largest of {n} good scores: expected false-reject rate "
+            f"k/(n+1) = {k / (n + 1):.4g} for new good parts exchangeable with the calibration set"
+        ),
+        **ng_fields,
+    )
+
+
+def format_table(calibration: Calibration) -> str:
+    """A short human-readable table of the fitted thresholds for the terminal."""
+    rows = [
+        ("image_threshold", f"{calibration.image_threshold:.6g}"),
+        ("pixel_threshold", f"{calibration.pixel_threshold:.6g} ({calibration.pixel_threshold_method})"),
+        ("min_defect_area_px", str(calibration.min_defect_area_px)),
+        ("good / NG images", f"{calibration.n_good} / {calibration.n_ng}"),
+        ("target FRR", f"{calibration.target_false_reject_rate:.4g}"),
+        ("expected FRR k/(n+1)", f"{calibration.expected_false_reject_rate:.4g} (k={calibration.threshold_rank})"),
+        ("FRR on good set", f"{calibration.empirical_false_reject_rate:.4g}"),
+    ]
+    if calibration.miss_rate_at_threshold is not None:
+        rows += [
+            ("miss rate at threshold", f"{calibration.miss_rate_at_threshold:.4g}"),
+            (
+                "F1-optimal threshold",
+                f"{calibration.f1_optimal_threshold:.6g} (F1 {calibration.f1_at_optimal_threshold:.4g})",
+            ),
+        ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `inspector calibrate`."""
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--sku", help="SKU name from inspector.toml ([skus.NAME].model_dir)")
+    target.add_argument("--sku-dir", type=Path, help="SKU directory to calibrate directly (no config needed)")
+    parser.add_argument("--good", type=Path, required=True, help="folder of good images (recursive)")
+    parser.add_argument("--ng", type=Path, help="folder of NG images: reports miss rate and F1-optimal threshold")
+    parser.add_argument("--frr", type=float, default=0.005, help="target false-reject rate (default 0.005)")
+    parser.add_argument(
+        "--backend",
+        choices=("onnxruntime", "torch", "tensorrt"),
+        help="inference backend (default: engine.backend of the config, else onnxruntime)",
+    )
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for the engine (0 = backend default)")
+    parser.add_argument("--batch", type=int, default=8, help="images per inference batch")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the SKU's engine over the good (and NG) folders, fit thresholds, write calibration.json."""
+    from calibration.evaluate import infer_dataset, score_top_k_of, sku_target
+    from engines.data import FolderDataset, file_list_hash
+    from engines.runtime import create_engine
+    from engines.scoring import image_scores
+
+    target = sku_target(args)
+    engine = create_engine(
+        target.backend, target.sku_dir, threads=target.threads, schedule_override=target.schedule_override or None
+    )
+    top_k = score_top_k_of(target.sku_dir)
+    good = FolderDataset(args.good, engine.image_size)
+    good_maps = infer_dataset(engine, good, args.batch, desc="good").maps
+    hashes = [file_list_hash(good)]
+    ng_scores = None
+    if args.ng is not None:
+        ng = FolderDataset(args.ng, engine.image_size)
+        ng_scores = image_scores(infer_dataset(engine, ng, args.batch, desc="ng").maps, top_k=top_k)
+        hashes.append(file_list_hash(ng))
+    calibration = fit_thresholds(
+        image_scores(good_maps, top_k=top_k),
+        good_maps,
+        args.frr,
+        ng_scores=ng_scores,
+        score_top_k=top_k,
+        data_hash=hashes[0] if len(hashes) == 1 else "+".join(hashes),
+    )
+    save_calibration(calibration, target.calibration_path)
+    print(format_table(calibration))
+    print(f"wrote {target.calibration_path}")
+    return 0

@@ -1,0 +1,462 @@
+"""Frame -> engine -> verdict on three threads joined by bounded queues; every frame gets exactly one verdict.
+
+Threads: acquisition (pulls frames from the Source), inference (preprocess, micro-batch, infer, decide) and
+publish (hands verdicts to the sink, feeds stats and the archive). A frame the pipeline cannot inspect —
+queue full, deadline passed, engine error, corrupt or wrong-size image, shutdown timeout — gets a fail-safe
+verdict (ok=False, or ok=True with service.fail_safe="ok") carrying a `reason`; nothing is dropped.
+
+Pause stops the acquisition thread from pulling frames (the camera/driver buffers or drops them, as it
+would with no consumer); frames already pulled are still inspected and published. Resume continues pulling.
+A SKU changeover swaps the ActiveSku between two batches, so no frame is inspected half-way through it.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import cv2
+import numpy as np
+
+from engines.runtime.base import Engine
+from inspector.acquisition import Frame, Source
+from inspector.archive import Archive, ArchiveItem
+from inspector.decider import Decider, Decision, Placement
+from inspector.log import get_logger
+from inspector.verdict import Verdict
+
+log = get_logger(__name__)
+
+FailSafe = Literal["ng", "ok"]
+VerdictSink = Callable[[Verdict, bytes | None], None]
+
+# Fail-safe reasons (the `reason` field of a verdict that was not decided by the model).
+QUEUE_FULL = "queue_full"
+DEADLINE = "deadline_missed"
+ENGINE_ERROR = "engine_error"
+CORRUPT_FRAME = "corrupt_frame"
+INVALID_FRAME = "invalid_frame"
+WRONG_SIZE = "wrong_size"
+SHUTDOWN = "shutdown_timeout"
+
+
+class FrameRejected(Exception):
+    """A frame that cannot be inspected; `reason` becomes the fail-safe verdict's reason."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+
+
+@dataclass
+class ActiveSku:
+    """Everything one SKU needs at inspection time: name, ROI, loaded engine and its decider."""
+
+    name: str
+    engine: Engine
+    decider: Decider
+    roi: tuple[int, int, int, int] | None = None
+
+
+def preprocess(image_u8_hwc: Any, roi: tuple[int, int, int, int] | None, size: int,
+               expected_hw: tuple[int, int] | None) -> tuple[np.ndarray, Placement]:
+    """Validate, crop the ROI (x, y, w, h) and resize to size x size RGB uint8; raise FrameRejected if unusable."""
+    if image_u8_hwc is None:
+        raise FrameRejected(CORRUPT_FRAME, "source delivered no image (unreadable or truncated)")
+    if not isinstance(image_u8_hwc, np.ndarray) or image_u8_hwc.dtype != np.uint8 or image_u8_hwc.ndim != 3 \
+            or image_u8_hwc.shape[2] != 3 or min(image_u8_hwc.shape[:2]) < 1:
+        shape = getattr(image_u8_hwc, "shape", None)
+        dtype = getattr(image_u8_hwc, "dtype", type(image_u8_hwc).__name__)
+        raise FrameRejected(INVALID_FRAME, f"expected uint8 HxWx3 RGB, got shape={shape} dtype={dtype}")
+    h, w = image_u8_hwc.shape[:2]
+    if expected_hw is not None and (h, w) != expected_hw:
+        raise FrameRejected(WRONG_SIZE, f"frame is {w}x{h}, the stream is {expected_hw[1]}x{expected_hw[0]}")
+    x, y, rw, rh = roi if roi is not None else (0, 0, w, h)
+    if x < 0 or y < 0 or rw < 1 or rh < 1 or x + rw > w or y + rh > h:
+        raise FrameRejected(WRONG_SIZE, f"ROI {(x, y, rw, rh)} does not fit a {w}x{h} frame")
+    crop = image_u8_hwc[y:y + rh, x:x + rw]
+    if (rh, rw) != (size, size):
+        interp = cv2.INTER_AREA if rw > size and rh > size else cv2.INTER_LINEAR
+        crop = cv2.resize(crop, (size, size), interpolation=interp)
+    return np.ascontiguousarray(crop), Placement(origin_xy=(x, y), scale_xy=(rw / size, rh / size))
+
+
+class Stats:
+    """Thread-safe counters and latency/fps windows for status messages and the final summary."""
+
+    def __init__(self, window: int = 4096, fps_window_s: float = 10.0) -> None:
+        self._lock = threading.Lock()
+        self.acquired = 0
+        self.frames = 0
+        self.ok = 0
+        self.ng = 0
+        self.fail_safe: Counter[str] = Counter()
+        self._latency_ms: deque[float] = deque(maxlen=window)
+        self._published_at: deque[float] = deque()
+        self._fps_window_s = fps_window_s
+        self._t0 = time.monotonic()
+
+    def count_acquired(self) -> None:
+        """One frame pulled from the source."""
+        with self._lock:
+            self.acquired += 1
+
+    def record(self, verdict: Verdict, total_ms: float) -> None:
+        """One verdict published."""
+        now = time.monotonic()
+        with self._lock:
+            self.frames += 1
+            if verdict.reason:
+                self.fail_safe[verdict.reason.split(":", 1)[0]] += 1
+            if verdict.ok:
+                self.ok += 1
+            else:
+                self.ng += 1
+            self._latency_ms.append(total_ms)
+            self._published_at.append(now)
+            while self._published_at and now - self._published_at[0] > self._fps_window_s:
+                self._published_at.popleft()
+
+    def snapshot(self) -> dict[str, Any]:
+        """Counters, fps over the last window and p50/p99 camera-to-publish latency (ms)."""
+        with self._lock:
+            lat = np.asarray(self._latency_ms, dtype=np.float64)
+            now = time.monotonic()
+            recent = [t for t in self._published_at if now - t <= self._fps_window_s]
+            span = min(self._fps_window_s, now - self._t0)
+            return {
+                "acquired": self.acquired,
+                "frames": self.frames,
+                "ok": self.ok,
+                "ng": self.ng,
+                "fail_safe": dict(self.fail_safe),
+                "fps": round(len(recent) / span, 2) if span > 0 else 0.0,
+                "latency_p50_ms": round(float(np.percentile(lat, 50)), 2) if lat.size else None,
+                "latency_p99_ms": round(float(np.percentile(lat, 99)), 2) if lat.size else None,
+            }
+
+
+@dataclass
+class _Job:
+    """A frame on its way through the pipeline with the timestamps of its stages (epoch seconds)."""
+
+    frame: Frame
+    t_enqueued: float
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Out:
+    """A verdict ready to publish, plus what the archive may want (ROI-resized image and map)."""
+
+    verdict: Verdict
+    mask_png: bytes | None
+    frame: Frame
+    map_f32_hw: np.ndarray | None = None
+    roi: tuple[int, int, int, int] | None = None
+
+
+_STOP = object()
+
+
+class Pipeline:
+    """Runs a Source through the active SKU's engine and decider into a verdict sink (normally the Publisher)."""
+
+    def __init__(
+        self,
+        source: Source,
+        sku: ActiveSku,
+        sink: VerdictSink,
+        *,
+        batch: int = 1,
+        queue_depth: int = 16,
+        frame_timeout_ms: float = 2000,
+        fail_safe: FailSafe = "ng",
+        line_id: str = "",
+        station_id: str = "",
+        archive: Archive | None = None,
+        on_published: Callable[[Verdict], None] | None = None,
+    ) -> None:
+        self.source = source
+        self.sink = sink
+        self.batch = max(1, batch)
+        self.frame_timeout_s = frame_timeout_ms / 1000.0
+        self.fail_safe_ok = fail_safe == "ok"
+        self.line_id = line_id
+        self.station_id = station_id
+        self.archive = archive
+        self.on_published = on_published
+        self.stats = Stats()
+        self._sku = sku
+        self._next_sku: ActiveSku | None = None
+        self._sku_lock = threading.Lock()
+        self._inbox: queue.Queue[Any] = queue.Queue(maxsize=max(1, queue_depth))
+        self._outbox: queue.Queue[Any] = queue.Queue(maxsize=max(1, queue_depth) * 4)
+        self._resumed = threading.Event()
+        self._resumed.set()
+        self._stopping = threading.Event()
+        self.source_done = threading.Event()
+        self.finished = threading.Event()
+        self._expected_hw: tuple[int, int] | None = None
+        self._in_flight: list[_Job] = []
+        self._abandoned = False
+        self._heartbeat = {"inference": time.monotonic(), "publish": time.monotonic()}
+        self._threads = [
+            threading.Thread(target=self._acquire_loop, name="acquisition", daemon=True),
+            threading.Thread(target=self._infer_loop, name="inference", daemon=True),
+            threading.Thread(target=self._publish_loop, name="publish", daemon=True),
+        ]
+
+    # ---- control -------------------------------------------------------------------------------------------
+
+    @property
+    def sku(self) -> ActiveSku:
+        """The SKU the next batch will be inspected with (a pending changeover counts once swapped)."""
+        return self._sku
+
+    @property
+    def paused(self) -> bool:
+        """True while acquisition is paused."""
+        return not self._resumed.is_set()
+
+    def start(self) -> None:
+        """Start the three threads; the source must already be open."""
+        for t in self._threads:
+            t.start()
+
+    def pause(self) -> None:
+        """Stop pulling frames; frames already pulled are still inspected and published."""
+        self._resumed.clear()
+
+    def resume(self) -> None:
+        """Continue pulling frames."""
+        self._resumed.set()
+
+    def swap_sku(self, sku: ActiveSku) -> None:
+        """Inspect with `sku` from the next batch on (atomic between batches; the engine must be warm)."""
+        with self._sku_lock:
+            self._next_sku = sku
+
+    def healthy(self, stuck_after_s: float) -> bool:
+        """False when a thread died or the inference/publish thread has not come round for stuck_after_s."""
+        if self.finished.is_set():
+            return True
+        now = time.monotonic()
+        alive = all(t.is_alive() for t in self._threads[1:])
+        return alive and all(now - beat < stuck_after_s for beat in self._heartbeat.values())
+
+    def stop(self, drain_timeout_s: float) -> bool:
+        """Stop acquisition and drain: in-flight frames get verdicts; True if drained within the timeout."""
+        deadline = time.monotonic() + drain_timeout_s
+        self._stopping.set()
+        self._resumed.set()
+        try:
+            self.source.stop()
+        except Exception as exc:
+            log.warning("source_stop_failed", error=str(exc))
+        acq, inf, pub = self._threads
+        if not acq.is_alive() and not inf.is_alive() and not pub.is_alive():
+            self.finished.set()
+            return True
+        acq.join(max(0.0, deadline - time.monotonic()))
+        if acq.is_alive():
+            log.error("acquisition_stuck_on_stop", detail="source.frames() did not return after stop()")
+        inf.join(max(0.0, deadline - time.monotonic()))
+        drained = not inf.is_alive()
+        if not drained:
+            self._abandon_in_flight()
+        pub.join(max(0.1, deadline - time.monotonic()))
+        self.finished.set()
+        log.info("pipeline_stopped", drained=drained and not pub.is_alive(), **self.stats.snapshot())
+        return drained
+
+    def wait(self, timeout_s: float | None = None) -> bool:
+        """Block until a finite source is exhausted and its last verdict published."""
+        return self.finished.wait(timeout_s)
+
+    # ---- verdicts --------------------------------------------------------------------------------------------
+
+    def _verdict(self, job: _Job, sku: ActiveSku, decision: Decision | None, reason: str | None,
+                 detail: str | None = None) -> Verdict:
+        """Build the verdict for one frame: the model's decision, or the fail-safe for `reason`."""
+        frame = job.frame
+        camera_ts = frame.meta.get("camera_ts")
+        fields: dict[str, Any] = {
+            "frame_id": frame.id, "t_acquired": frame.t_acquired, "sku": sku.name,
+            "camera_ts": float(camera_ts) if isinstance(camera_ts, int | float) else None,
+            "engine": sku.engine.backend, "line": self.line_id, "station": self.station_id,
+            "latency_ms": dict(job.timings_ms),
+        }
+        if decision is not None:
+            fields |= {"ok": decision.ok, "score": decision.score, "threshold": decision.threshold,
+                       "regions": decision.regions}
+        else:
+            fields |= {"ok": self.fail_safe_ok, "score": None,
+                       "threshold": float(sku.decider.calibration.image_threshold),
+                       "reason": f"{reason}: {detail}" if detail else reason}
+        return Verdict(**fields)
+
+    def _fail(self, job: _Job, reason: str, detail: str) -> _Out:
+        """A fail-safe verdict for a frame that could not be inspected."""
+        log.warning("fail_safe", frame_id=job.frame.id, reason=reason, detail=detail)
+        return _Out(self._verdict(job, self._sku, None, reason, detail), None, job.frame)
+
+    # ---- threads ---------------------------------------------------------------------------------------------
+
+    def _acquire_loop(self) -> None:
+        """Pull frames while not paused; a full inbox turns the frame into a queue_full fail-safe."""
+        frames: Iterator[Frame] = iter(self.source.frames())
+        try:
+            while not self._stopping.is_set():
+                self._resumed.wait()
+                if self._stopping.is_set():
+                    break
+                frame = next(frames, None)
+                if frame is None:
+                    break
+                self.stats.count_acquired()
+                job = _Job(frame, time.time())
+                try:
+                    self._inbox.put_nowait(job)
+                except queue.Full:
+                    self._outbox.put(self._fail(job, QUEUE_FULL, f"inference queue full ({self._inbox.maxsize})"))
+        except Exception as exc:
+            log.exception("source_failed", error=str(exc))
+        finally:
+            self.source_done.set()
+            self._inbox.put(_STOP)
+
+    def _next_batch(self) -> list[_Job] | None:
+        """Block for one job, then take what is already queued up to the batch size (never waits to fill)."""
+        while True:
+            self._heartbeat["inference"] = time.monotonic()
+            try:
+                first = self._inbox.get(timeout=0.5)
+                break
+            except queue.Empty:
+                continue
+        if first is _STOP:
+            return None
+        jobs = [first]
+        while len(jobs) < self.batch:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item is _STOP:
+                self._inbox.put(_STOP)
+                break
+            jobs.append(item)
+        return jobs
+
+    def _infer_loop(self) -> None:
+        """Preprocess, batch-infer and decide; every job leaves as exactly one _Out."""
+        try:
+            while (jobs := self._next_batch()) is not None:
+                with self._sku_lock:
+                    if self._next_sku is not None:
+                        self._sku, self._next_sku = self._next_sku, None
+                        self._expected_hw = None
+                        log.info("sku_active", sku=self._sku.name)
+                for out in self._inspect(jobs, self._sku):
+                    if not self._abandoned:
+                        self._outbox.put(out)
+        finally:
+            self._outbox.put(_STOP)
+
+    def _inspect(self, jobs: list[_Job], sku: ActiveSku) -> list[_Out]:
+        """Turn one batch of jobs into outputs, fail-safe for each job that cannot be inspected."""
+        outs: dict[int, _Out] = {}
+        ready: list[tuple[int, np.ndarray, Placement]] = []
+        t_start = time.time()
+        for i, job in enumerate(jobs):
+            job.timings_ms["queue"] = (t_start - job.frame.t_acquired) * 1000.0
+            if t_start - job.frame.t_acquired > self.frame_timeout_s:
+                outs[i] = self._fail(job, DEADLINE, f"waited {job.timings_ms['queue']:.0f} ms before inference")
+                continue
+            t0 = time.perf_counter()
+            try:
+                image, placement = preprocess(job.frame.image, sku.roi, sku.engine.image_size, self._expected_hw)
+            except FrameRejected as exc:
+                detail = job.frame.meta.get("error") if exc.reason == CORRUPT_FRAME else None
+                outs[i] = self._fail(job, exc.reason, str(detail or exc))
+                continue
+            if self._expected_hw is None:
+                self._expected_hw = job.frame.image.shape[:2]
+            job.timings_ms["preprocess"] = (time.perf_counter() - t0) * 1000.0
+            ready.append((i, image, placement))
+        if ready:
+            self._in_flight = [jobs[i] for i, _, _ in ready]
+            t0 = time.perf_counter()
+            try:
+                maps = np.asarray(sku.engine.infer(np.stack([img for _, img, _ in ready])), dtype=np.float32)
+                if maps.shape[0] != len(ready) or maps.ndim != 3 or not np.isfinite(maps).all():
+                    raise ValueError(f"engine returned maps of shape {maps.shape} (non-finite or wrong count)")
+            except Exception as exc:
+                log.exception("engine_failed", sku=sku.name, batch=len(ready))
+                for i, _, _ in ready:
+                    outs[i] = self._fail(jobs[i], ENGINE_ERROR, f"{type(exc).__name__}: {exc}")
+                ready = []
+            infer_ms = (time.perf_counter() - t0) * 1000.0
+            for k, (i, _, placement) in enumerate(ready):
+                job = jobs[i]
+                job.timings_ms["infer"] = infer_ms
+                t0 = time.perf_counter()
+                decision = sku.decider.decide(maps[k], placement)
+                job.timings_ms["decide"] = (time.perf_counter() - t0) * 1000.0
+                outs[i] = _Out(self._verdict(job, sku, decision, None), decision.mask_png, job.frame, maps[k],
+                               sku.roi)
+            self._in_flight = []
+        return [outs[i] for i in range(len(jobs))]
+
+    def _abandon_in_flight(self) -> None:
+        """Shutdown with a stuck engine: fail-safe the batch inside the engine and everything still queued."""
+        self._abandoned = True
+        pending = list(self._in_flight)
+        while True:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item is not _STOP:
+                pending.append(item)
+        log.error("drain_timeout", abandoned=len(pending))
+        for job in pending:
+            self._outbox.put(self._fail(job, SHUTDOWN, "engine did not finish within drain_timeout_s"))
+        self._outbox.put(_STOP)
+
+    def _publish_loop(self) -> None:
+        """Hand verdicts to the sink in order, with total camera-to-publish latency; feed stats and hooks."""
+        while True:
+            self._heartbeat["publish"] = time.monotonic()
+            try:
+                out = self._outbox.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if out is _STOP:
+                break
+            total_ms = (time.time() - out.frame.t_acquired) * 1000.0
+            out.verdict.latency_ms["total"] = total_ms
+            try:
+                self.sink(out.verdict, out.mask_png)
+            except Exception:
+                log.exception("publish_failed", frame_id=out.verdict.frame_id)
+            self.stats.record(out.verdict, total_ms)
+            if self.archive is not None and self.archive.wants(out.verdict.ok):
+                self.archive.submit(ArchiveItem(
+                    sku=out.verdict.sku, frame_id=out.verdict.frame_id, t_acquired=out.frame.t_acquired,
+                    ok=out.verdict.ok, verdict=out.verdict.model_dump(mode="json"),
+                    image_u8_hwc=out.frame.image if isinstance(out.frame.image, np.ndarray) else None,
+                    map_f32_hw=out.map_f32_hw, roi=out.roi,
+                ))
+            if self.on_published is not None:
+                try:
+                    self.on_published(out.verdict)
+                except Exception:
+                    log.exception("on_published_failed", frame_id=out.verdict.frame_id)
+        self.finished.set()

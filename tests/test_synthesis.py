@@ -1,0 +1,184 @@
+"""Anomaly synthesis: exact masks, foreground restriction, determinism, Perlin noise, texture sources."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from engines.sample_data import render_part
+from engines.synthesis import (
+    AnomalySynthesizer,
+    fractal_perlin,
+    otsu_foreground,
+    perlin_mask,
+    perlin_noise,
+    region_mask,
+    shuffled_patches,
+)
+from engines.textures import TextureBank
+from inspector.errors import DataError
+
+SIZE = 64
+
+
+def _parts(n: int, size: int = SIZE, texture: str = "brick") -> list[np.ndarray]:
+    rng = np.random.default_rng(7)
+    return [render_part(texture, size, rng) for _ in range(n)]
+
+
+def _part_on_background(size: int, bright_object: bool) -> tuple[np.ndarray, np.ndarray]:
+    """A textured disc on a flat background; returns (image, disc mask)."""
+    disc = np.zeros((size, size), np.uint8)
+    cv2.circle(disc, (size // 2, size // 2), size // 4, 1, -1)
+    part = render_part("gravel", size, np.random.default_rng(3)) // 2 + (127 if bright_object else 0)
+    image = np.where(disc[..., None] > 0, part, 20 if bright_object else 235).astype(np.uint8)
+    return image, disc.astype(bool)
+
+
+def test_perlin_noise_shape_range_and_lattice_zeros() -> None:
+    noise = perlin_noise((50, 70), (4, 8), np.random.default_rng(0))
+    assert noise.shape == (50, 70) and noise.dtype == np.float32
+    assert -1.0 <= noise.min() < noise.max() <= 1.0 and noise.std() > 0.05
+    cell_y, cell_x = 13, 9  # ceil(50 / 4), ceil(70 / 8): gradient noise vanishes on lattice points
+    assert np.allclose(noise[::cell_y, ::cell_x], 0.0, atol=1e-6)
+    assert np.array_equal(noise, perlin_noise((50, 70), (4, 8), np.random.default_rng(0)))
+
+
+def test_fractal_perlin_and_masks_have_image_shape() -> None:
+    rng = np.random.default_rng(1)
+    assert fractal_perlin(48, rng).shape == (48, 48)
+    for make in (perlin_mask, region_mask):
+        masks = [make(48, rng) for _ in range(20)]
+        assert all(m.shape == (48, 48) and m.dtype == bool for m in masks)
+        assert any(m.any() for m in masks) and not all(m.all() for m in masks)
+
+
+@pytest.mark.parametrize("foreground", ["none", "otsu"])
+def test_mask_is_exactly_where_pixels_may_differ(foreground: str) -> None:
+    synth = AnomalySynthesizer(SIZE, foreground=foreground, anomaly_prob=0.7)  # type: ignore[arg-type]
+    rng = np.random.default_rng(0)
+    applied = 0
+    for image in _parts(40):
+        out, mask = synth(image, rng)
+        assert out.dtype == np.uint8 and out.shape == image.shape
+        assert mask.dtype == np.float32 and mask.shape == (SIZE, SIZE) and set(np.unique(mask)) <= {0.0, 1.0}
+        outside = mask == 0
+        assert np.array_equal(out[outside], image[outside])
+        if mask.any():
+            applied += 1
+            assert mask.sum() >= synth.min_area or foreground == "otsu"
+        else:
+            assert np.array_equal(out, image)
+    assert 15 <= applied <= 38
+
+
+def test_no_anomaly_gives_empty_mask_and_untouched_copy() -> None:
+    image = _parts(1)[0]
+    out, mask = AnomalySynthesizer(SIZE, anomaly_prob=0.0)(image, np.random.default_rng(0))
+    assert not mask.any() and np.array_equal(out, image) and out is not image
+
+
+def test_anomaly_prob_one_always_draws_a_visible_anomaly() -> None:
+    synth = AnomalySynthesizer(SIZE, anomaly_prob=1.0, beta_range=(1.0, 1.0), foreground="none")
+    rng = np.random.default_rng(2)
+    for image in _parts(20):
+        out, mask = synth(image, rng)
+        assert mask.sum() >= synth.min_area
+        assert (out != image).any()
+
+
+@pytest.mark.parametrize("bright_object", [True, False])
+def test_otsu_restricts_anomalies_to_the_object(bright_object: bool) -> None:
+    image, disc = _part_on_background(SIZE, bright_object)
+    fg = otsu_foreground(image)
+    assert (fg & disc).sum() / disc.sum() > 0.95 and (fg & ~disc).sum() < 0.02 * fg.size
+    synth = AnomalySynthesizer(SIZE, anomaly_prob=1.0, foreground="otsu")
+    rng = np.random.default_rng(4)
+    for _ in range(30):
+        out, mask = synth(image, rng)
+        assert mask.any() and not (mask.astype(bool) & ~fg).any()
+        assert np.array_equal(out[~fg], image[~fg])
+
+
+def test_otsu_on_a_full_frame_texture_uses_the_whole_frame() -> None:
+    synth = AnomalySynthesizer(SIZE, foreground="otsu")
+    assert all(synth.foreground_mask(image) is None for image in _parts(5))
+
+
+def test_fixed_foreground_array_is_resized_and_respected() -> None:
+    region = np.zeros((16, 16), bool)
+    region[4:12, 2:6] = True
+    synth = AnomalySynthesizer(SIZE, anomaly_prob=1.0, foreground=region)
+    allowed = cv2.resize(region.astype(np.uint8), (SIZE, SIZE), interpolation=cv2.INTER_NEAREST) > 0
+    rng = np.random.default_rng(5)
+    for image in _parts(20):
+        _, mask = synth(image, rng)
+        assert mask.any() and not (mask.astype(bool) & ~allowed).any()
+    with pytest.raises(ValueError, match="empty"):
+        AnomalySynthesizer(SIZE, foreground=np.zeros((8, 8), bool))
+
+
+def test_deterministic_for_a_seed() -> None:
+    images = _parts(6)
+
+    def run(seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        synth = AnomalySynthesizer(SIZE, anomaly_prob=1.0)
+        rng = np.random.default_rng(seed)
+        return [synth(image, rng) for image in images]
+
+    first, again, other = run(11), run(11), run(12)
+    assert all(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]) for a, b in zip(first, again, strict=True))
+    assert any(not np.array_equal(a[1], b[1]) for a, b in zip(first, other, strict=True))
+    seeded = AnomalySynthesizer(SIZE, anomaly_prob=1.0, seed=3)
+    assert np.array_equal(seeded(images[0])[1], AnomalySynthesizer(SIZE, anomaly_prob=1.0, seed=3)(images[0])[1])
+
+
+def test_texture_folder_is_the_source_when_given(tmp_path: Path) -> None:
+    halves = np.zeros((SIZE, SIZE, 3), np.uint8)
+    halves[:, : SIZE // 2] = (0, 200, 255)
+    (tmp_path / "nested").mkdir()
+    cv2.imwrite(str(tmp_path / "halves.png"), halves)
+    cv2.imwrite(str(tmp_path / "nested" / "flat.png"), np.full((SIZE, SIZE, 3), 90, np.uint8))
+    synth = AnomalySynthesizer(
+        SIZE,
+        texture_dir=tmp_path,
+        anomaly_prob=1.0,
+        foreground="none",
+        beta_range=(1.0, 1.0),
+        source_weights={"texture": 1.0},
+    )
+    assert synth.textures is not None and len(synth.textures) == 2
+    rng = np.random.default_rng(6)
+    for image in _parts(10):
+        out, mask = synth(image, rng)
+        painted = out[mask.astype(bool)]
+        assert all(len(np.unique(painted[:, c])) <= 2 for c in range(3))
+
+
+def test_without_texture_dir_only_image_and_plain_sources() -> None:
+    assert set(AnomalySynthesizer(SIZE).sources) == {"self", "plain"}
+
+
+def test_texture_bank_errors_and_skips_corrupt_files(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no texture images"):
+        TextureBank(tmp_path, SIZE)
+    (tmp_path / "bad.png").write_text("not an image")
+    cv2.imwrite(str(tmp_path / "good.png"), _parts(1, 32)[0])
+    bank = TextureBank(tmp_path, SIZE)
+    assert bank.get(0).shape == (SIZE, SIZE, 3)
+    assert bank.get(0) is bank.get(1)
+
+
+def test_shuffled_patches_is_a_pixel_permutation() -> None:
+    image = _parts(1)[0]
+    shuffled = shuffled_patches(image, np.random.default_rng(8))
+    assert shuffled.shape == image.shape and not np.array_equal(shuffled, image)
+    assert np.array_equal(np.sort(shuffled.reshape(-1, 3), axis=0), np.sort(image.reshape(-1, 3), axis=0))
+
+
+def test_wrong_image_size_is_rejected() -> None:
+    with pytest.raises(ValueError, match="expected a uint8"):
+        AnomalySynthesizer(SIZE)(np.zeros((32, 32, 3), np.uint8), np.random.default_rng(0))

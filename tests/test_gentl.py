@@ -52,7 +52,7 @@ def test_bayer_formats_all_known_to_opencv() -> None:
 
 
 def test_unsupported_pixel_format_names_it() -> None:
-    with pytest.raises(DataError, match="Mono12p.*camera.pixel_format"):
+    with pytest.raises(DataError, match=r"Mono12p.*camera\.pixel_format"):
         buffer_to_rgb(np.zeros(32, np.uint8), 4, 4, "Mono12p")
 
 
@@ -117,7 +117,7 @@ def test_bad_index_and_unknown_pixel_format() -> None:
 
 @pytest.mark.integration
 def test_software_trigger_without_trigger_nodes_is_refused() -> None:
-    with pytest.raises(InspectorError, match="camera.trigger = 'software'.*free_run"):
+    with pytest.raises(InspectorError, match=r"camera\.trigger = 'software'.*free_run"):
         open_source(viky(trigger="software")).open()
 
 

@@ -177,12 +177,14 @@ def test_unit_has_the_service_contract() -> None:
 @pytest.mark.integration
 @needs_systemd_analyze
 def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
-    """systemd-analyze verify on the installed tree (stub executable, the host's system units)."""
+    """systemd-analyze verify on the installed tree (stub executables, the host's system units)."""
     run_install(tmp_path, "--station", STATION, "--no-venv")
-    exe = tmp_path / "opt" / "tdad-inspector" / "venv" / "bin" / "inspector"
-    exe.parent.mkdir(parents=True)
-    exe.write_text("#!/bin/sh\n")
-    exe.chmod(0o755)
+    commands = [v for k, vs in unit_directives(UNIT.read_text()).items() if k.startswith("Exec") for v in vs]
+    for command in commands:
+        exe = tmp_path / command.split()[0].lstrip("-@:+!").lstrip("/")
+        exe.parent.mkdir(parents=True, exist_ok=True)
+        exe.write_text("#!/bin/sh\n")
+        exe.chmod(0o755)
     system_units = next(p for p in (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system")) if p.is_dir())
     shutil.copytree(system_units, tmp_path / "usr" / "lib" / "systemd" / "system", symlinks=True)
 

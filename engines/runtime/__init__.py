@@ -1,0 +1,71 @@
+"""Backend registry and `create_engine`, the one way the daemon, eval and bench get a loaded Engine.
+
+Backends are imported lazily by name, so `onnxruntime` never imports torch's runtime code paths it does not
+need and `tensorrt` is only touched when asked for (and reported as a missing extra when absent).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+from pathlib import Path
+from typing import Any
+
+from engines.runtime.base import Engine
+from inspector.errors import EngineError
+
+# backend name -> (module, class); the module is imported only when the backend is created
+BACKENDS: dict[str, tuple[str, str]] = {
+    "torch": ("engines.runtime.torch_backend", "TorchEngine"),
+    "onnxruntime": ("engines.runtime.onnx_backend", "OnnxEngine"),
+    "tensorrt": ("engines.runtime.tensorrt_backend", "TensorRTEngine"),
+}
+PRECISIONS = ("fp32", "fp16", "int8")
+GPU_EXTRA_HINT = "pip install 'tdad-inspector[gpu]'"
+
+
+def engine_class(backend: str) -> type[Any]:
+    """Import and return the Engine class registered under `backend` (EngineError names the valid ones)."""
+    if backend not in BACKENDS:
+        raise EngineError(f"unknown engine backend {backend!r} (engine.backend): valid are {', '.join(BACKENDS)}")
+    module_name, class_name = BACKENDS[backend]
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise EngineError(f"engine backend {backend!r} cannot be imported ({exc}); reinstall tdad-inspector") from exc
+    return getattr(module, class_name)
+
+
+def create_engine(backend: str, sku_dir: Path, *, device_id: int = 0, threads: int = 0, precision: str = "fp32",
+                  schedule_override: dict[str, Any] | None = None) -> Engine:
+    """A loaded, ready Engine of `backend` for the SKU in `sku_dir` (weights, graphs or plans as it needs)."""
+    if precision not in PRECISIONS:
+        raise EngineError(f"unknown engine precision {precision!r} (engine.precision): valid are {PRECISIONS}")
+    cls = engine_class(backend)
+    engine = cls(device_id=device_id, threads=threads, precision=precision, schedule_override=schedule_override)
+    engine.load(Path(sku_dir))
+    return engine
+
+
+def add_sku_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `--sku-dir D | --sku NAME` pair shared by export, build and bench."""
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--sku-dir", type=Path, help="SKU directory (model.safetensors, meta.json, graphs)")
+    group.add_argument("--sku", help="SKU name from inspector.toml ([skus.NAME].model_dir)")
+
+
+def sku_dir_from_args(args: argparse.Namespace) -> Path:
+    """The SKU directory named by --sku-dir, or by --sku through the config; EngineError if it is absent."""
+    if args.sku_dir is not None:
+        sku_dir = Path(args.sku_dir)
+    else:
+        from inspector.config import load_config, resolve_sku
+
+        sku_dir = resolve_sku(load_config(args.config), args.sku).model_dir
+    if not (sku_dir / "meta.json").is_file():
+        raise EngineError(f"{sku_dir} is not a SKU directory (no meta.json); train one with inspector train")
+    return sku_dir
+
+
+__all__ = ["BACKENDS", "GPU_EXTRA_HINT", "PRECISIONS", "Engine", "add_sku_arguments", "create_engine", "engine_class",
+           "sku_dir_from_args"]

@@ -228,19 +228,12 @@ def format_table(calibration: Calibration) -> str:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `inspector calibrate`."""
-    target = parser.add_mutually_exclusive_group(required=True)
-    target.add_argument("--sku", help="SKU name from inspector.toml ([skus.NAME].model_dir)")
-    target.add_argument("--sku-dir", type=Path, help="SKU directory to calibrate directly (no config needed)")
+    from calibration.evaluate import add_engine_arguments
+
+    add_engine_arguments(parser)
     parser.add_argument("--good", type=Path, required=True, help="folder of good images (recursive)")
     parser.add_argument("--ng", type=Path, help="folder of NG images: reports miss rate and F1-optimal threshold")
     parser.add_argument("--frr", type=float, default=0.005, help="target false-reject rate (default 0.005)")
-    parser.add_argument(
-        "--backend",
-        choices=("onnxruntime", "torch", "tensorrt"),
-        help="inference backend (default: engine.backend of the config, else onnxruntime)",
-    )
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads for the engine (0 = backend default)")
-    parser.add_argument("--batch", type=int, default=8, help="images per inference batch")
 
 
 def run(args: argparse.Namespace) -> int:

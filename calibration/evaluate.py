@@ -1,0 +1,305 @@
+"""`inspector eval`: run a SKU's engine over a labelled test split and report AUROC, AUPRO, F1, AP, speed.
+
+Per schedule (`--steps 1+1,2+2` runs one engine per steps1+steps2 pair) it prints one table row, and writes
+`report.json`, `report.md` and a heat-map montage PNG into --out. `evaluate(engine, dataset)` is the
+Python entry point for tests, the demo and bench scripts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from calibration import metrics
+from calibration.montage import MontageRow, write_montage
+from calibration.thresholds import CALIBRATION_FILE, Calibration, load_calibration
+from engines.data import Item, file_list_hash, open_dataset
+from engines.runtime import BACKENDS, Engine, add_sku_arguments, create_engine, sku_dir_from_args
+from engines.scoring import DEFAULT_TOP_K, image_scores
+from inspector.errors import ConfigError
+from inspector.log import get_logger
+
+log = get_logger(__name__)
+
+# metric key -> table header, in report order
+METRIC_COLUMNS = {
+    "image_auroc": "image AUROC",
+    "pixel_auroc": "pixel AUROC",
+    "aupro": "AUPRO@0.3",
+    "image_f1_max": "image F1-max",
+    "pixel_f1_max": "pixel F1-max",
+    "image_ap": "image AP",
+    "pixel_ap": "pixel AP",
+}
+MONTAGE_GOOD = 2
+MONTAGE_DEFECTIVE = 4
+
+
+@dataclass(frozen=True)
+class Inference:
+    """An engine's output over a data set: float32 N x S x S maps, bool N labels, bool N x S x S masks."""
+
+    maps: np.ndarray
+    labels: np.ndarray
+    masks: np.ndarray
+    seconds: float
+
+    @property
+    def images_per_s(self) -> float:
+        """Throughput of the engine calls alone (decoding and resizing excluded)."""
+        return len(self.maps) / self.seconds if self.seconds > 0 else float("inf")
+
+
+def infer_dataset(engine: Engine, dataset: Sequence[Item], batch_size: int = 8, desc: str = "infer") -> Inference:
+    """Run the engine over every item in order, in batches, into preallocated arrays (tqdm on stderr).
+
+    Items without a mask (folder layout, good parts) get an all-false mask.
+    """
+    n, size = len(dataset), engine.image_size
+    maps = np.empty((n, size, size), dtype=np.float32)
+    masks = np.zeros((n, size, size), dtype=bool)
+    labels = np.zeros(n, dtype=bool)
+    seconds = 0.0
+    with tqdm(total=n, desc=desc, unit="img", file=sys.stderr, leave=False) as bar:
+        for start in range(0, n, batch_size):
+            items = [dataset[i] for i in range(start, min(start + batch_size, n))]
+            batch = np.stack([item.image for item in items])
+            t0 = time.perf_counter()
+            maps[start : start + len(items)] = engine.infer(batch)
+            seconds += time.perf_counter() - t0
+            for offset, item in enumerate(items):
+                labels[start + offset] = item.label != 0
+                if item.mask is not None:
+                    masks[start + offset] = item.mask
+            bar.update(len(items))
+    return Inference(maps=maps, labels=labels, masks=masks, seconds=seconds)
+
+
+def _metric_or_none(name: str, fn: Any, *args: Any) -> float | None:
+    """A metric's value, or None (logged) when the data cannot define it (e.g. only good images)."""
+    try:
+        return float(fn(*args))
+    except ValueError as exc:
+        log.warning("metric_undefined", metric=name, reason=str(exc))
+        return None
+
+
+def compute_metrics(inference: Inference, top_k: int = DEFAULT_TOP_K, fpr_limit: float = 0.3) -> dict[str, Any]:
+    """Every metric of METRIC_COLUMNS (None where undefined) plus the F1-optimal pixel threshold."""
+    scores = image_scores(inference.maps, top_k=top_k)
+    labels, masks, maps = inference.labels, inference.masks, inference.maps
+    try:
+        pixel_f1, pixel_f1_threshold = metrics.f1_max_threshold(masks, maps)
+    except ValueError as exc:
+        log.warning("metric_undefined", metric="pixel_f1_max", reason=str(exc))
+        pixel_f1, pixel_f1_threshold = None, None
+    return {
+        "image_auroc": _metric_or_none("image_auroc", metrics.image_auroc, labels, scores),
+        "pixel_auroc": _metric_or_none("pixel_auroc", metrics.pixel_auroc, masks, maps),
+        "aupro": _metric_or_none("aupro", metrics.aupro, masks, maps, fpr_limit),
+        "image_f1_max": _metric_or_none("image_f1_max", metrics.f1_max, labels, scores),
+        "pixel_f1_max": pixel_f1,
+        "image_ap": _metric_or_none("image_ap", metrics.average_precision, labels, scores),
+        "pixel_ap": _metric_or_none("pixel_ap", metrics.average_precision, masks, maps),
+        "pixel_f1_threshold": pixel_f1_threshold,
+    }
+
+
+def montage_indices(labels: np.ndarray, n_good: int = MONTAGE_GOOD, n_defective: int = MONTAGE_DEFECTIVE) -> list[int]:
+    """Evenly spaced sample of good then defective item indices (deterministic)."""
+    chosen: list[int] = []
+    for wanted, count in ((False, n_good), (True, n_defective)):
+        pool = np.flatnonzero(labels == wanted)
+        if pool.size and count:
+            picks = np.linspace(0, pool.size - 1, min(count, pool.size)).round().astype(int)
+            chosen += [int(pool[p]) for p in picks]
+    return chosen
+
+
+def evaluate(
+    engine: Engine,
+    dataset: Sequence[Item],
+    *,
+    batch_size: int = 8,
+    top_k: int = DEFAULT_TOP_K,
+    calibration: Calibration | None = None,
+    montage_path: Path | None = None,
+    fpr_limit: float = 0.3,
+) -> dict[str, Any]:
+    """Metrics, speed and (optionally) a montage PNG for one engine over one labelled data set.
+
+    The montage binarises maps at the calibration's pixel threshold when given, else at the F1-optimal
+    pixel threshold of this data set.
+    """
+    inference = infer_dataset(engine, dataset, batch_size, desc=f"eval {engine.backend}")
+    result = compute_metrics(inference, top_k, fpr_limit)
+    result.update(
+        n_images=len(inference.maps),
+        n_defective=int(inference.labels.sum()),
+        images_per_s=inference.images_per_s,
+        ms_per_image=1000.0 * inference.seconds / max(len(inference.maps), 1),
+    )
+    if montage_path is not None:
+        threshold = calibration.pixel_threshold if calibration else result["pixel_f1_threshold"]
+        threshold = float(np.quantile(inference.maps, 0.999)) if threshold is None else threshold
+        scores = image_scores(inference.maps, top_k=top_k)
+        rows = []
+        for i in montage_indices(inference.labels):
+            item = dataset[i]
+            caption = f"{item.defect_type}  score {scores[i]:.4g}  ({Path(item.path).name})"
+            rows.append(MontageRow(item.image, item.mask, inference.maps[i], caption))
+        result["montage"] = str(write_montage(montage_path, rows, threshold))
+        result["montage_threshold"] = threshold
+    return result
+
+
+def _fmt(value: Any) -> str:
+    """A table cell: 4 decimals for floats, '-' for undefined."""
+    if value is None:
+        return "-"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def format_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
+    """One line per schedule: steps, every metric, images/s and ms/image (plain text or Markdown)."""
+    headers = ["schedule", *METRIC_COLUMNS.values(), "images/s", "ms/image"]
+    cells = [
+        [
+            row["schedule"],
+            *(_fmt(row[k]) for k in METRIC_COLUMNS),
+            f"{row['images_per_s']:.2f}",
+            f"{row['ms_per_image']:.1f}",
+        ]
+        for row in rows
+    ]
+    if markdown:
+        lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells])
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    return "\n".join("  ".join(v.rjust(w) for v, w in zip(line, widths, strict=True)) for line in [headers, *cells])
+
+
+def parse_steps(text: str) -> list[tuple[int, int]]:
+    """'1+1,2+2,5+5' -> [(1, 1), (2, 2), (5, 5)]; ConfigError naming --steps on anything else."""
+    pairs = []
+    for part in text.split(","):
+        try:
+            first, second = (int(v) for v in part.strip().split("+"))
+        except ValueError:
+            raise ConfigError(f"--steps {text!r}: expected steps1+steps2 pairs like 1+1,2+2,5+5") from None
+        if first < 1 or second < 1:
+            raise ConfigError(f"--steps {text!r}: step counts must be >= 1")
+        pairs.append((first, second))
+    return pairs
+
+
+@dataclass(frozen=True)
+class SkuTarget:
+    """Where a CLI command finds a SKU and how it runs it: directory, backend, threads, schedule, thresholds."""
+
+    sku_dir: Path
+    backend: str
+    threads: int
+    schedule_override: dict[str, int]
+    calibration_path: Path
+
+
+def sku_target(args: argparse.Namespace) -> SkuTarget:
+    """Resolve --sku NAME (through inspector.toml) or --sku-dir D, with --backend/--threads on top."""
+    sku_dir = sku_dir_from_args(args)
+    backend, threads, override, calibration_path = "onnxruntime", 0, {}, sku_dir / CALIBRATION_FILE
+    if args.sku is not None:
+        from inspector.config import load_config, resolve_sku
+
+        config = load_config(args.config)
+        sku = resolve_sku(config, args.sku)
+        backend, threads = config.engine.backend, config.engine.threads
+        override, calibration_path = sku.schedule_override(), sku.calibration_path()
+    return SkuTarget(sku_dir, args.backend or backend, args.threads or threads, override, calibration_path)
+
+
+def score_top_k_of(sku_dir: Path) -> int:
+    """The SKU's image-score top-k from meta.json (the one the daemon uses)."""
+    from inspector.service import score_top_k
+
+    return score_top_k(sku_dir)
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """The SKU and engine flags shared by `inspector eval` and `inspector calibrate`."""
+    add_sku_arguments(parser)
+    parser.add_argument(
+        "--backend",
+        choices=tuple(BACKENDS),
+        help="inference backend (default: engine.backend of the config, else onnxruntime)",
+    )
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for the engine (0 = backend default)")
+    parser.add_argument("--batch", type=int, default=8, help="images per inference batch")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `inspector eval`."""
+    add_engine_arguments(parser)
+    parser.add_argument("--dataset", choices=("mvtec", "visa", "folder"), required=True, help="test set layout")
+    parser.add_argument("--root", type=Path, required=True, help="data set root folder")
+    parser.add_argument("--category", help="MVTec AD / VisA category (e.g. bottle)")
+    parser.add_argument("--steps", help="schedules to compare as steps1+steps2 pairs, e.g. 1+1,2+2,5+5")
+    parser.add_argument("--out", type=Path, help="report folder (default var/eval/<sku dir name>)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate the SKU on the test split once per schedule; print the table, write the reports and montages."""
+    target = sku_target(args)
+    out = args.out or Path("var") / "eval" / target.sku_dir.name
+    out.mkdir(parents=True, exist_ok=True)
+    top_k = score_top_k_of(target.sku_dir)
+    calibration = load_calibration(target.calibration_path) if target.calibration_path.is_file() else None
+    schedules = parse_steps(args.steps) if args.steps else [None]
+    dataset = None
+    rows: list[dict[str, Any]] = []
+    for pair in schedules:
+        override = dict(target.schedule_override)
+        if pair is not None:
+            override.update(steps1=pair[0], steps2=pair[1])
+        engine = create_engine(
+            target.backend, target.sku_dir, threads=target.threads, schedule_override=override or None
+        )
+        if dataset is None:
+            dataset = open_dataset(args.dataset, args.root, args.category, "test", engine.image_size)
+        label = "trained" if pair is None else f"{pair[0]}+{pair[1]}"
+        montage = out / ("montage.png" if pair is None else f"montage_{pair[0]}+{pair[1]}.png")
+        result = evaluate(
+            engine, dataset, batch_size=args.batch, top_k=top_k, calibration=calibration, montage_path=montage
+        )
+        rows.append({"schedule": label, "engine": engine.describe(), **result})
+        log.info("eval_schedule_done", schedule=label, **{k: result[k] for k in METRIC_COLUMNS})
+    report = {
+        "sku_dir": str(target.sku_dir),
+        "backend": target.backend,
+        "dataset": {
+            "kind": args.dataset,
+            "root": str(args.root),
+            "category": args.category,
+            "n_images": len(dataset) if dataset is not None else 0,
+            "data_hash": file_list_hash(dataset) if dataset is not None else "",
+        },
+        "score_top_k": top_k,
+        "calibration": calibration.model_dump(mode="json") if calibration else None,
+        "rows": rows,
+    }
+    (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    title = f"# Evaluation of {target.sku_dir.name} on {args.dataset} {args.category or ''}".rstrip()
+    montages = "\n".join(f"![{row['schedule']}]({Path(row['montage']).name})" for row in rows)
+    (out / "report.md").write_text(f"{title}\n\n{format_table(rows, markdown=True)}\n\n{montages}\n")
+    print(format_table(rows))
+    print(f"wrote {out / 'report.json'}, {out / 'report.md'} and montages")
+    return 0

@@ -1,0 +1,194 @@
+"""Evaluation: metrics table and montage on synthetic maps; evaluate/eval/calibrate on a real ONNX Runtime engine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from calibration.evaluate import (
+    Inference,
+    compute_metrics,
+    evaluate,
+    format_table,
+    montage_indices,
+    parse_steps,
+)
+from calibration.montage import COLUMNS, MontageRow, render_montage, write_montage
+from calibration.thresholds import load_calibration
+from engines.data import open_dataset
+from inspector.cli import main
+from inspector.errors import ConfigError, DataError
+from tests.fixtures_data import make_good_folder, make_mvtec_tree
+
+
+def synthetic_inference(n_good: int = 4, n_bad: int = 4, size: int = 32) -> Inference:
+    """Maps that are hot exactly on a square defect in the defective images: every metric is perfect."""
+    n = n_good + n_bad
+    rng = np.random.default_rng(0)
+    masks = np.zeros((n, size, size), dtype=bool)
+    masks[n_good:, 8:16, 8:16] = True
+    maps = (rng.random((n, size, size)) * 0.3 + masks * 0.6).astype(np.float32)
+    labels = np.arange(n) >= n_good
+    return Inference(maps=maps, labels=labels, masks=masks, seconds=0.5)
+
+
+def test_metrics_of_a_perfect_detector() -> None:
+    result = compute_metrics(synthetic_inference(), top_k=4)
+    for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "image_ap", "pixel_ap"):
+        assert result[key] == pytest.approx(1.0), key
+    assert 0.3 <= result["pixel_f1_threshold"] < 0.6
+
+
+def test_undefined_metrics_are_none_for_good_only_sets() -> None:
+    inference = synthetic_inference(n_bad=0)
+    result = compute_metrics(inference, top_k=4)
+    assert all(result[k] is None for k in ("image_auroc", "pixel_auroc", "aupro", "pixel_f1_max"))
+
+
+def test_table_and_steps() -> None:
+    row = {
+        "schedule": "1+1",
+        **compute_metrics(synthetic_inference(), top_k=4),
+        "images_per_s": 8.0,
+        "ms_per_image": 125.0,
+    }
+    text = format_table([row])
+    assert "AUPRO@0.3" in text.splitlines()[0] and "1.0000" in text.splitlines()[1]
+    assert format_table([row], markdown=True).startswith("| schedule |")
+    assert parse_steps("1+1, 2+2,5+5") == [(1, 1), (2, 2), (5, 5)]
+    for bad in ("1", "1+x", "0+1"):
+        with pytest.raises(ConfigError, match="--steps"):
+            parse_steps(bad)
+
+
+def test_montage_indices_pick_good_then_defective() -> None:
+    labels = np.array([0, 1, 0, 1, 1, 0, 1, 1, 1], dtype=bool)
+    assert montage_indices(labels, 2, 3) == [0, 5, 1, 4, 8]  # defective pool 1,3,4,6,7,8: first, middle, last
+    assert montage_indices(np.zeros(3, dtype=bool), 2, 4) == [0, 2]
+
+
+def test_montage_layout_and_file(tmp_path: Path) -> None:
+    inference = synthetic_inference()
+    images = np.zeros((2, 32, 32, 3), dtype=np.uint8)
+    rows = [
+        MontageRow(images[0], inference.masks[0], inference.maps[0], "good"),
+        MontageRow(images[1], None, inference.maps[-1], "scratch"),
+    ]
+    montage = render_montage(rows, pixel_threshold=0.5)
+    assert montage.dtype == np.uint8 and montage.shape[2] == 3
+    assert montage.shape[1] >= len(COLUMNS) * 160 and montage.shape[0] >= 2 * 160
+    path = write_montage(tmp_path / "m.png", rows, 0.5)
+    assert cv2.imread(str(path)).shape == montage.shape
+    with pytest.raises(DataError, match="cannot write montage"):
+        write_montage(tmp_path / "missing" / "m.png", rows, 0.5)
+
+
+@pytest.fixture(scope="module")
+def tiny_sku(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real (untrained, tiny) SKU directory exported to ONNX: the smallest engine the stack can run."""
+    import torch
+
+    from engines.export import export_sku
+    from engines.model import ModelConfig, TDADModel, save_sku
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    config = ModelConfig(
+        image_size=32,
+        ae_channels=(8, 8, 8),
+        denoiser_channels=(8, 8, 8),
+        time_dim=16,
+        cond_channels=4,
+        fusion_channels=8,
+        seg_channels=(8, 8, 8, 8),
+    )
+    sku_dir = tmp_path_factory.mktemp("sku")
+    save_sku(TDADModel(config), sku_dir)
+    export_sku(sku_dir)
+    return sku_dir
+
+
+@pytest.mark.slow
+def test_evaluate_with_a_real_engine(tiny_sku: Path, tmp_path: Path) -> None:
+    from engines.runtime import create_engine
+
+    root = make_mvtec_tree(tmp_path / "mvtec", n_test_good=3, n_test_bad=4, size=32)
+    engine = create_engine("onnxruntime", tiny_sku, threads=1)
+    dataset = open_dataset("mvtec", root, "brick", "test", engine.image_size)
+    result = evaluate(engine, dataset, batch_size=3, top_k=10, montage_path=tmp_path / "montage.png")
+    assert result["n_images"] == 7 and result["n_defective"] == 4
+    for key in ("image_auroc", "pixel_auroc", "aupro", "image_ap", "pixel_ap"):
+        assert 0.0 <= result[key] <= 1.0
+    assert result["images_per_s"] > 0
+    assert cv2.imread(result["montage"]) is not None
+
+
+@pytest.mark.slow
+def test_calibrate_then_eval_cli(tiny_sku: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    good = make_good_folder(tmp_path / "good", n=9, size=32)
+    root = make_mvtec_tree(tmp_path / "mvtec", n_test_good=2, n_test_bad=3, size=32)
+    ng = root / "brick" / "test" / "scratch"
+    # 9 good images fit a 10 % false-reject rate (needs >= 9); k = floor(0.1 * 10) = 1: the top good score.
+    code = main(
+        [
+            "calibrate",
+            "--sku-dir",
+            str(tiny_sku),
+            "--good",
+            str(good),
+            "--ng",
+            str(ng),
+            "--frr",
+            "0.1",
+            "--threads",
+            "1",
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    cal = load_calibration(tiny_sku / "calibration.json")
+    assert cal.n_good == 9 and cal.n_ng >= 1 and cal.threshold_rank == 1 and cal.score_top_k == 100
+    assert "image_threshold" in capsys.readouterr().out
+
+    out = tmp_path / "report"
+    code = main(
+        [
+            "eval",
+            "--sku-dir",
+            str(tiny_sku),
+            "--dataset",
+            "mvtec",
+            "--root",
+            str(root),
+            "--category",
+            "brick",
+            "--steps",
+            "1+1,2+2",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert [row["schedule"] for row in report["rows"]] == ["1+1", "2+2"]
+    assert report["rows"][0]["engine"]["schedule"]["steps1"] == 1
+    assert report["calibration"]["n_good"] == 9
+    assert report["rows"][0]["montage_threshold"] == pytest.approx(cal.pixel_threshold)
+    assert (out / "montage_1+1.png").is_file() and (out / "montage_2+2.png").is_file()
+    assert "| 2+2 |" in (out / "report.md").read_text()
+    assert "AUPRO@0.3" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_calibrate_with_too_few_good_images_is_one_line(
+    tiny_sku: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = make_good_folder(tmp_path / "good", n=3, size=32)
+    code = main(["calibrate", "--sku-dir", str(tiny_sku), "--good", str(good), "--threads", "1"])
+    assert code == 2
+    assert "needs at least 199" in capsys.readouterr().err

@@ -81,14 +81,20 @@ def fractal_perlin(
 
     The base lattice is 2**a x 2**b cells with a, b ~ U{min_exp..max_exp} independently per axis; no
     lattice is finer than 8 px per cell, so the highest octaves never degenerate into pixel noise.
+    Coarse octaves are computed at 8 px per cell and upsampled bilinearly (the noise is smooth at that
+    scale), which keeps the cost of a 256 px mask near one full-resolution octave.
     """
     finest = max(0, int(np.log2(max(size // 8, 1))))
     exps = rng.integers(min_exp, max_exp + 1, 2).clip(0, finest)
     noise = np.zeros((size, size), np.float32)
     amplitude = np.float32(1.0)
     for octave in range(int(rng.integers(1, max_octaves + 1))):
-        res = tuple(int(2 ** min(int(e) + octave, finest)) for e in exps)
-        noise += amplitude * perlin_noise((size, size), res, rng)
+        ry, rx = (int(2 ** min(int(e) + octave, finest)) for e in exps)
+        shape = (min(size, 8 * ry), min(size, 8 * rx))
+        layer = perlin_noise(shape, (ry, rx), rng)
+        if shape != (size, size):
+            layer = cv2.resize(layer, (size, size), interpolation=cv2.INTER_LINEAR)
+        noise += amplitude * layer
         amplitude *= np.float32(0.5)
     return noise
 
@@ -120,12 +126,12 @@ def region_mask(size: int, rng: np.random.Generator) -> np.ndarray:
             radii = rng.uniform(0.05, 0.3, angles.size) * size
             points = centre + np.stack([np.cos(angles), np.sin(angles)], axis=1) * radii[:, None]
             cv2.fillPoly(canvas, [points.astype(np.int32)], 1)
-    sigma = max(1.0, size / 64.0)
-    soft = cv2.GaussianBlur(canvas.astype(np.float32), (0, 0), sigma)
+    k = max(3, (size // 10) | 1)
+    soft = cv2.stackBlur(canvas * np.uint8(255), (k, k))
     finest = max(0, int(np.log2(max(size // 8, 1))))
     res = int(2 ** min(3, finest))
-    roughness = np.float32(rng.uniform(0.2, 0.5))
-    return soft + roughness * perlin_noise((size, size), (res, res), rng) > 0.5
+    roughness = np.float32(rng.uniform(0.2, 0.5) * 255.0)
+    return soft + roughness * perlin_noise((size, size), (res, res), rng) > np.float32(127.5)
 
 
 def _border(mask: np.ndarray) -> np.ndarray:
@@ -134,11 +140,11 @@ def _border(mask: np.ndarray) -> np.ndarray:
 
 
 def otsu_foreground(image_u8_hwc: np.ndarray) -> np.ndarray:
-    """Bool HxW object mask: Otsu on blurred grayscale, object = the class that does not own the border."""
+    """Bool HxW object mask: Otsu on box-blurred grayscale, object = the class that does not own the border."""
     h, w = image_u8_hwc.shape[:2]
     gray = cv2.cvtColor(image_u8_hwc, cv2.COLOR_RGB2GRAY)
     k = max(3, (min(h, w) // 32) | 1)
-    _, binary = cv2.threshold(cv2.GaussianBlur(gray, (k, k), 0), 0, 1, cv2.THRESH_BINARY | cv2.THRESH_OTSU)
+    _, binary = cv2.threshold(cv2.blur(gray, (k, k)), 0, 1, cv2.THRESH_BINARY | cv2.THRESH_OTSU)
     if _border(binary).mean() > 0.5:
         binary = 1 - binary
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))
@@ -162,11 +168,11 @@ def shuffled_patches(image_u8_hwc: np.ndarray, rng: np.random.Generator) -> np.n
 def plain_texture(size: int, rng: np.random.Generator) -> np.ndarray:
     """A random colour with a linear brightness ramp in a random direction (paint, stains, missing material)."""
     angle = rng.uniform(0.0, 2.0 * np.pi)
-    ramp = np.linspace(-1.0, 1.0, size, dtype=np.float32)
+    ramp = np.linspace(-1.0, 1.0, 8, dtype=np.float32)
     field = np.cos(angle) * ramp[None, :] + np.sin(angle) * ramp[:, None]
     colour = rng.uniform(0, 255, 3).astype(np.float32)
-    out = colour + np.float32(rng.uniform(0, 60)) * field[..., None]
-    return np.clip(out, 0, 255).astype(np.uint8)
+    coarse = np.clip(colour + np.float32(rng.uniform(0, 60)) * field[..., None], 0, 255).astype(np.uint8)
+    return cv2.resize(coarse, (size, size), interpolation=cv2.INTER_LINEAR)
 
 
 def random_tone_curve(rng: np.random.Generator) -> np.ndarray:
@@ -295,8 +301,7 @@ class AnomalySynthesizer:
             return image_u8_hwc.copy(), np.zeros(expected[:2], np.float32)
         mask = self.draw_mask(rng, self.foreground_mask(image_u8_hwc))
         texture = self.texture(image_u8_hwc, rng)
-        beta = np.float32(rng.uniform(*self.beta_range))
-        inside = image_u8_hwc[mask].astype(np.float32)
-        out = image_u8_hwc.copy()
-        out[mask] = np.rint(inside + beta * (texture[mask].astype(np.float32) - inside)).astype(np.uint8)
+        beta = float(rng.uniform(*self.beta_range))
+        blended = cv2.addWeighted(image_u8_hwc, 1.0 - beta, texture, beta, 0.0)
+        out = cv2.copyTo(blended, np.ascontiguousarray(mask).view(np.uint8), image_u8_hwc.copy())
         return out, mask.astype(np.float32)

@@ -159,6 +159,43 @@ def test_install_rejects_a_bad_station_name(tmp_path: Path) -> None:
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.integration
+def test_real_root_install_creates_user_and_owners(tmp_path: Path) -> None:
+    """Without DESTDIR: the user is created and owners set; --purge removes them again.
+
+    Runs in a private mount namespace over copies of /etc, /opt and /var, with /run/systemd hidden, so
+    the host's user database and systemd are never touched.
+    """
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare")
+    if subprocess.run(["unshare", "-m", "true"], capture_output=True, check=False).returncode != 0:
+        pytest.skip("cannot create a mount namespace here")
+    subprocess.run(["cp", "-a", "/etc", str(tmp_path / "etc")], check=True, timeout=60)
+    for sub in ("opt", "var/lib", "var/cache"):
+        (tmp_path / sub).mkdir(parents=True)
+    owned = ["/etc/inspector", "/etc/inspector/secrets", f"/etc/inspector/{STATION}.toml", "/var/lib/inspector"]
+    owned += [f"/var/lib/inspector/{STATION}", f"/var/lib/inspector/{STATION}/spool"]
+    script = f"""set -e
+        for d in etc opt var/lib var/cache; do mount --bind {tmp_path}/$d /$d; done
+        if [ -d /run/systemd ]; then mount -t tmpfs none /run/systemd; fi
+        bash {INSTALL} --station {STATION} --no-venv >/dev/null
+        stat -c '%n %U:%G %a' {" ".join(owned)}
+        bash {INSTALL} --uninstall --purge >/dev/null
+        if getent passwd inspector; then echo 'user still there'; exit 1; fi
+    """
+    done = subprocess.run(["unshare", "-m", "bash", "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    owners = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+    assert owners == {
+        "/etc/inspector": "root:inspector 750",
+        "/etc/inspector/secrets": "inspector:inspector 700",
+        f"/etc/inspector/{STATION}.toml": "root:inspector 640",
+        "/var/lib/inspector": "root:inspector 750",
+        f"/var/lib/inspector/{STATION}": "inspector:inspector 750",
+        f"/var/lib/inspector/{STATION}/spool": "inspector:inspector 750",
+    }
+
+
 def test_unit_has_the_service_contract() -> None:
     """The directives the daemon and operations guide rely on."""
     unit = unit_directives(UNIT.read_text())

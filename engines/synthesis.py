@@ -20,6 +20,9 @@ foreground is tiny is redrawn up to ``max_tries`` times, then replaced by a smal
 random foreground pixel, so an anomaly, once drawn, is never empty.
 
 Everything random comes from the ``rng`` passed in, so a seeded generator reproduces the output exactly.
+Without one, the synthesizer's own generator (from ``seed``) is used; DataLoader workers each get a copy
+of it and would repeat each other, so training passes a per-item generator, e.g.
+``np.random.default_rng((seed, epoch, index))``.
 """
 
 from __future__ import annotations

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
+from engines.data import FolderDataset
 from engines.sample_data import render_part
 from engines.synthesis import (
     AnomalySynthesizer,
@@ -20,6 +22,7 @@ from engines.synthesis import (
 )
 from engines.textures import TextureBank
 from inspector.errors import DataError
+from tests.fixtures_data import make_good_folder
 
 SIZE = 64
 
@@ -182,3 +185,12 @@ def test_shuffled_patches_is_a_pixel_permutation() -> None:
 def test_wrong_image_size_is_rejected() -> None:
     with pytest.raises(ValueError, match="expected a uint8"):
         AnomalySynthesizer(SIZE)(np.zeros((32, 32, 3), np.uint8), np.random.default_rng(0))
+
+
+def test_synthesizer_and_datasets_pickle_for_dataloader_workers(tmp_path: Path) -> None:
+    make_good_folder(tmp_path / "good", n=2, size=SIZE)
+    synth = AnomalySynthesizer(SIZE, texture_dir=tmp_path / "good", anomaly_prob=1.0)
+    dataset = FolderDataset(tmp_path / "good", SIZE)
+    synth_copy, dataset_copy = pickle.loads(pickle.dumps((synth, dataset)))
+    image = dataset_copy[0].image
+    assert np.array_equal(synth(image, np.random.default_rng(1))[0], synth_copy(image, np.random.default_rng(1))[0])

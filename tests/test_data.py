@@ -19,6 +19,7 @@ from engines.data import (
     load_image_rgb,
     open_dataset,
 )
+from engines.sample_data import DEFECT_TYPES, TEXTURES, draw_defect, render_part
 from inspector.errors import DataError
 from tests.fixtures_data import make_good_folder, make_mvtec_tree, make_visa_tree
 
@@ -151,3 +152,24 @@ def test_file_list_hash_tracks_files_not_location(tmp_path: Path) -> None:
     assert hash_a != file_list_hash(MVTecDataset(tmp_path / "a", "brick", "train", 16))
     make_good_folder(tmp_path / "b" / "brick" / "test" / "good", n=2, seed=5)
     assert hash_a != file_list_hash(MVTecDataset(tmp_path / "b", "brick", "test", 16))
+
+
+@pytest.mark.parametrize("kind", DEFECT_TYPES)
+def test_draw_defect_is_visible_and_masked_exactly(kind: str) -> None:
+    rng = np.random.default_rng(9)
+    for texture in TEXTURES:
+        part = render_part(texture, 48, rng)
+        assert part.shape == (48, 48, 3) and part.dtype == np.uint8
+        defective, mask = draw_defect(part, rng, kind)
+        assert mask.dtype == bool and mask.any()
+        assert np.array_equal(defective[~mask], part[~mask])
+        contrast = np.abs(defective[mask].astype(int) - part[mask].astype(int)).mean()
+        assert contrast > 40, f"{kind} on {texture} is barely visible"
+
+
+def test_sample_data_rejects_unknown_names() -> None:
+    rng = np.random.default_rng(0)
+    with pytest.raises(DataError, match="unknown sample texture 'marble'"):
+        render_part("marble", 16, rng)
+    with pytest.raises(DataError, match="unknown defect kind 'dent'"):
+        draw_defect(np.zeros((16, 16, 3), np.uint8), rng, "dent")

@@ -194,3 +194,13 @@ def test_synthesizer_and_datasets_pickle_for_dataloader_workers(tmp_path: Path) 
     synth_copy, dataset_copy = pickle.loads(pickle.dumps((synth, dataset)))
     image = dataset_copy[0].image
     assert np.array_equal(synth(image, np.random.default_rng(1))[0], synth_copy(image, np.random.default_rng(1))[0])
+
+
+@pytest.mark.parametrize("size", [8, 33, 50, 97])
+def test_odd_image_sizes_work(size: int) -> None:
+    synth = AnomalySynthesizer(size, anomaly_prob=1.0, region_prob=0.5)
+    rng = np.random.default_rng(size)
+    for image in _parts(10, size):
+        out, mask = synth(image, rng)
+        assert out.shape == image.shape and mask.shape == (size, size) and mask.any()
+        assert np.array_equal(out[mask == 0], image[mask == 0])

@@ -34,6 +34,7 @@ import cv2
 import numpy as np
 
 from engines.textures import TextureBank
+from inspector.errors import ConfigError
 
 Foreground = Literal["otsu", "none"] | np.ndarray
 TextureSource = Literal["texture", "self", "plain"]
@@ -215,7 +216,7 @@ class AnomalySynthesizer:
         max_tries: int = 3,
     ) -> None:
         if not 0.0 <= anomaly_prob <= 1.0:
-            raise ValueError(f"anomaly_prob must be in [0, 1], got {anomaly_prob}")
+            raise ConfigError(f"anomaly_prob must be in [0, 1], got {anomaly_prob}")
         self.image_size = image_size
         self.anomaly_prob = anomaly_prob
         self.region_prob = region_prob
@@ -229,7 +230,10 @@ class AnomalySynthesizer:
             weights = {k: v for k, v in weights.items() if k != "texture"}
         total = sum(weights.values())
         if total <= 0:
-            raise ValueError(f"source_weights need a positive weight for an available source, got {weights}")
+            raise ConfigError(
+                f"source_weights need a positive weight for an available source, got {weights} "
+                "(the 'texture' source needs texture_dir)"
+            )
         self.sources: tuple[TextureSource, ...] = tuple(weights)
         self.source_p = np.asarray([weights[s] for s in self.sources], np.float64) / total
         self.fixed_foreground = self._fixed_foreground(foreground)
@@ -240,12 +244,12 @@ class AnomalySynthesizer:
         """A per-SKU bool mask resized (nearest) to image_size, or None for the otsu/none modes."""
         if isinstance(foreground, str):
             if foreground not in ("otsu", "none"):
-                raise ValueError(f"foreground must be 'otsu', 'none' or a bool HxW array, got {foreground!r}")
+                raise ConfigError(f"foreground must be 'otsu', 'none' or a bool HxW array, got {foreground!r}")
             return None
         size = (self.image_size, self.image_size)
         mask = cv2.resize(np.asarray(foreground).astype(np.uint8), size, interpolation=cv2.INTER_NEAREST) > 0
         if not mask.any():
-            raise ValueError("the fixed foreground mask is empty: anomalies would have nowhere to go")
+            raise ConfigError("the fixed foreground mask is empty: anomalies would have nowhere to go")
         return mask
 
     def foreground_mask(self, image_u8_hwc: np.ndarray) -> np.ndarray | None:
@@ -273,11 +277,14 @@ class AnomalySynthesizer:
                 mask &= foreground
             if mask.sum() >= self.min_area:
                 return mask
-        ys, xs = np.nonzero(foreground) if foreground is not None else np.nonzero(np.ones((size, size), bool))
-        pick = int(rng.integers(ys.size))
+        if foreground is None:
+            y, x = (int(v) for v in rng.integers(size, size=2))
+        else:
+            ys, xs = np.nonzero(foreground)
+            pick = int(rng.integers(ys.size))
+            y, x = int(ys[pick]), int(xs[pick])
         blob = np.zeros((size, size), np.uint8)
-        radius = max(2, int(rng.uniform(0.03, 0.08) * size))
-        cv2.circle(blob, (int(xs[pick]), int(ys[pick])), radius, 1, -1)
+        cv2.circle(blob, (x, y), max(2, int(rng.uniform(0.03, 0.08) * size)), 1, -1)
         mask = blob.astype(bool)
         return mask & foreground if foreground is not None else mask
 

@@ -21,7 +21,7 @@ from engines.synthesis import (
     shuffled_patches,
 )
 from engines.textures import TextureBank
-from inspector.errors import DataError
+from inspector.errors import ConfigError, DataError
 from tests.fixtures_data import make_good_folder
 
 SIZE = 64
@@ -120,8 +120,17 @@ def test_fixed_foreground_array_is_resized_and_respected() -> None:
     for image in _parts(20):
         _, mask = synth(image, rng)
         assert mask.any() and not (mask.astype(bool) & ~allowed).any()
-    with pytest.raises(ValueError, match="empty"):
+    with pytest.raises(ConfigError, match="empty"):
         AnomalySynthesizer(SIZE, foreground=np.zeros((8, 8), bool))
+
+
+def test_bad_settings_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="foreground must be"):
+        AnomalySynthesizer(SIZE, foreground="auto")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="anomaly_prob"):
+        AnomalySynthesizer(SIZE, anomaly_prob=1.5)
+    with pytest.raises(ConfigError, match="needs texture_dir"):
+        AnomalySynthesizer(SIZE, source_weights={"texture": 1.0})
 
 
 def test_deterministic_for_a_seed() -> None:

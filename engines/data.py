@@ -18,6 +18,7 @@ OpenCV cannot read at all (e.g. a text file named .png) is left out and logged o
 A file that passes the header check but fails to decode (e.g. a truncated PNG) is found on first access:
 ``__getitem__`` logs it, records it in ``skipped`` and returns the next decodable item instead (wrapping
 around), so an epoch never crashes on one bad file; ``DataError`` only when no file decodes at all.
+A truncated JPEG still decodes (libjpeg fills the missing rows with grey) and is not detected.
 """
 
 from __future__ import annotations

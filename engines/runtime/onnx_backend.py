@@ -14,9 +14,13 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from engines.model import read_meta
-from engines.runtime.staged import preprocess_frames, run_parts, run_parts_timed
-from engines.schedule import Schedule
+from engines.runtime.staged import (
+    load_schedule,
+    preprocess_frames,
+    read_sku_meta,
+    run_parts,
+    run_parts_timed,
+)
 from inspector.errors import EngineError
 from inspector.log import get_logger
 
@@ -109,9 +113,9 @@ class OnnxEngine:
     def load(self, sku_dir: Path) -> None:
         """Create the sessions for the SKU's part graphs (and the unrolled graph when its schedule matches)."""
         self.sku_dir = Path(sku_dir)
-        meta = read_meta(self.sku_dir)
+        meta = read_sku_meta(self.sku_dir)
         self.image_size = int(meta["image_size"])
-        self.schedule = Schedule.from_dict(meta["schedule"]).with_overrides(**self.schedule_override)
+        self.schedule = load_schedule(meta, self.schedule_override)
         latent_hw = self.image_size // 8
         self._noises = self.schedule.stage_noises((int(meta["latent_channels"]), latent_hw, latent_hw))
         self._parts = _SessionParts({name: self._session(self.sku_dir / f"{name}.onnx") for name in PART_NAMES})

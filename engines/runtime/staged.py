@@ -5,12 +5,14 @@ and TensorRT backends, with an optional stage-by-stage timing that leaves the no
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from engines.model import preprocess
+from engines.model import preprocess, read_meta
 from engines.schedule import Schedule, two_stage_reconstruct
+from inspector.errors import DataError, EngineError
 
 STAGES = ("preprocess", "encode", "stage1", "fusion", "stage2", "decode", "segment")
 
@@ -50,8 +52,24 @@ class Parts(Protocol):
 def preprocess_frames(images_u8_nhwc: np.ndarray, image_size: int) -> np.ndarray:
     """The shared preprocessing, refusing frames that are not N x S x S x 3 at the SKU's image size."""
     if images_u8_nhwc.ndim != 4 or images_u8_nhwc.shape[1:3] != (image_size, image_size):
-        raise ValueError(f"expected N x {image_size} x {image_size} x 3 frames, got {images_u8_nhwc.shape}")
+        raise EngineError(f"expected N x {image_size} x {image_size} x 3 uint8 frames, got {images_u8_nhwc.shape}")
     return preprocess(images_u8_nhwc)
+
+
+def load_schedule(meta: dict[str, Any], override: dict[str, Any]) -> Schedule:
+    """The SKU's schedule with the config's overrides; EngineError naming the keys when they are invalid."""
+    try:
+        return Schedule.from_dict(meta["schedule"]).with_overrides(**override)
+    except (TypeError, ValueError) as exc:
+        raise EngineError(f"schedule override {override}: {exc}; fix [skus.*] t1/t2/steps1/steps2") from None
+
+
+def read_sku_meta(sku_dir: Path) -> dict[str, Any]:
+    """meta.json of the SKU as an EngineError (the engine's caller reports engine failures) when unusable."""
+    try:
+        return read_meta(sku_dir)
+    except DataError as exc:
+        raise EngineError(str(exc)) from None
 
 
 def run_parts(parts: Parts, x: Any, schedule: Schedule, noise1: Any, noise2: Any) -> Any:

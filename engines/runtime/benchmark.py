@@ -1,0 +1,216 @@
+"""`inspector bench`: frames/s, latency p50/p99, per-stage time and peak memory per backend and batch size.
+
+Each backend runs in its own spawned process, so its peak RSS (getrusage ru_maxrss, the process high-water
+mark, which covers native allocations of torch/ONNX Runtime) and its thread settings are its own. Inputs are
+random uint8 frames at the SKU's image size; timing does not depend on the weights, so `--random-sku DIR`
+writes a randomly initialised (untrained) SKU of the default model and exports it, for benchmarking without
+training. Stage times come from the backend's `infer_timed` (part graphs), end-to-end numbers from `infer`
+(the path the daemon runs). The load average is recorded: on a shared machine it explains the spread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import platform
+import resource
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engines.runtime import BACKENDS, create_engine
+from inspector.errors import EngineError
+
+STAGE_ORDER = ("preprocess", "encode", "stage1", "fusion", "stage2", "decode", "segment")
+
+
+def make_random_sku(sku_dir: Path, image_size: int = 256, seed: int = 0, export: bool = True) -> Path:
+    """A randomly initialised (untrained) SKU of the default architecture, saved and exported to ONNX.
+
+    The denoiser's zero-initialised output conv is given small random weights so every graph computes
+    something non-trivial (parity tests compare real numbers, not zeros).
+    """
+    import torch
+
+    from engines.model import ModelConfig, TDADModel, save_sku
+
+    torch.manual_seed(seed)
+    model = TDADModel(ModelConfig(image_size=image_size)).eval()
+    with torch.no_grad():
+        model.denoiser.conv_out.weight.normal_(0.0, 0.02)
+    save_sku(model, Path(sku_dir), {"train_hash": "random-init", "note": "untrained: for benchmarks and tests"})
+    if export:
+        from engines.export import export_sku
+
+        export_sku(Path(sku_dir))
+    return Path(sku_dir)
+
+
+def _percentile_ms(seconds: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(seconds) * 1e3, q))
+
+
+def bench_backend(backend: str, sku_dir: Path, batches: Sequence[int], iters: int, threads: int,
+                  precision: str, seed: int = 0) -> dict[str, Any]:
+    """Measure one backend in this process (see `run_isolated` for a fresh process per backend)."""
+    engine = create_engine(backend, sku_dir, threads=threads, precision=precision)
+    engine.warmup()
+    size = engine.image_size
+    rng = np.random.default_rng(seed)
+    per_batch: dict[str, dict[str, float]] = {}
+    for batch in batches:
+        frames = rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8)
+        engine.infer(frames)  # first call at a new batch size allocates
+        latencies = []
+        for _ in range(iters):
+            started = time.perf_counter()
+            engine.infer(frames)
+            latencies.append(time.perf_counter() - started)
+        per_batch[str(batch)] = {
+            "fps": batch * len(latencies) / sum(latencies),
+            "p50_ms": _percentile_ms(latencies, 50),
+            "p99_ms": _percentile_ms(latencies, 99),
+            "min_ms": min(latencies) * 1e3,
+        }
+    stages: dict[str, float] = {}
+    infer_timed = getattr(engine, "infer_timed", None)
+    if infer_timed is not None:
+        frame = rng.integers(0, 256, (1, size, size, 3), dtype=np.uint8)
+        runs = [infer_timed(frame)[1] for _ in range(max(3, iters // 2))]
+        stages = {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
+    device_memory = getattr(engine, "device_memory_used", None)
+    best = max(per_batch, key=lambda b: per_batch[b]["fps"])
+    return {
+        "describe": engine.describe(),
+        "batches": per_batch,
+        "best_batch": int(best),
+        "stages_ms_batch1": stages,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
+        "device_memory_mb": device_memory() / 2**20 if device_memory else None,
+    }
+
+
+def _child(args: tuple[Any, ...]) -> dict[str, Any]:
+    """Spawned-process entry: one backend, errors returned as data so the parent can report them."""
+    try:
+        return bench_backend(*args)
+    except EngineError as exc:
+        return {"error": str(exc)}
+
+
+def run_isolated(backend: str, sku_dir: Path, batches: Sequence[int], iters: int, threads: int,
+                 precision: str) -> dict[str, Any]:
+    """`bench_backend` in a fresh spawned process (own RSS high-water mark, own thread pools)."""
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(1) as pool:
+        return pool.apply(_child, ((backend, sku_dir, list(batches), iters, threads, precision),))
+
+
+def benchmark(sku_dir: Path, backends: Sequence[str], batches: Sequence[int], iters: int, threads: int = 0,
+              precision: str = "fp32") -> dict[str, Any]:
+    """Every backend on the SKU; returns the JSON-ready report (see `format_table`)."""
+    load_before = os.getloadavg()
+    results = {b: run_isolated(b, sku_dir, batches, iters, threads, precision if b == "tensorrt" else "fp32")
+               for b in backends}
+    report: dict[str, Any] = {
+        "sku_dir": str(sku_dir),
+        "iters": iters,
+        "threads": threads,
+        "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version()},
+        "load_avg_before": load_before,
+        "load_avg_after": os.getloadavg(),
+        "results": results,
+    }
+    torch_fps = results.get("torch", {}).get("batches", {}).get("1", {}).get("fps")
+    if torch_fps:
+        report["speedup_vs_torch_batch1"] = {
+            b: r["batches"]["1"]["fps"] / torch_fps
+            for b, r in results.items()
+            if b != "torch" and "1" in r.get("batches", {})
+        }
+    return report
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report as plain-text tables: throughput/latency per batch, stages at batch 1, memory."""
+    lines = [f"{'backend':12} {'batch':>5} {'frames/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'min ms':>8}"]
+    for backend, r in report["results"].items():
+        if "error" in r:
+            lines.append(f"{backend:12} error: {r['error']}")
+            continue
+        for batch, m in r["batches"].items():
+            best = " (best)" if int(batch) == r["best_batch"] else ""
+            lines.append(f"{backend:12} {batch:>5} {m['fps']:9.2f} {m['p50_ms']:8.1f} {m['p99_ms']:8.1f} "
+                         f"{m['min_ms']:8.1f}{best}")
+    lines.append("")
+    lines.append(f"{'stage ms (batch 1, median)':28}" + "".join(f"{s:>10}" for s in (*STAGE_ORDER, "total")))
+    for backend, r in report["results"].items():
+        stages = r.get("stages_ms_batch1") or {}
+        if stages:
+            row = [stages.get(s, float("nan")) for s in STAGE_ORDER]
+            lines.append(f"{backend:28}" + "".join(f"{v:10.1f}" for v in (*row, sum(stages.values()))))
+    lines.append("")
+    for backend, r in report["results"].items():
+        if "error" not in r:
+            gpu = r["device_memory_mb"]
+            gpu_text = f", GPU memory in use {gpu:.0f} MB" if gpu is not None else ""
+            lines.append(f"{backend:12} peak RSS {r['peak_rss_mb']:.0f} MB{gpu_text}")
+    for backend, x in report.get("speedup_vs_torch_batch1", {}).items():
+        lines.append(f"{backend:12} {x:.2f}x torch at batch 1")
+    lines.append(f"load average before/after: {report['load_avg_before'][0]:.2f} / {report['load_avg_after'][0]:.2f} "
+                 f"on {report['host']['cpus']} CPUs")
+    return "\n".join(lines)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `inspector bench`."""
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--sku-dir", type=Path, help="SKU directory (exported)")
+    group.add_argument("--sku", help="SKU name from inspector.toml")
+    group.add_argument("--random-sku", type=Path, metavar="DIR",
+                       help="create an untrained 256 px SKU in DIR (if absent), export it and benchmark it")
+    parser.add_argument("--image-size", type=int, default=256, help="image size of --random-sku")
+    parser.add_argument("--backends", default="torch,onnxruntime", help="comma-separated, of: " + ",".join(BACKENDS))
+    parser.add_argument("--batches", type=_int_list, default=[1, 2, 4, 8], help="comma-separated batch sizes")
+    parser.add_argument("--iters", type=int, default=20, help="timed calls per batch size")
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads per backend (0 = backend default)")
+    parser.add_argument("--precision", default="fp16", help="TensorRT precision (other backends run fp32)")
+    parser.add_argument("--json", type=Path, help="also write the report here")
+
+
+def run(args: argparse.Namespace) -> int:
+    """`inspector bench`: print the tables and optionally write the JSON report."""
+    from engines.runtime import sku_dir_from_args
+
+    backends = [b for b in args.backends.split(",") if b]
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise EngineError(f"--backends: unknown {', '.join(unknown)}; valid are {', '.join(BACKENDS)}")
+    if args.random_sku is not None:
+        sku_dir = args.random_sku
+        if not (sku_dir / "meta.json").is_file():
+            make_random_sku(sku_dir, args.image_size)
+    else:
+        sku_dir = sku_dir_from_args(args)
+    report = benchmark(sku_dir, backends, args.batches, args.iters, args.threads, args.precision)
+    print(format_table(report))
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0

@@ -1,0 +1,498 @@
+"""Train one SKU's TDAD model in three phases: autoencoder, then denoiser + fusion, then segmenter.
+
+One config, one loop, explicit checkpoints. Every random draw of a step (images, synthetic anomalies,
+timesteps, noise) comes from a numpy Generator seeded by (seed, phase, step), so a resumed run replays
+exactly the batches an uninterrupted one would have seen; the checkpoint only has to hold weights,
+optimizer state and the (phase, step) to continue from.
+
+    inspector train --data DIR --out SKU_DIR --preset tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from engines.data import file_list_hash, open_dataset
+from engines.model import ModelConfig, TDADModel, save_sku
+from engines.schedule import Schedule, predict_x0
+from engines.synthesis import AnomalySynthesizer
+from inspector.errors import DataError
+from inspector.log import get_logger
+
+log = get_logger(__name__)
+
+PHASES = ("autoencoder", "diffusion", "segmenter")
+STATE_DIR = "train_state"
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"image_size": 64, "batch_size": 8, "ae_steps": 300, "diffusion_steps": 600, "seg_steps": 300},
+    "small": {"image_size": 128, "batch_size": 8, "ae_steps": 1500, "diffusion_steps": 3000, "seg_steps": 1500},
+    "full": {"image_size": 256, "batch_size": 16, "ae_steps": 5000, "diffusion_steps": 20000, "seg_steps": 8000},
+}
+
+
+@dataclass
+class TrainConfig:
+    """Every training knob, named once."""
+
+    data: Path  # data set root
+    out: Path  # SKU directory written at the end (checkpoints under out/train_state)
+    dataset: str = "folder"  # folder | mvtec | visa
+    category: str | None = None  # mvtec/visa category
+    image_size: int = 128
+    batch_size: int = 8
+    ae_steps: int = 1500
+    diffusion_steps: int = 3000
+    seg_steps: int = 1500
+    lr: float = 5e-4
+    warmup_steps: int = 50
+    weight_decay: float = 1e-4
+    ema_decay: float = 0.999
+    grad_clip: float = 1.0
+    edge_weight: float = 0.5  # autoencoder: weight of the image-gradient L1 term (keeps edges sharp)
+    cond_dropout: float = 0.2  # diffusion: probability of training the conditioned branch with cond = 0
+    train_t_max: int = 500  # diffusion: timesteps drawn from [0, train_t_max]; covers t1/t2 overrides
+    seg_scale_weights: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0)  # segmenter loss at strides 8, 4, 2, 1
+    seed: int = 0
+    device: str = "cpu"
+    threads: int = 0  # torch CPU threads (0 = torch's default)
+    amp: bool = True  # bf16 autocast, CUDA only
+    texture_dir: Path | None = None  # anomaly textures (e.g. DTD); None = self/plain textures only
+    foreground: str = "otsu"  # where synthetic anomalies go: otsu | none
+    num_workers: int = 0  # batch-synthesis worker processes
+    checkpoint_every: int = 500
+    stop_after: int | None = None  # stop with a checkpoint after this many steps in total (time-boxed runs)
+    progress: bool = True
+
+    def steps(self, phase: str) -> int:
+        """Number of optimisation steps of a phase."""
+        return {"autoencoder": self.ae_steps, "diffusion": self.diffusion_steps, "segmenter": self.seg_steps}[phase]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (paths as strings)."""
+        return {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Rebuild from `to_dict` output."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in fields}
+        for key in ("data", "out", "texture_dir"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = Path(kwargs[key])
+        if "seg_scale_weights" in kwargs:
+            kwargs["seg_scale_weights"] = tuple(kwargs["seg_scale_weights"])
+        return cls(**kwargs)
+
+
+# ----------------------------------------------------------------------------- batches
+
+
+class StepBatches(Dataset):
+    """batch = f(seed, phase, step): good images, their synthetic-anomaly versions, masks and the noise."""
+
+    def __init__(self, cfg: TrainConfig, images_u8_nhwc: np.ndarray, phase: str, schedule: Schedule) -> None:
+        self.cfg, self.images, self.phase, self.schedule = cfg, images_u8_nhwc, phase, schedule
+        self.synth = AnomalySynthesizer(cfg.image_size, cfg.texture_dir, cfg.foreground, seed=cfg.seed)  # type: ignore[arg-type]
+
+    def __len__(self) -> int:
+        return self.cfg.steps(self.phase)
+
+    def __getitem__(self, step: int) -> dict[str, np.ndarray]:
+        """The step's batch as numpy arrays (the DataLoader turns them into tensors)."""
+        cfg = self.cfg
+        rng = np.random.default_rng([cfg.seed, PHASES.index(self.phase), step])
+        clean = self.images[rng.integers(len(self.images), size=cfg.batch_size)]
+        pairs = [self.synth(image, rng) for image in clean]
+        batch = {"clean": clean, "anom": np.stack([p[0] for p in pairs]),
+                 "mask": np.stack([p[1] for p in pairs])[:, None]}
+        if self.phase == "diffusion":
+            n, h = cfg.batch_size, cfg.image_size // 8
+            shape = (n, ModelConfig().latent_channels, h, h)
+            for name in ("noise_u", "noise_s1", "noise_c"):
+                batch[name] = rng.standard_normal(shape, dtype=np.float32)
+            batch["t_u"] = rng.integers(0, cfg.train_t_max + 1, size=n)
+            batch["t_c"] = rng.integers(0, cfg.train_t_max + 1, size=n)
+            batch["keep_cond"] = (rng.random(n) >= cfg.cond_dropout).astype(np.float32)
+        return batch
+
+
+def to_images(u8_nhwc: torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC tensor -> float32 NCHW in [0, 1] (engines.model.preprocess on tensors)."""
+    return u8_nhwc.permute(0, 3, 1, 2).float() / 255.0
+
+
+# ----------------------------------------------------------------------------- losses
+
+
+def autoencoder_loss(model: TDADModel, batch: dict[str, torch.Tensor], cfg: TrainConfig) -> torch.Tensor:
+    """L1 reconstruction + edge_weight * L1 of the horizontal/vertical image gradients."""
+    x = to_images(batch["anom"])
+    rec = model.decode(model.encode(x))
+
+    def grads(im: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return im[..., 1:, :] - im[..., :-1, :], im[..., :, 1:] - im[..., :, :-1]
+
+    edge = sum(F.l1_loss(a, b) for a, b in zip(grads(rec), grads(x), strict=True))
+    return F.l1_loss(rec, x) + cfg.edge_weight * edge
+
+
+def noise_latents(z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, schedule: Schedule) -> torch.Tensor:
+    """q(z_t | z_0) for a per-sample timestep vector t (int64 N)."""
+    a = torch.as_tensor(schedule.alphas_cumprod, dtype=torch.float32, device=z0.device)[t][:, None, None, None]
+    return z0 * a.sqrt() + noise * (1.0 - a).sqrt()
+
+
+def diffusion_loss(model: TDADModel, batch: dict[str, torch.Tensor], cfg: TrainConfig) -> torch.Tensor:
+    """Unconditional eps-MSE on noised clean latents + conditioned eps-MSE restoring the clean latent.
+
+    cond = fusion(z_anom, one-step x0 estimate of z_anom noised to t1), zeroed with p = cond_dropout; the
+    conditioned branch's target is the noise of the CLEAN latent, so stage 2 learns normal appearance.
+    """
+    schedule = model.schedule
+    with torch.no_grad():
+        z_clean = model.encode(to_images(batch["clean"]))
+        z_anom = model.encode(to_images(batch["anom"]))
+        z_s1 = noise_latents(z_anom, batch["noise_s1"], torch.full_like(batch["t_u"], schedule.t1), schedule)
+        z_rec1 = predict_x0(z_s1, model.denoise(z_s1, schedule.t1, model.zero_cond(z_s1)), schedule, schedule.t1)
+    z_u = noise_latents(z_clean, batch["noise_u"], batch["t_u"], schedule)
+    loss_u = F.mse_loss(model.denoiser(z_u, batch["t_u"], model.zero_cond(z_u)), batch["noise_u"])
+    cond = model.fusion(z_anom, z_rec1) * batch["keep_cond"][:, None, None, None]
+    z_c = noise_latents(z_clean, batch["noise_c"], batch["t_c"], schedule)
+    loss_c = F.mse_loss(model.denoiser(z_c, batch["t_c"], cond), batch["noise_c"])
+    return loss_u + loss_c
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -> torch.Tensor:
+    """Binary focal loss on logits with (soft) targets in [0, 1]."""
+    bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p = torch.sigmoid(logits)
+    p_t = p * target + (1.0 - p) * (1.0 - target)
+    return ((1.0 - p_t) ** gamma * bce).mean()
+
+
+def segmenter_loss(model: TDADModel, batch: dict[str, torch.Tensor], cfg: TrainConfig) -> torch.Tensor:
+    """Focal + smooth-L1 against the synthetic mask at strides 8, 4, 2, 1 of the two-stage reconstruction."""
+    x = to_images(batch["anom"])
+    with torch.no_grad():
+        rec = model.reconstruct(x)
+    loss = x.new_zeros(())
+    for weight, logits in zip(cfg.seg_scale_weights, model.segmenter.logits(x, rec), strict=True):
+        mask = F.interpolate(batch["mask"], size=logits.shape[-2:], mode="area")
+        loss = loss + weight * (focal_loss(logits, mask) + F.smooth_l1_loss(torch.sigmoid(logits), mask))
+    return loss
+
+
+LOSSES: dict[str, Callable[[TDADModel, dict[str, torch.Tensor], TrainConfig], torch.Tensor]] = {
+    "autoencoder": autoencoder_loss, "diffusion": diffusion_loss, "segmenter": segmenter_loss}
+
+
+def phase_modules(model: TDADModel, phase: str) -> list[nn.Module]:
+    """The modules a phase trains (everything else is frozen and in eval mode)."""
+    return {"autoencoder": [model.encoder, model.decoder], "diffusion": [model.denoiser, model.fusion],
+            "segmenter": [model.segmenter]}[phase]
+
+
+def set_phase(model: TDADModel, phase: str) -> list[nn.Parameter]:
+    """Freeze all but the phase's modules; return the parameters to optimise."""
+    model.eval().requires_grad_(False)
+    params: list[nn.Parameter] = []
+    for module in phase_modules(model, phase):
+        module.train().requires_grad_(True)
+        params += [p for n, p in module.named_parameters() if not n.startswith("backbone.")]
+    model.segmenter.backbone.requires_grad_(False)
+    return params
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to 10 % of lr."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, parameters and buffers."""
+    for e, m in zip(ema.state_dict().values(), model.state_dict().values(), strict=True):
+        if e.dtype.is_floating_point:
+            e.lerp_(m, 1.0 - decay)
+        else:
+            e.copy_(m)
+
+
+@torch.no_grad()
+def fit_latent_scale(model: TDADModel, images_u8_nhwc: np.ndarray, device: torch.device, batch: int) -> float:
+    """1 / std of the raw latents of (up to 512) training images, so diffusion sees ~unit-std latents."""
+    model.set_latent_scale(1.0)
+    zs = [model.encode(to_images(torch.from_numpy(images_u8_nhwc[i : i + batch]).to(device)))
+          for i in range(0, min(len(images_u8_nhwc), 512), batch)]
+    scale = 1.0 / max(float(torch.cat(zs).std()), 1e-6)
+    model.set_latent_scale(scale)
+    return scale
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+class Run:
+    """Everything a checkpoint holds: model, EMA copies, current optimizer, and where to continue."""
+
+    def __init__(self, cfg: TrainConfig, model: TDADModel) -> None:
+        self.cfg, self.model = cfg, model
+        self.ema = nn.ModuleDict({"denoiser": copy.deepcopy(model.denoiser), "fusion": copy.deepcopy(model.fusion)})
+        self.ema.requires_grad_(False)
+        self.phase = 0  # index into PHASES of the phase to run next
+        self.step = 0  # completed steps of that phase
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.losses: dict[str, float] = {}
+
+    @property
+    def state_dir(self) -> Path:
+        return self.cfg.out / STATE_DIR
+
+    def save(self) -> None:
+        """Write weights (safetensors), optimizer state and state.json; state.json last, atomically."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        tensors |= {f"ema.{k}": v for k, v in self.ema.state_dict().items()}
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        save_file(tensors, str(self.state_dir / "weights.safetensors"))
+        torch.save(self.optimizer.state_dict() if self.optimizer else {}, self.state_dir / "optimizer.pt")
+        state = {"phase": self.phase, "step": self.step, "losses": self.losses, "config": self.cfg.to_dict()}
+        tmp = self.state_dir / "state.json.tmp"
+        tmp.write_text(json.dumps(state, indent=2) + "\n")
+        tmp.replace(self.state_dir / "state.json")
+        log.info("checkpoint_saved", dir=str(self.state_dir), phase=PHASES[min(self.phase, 2)], step=self.step)
+
+    def load(self) -> dict[str, Any]:
+        """Restore weights and (phase, step); returns the saved optimizer state for the current phase."""
+        path = self.state_dir / "state.json"
+        if not path.exists():
+            raise DataError(f"{path}: no checkpoint to resume; start without --resume")
+        state = json.loads(path.read_text())
+        tensors = load_file(str(self.state_dir / "weights.safetensors"), device=str(self.cfg.device))
+        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+        self.phase, self.step, self.losses = state["phase"], state["step"], state["losses"]
+        return torch.load(self.state_dir / "optimizer.pt", map_location=self.cfg.device, weights_only=True)
+
+
+def read_checkpoint_config(out: Path) -> TrainConfig:
+    """The TrainConfig a checkpoint under out/train_state was started with (for --resume)."""
+    path = out / STATE_DIR / "state.json"
+    try:
+        return TrainConfig.from_dict(json.loads(path.read_text())["config"])
+    except FileNotFoundError:
+        raise DataError(f"{path}: no checkpoint to resume; start without --resume") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}: corrupt checkpoint state ({exc}); delete {path.parent} and retrain") from None
+
+
+class StopFlag:
+    """Turns the first Ctrl-C into 'checkpoint at the end of this step and exit'; a second one aborts."""
+
+    def __init__(self) -> None:
+        self.set = False
+        self._previous: Any = None
+
+    def __enter__(self) -> StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.set = True
+        signal.signal(signal.SIGINT, self._previous)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def load_images(cfg: TrainConfig) -> tuple[np.ndarray, str]:
+    """All training images as uint8 N x S x S x 3 plus the data set's file-list hash."""
+    dataset = open_dataset(cfg.dataset, cfg.data, cfg.category, "train", cfg.image_size)  # type: ignore[arg-type]
+    images = np.stack([item.image for item in dataset])
+    return images, file_list_hash(dataset)
+
+
+def train_hash(cfg: TrainConfig, data_hash: str) -> str:
+    """sha256 over the training files and every knob that changes the weights."""
+    knobs = {k: v for k, v in cfg.to_dict().items()
+             if k not in ("out", "data", "device", "num_workers", "checkpoint_every", "stop_after", "progress")}
+    return hashlib.sha256((data_hash + json.dumps(knobs, sort_keys=True)).encode()).hexdigest()
+
+
+def train_sku(cfg: TrainConfig, resume: bool = False) -> Path:
+    """Run (or resume) the three training phases and write the SKU directory; returns cfg.out.
+
+    Raises KeyboardInterrupt after writing a checkpoint when interrupted (resume with resume=True);
+    returns early with a checkpoint (no SKU files) when cfg.stop_after is reached.
+    """
+    device = torch.device(cfg.device)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    torch.manual_seed(cfg.seed)
+    images, data_hash = load_images(cfg)
+    model = TDADModel(ModelConfig(image_size=cfg.image_size)).to(device)
+    run = Run(cfg, model)
+    run.ema.to(device)
+    opt_state = run.load() if resume else {}
+    use_amp = cfg.amp and device.type == "cuda"
+    done_steps = sum(cfg.steps(p) for p in PHASES[: run.phase]) + run.step
+    log.info("train_start", out=str(cfg.out), images=len(images), device=str(device), resume=resume,
+             phase=PHASES[min(run.phase, 2)], step=run.step)
+
+    with StopFlag() as stop:
+        for phase_idx in range(run.phase, len(PHASES)):
+            phase, total = PHASES[phase_idx], cfg.steps(PHASES[phase_idx])
+            start = run.step if phase_idx == run.phase else 0
+            run.phase, run.step = phase_idx, start
+            params = set_phase(model, phase)
+            run.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+            if opt_state and start > 0:
+                run.optimizer.load_state_dict(opt_state)
+            opt_state = {}
+            loader = DataLoader(StepBatches(cfg, images, phase, model.schedule), batch_size=None,
+                                sampler=range(start, total), num_workers=cfg.num_workers)
+            bar = tqdm(total=total, initial=start, desc=phase, disable=not cfg.progress, dynamic_ncols=True)
+            t0, loss_value = time.perf_counter(), float("nan")
+            for step, batch_np in zip(range(start, total), loader, strict=True):
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch_np.items()}
+                for group in run.optimizer.param_groups:
+                    group["lr"] = lr_at(step, total, cfg)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+                    loss = LOSSES[phase](model, batch, cfg)
+                run.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                run.optimizer.step()
+                if phase == "diffusion":
+                    decay = min(cfg.ema_decay, (1 + step) / (10 + step))
+                    ema_update(run.ema["denoiser"], model.denoiser, decay)
+                    ema_update(run.ema["fusion"], model.fusion, decay)
+                loss_value = loss.item()
+                run.step, run.losses[phase], done_steps = step + 1, loss_value, done_steps + 1
+                rate = (step + 1 - start) * cfg.batch_size / (time.perf_counter() - t0)
+                bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{rate:.1f}")
+                bar.update()
+                stopping = stop.set or (cfg.stop_after is not None and done_steps >= cfg.stop_after)
+                if stopping or run.step % cfg.checkpoint_every == 0:
+                    run.save()
+                if stopping:
+                    bar.close()
+                    if stop.set:
+                        log.warning("train_interrupted", phase=phase, step=run.step, resume="--resume")
+                        raise KeyboardInterrupt
+                    return cfg.out
+            bar.close()
+            seconds = time.perf_counter() - t0
+            log.info("phase_done", phase=phase, steps=total, loss=round(loss_value, 5), seconds=round(seconds, 1),
+                     images_per_s=round((total - start) * cfg.batch_size / max(seconds, 1e-9), 1))
+            if phase == "autoencoder":
+                log.info("latent_scale", value=fit_latent_scale(model, images, device, cfg.batch_size))
+            elif phase == "diffusion":
+                model.denoiser.load_state_dict(run.ema["denoiser"].state_dict())
+                model.fusion.load_state_dict(run.ema["fusion"].state_dict())
+            run.step = 0
+        run.phase = len(PHASES)
+        run.optimizer = None
+        run.save()
+
+    model.eval()
+    save_sku(model, cfg.out, {"train_hash": train_hash(cfg, data_hash), "data_hash": data_hash,
+                              "train": {"losses": run.losses, "config": cfg.to_dict()}})
+    log.info("train_done", sku_dir=str(cfg.out), losses=run.losses)
+    return cfg.out
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `inspector train`."""
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--sku", help="SKU name from inspector.toml; trains into its model_dir")
+    where.add_argument("--out", type=Path, help="SKU directory to write")
+    parser.add_argument("--data", type=Path, help="training data root (required unless --resume)")
+    parser.add_argument("--dataset", choices=("folder", "mvtec", "visa"), default="folder")
+    parser.add_argument("--category", help="mvtec/visa category, e.g. bottle")
+    parser.add_argument("--preset", choices=tuple(PRESETS), default="small",
+                        help="image size, batch and steps per phase (tiny: a few CPU minutes at 64 px)")
+    parser.add_argument("--image-size", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--ae-steps", type=int)
+    parser.add_argument("--diffusion-steps", type=int)
+    parser.add_argument("--seg-steps", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--texture-dir", type=Path, help="folder of anomaly source textures (e.g. DTD)")
+    parser.add_argument("--foreground", choices=("otsu", "none"), default="otsu")
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all cores)")
+    parser.add_argument("--checkpoint-every", type=int, default=500)
+    parser.add_argument("--resume", action="store_true", help="continue the checkpoint in <out>/train_state")
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
+    """Build the TrainConfig (from a preset + flags, or from the checkpoint when resuming)."""
+    out = args.out
+    if args.sku:
+        from inspector.config import load_config, resolve_sku
+
+        out = resolve_sku(load_config(args.config), args.sku).model_dir
+    if args.resume:
+        cfg = read_checkpoint_config(out)
+        runtime = {"out": out, "device": args.device, "num_workers": args.num_workers, "threads": args.threads}
+        return dataclasses.replace(cfg, **runtime), True
+    if args.data is None:
+        raise DataError("inspector train: --data DIR is required (the folder of good images or the data set root)")
+    knobs = dict(PRESETS[args.preset])
+    for name in ("image_size", "batch_size", "ae_steps", "diffusion_steps", "seg_steps", "lr"):
+        if getattr(args, name) is not None:
+            knobs[name] = getattr(args, name)
+    cfg = TrainConfig(data=args.data, out=out, dataset=args.dataset, category=args.category, seed=args.seed,
+                      device=args.device, texture_dir=args.texture_dir, foreground=args.foreground,
+                      num_workers=args.num_workers, threads=args.threads, checkpoint_every=args.checkpoint_every,
+                      **knobs)
+    ModelConfig(image_size=cfg.image_size)  # validates the image size before any data is read
+    return cfg, False
+
+
+def run(args: argparse.Namespace) -> int:
+    """`inspector train`: exit 0 when the SKU directory is written, 130 when interrupted (checkpointed)."""
+    cfg, resume = config_from_args(args)
+    try:
+        train_sku(cfg, resume=resume)
+    except KeyboardInterrupt:
+        return 130
+    return 0

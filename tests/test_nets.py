@@ -1,0 +1,69 @@
+"""Shapes, ranges and frozen-ness of the TDAD networks at a small image size."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engines.nets.autoencoder import Decoder, Encoder
+from engines.nets.backbone import Backbone
+from engines.nets.denoiser import Denoiser, timestep_embedding
+from engines.nets.fusion import Fusion
+from engines.nets.segmenter import Segmenter
+
+torch.set_num_threads(1)
+S = 64
+
+
+@pytest.fixture(scope="module")
+def segmenter() -> Segmenter:
+    torch.manual_seed(0)
+    return Segmenter(S, (8, 16, 16, 16)).eval()
+
+
+def test_autoencoder_shapes_and_range() -> None:
+    enc, dec = Encoder((8, 16, 16), 4), Decoder((8, 16, 16), 4)
+    x = torch.rand(2, 3, S, S)
+    z = enc(x)
+    assert z.shape == (2, 4, S // 8, S // 8)
+    rec = dec(z)
+    assert rec.shape == x.shape and float(rec.min()) >= 0.0 and float(rec.max()) <= 1.0
+
+
+def test_latent_scale_buffer_scales_encoder_and_is_undone_by_decoder() -> None:
+    enc, dec = Encoder((8, 16, 16), 4), Decoder((8, 16, 16), 4)
+    x = torch.rand(1, 3, S, S)
+    z1, r1 = enc(x), dec(enc(x))
+    enc.latent_scale.fill_(2.0)
+    dec.latent_scale.fill_(2.0)
+    torch.testing.assert_close(enc(x), 2.0 * z1)
+    torch.testing.assert_close(dec(enc(x)), r1)
+
+
+def test_denoiser_shape_and_zero_init_output() -> None:
+    den = Denoiser(4, 8, (16, 32, 32), 64)
+    z, cond = torch.randn(3, 4, 8, 8), torch.randn(3, 8, 8, 8)
+    eps = den(z, torch.tensor([0, 120, 999]), cond)
+    assert eps.shape == z.shape
+    assert float(eps.abs().max()) == 0.0  # zero-initialised output conv: training starts from eps = 0
+    assert timestep_embedding(torch.tensor([1, 2]), 64).shape == (2, 64)
+
+
+def test_fusion_shape() -> None:
+    assert Fusion(4, 8, 16)(torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)).shape == (2, 8, 8, 8)
+
+
+def test_backbone_features_frozen_and_always_eval() -> None:
+    bb = Backbone(S)
+    bb.train()
+    assert not bb.training and not any(p.requires_grad for p in bb.parameters())
+    feats = bb(torch.rand(1, 3, S, S))
+    assert [f.shape[1:] for f in feats] == [(16, 32, 32), (24, 16, 16), (40, 8, 8), (80, 4, 4)]
+
+
+def test_segmenter_multiscale_logits_and_map(segmenter: Segmenter) -> None:
+    x, rec = torch.rand(2, 3, S, S), torch.rand(2, 3, S, S)
+    logits = segmenter.logits(x, rec)
+    assert [tuple(lg.shape) for lg in logits] == [(2, 1, s, s) for s in (8, 16, 32, 64)]
+    maps = segmenter(x, rec)
+    assert maps.shape == (2, S, S) and float(maps.min()) >= 0.0 and float(maps.max()) <= 1.0

@@ -222,7 +222,11 @@ class MVTecDataset(ImageDataset):
             "<root>/<category>/ground_truth/<type>/<stem>_mask.png"
         )
         test_dir = base / "test"
-        types = sorted(d.name for d in test_dir.iterdir() if d.is_dir()) if test_dir.is_dir() else []
+        types = (
+            sorted(d.name for d in test_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
+            if test_dir.is_dir()
+            else []
+        )
         records: list[Record] = []
         for defect_type in types:
             for path in list_images(test_dir / defect_type, False):

@@ -40,6 +40,7 @@ def test_mvtec_train_and_test_counts_labels_and_masks(tmp_path: Path) -> None:
     make_mvtec_tree(tmp_path, "brick", n_train=5, n_test_good=3, n_test_bad=4, size=32)
     train = MVTecDataset(tmp_path, "brick", "train", image_size=32)
     assert len(train) == 5 and {i.label for i in train} == {0} and all(i.mask is None for i in train)
+    (tmp_path / "brick" / "test" / ".ipynb_checkpoints").mkdir()
     test = MVTecDataset(tmp_path, "brick", "test", image_size=16)
     assert len(test) == 7
     assert sorted(i.label for i in test) == [0] * 3 + [1] * 4

@@ -142,7 +142,8 @@ def fit_thresholds(
       threshold on good + NG scores, reported but not used for decisions.
     pixel_threshold: with ng_maps and ng_masks, the F1-optimal pixel threshold over good pixels (all
       negative) and NG pixels; otherwise the 99.9 % quantile of all good pixels. Never above
-      image_threshold, so a rejected part (top-k mean >= image_threshold) has pixels above it.
+      image_threshold, so a rejected part (top-k mean >= image_threshold) has pixels above it
+      (barring exact ties).
     min_defect_area_px: ceil(1.2 x the largest 8-connected component that good parts still show above
       pixel_threshold) + 1, so no region seen on a good calibration part would be reported.
     """

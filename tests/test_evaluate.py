@@ -192,3 +192,47 @@ def test_calibrate_with_too_few_good_images_is_one_line(
     code = main(["calibrate", "--sku-dir", str(tiny_sku), "--good", str(good), "--threads", "1"])
     assert code == 2
     assert "needs at least 199" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_trained_model_finds_painted_defects(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Train briefly (tiny preset at 64 px with fewer steps), export, calibrate on good parts, evaluate."""
+    import torch
+
+    from engines.export import export_sku
+    from engines.runtime import create_engine
+    from engines.train import TrainConfig, train_sku
+
+    torch.set_num_threads(1)
+    root = make_mvtec_tree(tmp_path / "mvtec", n_train=16, n_test_good=6, n_test_bad=10, size=64)
+    cfg = TrainConfig(
+        data=root,
+        out=tmp_path / "sku",
+        dataset="mvtec",
+        category="brick",
+        image_size=64,
+        batch_size=4,
+        ae_steps=60,
+        diffusion_steps=60,
+        seg_steps=120,
+        warmup_steps=5,
+        threads=1,
+        progress=False,
+    )
+    train_sku(cfg)
+    export_sku(cfg.out)
+    good = root / "brick" / "train" / "good"
+    assert main(["calibrate", "--sku-dir", str(cfg.out), "--good", str(good), "--frr", "0.1", "--threads", "1"]) == 0
+    calibration = load_calibration(cfg.out / "calibration.json")
+    capsys.readouterr()
+
+    engine = create_engine("onnxruntime", cfg.out, threads=1)
+    dataset = open_dataset("mvtec", root, "brick", "test", engine.image_size)
+    result = evaluate(
+        engine,
+        dataset,
+        top_k=calibration.score_top_k or 100,
+        calibration=calibration,
+        montage_path=tmp_path / "montage.png",
+    )
+    assert result["image_auroc"] > 0.8 and result["pixel_auroc"] > 0.8 and result["aupro"] > 0.6, result

@@ -1,0 +1,261 @@
+"""Verdicts to the line over MQTT (paho-mqtt 2, QoS 1), through the on-disk spool so none is ever lost.
+
+Topics, under the root `{topic_prefix}/{line_id}/{station_id}`:
+
+| topic          | payload                                                   | QoS | retained |
+| -------------- | --------------------------------------------------------- | --- | -------- |
+| `/verdict`     | Verdict JSON (docs/verdict.schema.json)                   | 1   | no       |
+| `/reject`      | `{"frame_id": n, "reject": 1 or 0}` for the PLC           | 1   | no       |
+| `/mask`        | PNG, 8-bit grey, 255 = defect (when the SKU publishes it) | 1   | no       |
+| `/status`      | `{"state": "online"/"offline", "ts": ..., ...}`; LWT      | 1   | yes      |
+| `/cmd`         | subscribed: JSON object command, handled by on_command    | 1   | no       |
+| `/cmd/reply`   | JSON object reply (echoes the command's "id" if any)      | 1   | no       |
+
+Delivery: every verdict (with its reject and mask messages) is appended to the Spool before anything is
+sent; one sender thread hands records to paho strictly in spool order, at most WINDOW records in flight,
+and a record is acknowledged only when the broker PUBACKed all its messages. After a broker outage paho
+re-sends what it held, then the backlog follows in order; after a daemon restart the spool is re-sent
+from its oldest unacknowledged record. At-least-once: consumers de-duplicate by (frame_id, t_acquired).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from inspector.errors import ConfigError
+from inspector.log import get_logger
+from inspector.spool import Spool
+from inspector.verdict import Verdict, reject_payload
+
+log = get_logger(__name__)
+
+WINDOW = 32  # spool records handed to paho and not yet acknowledged
+
+CommandHandler = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+class Publisher:
+    """Publishes verdicts and status for one station; receives commands; never blocks on the broker."""
+
+    def __init__(
+        self,
+        cfg: Any,
+        topic_root: str,
+        *,
+        on_command: CommandHandler | None = None,
+        client_id: str | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.root = topic_root.rstrip("/")
+        self._on_command = on_command
+        self._spool = Spool(Path(cfg.spool_dir), int(cfg.spool_max_mb * 2**20))
+        self._qos = cfg.qos
+        self._cond = threading.Condition()
+        self._acked_mids: deque[int] = deque()
+        self._mid_seq: dict[int, int] = {}
+        self._seq_remaining: dict[int, int] = {}
+        self._connected = False
+        self._stopping = False
+        self._status: dict[str, Any] = {}
+        self._commands: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._send_loop, name="mqtt-sender", daemon=True)
+        self._commander = threading.Thread(target=self._command_loop, name="mqtt-commands", daemon=True)
+        cid = client_id or cfg.client_id or f"{self.root.replace('/', '-')}-{os.getpid()}"
+        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv311)
+        self._setup_client()
+
+    def _setup_client(self) -> None:
+        """Credentials, TLS, LWT, back-off and callbacks, all before the first connect."""
+        cfg, client = self.cfg, self._client
+        if cfg.username:
+            client.username_pw_set(cfg.username, cfg.password())
+        if cfg.tls_ca or cfg.tls_cert:
+            for key in ("tls_ca", "tls_cert", "tls_key"):
+                path = getattr(cfg, key)
+                if path is not None and not Path(path).is_file():
+                    raise ConfigError(f"mqtt.{key} = {path} does not exist; fix the path or remove the key")
+            client.tls_set(
+                ca_certs=str(cfg.tls_ca) if cfg.tls_ca else None,
+                certfile=str(cfg.tls_cert) if cfg.tls_cert else None,
+                keyfile=str(cfg.tls_key) if cfg.tls_key else None,
+            )
+        client.will_set(f"{self.root}/status", self._status_payload("offline"), qos=1, retain=True)
+        client.reconnect_delay_set(cfg.reconnect_min_s, cfg.reconnect_max_s)
+        client.max_inflight_messages_set(WINDOW * 3 + 10)
+        client.on_connect = self._handle_connect
+        client.on_disconnect = self._handle_disconnect
+        client.on_publish = self._handle_publish
+        client.on_message = self._handle_message
+
+    @property
+    def connected(self) -> bool:
+        """True while a broker session is up."""
+        return self._connected
+
+    def start(self) -> None:
+        """Connect in the background (retrying with back-off) and start sending the spool backlog."""
+        self._client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive_s)
+        self._client.loop_start()
+        self._sender.start()
+        self._commander.start()
+        log.info("mqtt_started", host=self.cfg.host, port=self.cfg.port, root=self.root, backlog=self.pending())
+
+    def publish_verdict(self, verdict: Verdict, mask_png: bytes | None = None) -> None:
+        """Spool the verdict, its reject signal and the optional mask PNG durably, then queue them to send."""
+        messages = [
+            (f"{self.root}/verdict", verdict.model_dump_json().encode()),
+            (f"{self.root}/reject", reject_payload(verdict)),
+        ]
+        if mask_png is not None:
+            messages.append((f"{self.root}/mask", mask_png))
+        self._spool.append(messages, ng=not verdict.ok)
+        with self._cond:
+            self._cond.notify_all()
+
+    def publish_status(self, status: dict[str, Any]) -> None:
+        """Retain `status` (active SKU, engine, fps, ...) on /status now, and re-send it on every reconnect."""
+        self._status = dict(status)
+        if self._connected:
+            self._client.publish(f"{self.root}/status", self._status_payload("online"), qos=1, retain=True)
+
+    def reply(self, payload: dict[str, Any]) -> None:
+        """Publish a command reply on /cmd/reply (not spooled: the requester is online by definition)."""
+        self._client.publish(f"{self.root}/cmd/reply", json.dumps(payload, default=str), qos=1)
+
+    def pending(self) -> int:
+        """Spooled records not yet acknowledged by the broker."""
+        return self._spool.unacked()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """Flush what the broker accepts within timeout_s, retain "offline", disconnect; the rest stays spooled."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            self._cond.wait_for(
+                lambda: self.pending() == 0 or not self._connected, timeout=max(0.0, deadline - time.monotonic())
+            )
+            self._stopping = True
+            self._cond.notify_all()
+        if self._sender.is_alive():
+            self._sender.join(timeout=max(0.1, deadline - time.monotonic()))
+        self._commands.put(None)
+        if self._connected:
+            info = self._client.publish(f"{self.root}/status", self._status_payload("offline"), qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout=max(0.1, deadline - time.monotonic()))
+            except (RuntimeError, ValueError) as exc:
+                log.warning("mqtt_offline_status_unsent", error=str(exc))
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._retire_acked()
+        self._spool.close()
+        log.info("mqtt_stopped", unsent=self.pending())
+
+    def _status_payload(self, state: str) -> bytes:
+        """Status JSON: state, time, the caller's last status and the spool counters."""
+        body = {**self._status, "state": state, "ts": time.time(), "spool": self._spool.stats()}
+        return json.dumps(body, default=str).encode()
+
+    def _handle_connect(self, client: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        """Subscribe to /cmd and retain "online" on every (re)connect; wake the sender."""
+        if reason.is_failure:
+            log.error("mqtt_connect_refused", reason=str(reason), host=self.cfg.host, port=self.cfg.port)
+            return
+        with self._cond:
+            self._connected = True  # before reading _status: a concurrent publish_status is never lost
+            self._cond.notify_all()
+        client.subscribe(f"{self.root}/cmd", qos=1)
+        client.publish(f"{self.root}/status", self._status_payload("online"), qos=1, retain=True)
+        log.info("mqtt_connected", host=self.cfg.host, port=self.cfg.port, backlog=self.pending())
+
+    def _handle_disconnect(self, _c: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        """Note the loss; paho reconnects with back-off and re-sends the messages it holds."""
+        with self._cond:
+            was = self._connected
+            self._connected = False
+            self._cond.notify_all()
+        if was and not self._stopping:
+            log.warning("mqtt_disconnected", reason=str(reason), backlog=self.pending())
+
+    def _handle_publish(self, _c: mqtt.Client, _ud: Any, mid: int, _reason: Any, _props: Any) -> None:
+        """PUBACK: hand the mid to the sender thread (paho holds its own lock here; never block on ours)."""
+        self._acked_mids.append(mid)
+        with self._cond:
+            self._cond.notify_all()
+
+    def _handle_message(self, _c: mqtt.Client, _ud: Any, message: mqtt.MQTTMessage) -> None:
+        """Queue a /cmd message for the command thread, keeping paho's network loop free."""
+        if message.topic == f"{self.root}/cmd":
+            self._commands.put(message.payload)
+
+    def _send_loop(self) -> None:
+        """Hand spool records to paho in order while connected and the window allows; retire acked ones."""
+        while True:
+            with self._cond:
+                self._cond.wait_for(self._sender_has_work, timeout=1.0)
+                if self._stopping:
+                    return
+            self._retire_acked()
+            while self._connected and len(self._seq_remaining) < WINDOW:
+                record = self._spool.take_next()
+                if record is None:
+                    break
+                seq, messages = record
+                self._seq_remaining[seq] = len(messages)
+                for topic, payload in messages:
+                    info = self._client.publish(topic, payload, qos=self._qos)
+                    self._mid_seq[info.mid] = seq
+            self._retire_acked()
+
+    def _sender_has_work(self) -> bool:
+        """Wake-up condition of the sender thread."""
+        can_send = self._connected and len(self._seq_remaining) < WINDOW and self._spool.has_unsent()
+        return self._stopping or bool(self._acked_mids) or can_send
+
+    def _retire_acked(self) -> None:
+        """Acknowledge in the spool every record whose messages were all PUBACKed."""
+        retired = False
+        while self._acked_mids:
+            seq = self._mid_seq.pop(self._acked_mids.popleft(), None)
+            if seq is None:
+                continue
+            self._seq_remaining[seq] -= 1
+            if self._seq_remaining[seq] == 0:
+                del self._seq_remaining[seq]
+                self._spool.ack(seq)
+                retired = True
+        if retired:
+            with self._cond:
+                self._cond.notify_all()
+
+    def _command_loop(self) -> None:
+        """Run commands off paho's thread: parse, call on_command, reply; errors become error replies."""
+        while (payload := self._commands.get()) is not None:
+            try:
+                command = json.loads(payload)
+                if not isinstance(command, dict):
+                    raise ValueError("a command must be a JSON object")
+            except ValueError as exc:
+                log.warning("mqtt_command_malformed", error=str(exc), payload=payload[:200])
+                self.reply({"ok": False, "error": f"malformed command: {exc}"})
+                continue
+            try:
+                if self._on_command is None:
+                    raise ValueError("this publisher takes no commands")
+                result = dict(self._on_command(command))
+            except Exception as exc:
+                log.warning("mqtt_command_failed", command=command, error=str(exc))
+                result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            if "id" in command:
+                result.setdefault("id", command["id"])
+            self.reply(result)

@@ -1,0 +1,374 @@
+"""Spool durability and the MQTT publisher against a real mosquitto: topics, LWT, outages, restarts, commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+from structlog.testing import capture_logs
+
+from inspector.config import MqttConfig
+from inspector.mqtt import Publisher
+from inspector.spool import Spool
+from inspector.verdict import decode_mask_png, encode_mask_png
+from tests.mosquitto import MosquittoProcess, free_port, start_mosquitto
+from tests.test_verdict import make_verdict
+
+ROOT = "inspector/line1/station1"
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------- spool (no broker)
+
+
+def drain(spool: Spool) -> list[tuple[int, list[tuple[str, bytes]]]]:
+    """Take every unsent record."""
+    records = []
+    while (record := spool.take_next()) is not None:
+        records.append(record)
+    return records
+
+
+def test_spool_round_trip_and_order(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, 1 << 20)
+    seqs = [
+        spool.append([("a/verdict", f"v{i}".encode()), ("a/mask", bytes([0, 255, i]))], ng=i % 2 == 0)
+        for i in range(5)
+    ]
+    assert seqs == [1, 2, 3, 4, 5] and spool.unacked() == 5
+    records = drain(spool)
+    assert [seq for seq, _ in records] == seqs
+    assert records[2][1] == [("a/verdict", b"v2"), ("a/mask", bytes([0, 255, 2]))]
+    for seq in seqs:
+        spool.ack(seq)
+    assert spool.unacked() == 0
+    assert not list(tmp_path.iterdir()), "an all-acknowledged spool keeps no segment"
+    spool.close()
+
+
+def test_spool_survives_restart_and_resends_unacked_in_order(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, 1 << 20, segment_bytes=200)
+    for i in range(10):
+        spool.append([("t", f"{i:04d}".encode())], ng=False)
+    taken = drain(spool)
+    for seq in (1, 2, 3, 5):
+        spool.ack(seq)
+    assert len(taken) == 10
+    spool.close()
+    again = Spool(tmp_path, 1 << 20, segment_bytes=200)
+    assert again.unacked() == 6
+    assert [(seq, msgs[0][1]) for seq, msgs in drain(again)] == [
+        (s, f"{s - 1:04d}".encode()) for s in (4, 6, 7, 8, 9, 10)
+    ]
+    assert again.append([("t", b"new")], ng=True) == 11
+    again.close()
+
+
+def test_spool_cuts_a_torn_last_record(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, 1 << 20)
+    spool.append([("t", b"one")], ng=False)
+    spool.close()
+    (segment,) = tmp_path.glob("*.jsonl")
+    with segment.open("ab") as f:
+        f.write(b'{"seq":2,"ng":fal')  # power cut mid-write
+    again = Spool(tmp_path, 1 << 20)
+    assert [seq for seq, _ in drain(again)] == [1]
+    assert again.append([("t", b"two")], ng=False) == 2
+    again.close()
+    third = Spool(tmp_path, 1 << 20)
+    assert [msgs[0][1] for _, msgs in drain(third)] == [b"one", b"two"]
+
+
+def test_spool_bound_drops_oldest_ok_before_ng_and_warns(tmp_path: Path) -> None:
+    record_bytes = len(b'{"seq":10,"ng":false,"msgs":[["t","') + 4 * 100 // 3 + 4 + len(b'"]]}\n')
+    spool = Spool(tmp_path, 10 * record_bytes)
+    with capture_logs() as logs:
+        for i in range(16):
+            spool.append([("t", bytes(100))], ng=i in (0, 3, 7))
+    kept = [seq for seq, _ in drain(spool)]
+    assert {1, 4, 8} <= set(kept), "NG records are kept while OK ones can go"
+    assert kept == sorted(kept) and len(kept) <= 10 and kept[-1] == 16
+    assert spool.dropped_ok == 16 - len(kept) and spool.dropped_ng == 0
+    assert spool.stats()["dropped_ok"] == spool.dropped_ok
+    warnings = [e for e in logs if e["event"] == "spool_dropped"]
+    assert len(warnings) == spool.dropped_ok and warnings[0]["log_level"] == "warning" and not warnings[0]["ng"]
+    spool.close()
+
+
+def test_spool_drops_ng_only_when_no_ok_is_left(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, 300)
+    for _ in range(10):
+        spool.append([("t", bytes(60))], ng=True)
+    assert spool.dropped_ng > 0 and spool.dropped_ok == 0
+    assert [seq for seq, _ in drain(spool)][-1] == 10
+    spool.close()
+
+
+# ---------------------------------------------------------------- real broker
+
+
+class Subscriber:
+    """A paho client recording every message of `inspector/#` (QoS 1) with its topic, qos and retain flag."""
+
+    def __init__(self, port: int, client_id: str | None = None, persistent: bool = False) -> None:
+        self.messages: list[mqtt.MQTTMessage] = []
+        self._lock = threading.Lock()
+        self.client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=client_id or f"sub-{os.getpid()}-{id(self)}",
+            clean_session=not persistent,
+        )
+        self.client.on_connect = lambda c, *_: c.subscribe("inspector/#", qos=1)
+        self.client.on_message = self._on_message
+        self.client.reconnect_delay_set(0.1, 0.5)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _on_message(self, _c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            self.messages.append(message)
+
+    def on(self, suffix: str) -> list[mqtt.MQTTMessage]:
+        """Messages received on ROOT/suffix so far."""
+        with self._lock:
+            return [m for m in self.messages if m.topic == f"{ROOT}/{suffix}"]
+
+    def frame_ids(self) -> list[int]:
+        """frame_id of every verdict received, in arrival order."""
+        return [json.loads(m.payload)["frame_id"] for m in self.on("verdict")]
+
+    def wait(self, predicate: Callable[[], bool], timeout_s: float = 15.0) -> None:
+        """Poll until predicate() holds."""
+        deadline = time.monotonic() + timeout_s
+        while not predicate():
+            assert time.monotonic() < deadline, f"timed out; got {[(m.topic, m.payload[:80]) for m in self.messages]}"
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def first_seen(ids: list[int]) -> list[int]:
+    """Arrival order with at-least-once duplicates removed."""
+    seen: dict[int, None] = {}
+    for i in ids:
+        seen.setdefault(i)
+    return list(seen)
+
+
+def mqtt_cfg(port: int, spool: Path, **kw: Any) -> MqttConfig:
+    """Broker settings for the tests: fast reconnects, spool under tmp_path."""
+    return MqttConfig(port=port, spool_dir=spool, reconnect_min_s=0.1, reconnect_max_s=0.5, **kw)
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[MosquittoProcess]:
+    process = start_mosquitto(tmp_path)
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def subscriber(broker: MosquittoProcess) -> Iterator[Subscriber]:
+    sub = Subscriber(broker.port)
+    sub.wait(lambda: sub.client.is_connected(), 5)
+    time.sleep(0.1)
+    yield sub
+    sub.close()
+
+
+@pytest.mark.integration
+def test_topics_qos_retain_and_status(broker: MosquittoProcess, subscriber: Subscriber, tmp_path: Path) -> None:
+    publisher = Publisher(mqtt_cfg(broker.port, tmp_path / "spool"), ROOT)
+    publisher.start()
+    subscriber.wait(lambda: publisher.connected)
+    publisher.publish_status({"sku": "brick", "engine": "onnxruntime", "fps": 9.5})
+    mask = encode_mask_png(np.eye(8, dtype=bool))
+    publisher.publish_verdict(make_verdict(frame_id=1, ok=False), mask_png=mask)
+    publisher.publish_verdict(make_verdict(frame_id=2, ok=True))
+    subscriber.wait(lambda: len(subscriber.on("verdict")) == 2 and len(subscriber.on("reject")) == 2)
+    subscriber.wait(lambda: publisher.pending() == 0)
+    verdicts = subscriber.on("verdict")
+    assert [json.loads(m.payload)["frame_id"] for m in verdicts] == [1, 2]
+    assert json.loads(verdicts[0].payload)["ok"] is False and json.loads(verdicts[0].payload)["regions"]
+    assert [m.payload for m in subscriber.on("reject")] == [b'{"frame_id":1,"reject":1}', b'{"frame_id":2,"reject":0}']
+    (mask_message,) = subscriber.on("mask")
+    assert decode_mask_png(mask_message.payload).sum() == 8
+    for message in verdicts + subscriber.on("reject") + [mask_message]:
+        assert message.qos == 1 and not message.retain
+    status = [json.loads(m.payload) for m in subscriber.on("status")]
+    assert status[0]["state"] == "online" and status[-1]["sku"] == "brick" and status[-1]["spool"]["dropped_ok"] == 0
+    publisher.stop(timeout_s=5)
+    subscriber.wait(lambda: json.loads(subscriber.on("status")[-1].payload)["state"] == "offline")
+    assert not publisher.connected
+
+    late = Subscriber(broker.port)
+    late.wait(lambda: bool(late.on("status")))
+    (retained,) = late.on("status")
+    assert retained.retain and json.loads(retained.payload)["state"] == "offline"
+    late.close()
+
+
+PUBLISHER_SCRIPT = """
+import sys, time
+from pathlib import Path
+from inspector.config import MqttConfig
+from inspector.mqtt import Publisher
+cfg = MqttConfig(port=int(sys.argv[1]), spool_dir=Path(sys.argv[2]), keepalive_s=5)
+publisher = Publisher(cfg, sys.argv[3])
+publisher.start()
+publisher.publish_status({"sku": "brick"})
+time.sleep(120)
+"""
+
+
+@pytest.mark.integration
+def test_lwt_offline_when_the_process_is_killed(
+    broker: MosquittoProcess, subscriber: Subscriber, tmp_path: Path
+) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PUBLISHER_SCRIPT, str(broker.port), str(tmp_path / "spool"), ROOT], cwd=REPO
+    )
+    try:
+        subscriber.wait(
+            lambda: any(json.loads(m.payload).get("sku") == "brick" for m in subscriber.on("status")), 30
+        )
+        assert json.loads(subscriber.on("status")[-1].payload)["state"] == "online"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    subscriber.wait(lambda: json.loads(subscriber.on("status")[-1].payload)["state"] == "offline", 10)
+    late = Subscriber(broker.port)
+    late.wait(lambda: bool(late.on("status")))
+    assert late.on("status")[0].retain and json.loads(late.on("status")[0].payload)["state"] == "offline"
+    late.close()
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_broker_restart_mid_stream_loses_nothing(tmp_path: Path) -> None:
+    store = tmp_path / "broker-db"
+    store.mkdir()
+    broker = start_mosquitto(tmp_path, extra_conf=f"persistence true\npersistence_location {store}/\n")
+    sub = Subscriber(broker.port, client_id="line-plc", persistent=True)
+    publisher = Publisher(mqtt_cfg(broker.port, tmp_path / "spool"), ROOT)
+    try:
+        sub.wait(lambda: sub.client.is_connected())
+        time.sleep(0.2)
+        publisher.start()
+        total = 120
+        for frame_id in range(1, total + 1):
+            publisher.publish_verdict(make_verdict(frame_id=frame_id, ok=frame_id % 5 != 0))
+            time.sleep(0.05 if 40 <= frame_id < 80 else 0.005)  # a 2 s outage while the line keeps running
+            if frame_id == 40:
+                broker.stop()
+            if frame_id == 80:
+                assert not publisher.connected and publisher.pending() >= 40
+                broker.start()
+        sub.wait(lambda: set(sub.frame_ids()) >= set(range(1, total + 1)), 30)
+        assert first_seen(sub.frame_ids()) == list(range(1, total + 1))
+        sub.wait(lambda: publisher.pending() == 0)
+        assert publisher.connected
+    finally:
+        publisher.stop(timeout_s=2)
+        sub.close()
+        broker.stop()
+
+
+@pytest.mark.integration
+def test_unsent_spool_is_delivered_by_the_next_publisher(tmp_path: Path) -> None:
+    port = free_port()
+    spool = tmp_path / "spool"
+    first = Publisher(mqtt_cfg(port, spool), ROOT)
+    first.start()  # no broker yet: must not block
+    for frame_id in range(1, 6):
+        first.publish_verdict(make_verdict(frame_id=frame_id, ok=frame_id != 3))
+    first.stop(timeout_s=0.5)
+    assert first.pending() == 5
+
+    broker = start_mosquitto(tmp_path, port=port)
+    sub = Subscriber(port)
+    second = Publisher(mqtt_cfg(port, spool), ROOT)
+    try:
+        sub.wait(lambda: sub.client.is_connected())
+        time.sleep(0.1)
+        assert second.pending() == 5
+        second.start()
+        second.publish_verdict(make_verdict(frame_id=6, ok=True))
+        sub.wait(lambda: len(sub.frame_ids()) >= 6)
+        assert sub.frame_ids() == [1, 2, 3, 4, 5, 6]
+        sub.wait(lambda: second.pending() == 0)
+    finally:
+        second.stop(timeout_s=2)
+        sub.close()
+        broker.stop()
+    assert not list(spool.glob("*.jsonl"))
+
+
+@pytest.mark.integration
+def test_full_spool_drops_ok_keeps_ng_and_reports_it(tmp_path: Path) -> None:
+    port = free_port()
+    publisher = Publisher(mqtt_cfg(port, tmp_path / "spool", spool_max_mb=0.01), ROOT)
+    publisher.start()
+    with capture_logs() as logs:
+        for frame_id in range(1, 61):
+            publisher.publish_verdict(make_verdict(frame_id=frame_id, ok=frame_id % 10 != 0))
+    assert any(e["event"] == "spool_dropped" for e in logs)
+    broker = start_mosquitto(tmp_path, port=port)
+    sub = Subscriber(port)
+    try:
+        sub.wait(lambda: publisher.pending() == 0, 20)
+        sub.wait(lambda: bool(sub.on("status")))
+        ids = sub.frame_ids()
+        assert {10, 20, 30, 40, 50, 60} <= set(ids) and len(ids) < 60 and ids == sorted(ids)
+        publisher.publish_status({"sku": "brick"})
+        sub.wait(lambda: json.loads(sub.on("status")[-1].payload).get("sku") == "brick")
+        counters = json.loads(sub.on("status")[-1].payload)["spool"]
+        assert counters["dropped_ok"] == 60 - len(ids) and counters["dropped_ng"] == 0
+    finally:
+        publisher.stop(timeout_s=2)
+        sub.close()
+        broker.stop()
+
+
+@pytest.mark.integration
+def test_commands_malformed_json_gets_error_reply_and_publisher_keeps_working(
+    broker: MosquittoProcess, subscriber: Subscriber, tmp_path: Path
+) -> None:
+    received: list[dict[str, Any]] = []
+
+    def handle(command: dict[str, Any]) -> dict[str, Any]:
+        received.append(command)
+        if command.get("cmd") == "explode":
+            raise RuntimeError("boom")
+        return {"ok": True, "sku": command.get("sku")}
+
+    publisher = Publisher(mqtt_cfg(broker.port, tmp_path / "spool"), ROOT, on_command=handle)
+    publisher.start()
+    subscriber.wait(lambda: publisher.connected)
+    time.sleep(0.2)
+    for payload in (b"{not json", b"[1, 2]", b'{"id": 7, "cmd": "explode"}', b'{"id": 8, "cmd": "sku", "sku": "b"}'):
+        subscriber.client.publish(f"{ROOT}/cmd", payload, qos=1)
+    subscriber.wait(lambda: len(subscriber.on("cmd/reply")) == 4)
+    replies = [json.loads(m.payload) for m in subscriber.on("cmd/reply")]
+    assert replies[0]["ok"] is False and "malformed" in replies[0]["error"]
+    assert replies[1]["ok"] is False and "JSON object" in replies[1]["error"]
+    assert replies[2] == {"ok": False, "error": "RuntimeError: boom", "id": 7}
+    assert replies[3] == {"ok": True, "sku": "b", "id": 8}
+    assert [c["id"] for c in received] == [7, 8]
+    publisher.publish_verdict(make_verdict(frame_id=1))
+    subscriber.wait(lambda: subscriber.frame_ids() == [1])
+    publisher.stop(timeout_s=2)

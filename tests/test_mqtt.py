@@ -44,8 +44,7 @@ def drain(spool: Spool) -> list[tuple[int, list[tuple[str, bytes]]]]:
 def test_spool_round_trip_and_order(tmp_path: Path) -> None:
     spool = Spool(tmp_path, 1 << 20)
     seqs = [
-        spool.append([("a/verdict", f"v{i}".encode()), ("a/mask", bytes([0, 255, i]))], ng=i % 2 == 0)
-        for i in range(5)
+        spool.append([("a/verdict", f"v{i}".encode()), ("a/mask", bytes([0, 255, i]))], ng=i % 2 == 0) for i in range(5)
     ]
     assert seqs == [1, 2, 3, 4, 5] and spool.unacked() == 5
     records = drain(spool)
@@ -243,9 +242,7 @@ def test_lwt_offline_when_the_process_is_killed(
         [sys.executable, "-c", PUBLISHER_SCRIPT, str(broker.port), str(tmp_path / "spool"), ROOT], cwd=REPO
     )
     try:
-        subscriber.wait(
-            lambda: any(json.loads(m.payload).get("sku") == "brick" for m in subscriber.on("status")), 30
-        )
+        subscriber.wait(lambda: any(json.loads(m.payload).get("sku") == "brick" for m in subscriber.on("status")), 30)
         assert json.loads(subscriber.on("status")[-1].payload)["state"] == "online"
     finally:
         os.kill(proc.pid, signal.SIGKILL)

@@ -1,0 +1,150 @@
+"""Training: one step lowers each phase's loss, SKU files round-trip, resume and Ctrl-C replay exactly."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engines.model import ModelConfig, TDADModel, load_sku, read_meta, save_sku
+from engines.sample_data import write_good_folder
+from engines.schedule import Schedule
+from engines.train import LOSSES, PHASES, STATE_DIR, StepBatches, TrainConfig, set_phase, train_sku
+from inspector.errors import ConfigError, DataError
+
+torch.set_num_threads(1)
+S = 64
+
+
+@pytest.fixture(scope="module")
+def good_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_good_folder(tmp_path_factory.mktemp("data") / "good", 6, S, "brick", seed=0)
+
+
+def tiny_config(data: Path, out: Path, **kw: object) -> TrainConfig:
+    knobs = {"image_size": S, "batch_size": 2, "ae_steps": 3, "diffusion_steps": 3, "seg_steps": 2,
+             "warmup_steps": 1, "checkpoint_every": 100, "threads": 1, "progress": False, "foreground": "none"}
+    return TrainConfig(data=data, out=out, **{**knobs, **kw})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_one_step_lowers_the_loss_on_a_fixed_batch(phase: str, good_dir: Path, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    cfg = tiny_config(good_dir, tmp_path, batch_size=4)
+    model = TDADModel(ModelConfig(image_size=S))
+    images = np.stack([np.asarray(torch.randint(0, 256, (S, S, 3), dtype=torch.uint8)) for _ in range(4)])
+    batch = {k: torch.from_numpy(np.asarray(v)) for k, v in StepBatches(cfg, images, phase, model.schedule)[0].items()}
+    params = set_phase(model, phase)
+    optimizer = torch.optim.Adam(params, lr=1e-3)
+    before = LOSSES[phase](model, batch, cfg)
+    optimizer.zero_grad()
+    before.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = LOSSES[phase](model, batch, cfg)
+    assert after.item() < before.item()
+
+
+def test_set_phase_freezes_everything_else() -> None:
+    model = TDADModel(ModelConfig(image_size=S))
+    params = set_phase(model, "diffusion")
+    trained = {id(p) for p in [*model.denoiser.parameters(), *model.fusion.parameters()]}
+    assert {id(p) for p in params} == trained
+    assert not any(p.requires_grad for p in model.encoder.parameters())
+    assert model.denoiser.training and not model.encoder.training and not model.segmenter.backbone.training
+
+
+def test_save_and_load_sku_round_trip_bit_exactly(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    model = TDADModel(ModelConfig(image_size=S), Schedule(t1=100, t2=300))
+    model.set_latent_scale(0.73)
+    save_sku(model, tmp_path, {"train_hash": "abc"})
+    loaded = load_sku(tmp_path)
+    assert loaded.schedule == model.schedule and loaded.config == model.config
+    assert loaded.latent_scale == pytest.approx(0.73)
+    reference = model.state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in loaded.state_dict().items())
+    meta = read_meta(tmp_path)
+    assert meta["train_hash"] == "abc" and meta["latent_channels"] == 4 and meta["image_size"] == S
+    assert meta["score"]["top_k"] > 0 and meta["code_version"]
+
+
+def test_load_sku_names_the_missing_or_corrupt_file(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"meta\.json"):
+        load_sku(tmp_path)
+    save_sku(TDADModel(ModelConfig(image_size=S)), tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(DataError, match=r"model\.safetensors"):
+        load_sku(tmp_path)
+    (tmp_path / "meta.json").write_text("{")
+    with pytest.raises(DataError, match=r"meta\.json"):
+        load_sku(tmp_path)
+
+
+def test_image_size_must_divide_by_32() -> None:
+    with pytest.raises(ConfigError, match="image_size"):
+        ModelConfig(image_size=48)
+
+
+def _weights(sku_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(sku_dir / "model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def straight_run(good_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train_sku(tiny_config(good_dir, tmp_path_factory.mktemp("straight")))
+
+
+@pytest.mark.slow
+def test_train_writes_a_loadable_sku(straight_run: Path) -> None:
+    meta = read_meta(straight_run)
+    assert set(meta["train"]["losses"]) == set(PHASES) and len(meta["train_hash"]) == 64
+    assert meta["latent_scale"] > 0
+    model = load_sku(straight_run)
+    with torch.inference_mode():
+        maps = model.anomaly_maps(torch.rand(1, 3, S, S))
+    assert maps.shape == (1, S, S)
+
+
+@pytest.mark.slow
+def test_resume_replays_an_uninterrupted_run(good_dir: Path, straight_run: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(good_dir, tmp_path, stop_after=4)  # stops after the first diffusion step
+    train_sku(cfg)
+    assert not (tmp_path / "model.safetensors").exists()
+    train_sku(dataclasses.replace(cfg, stop_after=None), resume=True)
+    expected, got = _weights(straight_run), _weights(tmp_path)
+    assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
+    assert read_meta(tmp_path)["train"]["losses"] == read_meta(straight_run)["train"]["losses"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_checkpoints_and_resume_finishes_identically(good_dir: Path, straight_run: Path,
+                                                             tmp_path: Path) -> None:
+    cfg = tiny_config(good_dir, tmp_path, checkpoint_every=1)
+    state = tmp_path / STATE_DIR / "state.json"
+
+    def interrupt_once_training() -> None:
+        while not state.exists():
+            time.sleep(0.01)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt_once_training, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        train_sku(cfg)
+    assert state.exists() and not (tmp_path / "model.safetensors").exists()
+    train_sku(cfg, resume=True)
+    expected, got = _weights(straight_run), _weights(tmp_path)
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_resume_without_checkpoint_is_an_operator_error(good_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"state\.json"):
+        train_sku(tiny_config(good_dir, tmp_path), resume=True)

@@ -1,0 +1,88 @@
+"""ONNX export: checked graphs with a dynamic batch axis, meta.json merged, CLI resolution and errors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from engines import export
+from engines.runtime import sku_dir_from_args
+from inspector.errors import EngineError
+from tests.fixtures_engines import exported_random_sku
+
+GRAPHS = ("encoder", "denoiser", "fusion", "decoder", "segmenter", "tdad")
+
+
+@pytest.fixture(scope="module")
+def sku(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return exported_random_sku(tmp_path_factory)
+
+
+@pytest.mark.parametrize("name", GRAPHS)
+def test_graph_passes_checker_with_dynamic_batch_axis(sku: Path, name: str) -> None:
+    model = onnx.load(str(sku / f"{name}.onnx"))
+    onnx.checker.check_model(model)
+    assert model.opset_import[0].version == export.DEFAULT_OPSET
+    for value in (*model.graph.input, *model.graph.output):
+        assert value.type.tensor_type.shape.dim[0].dim_param == "batch", value.name
+
+
+def test_part_graph_io_names_and_shapes(sku: Path) -> None:
+    names = {n: [i.name for i in ort.InferenceSession(str(sku / f"{n}.onnx")).get_inputs()] for n in GRAPHS}
+    assert names == {
+        "encoder": ["image"], "denoiser": ["z_t", "t", "cond"], "fusion": ["z", "z_rec1"], "decoder": ["z"],
+        "segmenter": ["image", "reconstruction"], "tdad": ["image"],
+    }
+    session = ort.InferenceSession(str(sku / "tdad.onnx"))
+    for n in (1, 3):
+        maps = session.run(None, {"image": np.random.default_rng(n).random((n, 3, 64, 64), np.float32)})[0]
+        assert maps.shape == (n, 64, 64)
+        assert maps.min() >= 0.0 and maps.max() <= 1.0
+
+
+def test_meta_records_export_and_keeps_training_keys(sku: Path) -> None:
+    meta = json.loads((sku / "meta.json").read_text())
+    assert meta["train_hash"] == "random-init"  # written by save_sku before the export: merged, not clobbered
+    info = meta["export"]
+    assert info["opset"] == export.DEFAULT_OPSET
+    assert info["files"] == [f"{n}.onnx" for n in GRAPHS]
+    assert info["unrolled_schedule"] == meta["schedule"]
+    assert info["denoiser_calls"] == meta["schedule"]["steps1"] + meta["schedule"]["steps2"]
+    assert info["torch"].startswith("2.")
+
+
+def _args(**kw: object) -> argparse.Namespace:
+    base = {"sku_dir": None, "sku": None, "config": None, "opset": export.DEFAULT_OPSET,
+            "t1": None, "steps1": None, "t2": None, "steps2": None}
+    return argparse.Namespace(**(base | kw))
+
+
+def test_cli_rejects_a_folder_without_meta(tmp_path: Path) -> None:
+    with pytest.raises(EngineError, match=r"no meta\.json"):
+        export.run(_args(sku_dir=tmp_path))
+
+
+def test_cli_rejects_an_invalid_schedule_override(sku: Path) -> None:
+    with pytest.raises(EngineError, match="--schedule-"):
+        export.run(_args(sku_dir=sku, steps1=999))
+
+
+def test_sku_name_resolves_through_the_config(sku: Path, tmp_path: Path) -> None:
+    config = tmp_path / "inspector.toml"
+    config.write_text(f'active_sku = "brick"\n[skus.brick]\nmodel_dir = "{sku}"\n')
+    assert sku_dir_from_args(_args(sku="brick", config=config)) == sku
+
+
+def test_cli_parser_takes_sku_or_sku_dir() -> None:
+    parser = argparse.ArgumentParser()
+    export.add_arguments(parser)
+    args = parser.parse_args(["--sku-dir", "x", "--schedule-steps1", "3"])
+    assert args.sku_dir == Path("x") and args.steps1 == 3
+    with pytest.raises(SystemExit):
+        parser.parse_args([])

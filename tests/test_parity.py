@@ -1,0 +1,82 @@
+"""ONNX Runtime (and, on a GPU, TensorRT) held to the torch reference on the same frames.
+
+Relative error of anomaly maps, the number every parity bound here uses:
+    rel_error(a, ref) = max |a - ref| / max(max |ref|, 1e-12)
+i.e. the worst pixel deviation over the whole batch, relative to the largest reference value (maps are in
+[0, 1], so this is also close to an absolute error). Image-score ordering uses engines.scoring.image_scores.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engines.runtime import create_engine
+from engines.sample_data import draw_defect, render_part
+from engines.scoring import image_scores
+from tests.fixtures_engines import exported_random_sku, random_frames
+
+FP32_BOUND = 1e-3
+
+
+def rel_error(a: np.ndarray, ref: np.ndarray) -> float:
+    """max |a - ref| / max(max |ref|, eps): the parity metric documented above."""
+    return float(np.abs(a - ref).max() / max(float(np.abs(ref).max()), 1e-12))
+
+
+def part_frames(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """n rendered parts, every other one with a painted defect (a spread of scores to order)."""
+    rng = np.random.default_rng(seed)
+    frames = [render_part("brick", size, rng) for _ in range(n)]
+    return np.stack([draw_defect(f, rng)[0] if i % 2 else f for i, f in enumerate(frames)])
+
+
+def assert_parity(sku: Path, frames: np.ndarray, **engine_kw: object) -> float:
+    """OnnxEngine vs TorchEngine on frames: fp32 bound on maps, identical image-score order; returns the error."""
+    ref = create_engine("torch", sku, threads=1, **engine_kw).infer(frames)  # type: ignore[arg-type]
+    out = create_engine("onnxruntime", sku, threads=1, **engine_kw).infer(frames)  # type: ignore[arg-type]
+    err = rel_error(out, ref)
+    assert err < FP32_BOUND, err
+    assert np.array_equal(np.argsort(image_scores(out)), np.argsort(image_scores(ref)))
+    return err
+
+
+@pytest.fixture(scope="module")
+def sku(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return exported_random_sku(tmp_path_factory)
+
+
+def test_rel_error_definition() -> None:
+    ref = np.array([[0.5, 1.0]], np.float32)
+    assert rel_error(ref + np.float32(1e-4), ref) == pytest.approx(1e-4, rel=1e-2)
+    assert rel_error(np.zeros(2), np.zeros(2)) == 0.0
+
+
+def test_onnxruntime_matches_torch_on_random_frames(sku: Path) -> None:
+    assert_parity(sku, random_frames(4, seed=1))
+
+
+def test_onnxruntime_matches_torch_on_parts_with_defects(sku: Path) -> None:
+    assert_parity(sku, part_frames(6, 64))
+
+
+def test_onnxruntime_matches_torch_with_a_schedule_override(sku: Path) -> None:
+    assert_parity(sku, random_frames(2, seed=2), schedule_override={"t1": 80, "steps1": 2, "t2": 300, "steps2": 3})
+
+
+@pytest.mark.slow
+def test_onnxruntime_matches_torch_on_a_tiny_trained_model(tmp_path: Path) -> None:
+    from engines.export import export_sku
+    from engines.sample_data import write_good_folder
+    from engines.train import PRESETS, TrainConfig, train_sku
+
+    data = write_good_folder(tmp_path / "good", 16, 64)
+    tiny = PRESETS["tiny"] | {"ae_steps": 80, "diffusion_steps": 160, "seg_steps": 80}
+    cfg = TrainConfig(data=data, out=tmp_path / "sku", threads=1, progress=False, **tiny)
+    sku = train_sku(dataclasses.replace(cfg, checkpoint_every=10_000))
+    export_sku(sku)
+    err = assert_parity(sku, part_frames(8, 64, seed=3))
+    print(f"tiny trained model: ORT vs torch rel_error = {err:.2e}")

@@ -20,6 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from structlog.testing import capture_logs
 
 from inspector.config import MqttConfig
+from inspector.errors import ConfigError
 from inspector.mqtt import Publisher
 from inspector.spool import Spool
 from inspector.verdict import decode_mask_png, encode_mask_png
@@ -121,7 +122,14 @@ def test_spool_drops_ng_only_when_no_ok_is_left(tmp_path: Path) -> None:
 class Subscriber:
     """A paho client recording every message of `inspector/#` (QoS 1) with its topic, qos and retain flag."""
 
-    def __init__(self, port: int, client_id: str | None = None, persistent: bool = False) -> None:
+    def __init__(
+        self,
+        port: int,
+        client_id: str | None = None,
+        persistent: bool = False,
+        tls_ca: Path | None = None,
+        auth: tuple[str, str] | None = None,
+    ) -> None:
         self.messages: list[mqtt.MQTTMessage] = []
         self._lock = threading.Lock()
         self.client = mqtt.Client(
@@ -132,6 +140,10 @@ class Subscriber:
         self.client.on_connect = lambda c, *_: c.subscribe("inspector/#", qos=1)
         self.client.on_message = self._on_message
         self.client.reconnect_delay_set(0.1, 0.5)
+        if tls_ca is not None:
+            self.client.tls_set(ca_certs=str(tls_ca))
+        if auth is not None:
+            self.client.username_pw_set(*auth)
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
 
@@ -225,6 +237,7 @@ PUBLISHER_SCRIPT = """
 import sys, time
 from pathlib import Path
 from inspector.config import MqttConfig
+from inspector.errors import ConfigError
 from inspector.mqtt import Publisher
 cfg = MqttConfig(port=int(sys.argv[1]), spool_dir=Path(sys.argv[2]), keepalive_s=5)
 publisher = Publisher(cfg, sys.argv[3])
@@ -369,3 +382,76 @@ def test_commands_malformed_json_gets_error_reply_and_publisher_keeps_working(
     publisher.publish_verdict(make_verdict(frame_id=1))
     subscriber.wait(lambda: subscriber.frame_ids() == [1])
     publisher.stop(timeout_s=2)
+
+
+def make_tls_files(directory: Path) -> tuple[Path, Path, Path]:
+    """A throw-away CA and a server certificate for 127.0.0.1 (IP SAN, so hostname checks pass)."""
+    directory.mkdir()
+    ca_key, ca, key, csr, crt, ext = (
+        directory / n for n in ("ca.key", "ca.crt", "srv.key", "srv.csr", "srv.crt", "ext")
+    )
+    ext.write_text("subjectAltName=IP:127.0.0.1\n")
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    for cmd in (
+        ["openssl", "req", "-x509", *ec, "-keyout", ca_key, "-out", ca, "-days", "2", "-subj", "/CN=test-ca"],
+        ["openssl", "req", *ec, "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
+        [
+            "openssl",
+            "x509",
+            "-req",
+            "-in",
+            csr,
+            "-CA",
+            ca,
+            "-CAkey",
+            ca_key,
+            "-CAcreateserial",
+            "-out",
+            crt,
+            "-days",
+            "2",
+            "-extfile",
+            ext,
+        ],
+    ):
+        subprocess.run([str(c) for c in cmd], check=True, capture_output=True)
+    return ca, crt, key
+
+
+@pytest.mark.integration
+def test_tls_and_password_from_config(tmp_path: Path) -> None:
+    ca, crt, key = make_tls_files(tmp_path / "tls")
+    passwd = tmp_path / "mosquitto.passwd"
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwd), "station1", "s3cret"], check=True)
+    passwd.chmod(0o644)
+    conf = f"cafile {ca}\ncertfile {crt}\nkeyfile {key}\npassword_file {passwd}\nallow_anonymous false\n"
+    broker = start_mosquitto(tmp_path, extra_conf=conf)
+    good, bad = tmp_path / "good.pw", tmp_path / "bad.pw"
+    good.write_text("s3cret\n")
+    bad.write_text("wrong\n")
+    good.chmod(0o600)
+    bad.chmod(0o600)
+    sub = Subscriber(broker.port, tls_ca=ca, auth=("station1", "s3cret"))
+    ok_pub = Publisher(mqtt_cfg(broker.port, tmp_path / "s1", tls_ca=ca, username="station1", password_file=good), ROOT)
+    bad_pub = Publisher(mqtt_cfg(broker.port, tmp_path / "s2", tls_ca=ca, username="station1", password_file=bad), ROOT)
+    try:
+        sub.wait(lambda: sub.client.is_connected())
+        time.sleep(0.1)
+        ok_pub.start()
+        bad_pub.start()
+        ok_pub.publish_verdict(make_verdict(frame_id=11))
+        bad_pub.publish_verdict(make_verdict(frame_id=12))
+        sub.wait(lambda: sub.frame_ids() == [11])
+        sub.wait(lambda: ok_pub.pending() == 0)
+        time.sleep(0.5)
+        assert sub.frame_ids() == [11] and not bad_pub.connected and bad_pub.pending() == 1
+    finally:
+        ok_pub.stop(timeout_s=2)
+        bad_pub.stop(timeout_s=0.5)
+        sub.close()
+        broker.stop()
+
+
+def test_missing_tls_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"mqtt\.tls_ca = .*missing\.crt does not exist"):
+        Publisher(mqtt_cfg(1883, tmp_path / "spool", tls_ca=tmp_path / "missing.crt"), ROOT)

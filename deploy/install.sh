@@ -9,8 +9,8 @@
 # DESTDIR (default empty = the real root) prefixes every path. Under DESTDIR the real user database
 # and systemd are left alone: the `inspector` user is not created and nothing is chowned (the intended
 # owners are printed instead), so a staged tree can be built without root.
-# TORCH_INDEX_URL (optional) is the pip index for torch, e.g. https://download.pytorch.org/whl/cpu on
-# a box without a GPU; by default pip's configured index is used.
+# TORCH_INDEX_URL (optional) is the pip index for torch. Default: pip's configured index when nvidia-smi
+# works (CUDA wheels), else the CPU-only wheels at https://download.pytorch.org/whl/cpu.
 set -euo pipefail
 umask 022
 
@@ -119,16 +119,19 @@ make_venv() {
     echo "$TORCH_PIN" >"$constraints.new"
     install_file 0644 "$constraints.new" "$constraints"
     rm -f "$constraints.new"
-    if [[ -n "${TORCH_INDEX_URL:-}" ]]; then
-        "${pip[@]}" --index-url "$TORCH_INDEX_URL" "$TORCH_PIN"
-    else
-        "${pip[@]}" "$TORCH_PIN"
-    fi
-    local extra=""
+    local extra="" torch_index="${TORCH_INDEX_URL:-}"
     if command -v nvidia-smi >/dev/null && nvidia-smi >/dev/null 2>&1; then
         extra="[gpu]"
         note "nvidia-smi works: installing the [gpu] extra (TensorRT, pycuda)"
+    elif [[ -z "$torch_index" ]]; then
+        torch_index="https://download.pytorch.org/whl/cpu"
     fi
+    if [[ -n "$torch_index" ]]; then
+        "${pip[@]}" --index-url "$torch_index" "$TORCH_PIN"
+    else
+        "${pip[@]}" "$TORCH_PIN"
+    fi
+    # torch 2.13.0+cpu satisfies the constraint (local version labels are ignored by ==2.13.0).
     "${pip[@]}" --constraint "$constraints" "$source_dir$extra"
 }
 

@@ -73,7 +73,11 @@ class Publisher:
         self._commander = threading.Thread(target=self._command_loop, name="mqtt-commands", daemon=True)
         cid = client_id or cfg.client_id or f"{self.root.replace('/', '-')}-{os.getpid()}"
         self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv311)
-        self._setup_client()
+        try:
+            self._setup_client()
+        except BaseException:
+            self._spool.close()
+            raise
 
     def _setup_client(self) -> None:
         """Credentials, TLS, LWT, back-off and callbacks, all before the first connect."""

@@ -1,8 +1,9 @@
 """Durable on-disk queue of outgoing MQTT records: nothing the line produced is lost to a broker outage.
 
-Layout under the spool directory: segment files `<first seq>.jsonl`, one JSON line per record
-`{"seq": n, "ng": bool, "msgs": [[topic, base64 payload], ...]}`, and beside each an `<first seq>.acks`
-file listing, one per line, the seqs that were acknowledged (every message PUBACKed) or dropped.
+Layout under the spool directory (one process at a time: exclusive flock on `lock`): segment files
+`<first seq>.jsonl`, one JSON line per record `{"seq": n, "ng": bool, "msgs": [[topic, base64 payload],
+...]}`, and beside each an `<first seq>.acks` file listing, one per line, the seqs that were acknowledged
+(every message PUBACKed) or dropped.
 
 Durability: a record is written, flushed and fsync'ed before append() returns (a power cut after that
 cannot lose it); ack lines are flushed but not fsync'ed, so a crash may forget an ack and the record is
@@ -18,6 +19,7 @@ Segments whose records are all acknowledged are deleted (rotation at `segment_by
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import threading
@@ -63,6 +65,15 @@ class Spool:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"mqtt.spool_dir = {self.directory} cannot be created ({exc}); fix the path") from exc
+        self._lock_file = (self.directory / "lock").open("a")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as exc:
+            self._lock_file.close()
+            raise ConfigError(
+                f"mqtt.spool_dir = {self.directory} is in use by another running inspector; give each "
+                "station its own spool_dir"
+            ) from exc
         self.max_bytes = max_bytes
         self.segment_bytes = segment_bytes or min(8 << 20, max(64 << 10, max_bytes // 8))
         self._fsync = fsync
@@ -188,6 +199,7 @@ class Spool:
                 if segment.ack_file is not None:
                     segment.ack_file.close()
                     segment.ack_file = None
+            self._lock_file.close()
 
     def _make_room(self, needed: int) -> None:
         """Drop the oldest unsent OK records, then NG ones, until `needed` more bytes fit under max_bytes."""

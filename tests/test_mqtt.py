@@ -54,8 +54,16 @@ def test_spool_round_trip_and_order(tmp_path: Path) -> None:
     for seq in seqs:
         spool.ack(seq)
     assert spool.unacked() == 0
-    assert not list(tmp_path.iterdir()), "an all-acknowledged spool keeps no segment"
+    assert not list(tmp_path.glob("*.jsonl")) and not list(tmp_path.glob("*.acks")), "acked segments are deleted"
     spool.close()
+
+
+def test_spool_dir_is_exclusive(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, 1 << 20)
+    with pytest.raises(ConfigError, match=r"mqtt\.spool_dir = .* in use by another"):
+        Spool(tmp_path, 1 << 20)
+    spool.close()
+    Spool(tmp_path, 1 << 20).close()
 
 
 def test_spool_survives_restart_and_resends_unacked_in_order(tmp_path: Path) -> None:

@@ -84,32 +84,30 @@ def infer_dataset(engine: Engine, dataset: Sequence[Item], batch_size: int = 8, 
     return Inference(maps=maps, labels=labels, masks=masks, seconds=seconds)
 
 
-def _metric_or_none(name: str, fn: Any, *args: Any) -> float | None:
-    """A metric's value, or None (logged) when the data cannot define it (e.g. only good images)."""
+def _defined(name: str, fn: Any, *args: Any) -> Any:
+    """fn(*args), or None (logged) when the data cannot define the metric (e.g. only good images)."""
     try:
-        return float(fn(*args))
+        return fn(*args)
     except ValueError as exc:
         log.warning("metric_undefined", metric=name, reason=str(exc))
         return None
 
 
-def compute_metrics(inference: Inference, top_k: int = DEFAULT_TOP_K, fpr_limit: float = 0.3) -> dict[str, Any]:
-    """Every metric of METRIC_COLUMNS (None where undefined) plus the F1-optimal pixel threshold."""
-    scores = image_scores(inference.maps, top_k=top_k)
+def compute_metrics(inference: Inference, scores: np.ndarray, fpr_limit: float = 0.3) -> dict[str, Any]:
+    """Every metric of METRIC_COLUMNS (None where undefined) plus the F1-optimal pixel threshold.
+
+    `scores` are the float N image scores of the maps (engines.scoring.image_scores).
+    """
     labels, masks, maps = inference.labels, inference.masks, inference.maps
-    try:
-        pixel_f1, pixel_f1_threshold = metrics.f1_max_threshold(masks, maps)
-    except ValueError as exc:
-        log.warning("metric_undefined", metric="pixel_f1_max", reason=str(exc))
-        pixel_f1, pixel_f1_threshold = None, None
+    pixel_f1, pixel_f1_threshold = _defined("pixel_f1_max", metrics.f1_max_threshold, masks, maps) or (None, None)
     return {
-        "image_auroc": _metric_or_none("image_auroc", metrics.image_auroc, labels, scores),
-        "pixel_auroc": _metric_or_none("pixel_auroc", metrics.pixel_auroc, masks, maps),
-        "aupro": _metric_or_none("aupro", metrics.aupro, masks, maps, fpr_limit),
-        "image_f1_max": _metric_or_none("image_f1_max", metrics.f1_max, labels, scores),
+        "image_auroc": _defined("image_auroc", metrics.image_auroc, labels, scores),
+        "pixel_auroc": _defined("pixel_auroc", metrics.pixel_auroc, masks, maps),
+        "aupro": _defined("aupro", metrics.aupro, masks, maps, fpr_limit),
+        "image_f1_max": _defined("image_f1_max", metrics.f1_max, labels, scores),
         "pixel_f1_max": pixel_f1,
-        "image_ap": _metric_or_none("image_ap", metrics.average_precision, labels, scores),
-        "pixel_ap": _metric_or_none("pixel_ap", metrics.average_precision, masks, maps),
+        "image_ap": _defined("image_ap", metrics.average_precision, labels, scores),
+        "pixel_ap": _defined("pixel_ap", metrics.average_precision, masks, maps),
         "pixel_f1_threshold": pixel_f1_threshold,
     }
 
@@ -141,7 +139,8 @@ def evaluate(
     pixel threshold of this data set.
     """
     inference = infer_dataset(engine, dataset, batch_size, desc=f"eval {engine.backend}")
-    result = compute_metrics(inference, top_k, fpr_limit)
+    scores = image_scores(inference.maps, top_k=top_k)
+    result = compute_metrics(inference, scores, fpr_limit)
     result.update(
         n_images=len(inference.maps),
         n_defective=int(inference.labels.sum()),
@@ -151,7 +150,6 @@ def evaluate(
     if montage_path is not None:
         threshold = calibration.pixel_threshold if calibration else result["pixel_f1_threshold"]
         threshold = float(np.quantile(inference.maps, 0.999)) if threshold is None else threshold
-        scores = image_scores(inference.maps, top_k=top_k)
         rows = []
         for i in montage_indices(inference.labels):
             item = dataset[i]

@@ -64,7 +64,7 @@ def load_calibration(path: Path) -> Calibration:
     """Read calibration.json; DataError naming the file and `inspector calibrate` when missing or corrupt."""
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_bytes()
     except FileNotFoundError:
         raise DataError(f"no calibration file {path}: {calibration_fix(path)}") from None
     except OSError as exc:

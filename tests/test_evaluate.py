@@ -20,6 +20,7 @@ from calibration.evaluate import (
 from calibration.montage import COLUMNS, MontageRow, render_montage, write_montage
 from calibration.thresholds import load_calibration
 from engines.data import open_dataset
+from engines.scoring import image_scores
 from inspector.cli import main
 from inspector.errors import ConfigError, DataError
 from tests.fixtures_data import make_good_folder, make_mvtec_tree
@@ -36,8 +37,13 @@ def synthetic_inference(n_good: int = 4, n_bad: int = 4, size: int = 32) -> Infe
     return Inference(maps=maps, labels=labels, masks=masks, seconds=0.5)
 
 
+def metrics_of(inference: Inference) -> dict[str, object]:
+    """compute_metrics with top-4 image scores."""
+    return compute_metrics(inference, image_scores(inference.maps, top_k=4))
+
+
 def test_metrics_of_a_perfect_detector() -> None:
-    result = compute_metrics(synthetic_inference(), top_k=4)
+    result = metrics_of(synthetic_inference())
     for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "image_ap", "pixel_ap"):
         assert result[key] == pytest.approx(1.0), key
     assert 0.3 <= result["pixel_f1_threshold"] < 0.6
@@ -45,14 +51,14 @@ def test_metrics_of_a_perfect_detector() -> None:
 
 def test_undefined_metrics_are_none_for_good_only_sets() -> None:
     inference = synthetic_inference(n_bad=0)
-    result = compute_metrics(inference, top_k=4)
+    result = metrics_of(inference)
     assert all(result[k] is None for k in ("image_auroc", "pixel_auroc", "aupro", "pixel_f1_max"))
 
 
 def test_table_and_steps() -> None:
     row = {
         "schedule": "1+1",
-        **compute_metrics(synthetic_inference(), top_k=4),
+        **metrics_of(synthetic_inference()),
         "images_per_s": 8.0,
         "ms_per_image": 125.0,
     }

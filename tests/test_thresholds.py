@@ -128,9 +128,10 @@ def test_missing_and_corrupt_files_name_the_fix(tmp_path: Path) -> None:
     path = tmp_path / "calibration.json"
     with pytest.raises(DataError, match=r"no calibration file .*calibration.json.*inspector calibrate"):
         load_calibration(path)
-    path.write_text("{not json")
-    with pytest.raises(DataError, match=r"corrupt calibration file .*inspector calibrate"):
-        load_calibration(path)
+    for garbage in (b"{not json", b"\xff\xfe binary"):
+        path.write_bytes(garbage)
+        with pytest.raises(DataError, match=r"corrupt calibration file .*inspector calibrate"):
+            load_calibration(path)
     path.write_text(json.dumps({"image_threshold": 1.0}))
     with pytest.raises(DataError, match=r"pixel_threshold"):
         load_calibration(path)

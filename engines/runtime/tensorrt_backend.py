@@ -236,38 +236,40 @@ class TensorRTEngine:
                  unrolled=self._unrolled is not None, cuda_graphs=self.cuda_graphs)
 
     def _run_unrolled(self, plan: _Plan, x: np.ndarray) -> np.ndarray:
-        """One launch of the unrolled plan for batch n: a replayed CUDA graph, or plain enqueue."""
+        """One launch of the unrolled plan for batch n: a replayed CUDA graph, or the plain sequence."""
         n = x.shape[0]
         plan.bind(n)
-        src, dst = plan.inputs[0], plan.outputs[0]
-        np.copyto(plan.host[src][:n], x)
+        np.copyto(plan.host[plan.inputs[0]][:n], x)
         if self.cuda_graphs and n not in self._graphs:
             self._graphs[n] = self._capture(plan, n)
         graph = self._graphs.get(n)
         if graph is not None:
             graph.launch(self.stream)
         else:
-            cuda.memcpy_htod_async(plan.device[src], plan.host[src][:n], self.stream)
-            plan.enqueue(self.stream)
-            cuda.memcpy_dtoh_async(plan.host[dst][:n], plan.device[dst], self.stream)
+            self._sequence(plan, n)
         self.stream.synchronize()
-        return plan.host[dst][:n].copy()
+        return plan.host[plan.outputs[0]][:n].copy()
+
+    def _sequence(self, plan: _Plan, n: int) -> None:
+        """Queue H2D of the pinned input, the plan's kernels and D2H of the output for batch n."""
+        cuda.memcpy_htod_async(plan.device[plan.inputs[0]], plan.host[plan.inputs[0]][:n], self.stream)
+        plan.enqueue(self.stream)
+        cuda.memcpy_dtoh_async(plan.host[plan.outputs[0]][:n], plan.device[plan.outputs[0]], self.stream)
 
     def _capture(self, plan: _Plan, n: int) -> Any:
-        """Capture H2D, the plan's kernels and D2H for batch n into a CUDA graph; None if capture fails."""
-        src, dst = plan.inputs[0], plan.outputs[0]
+        """`_sequence` for batch n captured into an instantiated CUDA graph; None (plain launches) on failure."""
         plan.enqueue(self.stream)  # TensorRT wants one enqueue after a shape change before capture
         self.stream.synchronize()
         try:
             self.stream.begin_capture()
-            cuda.memcpy_htod_async(plan.device[src], plan.host[src][:n], self.stream)
-            plan.enqueue(self.stream)
-            cuda.memcpy_dtoh_async(plan.host[dst][:n], plan.device[dst], self.stream)
-            graph = self.stream.end_capture().instantiate()
+            try:
+                self._sequence(plan, n)
+            finally:  # never leave the stream capturing
+                graph = self.stream.end_capture()
+            return graph.instantiate()
         except cuda.Error as exc:
             log.warning("cuda_graph_capture_failed", batch=n, error=str(exc))
             return None
-        return graph
 
     def infer(self, images_u8_nhwc: np.ndarray) -> np.ndarray:
         """uint8 N x S x S x 3 -> float32 N x S x S anomaly maps in [0, 1]."""

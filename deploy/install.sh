@@ -43,6 +43,7 @@ while (($#)); do
     esac
 done
 
+((purge == 0)) || [[ "$mode" == "uninstall" ]] || die "--purge only goes with --uninstall"
 root="${DESTDIR:-}"
 root="${root%/}"
 etc_dir="$root/etc/inspector"

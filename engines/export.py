@@ -12,8 +12,9 @@ Unrolled graph:
                   baked in as constants. It is the fast path of ONNX Runtime and TensorRT; a schedule
                   override falls back to the part graphs (or re-export with --schedule-* flags).
 The denoiser stays an epsilon graph (no fused DDIM step): the DDIM update is a few element-wise ops on a
-4 x 32 x 32 latent, microseconds next to the U-Net, and keeping it in the shared loop avoids a second copy
-of the schedule math. The legacy TorchScript exporter (dynamo=False) is used: it is still available in
+4 x 32 x 32 latent (measured ~0.07 ms per step in numpy at batch 1, under 0.5 % of a 5+5-step frame on two
+CPU cores), and keeping it in the shared loop avoids a second copy of the schedule math; tdad.onnx bakes it
+into the graph anyway. The legacy TorchScript exporter (dynamo=False) is used: it is still available in
 torch 2.13, needs no onnxscript, and traces the Python loop into a flat graph.
 """
 

@@ -6,7 +6,6 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES := mosquitto mosquitto-clients systemd openssl
 
 .PHONY: demo test lint system-deps venv clean
 
@@ -19,12 +18,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-# Real services the tests and the demo talk to: Debian's mosquitto, systemd-analyze for the unit file.
+# Real tools the tests and the demo use: Debian's mosquitto, systemd-analyze for the unit, openssl for the
+# broker's test CA, shellcheck for the installer.
 system-deps:
 	@missing=""; \
 	command -v mosquitto >/dev/null || missing="$$missing mosquitto mosquitto-clients"; \
 	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
 	command -v openssl >/dev/null || missing="$$missing openssl"; \
+	command -v shellcheck >/dev/null || missing="$$missing shellcheck"; \
 	if [ -n "$$missing" ]; then \
 		$(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; \
 	fi

@@ -66,6 +66,8 @@ class Publisher:
         self._mid_seq: dict[int, int] = {}
         self._seq_remaining: dict[int, int] = {}
         self._connected = False
+        self._ready = False  # connected and paho has re-sent what it held: new records may follow
+        self._online_mid: int | None = None
         self._stopping = False
         self._status: dict[str, Any] = {}
         self._commands: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
@@ -177,24 +179,28 @@ class Publisher:
             return
         with self._cond:
             self._connected = True  # before reading _status: a concurrent publish_status is never lost
-            self._cond.notify_all()
         client.subscribe(f"{self.root}/cmd", qos=1)
-        client.publish(f"{self.root}/status", self._status_payload("online"), qos=1, retain=True)
+        # paho re-sends the messages it held only after this callback returns; the sender waits for the
+        # PUBACK of this status (read after that re-send) so that no new record overtakes an old one
+        self._online_mid = client.publish(f"{self.root}/status", self._status_payload("online"), qos=1, retain=True).mid
         log.info("mqtt_connected", host=self.cfg.host, port=self.cfg.port, backlog=self.pending())
 
     def _handle_disconnect(self, _c: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any) -> None:
         """Note the loss; paho reconnects with back-off and re-sends the messages it holds."""
         with self._cond:
             was = self._connected
-            self._connected = False
+            self._connected = self._ready = False
             self._cond.notify_all()
         if was and not self._stopping:
             log.warning("mqtt_disconnected", reason=str(reason), backlog=self.pending())
 
     def _handle_publish(self, _c: mqtt.Client, _ud: Any, mid: int, _reason: Any, _props: Any) -> None:
         """PUBACK: hand the mid to the sender thread (paho holds its own lock here; never block on ours)."""
-        self._acked_mids.append(mid)
         with self._cond:
+            if mid == self._online_mid and self._connected:
+                self._ready, self._online_mid = True, None  # mids wrap at 65535: never match a later one
+            else:
+                self._acked_mids.append(mid)
             self._cond.notify_all()
 
     def _handle_message(self, _c: mqtt.Client, _ud: Any, message: mqtt.MQTTMessage) -> None:
@@ -210,7 +216,7 @@ class Publisher:
                 if self._stopping:
                     return
             self._retire_acked()
-            while self._connected and len(self._seq_remaining) < WINDOW:
+            while self._ready and len(self._seq_remaining) < WINDOW:
                 record = self._spool.take_next()
                 if record is None:
                     break
@@ -223,7 +229,7 @@ class Publisher:
 
     def _sender_has_work(self) -> bool:
         """Wake-up condition of the sender thread."""
-        can_send = self._connected and len(self._seq_remaining) < WINDOW and self._spool.has_unsent()
+        can_send = self._ready and len(self._seq_remaining) < WINDOW and self._spool.has_unsent()
         return self._stopping or bool(self._acked_mids) or can_send
 
     def _retire_acked(self) -> None:

@@ -12,7 +12,7 @@ averaged over all regions of all images, the false-positive rate is taken over a
 (good images included), the curve runs through every distinct score from (0, 0) to (1, 1), and its
 trapezoidal area up to `fpr_limit` (linearly interpolated at the limit) is divided by `fpr_limit`.
 The curve comes from one descending sort of all pixel scores and cumulative sums of per-pixel increments,
-so memory is O(pixels) (about 36 bytes per pixel at peak) and never pixels x thresholds.
+so memory is O(pixels) (about 40 bytes per pixel at peak) and never pixels x thresholds.
 """
 
 from __future__ import annotations

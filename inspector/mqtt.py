@@ -33,6 +33,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from inspector.config import MqttConfig
 from inspector.errors import ConfigError
 from inspector.log import get_logger
 from inspector.spool import Spool
@@ -50,7 +51,7 @@ class Publisher:
 
     def __init__(
         self,
-        cfg: Any,
+        cfg: MqttConfig,
         topic_root: str,
         *,
         on_command: CommandHandler | None = None,

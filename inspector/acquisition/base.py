@@ -10,6 +10,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from inspector.config import CameraConfig
+
 
 @dataclass
 class Frame:
@@ -75,7 +77,7 @@ class PacedSource:
         return self._last_id
 
 
-def open_source(camera_cfg: Any) -> Source:
+def open_source(camera_cfg: CameraConfig) -> Source:
     """Build the Source for a camera config (dispatch on its `type`); call open() on the result to start."""
     kind = camera_cfg.type
     if kind == "synthetic":

@@ -7,24 +7,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
+from engines.data import load_image_rgb
 from inspector.acquisition.base import Frame, PacedSource
+from inspector.config import FolderCamera
 from inspector.errors import DataError
-
-
-def read_image_rgb(path: Path) -> np.ndarray | None:
-    """Decode an image file to uint8 HxWx3 RGB (grey and 16-bit are converted); None if it cannot be decoded."""
-    data = np.fromfile(path, dtype=np.uint8)
-    bgr = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
 class FolderSource(PacedSource):
     """Images matching `pattern` in `path`, in sorted name order, once or looping, at `fps` (0 = as consumed)."""
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: FolderCamera) -> None:
         super().__init__(cfg.fps)
         self._cfg = cfg
         self._paths: list[Path] = []
@@ -49,11 +43,13 @@ class FolderSource(PacedSource):
             for path in self._paths:
                 if not self._pace():
                     return
-                image = read_image_rgb(path)
                 meta: dict[str, Any] = {"source": "folder", "path": str(path)}
-                if image is None:
+                image: np.ndarray | None
+                try:
+                    image = load_image_rgb(path)
+                except DataError as exc:
+                    image, meta["error"] = None, str(exc)
                     self._corrupt += 1
-                    meta["error"] = f"cannot decode image file {path}"
                 yield Frame(self._next_id(), time.time(), image, meta)
             if not self._cfg.loop:
                 return

@@ -16,6 +16,7 @@ import cv2
 import numpy as np
 
 from inspector.acquisition.base import Frame, PacedSource
+from inspector.config import GenTLCamera
 from inspector.errors import ConfigError, DataError, InspectorError
 from inspector.log import get_logger
 
@@ -61,7 +62,7 @@ def buffer_to_rgb(data_u8: np.ndarray, width: int, height: int, pixel_format: st
 class GenTLSource(PacedSource):
     """One GenTL camera selected by serial number or index; reconnects with back-off when it drops out."""
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: GenTLCamera) -> None:
         super().__init__(0.0)
         self._cfg = cfg
         self._harvester: Any = None

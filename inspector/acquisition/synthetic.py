@@ -10,12 +10,13 @@ import cv2
 import numpy as np
 
 from inspector.acquisition.base import Frame, PacedSource
+from inspector.config import SyntheticCamera
 
 
 class SyntheticSource(PacedSource):
     """Renders `frames` parts (0 = endless) at `fps`; a seeded `defect_rate` fraction carries a defect."""
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: SyntheticCamera) -> None:
         super().__init__(cfg.fps)
         self._cfg = cfg
         self._opened = False

@@ -10,13 +10,14 @@ from typing import Any
 import cv2
 
 from inspector.acquisition.base import Frame, PacedSource
+from inspector.config import VideoCamera
 from inspector.errors import DataError
 
 
 class VideoSource(PacedSource):
     """Frames of a video file, once or looping, at `fps` (0 = as fast as consumed)."""
 
-    def __init__(self, cfg: Any) -> None:
+    def __init__(self, cfg: VideoCamera) -> None:
         super().__init__(cfg.fps)
         self._cfg = cfg
         self._cap: cv2.VideoCapture | None = None

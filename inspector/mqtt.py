@@ -7,7 +7,7 @@ Topics, under the root `{topic_prefix}/{line_id}/{station_id}`:
 | `/verdict`     | Verdict JSON (docs/verdict.schema.json)                   | 1   | no       |
 | `/reject`      | `{"frame_id": n, "reject": 1 or 0}` for the PLC           | 1   | no       |
 | `/mask`        | PNG, 8-bit grey, 255 = defect (when the SKU publishes it) | 1   | no       |
-| `/status`      | `{"state": "online"/"offline", "ts": ..., ...}`; LWT      | 1   | yes      |
+| `/status`      | `{"state": "online"/"offline", "ts", "spool", ...}`; LWT  | 1   | yes      |
 | `/cmd`         | subscribed: JSON object command, handled by on_command    | 1   | no       |
 | `/cmd/reply`   | JSON object reply (echoes the command's "id" if any)      | 1   | no       |
 
@@ -97,7 +97,8 @@ class Publisher:
                 certfile=str(cfg.tls_cert) if cfg.tls_cert else None,
                 keyfile=str(cfg.tls_key) if cfg.tls_key else None,
             )
-        client.will_set(f"{self.root}/status", self._status_payload("offline"), qos=1, retain=True)
+        lwt = {"state": "offline", "reason": "connection_lost"}  # sent by the broker, so no time stamp of ours
+        client.will_set(f"{self.root}/status", json.dumps(lwt), qos=1, retain=True)
         client.reconnect_delay_set(cfg.reconnect_min_s, cfg.reconnect_max_s)
         client.max_inflight_messages_set(WINDOW * 3 + 10)
         client.on_connect = self._handle_connect
@@ -157,7 +158,8 @@ class Publisher:
             self._sender.join(timeout=max(0.1, deadline - time.monotonic()))
         self._commands.put(None)
         if self._connected:
-            info = self._client.publish(f"{self.root}/status", self._status_payload("offline"), qos=1, retain=True)
+            offline = self._status_payload("offline", reason="stopped")
+            info = self._client.publish(f"{self.root}/status", offline, qos=1, retain=True)
             try:
                 info.wait_for_publish(timeout=max(0.1, deadline - time.monotonic()))
             except (RuntimeError, ValueError) as exc:
@@ -168,9 +170,9 @@ class Publisher:
         self._spool.close()
         log.info("mqtt_stopped", unsent=self.pending())
 
-    def _status_payload(self, state: str) -> bytes:
-        """Status JSON: state, time, the caller's last status and the spool counters."""
-        body = {**self._status, "state": state, "ts": time.time(), "spool": self._spool.stats()}
+    def _status_payload(self, state: str, **extra: Any) -> bytes:
+        """Status JSON: the caller's last status plus state, time, spool counters and `extra`."""
+        body = {**self._status, "state": state, "ts": time.time(), "spool": self._spool.stats(), **extra}
         return json.dumps(body, default=str).encode()
 
     def _handle_connect(self, client: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any) -> None:

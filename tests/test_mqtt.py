@@ -238,6 +238,7 @@ def test_topics_qos_retain_and_status(broker: MosquittoProcess, subscriber: Subs
     late.wait(lambda: bool(late.on("status")))
     (retained,) = late.on("status")
     assert retained.retain and json.loads(retained.payload)["state"] == "offline"
+    assert json.loads(retained.payload)["reason"] == "stopped" and json.loads(retained.payload)["sku"] == "brick"
     late.close()
 
 
@@ -271,7 +272,8 @@ def test_lwt_offline_when_the_process_is_killed(
     subscriber.wait(lambda: json.loads(subscriber.on("status")[-1].payload)["state"] == "offline", 10)
     late = Subscriber(broker.port)
     late.wait(lambda: bool(late.on("status")))
-    assert late.on("status")[0].retain and json.loads(late.on("status")[0].payload)["state"] == "offline"
+    assert late.on("status")[0].retain
+    assert json.loads(late.on("status")[0].payload) == {"state": "offline", "reason": "connection_lost"}
     late.close()
 
 

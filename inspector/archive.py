@@ -121,14 +121,14 @@ class Archive:
         stamp = datetime.fromtimestamp(item.t_acquired, UTC)
         folder = self.root / item.sku / stamp.strftime("%Y-%m-%d")
         folder.mkdir(parents=True, exist_ok=True)
-        stem = folder / f"{stamp.strftime('%H%M%S.%f')[:-3]}_{item.frame_id}_{'ok' if item.ok else 'ng'}"
-        written = [self._write_bytes(stem.with_suffix(".json"), json.dumps(item.verdict).encode())]
+        stem = f"{stamp.strftime('%H%M%S.%f')[:-3]}_{item.frame_id}_{'ok' if item.ok else 'ng'}"
+        written = [self._write_bytes(folder / f"{stem}.json", json.dumps(item.verdict).encode())]
         if item.image_u8_hwc is not None:
             bgr = cv2.cvtColor(item.image_u8_hwc, cv2.COLOR_RGB2BGR)
-            written.append(self._write_bytes(stem.with_suffix(".png"), _png(bgr)))
+            written.append(self._write_bytes(folder / f"{stem}.png", _png(bgr)))
             if item.map_f32_hw is not None:
                 heat = heatmap_overlay(item.image_u8_hwc, item.map_f32_hw, item.roi)
-                written.append(self._write_bytes(stem.parent / f"{stem.name}_heat.png", _png(heat)))
+                written.append(self._write_bytes(folder / f"{stem}_heat.png", _png(heat)))
         for path, size in written:
             self._files.append((path, size))
             self._bytes += size

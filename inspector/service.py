@@ -1,0 +1,358 @@
+"""`inspector run`: the daemon's lifecycle around the pipeline: systemd notify, signals, commands, status.
+
+Lifecycle: load config -> load the active SKU (engine + calibration, warmed up) -> open the camera -> start
+the MQTT publisher -> start the pipeline -> READY=1. SIGTERM/SIGINT: STOPPING=1, stop acquisition, drain
+(every frame already acquired gets its verdict, published or spooled) within service.drain_timeout_s, stop
+the publisher. SIGHUP: reload the active SKU's calibration.json. A finite source (folder, video without
+loop, synthetic with frames > 0) ends the run once its last verdict is out.
+
+Watchdog: a timer sends WATCHDOG=1 every WatchdogSec/2 while the pipeline is healthy: its threads are
+alive and the inference and publish threads have come round within `stuck_after_s` (idle, paused and
+waiting-for-trigger are healthy; an engine call that hangs is not, so systemd restarts the service).
+
+Commands on <topic root>/cmd (JSON object; an optional "id" is echoed in the reply):
+    {"cmd": "sku", "sku": "NAME"}  or  {"sku": "NAME"}   SKU changeover: the new engine loads and warms while
+                                                         the old one inspects; reply {"ok": true, "state":
+                                                         "active"} once swapped, or ok=false + error
+    {"cmd": "pause"} / {"cmd": "resume"}                 stop / continue pulling frames
+    {"cmd": "status"}                                    reply with the status document
+Anything else (non-JSON, non-object, unknown cmd) gets {"ok": false, "error": "..."} on <root>/cmd/reply;
+the loop keeps running.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import sdnotify
+
+from calibration.thresholds import Calibration, load_calibration
+from engines.runtime import create_engine
+from inspector.acquisition import Source, open_source
+from inspector.archive import Archive
+from inspector.config import InspectorConfig, load_config, resolve_sku
+from inspector.decider import Decider
+from inspector.errors import ConfigError, DataError, InspectorError
+from inspector.log import bind_context, configure_logging, get_logger
+from inspector.mqtt import Publisher
+from inspector.pipeline import ActiveSku, Pipeline
+
+log = get_logger(__name__)
+
+STATUS_INTERVAL_S = 5.0
+
+
+def load_thresholds(config: InspectorConfig, name: str) -> Calibration:
+    """The SKU's calibration; a missing file is an operator error that says how to make it."""
+    path = resolve_sku(config, name).calibration_path()
+    if not path.is_file():
+        raise DataError(f"{path}: no calibration for SKU {name!r}; run `inspector calibrate --sku {name}`")
+    return load_calibration(path)
+
+
+def score_top_k(model_dir: Path) -> int:
+    """top_k of the image score as trained (meta.json "score"."top_k"), shared with calibration."""
+    meta_path = model_dir / "meta.json"
+    try:
+        return int(json.loads(meta_path.read_text())["score"]["top_k"])
+    except FileNotFoundError:
+        raise DataError(f"{meta_path}: missing; is skus.*.model_dir a trained SKU directory?") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DataError(f"{meta_path}: no valid score.top_k ({exc}); retrain or re-export the SKU") from None
+
+
+def load_sku(config: InspectorConfig, name: str) -> ActiveSku:
+    """Create, load and warm up the engine of SKU `name` with its calibration: ready to swap in."""
+    sku_cfg = resolve_sku(config, name)
+    calibration = load_thresholds(config, name)
+    top_k = calibration.score_top_k or score_top_k(sku_cfg.model_dir)
+    eng = config.engine
+    engine = create_engine(eng.backend, sku_cfg.model_dir, device_id=eng.device_id, threads=eng.threads,
+                           precision=eng.precision, schedule_override=sku_cfg.schedule_override() or None)
+    if sku_cfg.input_size is not None and sku_cfg.input_size != engine.image_size:
+        raise ConfigError(f"skus.{name}.input_size = {sku_cfg.input_size} but the model in {sku_cfg.model_dir} "
+                          f"takes {engine.image_size} px; fix input_size or retrain")
+    engine.warmup()
+    decider = Decider(calibration, top_k=top_k, publish_mask=sku_cfg.publish_mask)
+    return ActiveSku(name=name, engine=engine, decider=decider, roi=sku_cfg.roi)
+
+
+def watchdog_interval_s(default_s: float = 5.0) -> float:
+    """Half of systemd's WatchdogSec (WATCHDOG_USEC), the recommended ping period."""
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    return int(usec) / 2e6 if usec.isdigit() and int(usec) > 0 else default_s
+
+
+class Daemon:
+    """One station: source -> pipeline -> publisher, with commands, status, watchdog and clean shutdown."""
+
+    def __init__(self, config: InspectorConfig, *, source: Source | None = None,
+                 on_published: Callable[[Any], None] | None = None,
+                 sku_loader: Callable[[InspectorConfig, str], ActiveSku] = load_sku) -> None:
+        self.config = config
+        self.sku_loader = sku_loader
+        self.topic_root = config.topic_root
+        self.notifier = sdnotify.SystemdNotifier()
+        if self.notifier.socket is not None:
+            self.notifier.socket.setblocking(False)  # a slow reader must never stall the daemon
+        self.source = source if source is not None else open_source(config.camera)
+        self.on_published = on_published
+        self.stuck_after_s = max(10.0, 5.0 * config.service.frame_timeout_ms / 1000.0)
+        self.publisher: Publisher | None = None
+        self.pipeline: Pipeline | None = None
+        self.archive: Archive | None = None
+        self._loading: str | None = None
+        self._lock = threading.Lock()
+        self._halt = threading.Event()
+        self._timers: list[threading.Thread] = []
+        self.state = "starting"
+
+    # ---- lifecycle -------------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Load the active SKU, open camera and broker connection, start the pipeline, then READY=1."""
+        cfg = self.config
+        self._notify(f"STATUS=loading SKU {cfg.active_sku}")
+        active = self.sku_loader(cfg, cfg.active_sku)
+        bind_context(line=cfg.line.line_id, station=cfg.line.station_id)
+        if cfg.archive.enabled:
+            self.archive = Archive(cfg.archive.dir, max_mb=cfg.archive.max_mb,
+                                   ok_sample_rate=cfg.archive.ok_sample_rate).start()
+        self.publisher = Publisher(cfg.mqtt, self.topic_root, on_command=self.handle_command)
+        self.publisher.start()
+        self.source.open()
+        self.pipeline = Pipeline(
+            self.source, active, self.publisher.publish_verdict,
+            batch=cfg.engine.batch, queue_depth=cfg.service.queue_depth,
+            frame_timeout_ms=cfg.service.frame_timeout_ms, fail_safe=cfg.service.fail_safe,
+            line_id=cfg.line.line_id, station_id=cfg.line.station_id,
+            archive=self.archive, on_published=self.on_published,
+        )
+        self.pipeline.start()
+        self.state = "running"
+        for target, name in ((self._status_loop, "status"), (self._watchdog_loop, "watchdog")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._timers.append(thread)
+        self.publish_status()
+        self._notify(f"READY=1\nSTATUS=inspecting SKU {active.name}")
+        log.info("daemon_ready", sku=active.name, engine=active.engine.describe(), camera=self.source.describe())
+
+    def stop(self) -> bool:
+        """STOPPING=1, stop acquisition, drain in-flight frames to verdicts, flush/spool, disconnect."""
+        cfg = self.config
+        self.state = "stopping"
+        self._notify("STOPPING=1\nSTATUS=draining")
+        drained = True
+        if self.pipeline is not None:
+            drained = self.pipeline.stop(cfg.service.drain_timeout_s)
+        self._halt.set()
+        for thread in self._timers:
+            thread.join(2.0)
+        if self.archive is not None:
+            self.archive.stop()
+        stats = self.pipeline.stats.snapshot() if self.pipeline is not None else {}
+        pending = 0
+        if self.publisher is not None:
+            self.publisher.stop(cfg.service.drain_timeout_s)
+            pending = self.publisher.pending()
+        try:
+            self.source.close()
+        except Exception as exc:
+            log.warning("source_close_failed", error=str(exc))
+        log.info("daemon_stopped", drained=drained, spooled=pending, **stats)
+        return drained
+
+    def wait_finished(self, timeout_s: float | None = None) -> bool:
+        """True once a finite source's last verdict has been published."""
+        return self.pipeline is not None and self.pipeline.wait(timeout_s)
+
+    # ---- commands --------------------------------------------------------------------------------------------
+
+    def handle_command(self, command: Any) -> dict[str, Any]:
+        """Dispatch one /cmd message (schema in the module docstring); never raises."""
+        if not isinstance(command, dict):
+            return {"ok": False, "error": f"command must be a JSON object, got {type(command).__name__}"}
+        reply: dict[str, Any] = {"id": command["id"]} if "id" in command else {}
+        name = command.get("cmd", "sku" if "sku" in command else None)
+        reply["cmd"] = name
+        try:
+            if name == "sku":
+                return reply | self.change_sku(command.get("sku"))
+            if name in ("pause", "resume"):
+                return reply | self.set_paused(name == "pause")
+            if name == "status":
+                return reply | {"ok": True, "status": self.status()}
+            return reply | {"ok": False, "error": f"unknown command {name!r}; use sku, pause, resume or status"}
+        except Exception as exc:
+            log.exception("command_failed", command=command)
+            return reply | {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+
+    def set_paused(self, paused: bool) -> dict[str, Any]:
+        """Pause or resume acquisition."""
+        assert self.pipeline is not None
+        if paused:
+            self.pipeline.pause()
+        else:
+            self.pipeline.resume()
+        log.info("paused" if paused else "resumed")
+        self.publish_status()
+        return {"ok": True, "paused": paused}
+
+    def change_sku(self, name: Any) -> dict[str, Any]:
+        """Load and warm the new SKU off the pipeline's threads (frames keep flowing), then swap it in.
+
+        Runs on the publisher's command thread, so later commands wait for the changeover; the reply comes
+        once the new SKU inspects (state "active") or the load failed (ok false, with the fix).
+        """
+        assert self.pipeline is not None
+        if not isinstance(name, str) or not name:
+            return {"ok": False, "error": 'sku changeover needs {"sku": "NAME"}'}
+        try:
+            resolve_sku(self.config, name)
+        except ConfigError as exc:
+            return {"ok": False, "sku": name, "error": str(exc)}
+        if name == self.pipeline.sku.name:
+            return {"ok": True, "sku": name, "state": "active", "load_s": 0.0}
+        with self._lock:
+            if self._loading is not None:
+                return {"ok": False, "sku": name, "error": f"changeover to {self._loading!r} in progress"}
+            self._loading = name
+        t0 = time.monotonic()
+        try:
+            active = self.sku_loader(self.config, name)
+        except Exception as exc:
+            message = str(exc) if isinstance(exc, InspectorError) else f"{type(exc).__name__}: {exc}"
+            log.error("changeover_failed", sku=name, error=message)
+            return {"ok": False, "sku": name, "error": message}
+        finally:
+            with self._lock:
+                self._loading = None
+        self.pipeline.swap_sku(active)
+        load_s = round(time.monotonic() - t0, 2)
+        log.info("changeover_done", sku=name, load_s=load_s)
+        self._notify(f"STATUS=inspecting SKU {name}")
+        self.publish_status()
+        return {"ok": True, "sku": name, "state": "active", "load_s": load_s}
+
+    def reload_thresholds(self) -> None:
+        """SIGHUP: re-read the active SKU's calibration.json; a bad file keeps the old thresholds."""
+        assert self.pipeline is not None
+        active = self.pipeline.sku
+        try:
+            calibration = load_thresholds(self.config, active.name)
+        except Exception as exc:
+            log.error("thresholds_reload_failed", sku=active.name, error=str(exc))
+            return
+        active.decider.calibration = calibration
+        log.info("thresholds_reloaded", sku=active.name, image_threshold=calibration.image_threshold,
+                 pixel_threshold=calibration.pixel_threshold)
+
+    # ---- status and watchdog ---------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """The retained status document: state, SKU, engine, camera, counters, fps, latency, spool."""
+        pipeline = self.pipeline
+        camera = _safe(self.source.describe)
+        doc: dict[str, Any] = {
+            "run_state": self.state, "line": self.config.line.line_id,
+            "station": self.config.line.station_id, "camera": camera,
+            "camera_connected": bool(camera.get("connected", False)),
+        }
+        if pipeline is not None:
+            doc |= {"sku": pipeline.sku.name, "paused": pipeline.paused, "loading_sku": self._loading,
+                    "engine": _safe(pipeline.sku.engine.describe), "stats": pipeline.stats.snapshot()}
+        if self.archive is not None:
+            doc["archive"] = self.archive.stats()
+        if self.publisher is not None:
+            doc |= {"broker_connected": bool(self.publisher.connected), "spool_pending": self.publisher.pending()}
+        return doc
+
+    def publish_status(self) -> None:
+        """Publish the retained status document (and a systemd STATUS= line)."""
+        if self.publisher is None:
+            return
+        doc = self.status()
+        try:
+            self.publisher.publish_status(doc)
+        except Exception as exc:
+            log.warning("status_publish_failed", error=str(exc))
+        stats = doc.get("stats", {})
+        self._notify(f"STATUS={self.state} sku={doc.get('sku')} frames={stats.get('frames')} "
+                     f"ng={stats.get('ng')} fps={stats.get('fps')}")
+
+    def _status_loop(self) -> None:
+        while not self._halt.wait(STATUS_INTERVAL_S):
+            self.publish_status()
+
+    def _watchdog_loop(self) -> None:
+        """WATCHDOG=1 while the pipeline is healthy; withheld (once logged) when a thread is stuck."""
+        if not self.config.service.watchdog:
+            return
+        interval = watchdog_interval_s()
+        withheld = False
+        while not self._halt.wait(interval):
+            assert self.pipeline is not None
+            if self.pipeline.healthy(self.stuck_after_s):
+                self._notify("WATCHDOG=1")
+                withheld = False
+            elif not withheld:
+                log.error("watchdog_withheld", detail=f"pipeline thread stuck for more than {self.stuck_after_s}s")
+                withheld = True
+
+    def _notify(self, state: str) -> None:
+        self.notifier.notify(state)
+
+
+def _safe(describe: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """A describe() result for the status document; an exception becomes {"error": ...}."""
+    try:
+        return dict(describe())
+    except Exception as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`inspector run` takes only --config (common to all subcommands)."""
+    parser.set_defaults(log_json=None)
+    parser.add_argument("--log-json", dest="log_json", action="store_true",
+                        help="JSON log lines even on a terminal (default: JSON unless stderr is a TTY)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the daemon until SIGTERM/SIGINT (or a finite source ends); SIGHUP reloads thresholds."""
+    config = load_config(args.config)
+    configure_logging(config.log_level, json=getattr(args, "log_json", None) or None)
+    wake = threading.Event()
+    requests: set[str] = set()
+
+    def on_signal(signum: int, _frame: object) -> None:
+        requests.add("reload" if signum == signal.SIGHUP else "stop")
+        wake.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, on_signal)
+    daemon = Daemon(config)
+    try:
+        daemon.start()
+    except BaseException:
+        daemon.stop()
+        raise
+    assert daemon.pipeline is not None
+    while "stop" not in requests and not daemon.pipeline.finished.is_set():
+        wake.wait(0.5)
+        wake.clear()
+        if "reload" in requests:
+            requests.discard("reload")
+            daemon.reload_thresholds()
+    if "stop" in requests:
+        log.info("signal_stop")
+    return 0 if daemon.stop() else 1

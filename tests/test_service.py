@@ -1,0 +1,267 @@
+"""Service lifecycle against a real mosquitto and a real sd_notify socket: READY/WATCHDOG/STOPPING, status,
+commands (pause/resume, changeover, malformed, unknown SKU), threshold reload and operator errors.
+
+The engine is the small BrightnessEngine of test_pipeline (our Engine protocol), so these tests run in
+seconds; the trained-model paths are covered by test_daemon_integration.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from calibration.thresholds import save_calibration
+from inspector.broker import LocalBroker, start_local_broker
+from inspector.config import InspectorConfig, load_config
+from inspector.decider import Decider
+from inspector.errors import DataError
+from inspector.pipeline import ActiveSku
+from inspector.service import Daemon, load_sku, load_thresholds
+from tests.test_decider import make_calibration
+from tests.test_pipeline import BrightnessEngine, ListSource, part
+
+pytestmark = pytest.mark.integration
+
+
+class Subscriber:
+    """A paho client that records every message under topic_root/# (payload bytes, arrival order)."""
+
+    def __init__(self, port: int, topic_root: str) -> None:
+        self.root = topic_root
+        self.messages: list[tuple[str, bytes]] = []
+        self._cond = threading.Condition()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"test-sub-{time.monotonic_ns()}")
+        self.client.on_message = self._on_message
+        subscribed = threading.Event()
+        self.client.on_subscribe = lambda *a: subscribed.set()
+        self.client.on_connect = lambda c, *a: c.subscribe(f"{topic_root}/#", qos=1)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        assert subscribed.wait(10), "subscriber did not subscribe"
+
+    def _on_message(self, _c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
+        with self._cond:
+            self.messages.append((message.topic, bytes(message.payload)))
+            self._cond.notify_all()
+
+    def json(self, leaf: str) -> list[dict[str, Any]]:
+        """Decoded JSON payloads received on topic_root/leaf."""
+        with self._cond:
+            return [json.loads(p) for t, p in self.messages if t == f"{self.root}/{leaf}"]
+
+    def wait_for(self, predicate: Callable[[], bool], timeout_s: float = 20.0) -> bool:
+        """Wait until predicate() holds (re-checked on every message)."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while not predicate():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._cond.wait(min(remaining, 0.2))
+        return True
+
+    def send(self, payload: bytes | str) -> None:
+        """Publish a raw command on topic_root/cmd."""
+        self.client.publish(f"{self.root}/cmd", payload, qos=1).wait_for_publish(5)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class NotifySocket:
+    """A real AF_UNIX datagram socket standing in for systemd's NOTIFY_SOCKET, read by a thread like systemd."""
+
+    def __init__(self) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="sdn"))
+        self.path = self.dir / "notify"
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(self.path))
+        self.sock.settimeout(0.1)
+        self._received: list[str] = []
+        self._closed = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        while not self._closed.is_set():
+            try:
+                self._received.append(self.sock.recv(4096).decode())
+            except TimeoutError:
+                continue
+
+    def drain(self) -> list[str]:
+        """Notifications received since the last drain()."""
+        time.sleep(0.15)
+        taken, self._received[:] = list(self._received), []
+        return taken
+
+    def close(self) -> None:
+        self._closed.set()
+        self._reader.join()
+        self.sock.close()
+        self.path.unlink(missing_ok=True)
+        self.dir.rmdir()
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[LocalBroker]:
+    b = start_local_broker(tmp_path / "broker")
+    yield b
+    b.stop()
+
+
+@pytest.fixture
+def notify(monkeypatch: pytest.MonkeyPatch) -> Iterator[NotifySocket]:
+    sock = NotifySocket()
+    monkeypatch.setenv("NOTIFY_SOCKET", str(sock.path))
+    monkeypatch.setenv("WATCHDOG_USEC", "200000")
+    yield sock
+    sock.close()
+
+
+def write_config(tmp_path: Path, port: int, extra: str = "") -> InspectorConfig:
+    """A two-SKU config (a, b) on the local broker; each SKU dir has a calibration.json."""
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir(exist_ok=True)
+        save_calibration(make_calibration(), tmp_path / name / "calibration.json")
+    path = tmp_path / "inspector.toml"
+    path.write_text(f"""
+active_sku = "a"
+[line]
+line_id = "L1"
+station_id = "S1"
+[mqtt]
+port = {port}
+spool_dir = "spool"
+[archive]
+dir = "archive"
+[service]
+frame_timeout_ms = 5000
+[skus.a]
+model_dir = "a"
+[skus.b]
+model_dir = "b"
+[skus.nocal]
+model_dir = "nocal"
+{extra}
+""")
+    return load_config(path)
+
+
+def brightness_loader(engines: dict[str, BrightnessEngine] | None = None
+                      ) -> Callable[[InspectorConfig, str], ActiveSku]:
+    """A sku_loader with the real calibration file but a BrightnessEngine (optionally one per SKU)."""
+
+    def load(config: InspectorConfig, name: str) -> ActiveSku:
+        calibration = load_thresholds(config, name)
+        engine = (engines or {}).get(name) or BrightnessEngine()
+        return ActiveSku(name, engine, Decider(calibration, top_k=4), config.skus[name].roi)
+
+    return load
+
+
+def test_lifecycle_ready_watchdog_status_commands_changeover_and_stop(
+        tmp_path: Path, broker: LocalBroker, notify: NotifySocket) -> None:
+    config = write_config(tmp_path, broker.port)
+    sub = Subscriber(broker.port, config.topic_root)
+    source = ListSource([part(defect_xywh=(5, 5, 10, 10)) if i % 5 == 0 else part() for i in range(1, 2001)],
+                        interval_s=0.02)
+    daemon = Daemon(config, source=source, sku_loader=brightness_loader())
+    daemon.start()
+    try:
+        assert sub.wait_for(lambda: len(sub.json("verdict")) >= 5)
+        assert sub.wait_for(lambda: any(s.get("sku") == "a" for s in sub.json("status")))
+        status = sub.json("status")[-1]
+        assert status["state"] == "online" and status["camera_connected"] and status["engine"]["backend"] == "test"
+
+        sub.send(b"{not json")
+        sub.send(json.dumps({"cmd": "reboot", "id": 1}))
+        sub.send(json.dumps({"sku": "nope", "id": 2}))
+        sub.send(json.dumps({"cmd": "pause", "id": 3}))
+        assert sub.wait_for(lambda: len(sub.json("cmd/reply")) >= 4)
+        malformed, unknown, bad_sku, paused = sub.json("cmd/reply")[:4]
+        assert not malformed["ok"] and "malformed" in malformed["error"]
+        assert not unknown["ok"] and unknown["id"] == 1 and "unknown command" in unknown["error"]
+        assert not bad_sku["ok"] and bad_sku["id"] == 2 and "unknown SKU 'nope'" in bad_sku["error"]
+        assert paused == {"id": 3, "cmd": "pause", "ok": True, "paused": True}
+        time.sleep(0.3)
+        held = source.produced
+        time.sleep(0.5)
+        assert source.produced <= held + 1
+
+        sub.send(json.dumps({"cmd": "resume", "id": 4}))
+        sub.send(json.dumps({"cmd": "sku", "sku": "b", "id": 5}))
+        assert sub.wait_for(lambda: any(r.get("state") == "active" for r in sub.json("cmd/reply")))
+        replies = [r for r in sub.json("cmd/reply") if r.get("id") == 5]
+        assert [r["state"] for r in replies] == ["active"] and replies[0]["ok"]
+        assert sub.wait_for(lambda: sub.json("verdict")[-1]["sku"] == "b")
+        sub.send(json.dumps({"sku": "nocal", "id": 6}))
+        assert sub.wait_for(lambda: any(r.get("id") == 6 and not r["ok"] for r in sub.json("cmd/reply")))
+        failed = next(r for r in sub.json("cmd/reply") if r.get("id") == 6 and not r["ok"])
+        assert "inspector calibrate --sku nocal" in failed["error"]
+        assert daemon.pipeline is not None and daemon.pipeline.sku.name == "b"
+    finally:
+        assert daemon.stop()
+        sub.wait_for(lambda: sub.json("status")[-1]["state"] == "offline", 5)
+    verdicts = sub.json("verdict")
+    ids = [v["frame_id"] for v in verdicts]
+    assert ids == list(range(1, source.produced + 1))  # one verdict per acquired frame, in order
+    assert sub.json("status")[-1]["state"] == "offline"
+    notes = notify.drain()
+    assert any("READY=1" in n for n in notes) and any("STOPPING=1" in n for n in notes)
+    assert sum(n == "WATCHDOG=1" for n in notes) >= 3
+    assert any(n.startswith("STATUS=") for n in notes)
+    sub.close()
+
+
+def test_watchdog_is_withheld_while_the_engine_hangs(tmp_path: Path, broker: LocalBroker,
+                                                     notify: NotifySocket) -> None:
+    config = write_config(tmp_path, broker.port)
+    gate = threading.Event()
+    daemon = Daemon(config, source=ListSource([part()] * 3), sku_loader=brightness_loader({"a": BrightnessEngine(
+        gate=gate)}))
+    daemon.stuck_after_s = 0.5
+    daemon.start()
+    time.sleep(1.5)
+    notify.drain()
+    time.sleep(1.0)
+    assert "WATCHDOG=1" not in notify.drain()
+    gate.set()
+    assert daemon.wait_finished(5)
+    time.sleep(0.6)
+    assert "WATCHDOG=1" in notify.drain()  # a finished (idle) pipeline is healthy again
+    daemon.stop()
+
+
+def test_sighup_reload_picks_up_new_thresholds_and_keeps_old_on_a_bad_file(
+        tmp_path: Path, broker: LocalBroker) -> None:
+    config = write_config(tmp_path, broker.port)
+    daemon = Daemon(config, source=ListSource([]), sku_loader=brightness_loader())
+    daemon.start()
+    try:
+        assert daemon.pipeline is not None
+        save_calibration(make_calibration(image_threshold=0.9), tmp_path / "a" / "calibration.json")
+        daemon.reload_thresholds()
+        assert daemon.pipeline.sku.decider.calibration.image_threshold == 0.9
+        (tmp_path / "a" / "calibration.json").write_text("{broken")
+        daemon.reload_thresholds()
+        assert daemon.pipeline.sku.decider.calibration.image_threshold == 0.9
+    finally:
+        daemon.stop()
+
+
+def test_missing_calibration_names_the_calibrate_command(tmp_path: Path) -> None:
+    config = write_config(tmp_path, 1883)
+    with pytest.raises(DataError, match=r"inspector calibrate --sku nocal"):
+        load_sku(config, "nocal")

@@ -212,23 +212,30 @@ class Publisher:
             self._commands.put(message.payload)
 
     def _send_loop(self) -> None:
-        """Hand spool records to paho in order while connected and the window allows; retire acked ones."""
+        """Sender thread: run _send_some until stop(); an error (disk, spool) is logged and retried, never fatal."""
         while True:
             with self._cond:
                 self._cond.wait_for(self._sender_has_work, timeout=1.0)
                 if self._stopping:
                     return
-            self._retire_acked()
-            while self._ready and len(self._seq_remaining) < WINDOW:
-                record = self._spool.take_next()
-                if record is None:
-                    break
-                seq, messages = record
-                self._seq_remaining[seq] = len(messages)
-                for topic, payload in messages:
-                    info = self._client.publish(topic, payload, qos=self._qos)
-                    self._mid_seq[info.mid] = seq
-            self._retire_acked()
+            try:
+                self._send_some()
+            except Exception:
+                log.exception("mqtt_sender_error", backlog=self.pending())
+                time.sleep(1.0)
+
+    def _send_some(self) -> None:
+        """Hand spool records to paho in order while ready and the window allows; retire acked ones."""
+        self._retire_acked()
+        while self._ready and len(self._seq_remaining) < WINDOW:
+            record = self._spool.take_next()
+            if record is None:
+                break
+            seq, messages = record
+            self._seq_remaining[seq] = len(messages)
+            for topic, payload in messages:
+                self._mid_seq[self._client.publish(topic, payload, qos=self._qos).mid] = seq
+        self._retire_acked()
 
     def _sender_has_work(self) -> bool:
         """Wake-up condition of the sender thread."""

@@ -63,9 +63,9 @@ class Spool:
         self.directory = Path(directory)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
+            self._lock_file = (self.directory / "lock").open("a")
         except OSError as exc:
-            raise ConfigError(f"mqtt.spool_dir = {self.directory} cannot be created ({exc}); fix the path") from exc
-        self._lock_file = (self.directory / "lock").open("a")
+            raise ConfigError(f"mqtt.spool_dir = {self.directory} is not writable ({exc}); fix the path") from exc
         try:
             fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as exc:
@@ -92,7 +92,8 @@ class Spool:
 
     def _load(self) -> None:
         """Rebuild the index from the segment files; every unacknowledged record becomes unsent, in order."""
-        for data in sorted(self.directory.glob("*.jsonl"), key=lambda p: int(p.stem)):
+        segments = [p for p in self.directory.glob("*.jsonl") if p.stem.isdigit()]
+        for data in sorted(segments, key=lambda p: int(p.stem)):
             first = int(data.stem)
             segment = _Segment(data, data.with_suffix(".acks"))
             acked = _read_acks(segment.acks)
@@ -246,6 +247,7 @@ class Spool:
             segment = _Segment(data, data.with_suffix(".acks"))
             self._segments[seq] = segment
             self._active = active = seq
+            segment.acks.unlink(missing_ok=True)  # a stale ack file must not retire the new records
             self._writer = data.open("ab")
             if self._fsync:
                 _fsync_dir(self.directory)
@@ -260,8 +262,8 @@ class Spool:
             if self._writer is not None:
                 self._writer.close()
             self._writer, self._active = None, None
+        segment.acks.unlink(missing_ok=True)  # acks first: a crash in between re-sends, never loses
         segment.data.unlink(missing_ok=True)
-        segment.acks.unlink(missing_ok=True)
 
 
 def _read_acks(path: Path) -> set[int]:

@@ -28,9 +28,12 @@ def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
 
 
 class LocalBroker:
-    """One mosquitto process listening on 127.0.0.1:port, anonymous, no persistence; restartable on the same port."""
+    """One mosquitto process listening on 127.0.0.1:port, anonymous; restartable on the same port.
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    persistent=True keeps sessions and queued QoS 1 messages across restart() (saved on SIGTERM).
+    """
+
+    def __init__(self, workdir: Path, port: int | None = None, persistent: bool = False) -> None:
         exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
         if exe is None:
             raise InspectorError("mosquitto not found on PATH: install it (apt-get install mosquitto)")
@@ -39,9 +42,11 @@ class LocalBroker:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.port = port or free_port()
         self.conf = self.workdir / "mosquitto.conf"
+        persistence = "persistence false\n"
+        if persistent:
+            persistence = f"persistence true\npersistence_location {self.workdir}/\n"
         self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-            "max_queued_messages 100000\n"
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n{persistence}max_queued_messages 100000\n"
         )
         self.log_path = self.workdir / "mosquitto.log"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -85,6 +90,6 @@ class LocalBroker:
         self.stop()
 
 
-def start_local_broker(workdir: Path, port: int | None = None) -> LocalBroker:
-    """Start a LocalBroker under workdir (config and log live there) and return it running."""
-    return LocalBroker(workdir, port).start()
+def start_local_broker(workdir: Path, port: int | None = None, persistent: bool = False) -> LocalBroker:
+    """Start a LocalBroker under workdir (config, log and persistence live there) and return it running."""
+    return LocalBroker(workdir, port, persistent).start()

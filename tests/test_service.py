@@ -34,13 +34,18 @@ pytestmark = pytest.mark.integration
 
 
 class Subscriber:
-    """A paho client that records every message under topic_root/# (payload bytes, arrival order)."""
+    """A paho client that records every message under topic_root/# (payload bytes, arrival order).
 
-    def __init__(self, port: int, topic_root: str) -> None:
+    persistent=True: a QoS 1 session the broker keeps (and fills) while this client is disconnected.
+    """
+
+    def __init__(self, port: int, topic_root: str, persistent: bool = False) -> None:
         self.root = topic_root
         self.messages: list[tuple[str, bytes]] = []
         self._cond = threading.Condition()
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"test-sub-{time.monotonic_ns()}")
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"test-sub-{time.monotonic_ns()}",
+                                  clean_session=not persistent)
+        self.client.reconnect_delay_set(0.1, 0.5)
         self.client.on_message = self._on_message
         subscribed = threading.Event()
         self.client.on_subscribe = lambda *a: subscribed.set()

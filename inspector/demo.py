@@ -1,0 +1,326 @@
+"""`inspector demo`: train a small brick SKU on the CPU, then run the daemon on synthetic parts and score it.
+
+First run: writes an MVTec-layout category of scikit-image brick parts (or uses --mvtec-root), trains the
+tiny preset (a few CPU minutes, progress bars), exports ONNX, calibrates thresholds on held-out good parts
+(and reports the miss rate on held-out defective ones). The SKU is cached under <workdir>/sku and reused
+while its recipe (demo.json) matches. Then: a local mosquitto is started unless one answers at the
+configured host/port, the daemon runs in-process on a synthetic camera of good and defective parts, a
+subscriber prints one line per verdict, and a summary says how many defects were caught or missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+
+from inspector.acquisition import Frame, Source, open_source
+from inspector.broker import LocalBroker, port_open, start_local_broker
+from inspector.config import (
+    ArchiveConfig,
+    EngineConfig,
+    InspectorConfig,
+    LineConfig,
+    MqttConfig,
+    ServiceConfig,
+    SkuConfig,
+    SyntheticCamera,
+    load_config,
+)
+from inspector.errors import InspectorError
+from inspector.log import configure_logging, get_logger
+
+log = get_logger(__name__)
+
+DEMO_SKU = "demo-brick"
+RECIPE_FILE = "demo.json"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything that determines the demo SKU; a cached SKU is reused only when its recipe is equal."""
+
+    texture: str = "brick"
+    mvtec_root: str | None = None
+    category: str = "brick"
+    preset: str = "tiny"
+    part_size: int = 128
+    n_train: int = 96
+    n_calib_good: int = 64
+    n_calib_ng: int = 24
+    target_frr: float = 0.02
+    seed: int = 0
+    backend: str = "onnxruntime"
+    train_scale: float = 1.0  # fraction of the preset's steps per phase (< 1: quicker, less accurate)
+
+
+def _recipe_matches(sku_dir: Path, recipe: Recipe) -> bool:
+    """True when sku_dir holds a finished SKU built from exactly this recipe."""
+    stamp = sku_dir / RECIPE_FILE
+    needed = [sku_dir / "meta.json", sku_dir / "calibration.json", stamp]
+    if not all(p.is_file() for p in needed):
+        return False
+    try:
+        return json.loads(stamp.read_text()) == asdict(recipe)
+    except ValueError:
+        return False
+
+
+def build_demo_sku(workdir: Path, recipe: Recipe = Recipe(), *, threads: int = 0, progress: bool = True) -> Path:
+    """Train, export and calibrate the demo SKU under workdir/sku (cached by recipe); returns the SKU dir."""
+    import torch
+
+    from calibration.evaluate import infer_dataset
+    from calibration.thresholds import fit_thresholds, format_table, save_calibration
+    from engines.data import file_list_hash, open_dataset
+    from engines.runtime import create_engine
+    from engines.sample_data import write_mvtec_tree
+    from engines.scoring import image_scores
+    from engines.train import PRESETS, TrainConfig, train_sku
+    from inspector.service import score_top_k
+
+    workdir = Path(workdir)
+    sku_dir = workdir / "sku"
+    if _recipe_matches(sku_dir, recipe):
+        log.info("demo_sku_cached", sku_dir=str(sku_dir))
+        return sku_dir
+    if threads > 0:
+        torch.set_num_threads(threads)
+    if recipe.mvtec_root is not None:
+        data_root = Path(recipe.mvtec_root)
+    else:
+        data_root = workdir / "data"
+        if not (data_root / recipe.category).is_dir():
+            print(f"writing {recipe.texture} parts to {data_root} ...", file=sys.stderr)
+            write_mvtec_tree(data_root, recipe.category, n_train=recipe.n_train, n_test_good=recipe.n_calib_good,
+                             n_test_bad=recipe.n_calib_ng, size=recipe.part_size, seed=recipe.seed,
+                             texture=recipe.texture)
+    knobs = dict(PRESETS[recipe.preset])
+    for key in ("ae_steps", "diffusion_steps", "seg_steps"):
+        knobs[key] = max(10, round(knobs[key] * recipe.train_scale))
+    print(f"training the {recipe.preset} preset on the CPU (three phases) ...", file=sys.stderr)
+    train_sku(TrainConfig(data=data_root, out=sku_dir, dataset="mvtec", category=recipe.category,
+                          seed=recipe.seed, threads=threads, progress=progress, **knobs))
+    if recipe.backend == "onnxruntime":
+        from engines.export import export_sku
+
+        print("exporting ONNX graphs ...", file=sys.stderr)
+        export_sku(sku_dir)
+    engine = create_engine(recipe.backend, sku_dir, threads=threads)
+    top_k = score_top_k(sku_dir)
+    test = open_dataset("mvtec", data_root, recipe.category, "test", engine.image_size)
+    inference = infer_dataset(engine, test, desc="calibrate")
+    good, ng = ~inference.labels, inference.labels
+    scores = image_scores(inference.maps, top_k=top_k)
+    calibration = fit_thresholds(
+        scores[good], inference.maps[good], recipe.target_frr,
+        ng_scores=scores[ng], ng_maps=inference.maps[ng], ng_masks=inference.masks[ng],
+        score_top_k=top_k, data_hash=file_list_hash(test),
+    )
+    save_calibration(calibration, sku_dir / "calibration.json")
+    (sku_dir / RECIPE_FILE).write_text(json.dumps(asdict(recipe), indent=2) + "\n")
+    print(format_table(calibration), file=sys.stderr)
+    return sku_dir
+
+
+class RecordingSource:
+    """Wraps a Source and remembers which frame ids carried a drawn defect (meta["defect"])."""
+
+    def __init__(self, inner: Source) -> None:
+        self.inner = inner
+        self.defect: dict[int, bool] = {}
+
+    def open(self) -> None:
+        self.inner.open()
+
+    def frames(self) -> Iterator[Frame]:
+        for frame in self.inner.frames():
+            self.defect[frame.id] = bool(frame.meta.get("defect", False))
+            yield frame
+
+    def stop(self) -> None:
+        self.inner.stop()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def describe(self) -> dict[str, Any]:
+        return self.inner.describe()
+
+
+class VerdictPrinter:
+    """Subscribes to <root>/verdict like a line PLC would, prints one line per verdict, keeps them by id."""
+
+    def __init__(self, host: str, port: int, topic_root: str, defect: dict[int, bool], quiet: bool = False) -> None:
+        self.topic = f"{topic_root}/verdict"
+        self.defect = defect
+        self.quiet = quiet
+        self.verdicts: dict[int, dict[str, Any]] = {}
+        self.duplicates = 0
+        self._cond = threading.Condition()
+        subscribed = threading.Event()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"demo-viewer-{time.time_ns()}")
+        self.client.on_connect = lambda c, *a: c.subscribe(self.topic, qos=1)
+        self.client.on_subscribe = lambda *a: subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.connect(host, port)
+        self.client.loop_start()
+        if not subscribed.wait(10):
+            raise InspectorError(f"demo viewer could not subscribe to {self.topic} at {host}:{port}")
+
+    def _on_message(self, _c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
+        verdict = json.loads(message.payload)
+        with self._cond:
+            if verdict["frame_id"] in self.verdicts:
+                self.duplicates += 1
+                return
+            self.verdicts[verdict["frame_id"]] = verdict
+            self._cond.notify_all()
+        if not self.quiet:
+            print(format_verdict(verdict, self.defect.get(verdict["frame_id"])), flush=True)
+
+    def wait_for(self, n: int, timeout_s: float) -> bool:
+        """Wait until n distinct frame ids have a verdict."""
+        with self._cond:
+            return self._cond.wait_for(lambda: len(self.verdicts) >= n, timeout_s)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def format_verdict(v: dict[str, Any], defect: bool | None) -> str:
+    """One console line: id, OK/NG, score vs threshold, regions, latency, and the ground truth if known."""
+    verdict = "OK" if v["ok"] else "NG"
+    score = "   -  " if v["score"] is None else f"{v['score']:.4f}"
+    regions = " ".join(f"[{r['x']},{r['y']} {r['w']}x{r['h']}]" for r in v["regions"][:3])
+    truth = "" if defect is None else ("defect" if defect else "good  ")
+    reason = f" reason={v['reason']}" if v.get("reason") else ""
+    return (f"#{v['frame_id']:>4}  {verdict}  score {score} (thr {v['threshold']:.4f})  {truth}  "
+            f"{v['latency_ms'].get('total', 0):7.1f} ms  {regions}{reason}")
+
+
+def summarize(verdicts: dict[int, dict[str, Any]], defect: dict[int, bool], wall_s: float) -> dict[str, Any]:
+    """Counts, rates and camera-to-publish latency percentiles for the summary table."""
+    totals = np.asarray([v["latency_ms"].get("total", np.nan) for v in verdicts.values()], dtype=np.float64)
+    decided = {i: v for i, v in verdicts.items() if not v.get("reason")}
+    defective = [i for i in decided if defect.get(i)]
+    good = [i for i in decided if defect.get(i) is False]
+    caught = sum(not decided[i]["ok"] for i in defective)
+    false_rejects = sum(not decided[i]["ok"] for i in good)
+    return {
+        "frames acquired": len(defect),
+        "verdicts received": len(verdicts),
+        "NG": sum(not v["ok"] for v in verdicts.values()),
+        "fail-safe": sum(bool(v.get("reason")) for v in verdicts.values()),
+        "throughput (fps)": round(len(verdicts) / wall_s, 2) if wall_s > 0 else 0.0,
+        "latency p50 (ms)": round(float(np.nanpercentile(totals, 50)), 1) if totals.size else None,
+        "latency p99 (ms)": round(float(np.nanpercentile(totals, 99)), 1) if totals.size else None,
+        "defective parts": len(defective),
+        "caught (NG)": caught,
+        "missed (OK)": len(defective) - caught,
+        "good parts": len(good),
+        "falsely rejected": false_rejects,
+    }
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The summary as an aligned two-column table."""
+    width = max(len(k) for k in summary)
+    rule = "-" * (width + 12)
+    return "\n".join([rule, *(f"{k:<{width}}  {v}" for k, v in summary.items()), rule])
+
+
+def demo_config(args: argparse.Namespace, sku_dir: Path, workdir: Path) -> InspectorConfig:
+    """The daemon config of the demo: synthetic camera, the demo SKU, broker from --config (or defaults)."""
+    mqtt_cfg = load_config(args.config).mqtt if args.config is not None else MqttConfig()
+    mqtt_cfg = mqtt_cfg.model_copy(update={"spool_dir": workdir / "spool", "client_id": None})
+    return InspectorConfig(
+        active_sku=DEMO_SKU,
+        log_level="warning",
+        line=LineConfig(line_id="demo", station_id="station1"),
+        camera=SyntheticCamera(width=args.part_size, height=args.part_size, fps=args.fps, frames=args.frames,
+                               defect_rate=args.defect_rate, seed=args.seed + 1, texture="brick"),
+        mqtt=mqtt_cfg,
+        engine=EngineConfig(backend=args.backend, batch=args.batch, threads=args.threads),
+        archive=ArchiveConfig(enabled=True, dir=workdir / "archive", max_mb=64),
+        service=ServiceConfig(watchdog=False, queue_depth=args.queue_depth,
+                              frame_timeout_ms=args.frame_timeout_ms),
+        skus={DEMO_SKU: SkuConfig(model_dir=sku_dir)},
+    )
+
+
+def run_demo(config: InspectorConfig, workdir: Path, quiet: bool = False) -> dict[str, Any]:
+    """Run the daemon in-process over config.camera (finite) and return the summary of what was received."""
+    from inspector.service import Daemon
+
+    broker: LocalBroker | None = None
+    if not port_open(config.mqtt.host, config.mqtt.port):
+        broker = start_local_broker(workdir / "broker")
+        print(f"no broker at {config.mqtt.host}:{config.mqtt.port}; started mosquitto on 127.0.0.1:{broker.port}",
+              file=sys.stderr)
+        config = config.model_copy(update={"mqtt": config.mqtt.model_copy(update={"host": "127.0.0.1",
+                                                                                   "port": broker.port})})
+    source = RecordingSource(open_source(config.camera))
+    viewer = VerdictPrinter(config.mqtt.host, config.mqtt.port, config.topic_root, source.defect, quiet)
+    daemon = Daemon(config, source=source)
+    try:
+        daemon.start()
+        t0 = time.monotonic()
+        daemon.wait_finished()
+        wall_s = time.monotonic() - t0
+        acquired = daemon.pipeline.stats.snapshot()["acquired"] if daemon.pipeline else 0
+        if not viewer.wait_for(acquired, timeout_s=30):
+            log.warning("demo_verdicts_missing", acquired=acquired, received=len(viewer.verdicts))
+    finally:
+        daemon.stop()
+        viewer.close()
+        if broker is not None:
+            broker.stop()
+    return summarize(viewer.verdicts, source.defect, wall_s)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `inspector demo`."""
+    parser.add_argument("--workdir", type=Path, default=Path("var/demo"), help="cache and output folder")
+    parser.add_argument("--frames", type=int, default=200, help="synthetic parts to inspect")
+    parser.add_argument("--fps", type=float, default=0.0, help="camera rate (0 = as fast as the daemon takes)")
+    parser.add_argument("--defect-rate", type=float, default=0.3, help="share of parts with a drawn defect")
+    parser.add_argument("--part-size", type=int, default=128, help="camera frame size in px (square)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--mvtec-root", type=Path, help="train on this MVTec AD root instead of generated parts")
+    parser.add_argument("--category", default="brick", help="MVTec category under --mvtec-root")
+    parser.add_argument("--backend", choices=("onnxruntime", "torch"), default="onnxruntime")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for training and inference")
+    parser.add_argument("--train-scale", type=float, default=1.0,
+                        help="fraction of the tiny preset's training steps (e.g. 0.25 on a busy CPU)")
+    parser.add_argument("--batch", type=int, default=4, help="engine micro-batch")
+    parser.add_argument("--queue-depth", type=int, default=256)
+    parser.add_argument("--frame-timeout-ms", type=float, default=30000.0)
+    parser.add_argument("--rebuild", action="store_true", help="retrain even if a cached SKU matches")
+    parser.add_argument("--quiet", action="store_true", help="summary only, no line per verdict")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Build (or reuse) the demo SKU, run the daemon on synthetic parts, print verdicts and a summary."""
+    configure_logging("warning")
+    workdir = Path(args.workdir).resolve()
+    recipe = Recipe(mvtec_root=str(args.mvtec_root.resolve()) if args.mvtec_root else None,
+                    category=args.category, part_size=args.part_size, seed=args.seed, backend=args.backend,
+                    train_scale=args.train_scale)
+    if args.rebuild:
+        (workdir / "sku" / RECIPE_FILE).unlink(missing_ok=True)
+    sku_dir = build_demo_sku(workdir, recipe, threads=args.threads)
+    summary = run_demo(demo_config(args, sku_dir, workdir), workdir, quiet=args.quiet)
+    print(format_summary(summary))
+    return 0 if summary["verdicts received"] == summary["frames acquired"] else 1

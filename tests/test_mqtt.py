@@ -338,6 +338,50 @@ def test_unsent_spool_is_delivered_by_the_next_publisher(tmp_path: Path) -> None
     assert not list(spool.glob("*.jsonl"))
 
 
+CRASHING_SCRIPT = """
+import sys, time
+from pathlib import Path
+from inspector.config import MqttConfig
+from inspector.mqtt import Publisher
+from tests.test_verdict import make_verdict
+publisher = Publisher(MqttConfig(port=int(sys.argv[1]), spool_dir=Path(sys.argv[2])), sys.argv[3])
+publisher.start()
+for frame_id in range(1, 41):
+    publisher.publish_verdict(make_verdict(frame_id=frame_id, ok=frame_id % 7 != 0))
+print("spooled", flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.integration
+def test_spool_survives_a_killed_daemon(tmp_path: Path) -> None:
+    port, spool = free_port(), tmp_path / "spool"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CRASHING_SCRIPT, str(port), str(spool), ROOT], cwd=REPO, stdout=subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None
+        lines = iter(proc.stdout.readline, b"")
+        assert any(line.strip() == b"spooled" for line in lines), "the publisher process died before spooling"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    broker = start_mosquitto(tmp_path, port=port)
+    sub = Subscriber(port)
+    publisher = Publisher(mqtt_cfg(port, spool), ROOT)
+    try:
+        sub.wait(lambda: sub.client.is_connected())
+        time.sleep(0.1)
+        publisher.start()
+        sub.wait(lambda: len(sub.frame_ids()) >= 40)
+        assert sub.frame_ids() == list(range(1, 41))
+        assert [json.loads(m.payload)["reject"] for m in sub.on("reject")][6] == 1
+    finally:
+        publisher.stop(timeout_s=2)
+        sub.close()
+        broker.stop()
+
+
 @pytest.mark.integration
 def test_full_spool_drops_ok_keeps_ng_and_reports_it(tmp_path: Path) -> None:
     port = free_port()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -15,6 +16,7 @@ from inspector.verdict import (
     regions_from_mask,
     reject_payload,
     verdict_schema_json,
+    write_schema,
 )
 
 
@@ -90,3 +92,9 @@ def test_reject_payload_is_compact() -> None:
 
 def test_committed_schema_is_current() -> None:
     assert SCHEMA_PATH.read_text() == verdict_schema_json(), "run `python -m inspector.verdict` and commit"
+
+
+def test_write_schema_regenerates_the_file(tmp_path: Path) -> None:
+    path = write_schema(tmp_path / "docs" / "verdict.schema.json")
+    assert json.loads(path.read_text())["title"] == "Verdict"
+    assert path.read_text() == verdict_schema_json()

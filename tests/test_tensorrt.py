@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 from pathlib import Path
 
@@ -113,3 +114,11 @@ def test_int8_image_auroc_within_half_a_point_of_fp32(tmp_path: Path) -> None:
     auroc = {p: image_auroc(labels, image_scores(create_engine("tensorrt", sku, precision=p).infer(frames)))
              for p in ("fp32", "int8")}
     assert abs(auroc["int8"] - auroc["fp32"]) * 100 <= INT8_AUROC_POINTS, auroc
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
+def test_build_without_the_gpu_extra_names_the_install(tmp_path_factory: pytest.TempPathFactory) -> None:
+    from engines.runtime.build import build_sku
+
+    with pytest.raises(EngineError, match=r"pip install 'tdad-inspector\[gpu\]'"):
+        build_sku(exported_random_sku(tmp_path_factory), "fp16")

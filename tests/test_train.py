@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import signal
@@ -17,7 +18,18 @@ from safetensors.torch import load_file
 from engines.model import ModelConfig, TDADModel, load_sku, read_meta, save_sku
 from engines.sample_data import write_good_folder
 from engines.schedule import Schedule
-from engines.train import LOSSES, PHASES, STATE_DIR, StepBatches, TrainConfig, set_phase, train_sku
+from engines.train import (
+    LOSSES,
+    PHASES,
+    PRESETS,
+    STATE_DIR,
+    StepBatches,
+    TrainConfig,
+    add_arguments,
+    config_from_args,
+    set_phase,
+    train_sku,
+)
 from inspector.errors import ConfigError, DataError
 
 torch.set_num_threads(1)
@@ -148,3 +160,21 @@ def test_ctrl_c_checkpoints_and_resume_finishes_identically(good_dir: Path, stra
 def test_resume_without_checkpoint_is_an_operator_error(good_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(DataError, match=r"state\.json"):
         train_sku(tiny_config(good_dir, tmp_path), resume=True)
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    args.config = None
+    return args
+
+
+def test_cli_preset_and_overrides(tmp_path: Path) -> None:
+    cfg, resume = config_from_args(_parse("--out", str(tmp_path), "--data", "d", "--preset", "tiny",
+                                          "--seg-steps", "7", "--device", "cpu"))
+    assert not resume and cfg.image_size == PRESETS["tiny"]["image_size"] and cfg.seg_steps == 7
+    with pytest.raises(ConfigError, match="image_size"):
+        config_from_args(_parse("--out", str(tmp_path), "--data", "d", "--image-size", "100"))
+    with pytest.raises(DataError, match="--data"):
+        config_from_args(_parse("--out", str(tmp_path)))

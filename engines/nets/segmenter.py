@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from engines.nets.backbone import Backbone
+
+PRIOR = 0.05  # initial anomaly probability of every pixel
 
 
 def _conv_act(in_ch: int, out_ch: int, k: int = 3) -> nn.Sequential:
@@ -31,6 +35,8 @@ class Segmenter(nn.Module):
         self.dec2 = _conv_act(c4 + c2, c2)
         self.dec1 = _conv_act(c2 + 3, c2)
         self.heads = nn.ModuleList(nn.Conv2d(c, 1, 1) for c in (c8, c4, c2, c2))
+        for head in self.heads:  # start from "almost surely normal" (p = 0.05), the focal-loss prior trick
+            nn.init.constant_(head.bias, -math.log((1.0 - PRIOR) / PRIOR))
 
     def logits(self, x: torch.Tensor, x_rec: torch.Tensor) -> list[torch.Tensor]:
         """x, x_rec: N x 3 x S x S in [0, 1] -> logits N x 1 x s x s at s = S/8, S/4, S/2, S."""

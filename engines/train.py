@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
@@ -290,12 +291,16 @@ class Run:
         path = self.state_dir / "state.json"
         if not path.exists():
             raise DataError(f"{path}: no checkpoint to resume; start without --resume")
-        state = json.loads(path.read_text())
-        tensors = load_file(str(self.state_dir / "weights.safetensors"), device=str(self.cfg.device))
-        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-        self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
-        self.phase, self.step, self.losses = state["phase"], state["step"], state["losses"]
-        return torch.load(self.state_dir / "optimizer.pt", map_location=self.cfg.device, weights_only=True)
+        try:
+            state = json.loads(path.read_text())
+            tensors = load_file(str(self.state_dir / "weights.safetensors"), device=str(self.cfg.device))
+            self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+            self.ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+            self.phase, self.step, self.losses = state["phase"], state["step"], state["losses"]
+            return torch.load(self.state_dir / "optimizer.pt", map_location=self.cfg.device, weights_only=True)
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+            reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+            raise DataError(f"{self.state_dir}: corrupt checkpoint ({reason}); delete it and retrain") from None
 
 
 def read_checkpoint_config(out: Path) -> TrainConfig:
@@ -342,8 +347,8 @@ def load_images(cfg: TrainConfig) -> tuple[np.ndarray, str]:
 
 def train_hash(cfg: TrainConfig, data_hash: str) -> str:
     """sha256 over the training files and every knob that changes the weights."""
-    knobs = {k: v for k, v in cfg.to_dict().items()
-             if k not in ("out", "data", "device", "num_workers", "checkpoint_every", "stop_after", "progress")}
+    runtime_only = ("out", "data", "device", "threads", "num_workers", "checkpoint_every", "stop_after", "progress")
+    knobs = {k: v for k, v in cfg.to_dict().items() if k not in runtime_only}
     return hashlib.sha256((data_hash + json.dumps(knobs, sort_keys=True)).encode()).hexdigest()
 
 
@@ -364,6 +369,8 @@ def train_sku(cfg: TrainConfig, resume: bool = False) -> Path:
     model = TDADModel(ModelConfig(image_size=cfg.image_size)).to(device)
     run = Run(cfg, model)
     run.ema.to(device)
+    if not resume and (run.state_dir / "state.json").exists():
+        log.warning("checkpoint_overwritten", dir=str(run.state_dir), hint="pass --resume to continue it")
     opt_state = run.load() if resume else {}
     use_amp = cfg.amp and device.type == "cuda"
     done_steps = sum(cfg.steps(p) for p in PHASES[: run.phase]) + run.step
@@ -382,6 +389,7 @@ def train_sku(cfg: TrainConfig, resume: bool = False) -> Path:
             opt_state = {}
             loader = DataLoader(StepBatches(cfg, images, phase, model.schedule), batch_size=None,
                                 sampler=range(start, total), num_workers=cfg.num_workers)
+            log.info("phase_start", phase=phase, steps=total, start=start, lr=cfg.lr, batch_size=cfg.batch_size)
             bar = tqdm(total=total, initial=start, desc=phase, disable=not cfg.progress, dynamic_ncols=True)
             t0, loss_value = time.perf_counter(), float("nan")
             for step, batch_np in zip(range(start, total), loader, strict=True):

@@ -26,7 +26,7 @@ def test_autoencoder_shapes_and_range() -> None:
     x = torch.rand(2, 3, S, S)
     z = enc(x)
     assert z.shape == (2, 4, S // 8, S // 8)
-    rec = dec(z)
+    rec = dec(z).detach()
     assert rec.shape == x.shape and float(rec.min()) >= 0.0 and float(rec.max()) <= 1.0
 
 

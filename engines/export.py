@@ -31,8 +31,9 @@ import onnx
 import torch
 from torch import nn
 
-from engines.model import META_FILE, TDADModel, load_sku, read_meta
+from engines.model import META_FILE, WEIGHTS_FILE, TDADModel, load_sku, read_meta
 from engines.runtime import add_sku_arguments, sku_dir_from_args
+from engines.runtime.staged import file_sha256
 from engines.schedule import Schedule
 from inspector.errors import EngineError
 from inspector.log import get_logger
@@ -113,6 +114,7 @@ def export_sku(sku_dir: Path, opset: int = DEFAULT_OPSET,
     meta = read_meta(sku_dir)  # merge: keep what training and calibration wrote
     meta["export"] = {
         "opset": opset,
+        "weights_sha256": file_sha256(sku_dir / WEIGHTS_FILE),
         "files": [p.name for p in paths],
         "torch": torch.__version__,
         "onnx": onnx.__version__,

@@ -13,6 +13,7 @@ import pytest
 
 from engines import export
 from engines.runtime import sku_dir_from_args
+from engines.runtime.staged import file_sha256
 from inspector.errors import EngineError
 from tests.fixtures_engines import exported_random_sku
 
@@ -55,6 +56,7 @@ def test_meta_records_export_and_keeps_training_keys(sku: Path) -> None:
     assert info["unrolled_schedule"] == meta["schedule"]
     assert info["denoiser_calls"] == meta["schedule"]["steps1"] + meta["schedule"]["steps2"]
     assert info["torch"].startswith("2.")
+    assert info["weights_sha256"] == file_sha256(sku / "model.safetensors")
 
 
 def _args(**kw: object) -> argparse.Namespace:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -98,3 +99,16 @@ def test_session_options_are_tuned_for_latency() -> None:
     options = session_options(3)
     assert options.intra_op_num_threads == 3 and options.inter_op_num_threads == 1
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_graphs_from_other_weights_are_refused(sku: Path, tmp_path: Path) -> None:
+    retrained = copy_sku(sku, tmp_path / "retrained")
+    with (retrained / "model.safetensors").open("ab") as f:
+        f.write(b"\0")  # stands in for new weights written by a retraining
+    with pytest.raises(EngineError, match=r"exported from other weights.*inspector export --sku-dir"):
+        _engine(retrained)
+    meta = json.loads((retrained / "meta.json").read_text())
+    del meta["export"]  # save_sku rewrites meta.json without the export record
+    (retrained / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(EngineError, match="no export record"):
+        _engine(retrained)

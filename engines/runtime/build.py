@@ -20,10 +20,10 @@ from typing import Any
 from calibration.int8 import make_entropy_calibrator
 from engines.model import read_meta
 from engines.runtime import add_sku_arguments, sku_dir_from_args
+from engines.runtime.staged import file_sha256
 from engines.runtime.tensorrt_backend import (
     PART_NAMES,
     UNROLLED_NAME,
-    file_sha256,
     plan_path,
     plan_tag,
     require_tensorrt,

@@ -15,6 +15,7 @@ import numpy as np
 import onnxruntime as ort
 
 from engines.runtime.staged import (
+    check_export,
     load_schedule,
     preprocess_frames,
     read_sku_meta,
@@ -114,6 +115,7 @@ class OnnxEngine:
         """Create the sessions for the SKU's part graphs (and the unrolled graph when its schedule matches)."""
         self.sku_dir = Path(sku_dir)
         meta = read_sku_meta(self.sku_dir)
+        check_export(self.sku_dir, meta)
         self.image_size = int(meta["image_size"])
         self.schedule = load_schedule(meta, self.schedule_override)
         latent_hw = self.image_size // 8

@@ -4,13 +4,14 @@ and TensorRT backends, with an optional stage-by-stage timing that leaves the no
 
 from __future__ import annotations
 
+import hashlib
 import time
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from engines.model import preprocess, read_meta
+from engines.model import META_FILE, WEIGHTS_FILE, preprocess, read_meta
 from engines.schedule import Schedule, two_stage_reconstruct
 from inspector.errors import DataError, EngineError
 
@@ -70,6 +71,27 @@ def read_sku_meta(sku_dir: Path) -> dict[str, Any]:
         return read_meta(sku_dir)
     except DataError as exc:
         raise EngineError(str(exc)) from None
+
+
+def check_export(sku_dir: Path, meta: dict[str, Any]) -> None:
+    """Refuse graphs exported from other weights than model.safetensors (e.g. a retrained SKU not re-exported)."""
+    fix = f"run: inspector export --sku-dir {sku_dir}"
+    export = meta.get("export")
+    if not export:
+        raise EngineError(f"{sku_dir / META_FILE} has no export record (the SKU was trained after or without an "
+                          f"export); {fix}")
+    weights = sku_dir / WEIGHTS_FILE
+    if weights.is_file() and export.get("weights_sha256") != file_sha256(weights):
+        raise EngineError(f"the ONNX graphs in {sku_dir} were exported from other weights than {weights.name}; {fix}")
+
+
+def file_sha256(path: Path) -> str:
+    """Hex digest of a file (ties exported graphs to weights, and plans to graphs)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def run_parts(parts: Parts, x: Any, schedule: Schedule, noise1: Any, noise2: Any) -> Any:

@@ -10,7 +10,6 @@ Importable without tensorrt/pycuda; creating the engine then fails with the inst
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import time
@@ -20,6 +19,8 @@ from typing import Any
 import numpy as np
 
 from engines.runtime.staged import (
+    check_export,
+    file_sha256,
     load_schedule,
     preprocess_frames,
     read_sku_meta,
@@ -45,8 +46,8 @@ UNROLLED_NAME = "tdad"
 def require_tensorrt() -> None:
     """Raise EngineError naming the [gpu] extra when tensorrt or pycuda is not importable."""
     if trt is None or cuda is None:
-        raise EngineError("the tensorrt backend needs TensorRT and pycuda: pip install 'tdad-inspector[gpu]' "
-                          "(or set engine.backend = \"onnxruntime\")")
+        raise EngineError("TensorRT engines need TensorRT and pycuda, which are not installed: "
+                          "pip install 'tdad-inspector[gpu]' (or use engine.backend = \"onnxruntime\")")
 
 
 def _slug(text: str) -> str:
@@ -62,11 +63,6 @@ def plan_tag(gpu_name: str, trt_version: str, precision: str) -> str:
 def plan_path(sku_dir: Path, name: str, tag: str) -> Path:
     """`<sku_dir>/<name>.<gpu>.<trt>.<precision>.plan`; its sidecar is the same path with .json."""
     return sku_dir / f"{name}.{tag}.plan"
-
-
-def file_sha256(path: Path) -> str:
-    """Hex digest of a file (ties a plan to the exact ONNX graph it was built from)."""
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def current_gpu(device_id: int) -> tuple[str, str]:
@@ -209,6 +205,7 @@ class TensorRTEngine:
         """Deserialise the plans for this GPU/TensorRT/precision; EngineError tells to build them if absent."""
         self.sku_dir = Path(sku_dir)
         meta = read_sku_meta(self.sku_dir)
+        check_export(self.sku_dir, meta)
         self.image_size = int(meta["image_size"])
         self.schedule = load_schedule(meta, self.schedule_override)
         latent_hw = self.image_size // 8

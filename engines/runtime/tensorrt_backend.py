@@ -142,12 +142,12 @@ class _Plan:
         cuda.memcpy_dtoh_async(out, self.device[name], stream)
         return out
 
-    def __call__(self, stream: Any, *arrays: np.ndarray) -> np.ndarray:
-        """Run synchronously on host arrays (one per input, in order) -> a copy of the first output."""
-        n = arrays[0].shape[0]
+    def __call__(self, stream: Any, **feeds: np.ndarray) -> np.ndarray:
+        """Run synchronously on host arrays named like the inputs -> a copy of the first output."""
+        n = next(iter(feeds.values())).shape[0]
         self.bind(n)
-        for name, array in zip(self.inputs, arrays, strict=True):
-            self.upload(name, array, stream)
+        for name in self.inputs:
+            self.upload(name, feeds[name], stream)
         self.enqueue(stream)
         out = self.download(self.outputs[0], n, stream)
         stream.synchronize()
@@ -163,22 +163,22 @@ class _PlanParts:
         self.cond_channels = int(plans["denoiser"].host["cond"].shape[1])
 
     def encode(self, x: np.ndarray) -> np.ndarray:
-        return self.plans["encoder"](self.stream, x)
+        return self.plans["encoder"](self.stream, image=x)
 
     def denoise(self, z_t: np.ndarray, t: int, cond: np.ndarray) -> np.ndarray:
-        return self.plans["denoiser"](self.stream, z_t, np.full(z_t.shape[0], t, np.int64), cond)
+        return self.plans["denoiser"](self.stream, z_t=z_t, t=np.full(z_t.shape[0], t, np.int64), cond=cond)
 
     def fuse(self, z: np.ndarray, z_rec1: np.ndarray) -> np.ndarray:
-        return self.plans["fusion"](self.stream, z, z_rec1)
+        return self.plans["fusion"](self.stream, z=z, z_rec1=z_rec1)
 
     def zero_cond(self, z: np.ndarray) -> np.ndarray:
         return np.zeros((z.shape[0], self.cond_channels, *z.shape[2:]), np.float32)
 
     def decode(self, z: np.ndarray) -> np.ndarray:
-        return self.plans["decoder"](self.stream, z)
+        return self.plans["decoder"](self.stream, z=z)
 
     def segment(self, x: np.ndarray, x_rec: np.ndarray) -> np.ndarray:
-        return self.plans["segmenter"](self.stream, x, x_rec)
+        return self.plans["segmenter"](self.stream, image=x, reconstruction=x_rec)
 
     def sync(self) -> None:
         self.stream.synchronize()

@@ -2,7 +2,9 @@
 
 `infer` runs the unrolled tdad.onnx (one session call per batch) when it was exported with the schedule
 in use; otherwise, and for `infer_timed`, the part graphs run the shared two-stage loop
-(engines/runtime/staged.py), which accepts any schedule override at run time.
+(engines/runtime/staged.py), which accepts any schedule override at run time. Measured on the 256 px
+default model, 2 threads: the unrolled graph is ~4 % faster at batch 1-2 (p25 69.8 vs 72.8 ms) and equal
+within noise at batch 4 — session-call overhead is small on CPU; it costs ~1.6 s more session creation.
 """
 
 from __future__ import annotations

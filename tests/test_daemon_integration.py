@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -142,10 +143,13 @@ def test_broker_outage_mid_run_loses_no_verdict(tmp_path: Path, broker: LocalBro
 
 
 def final_event(stderr: str, event: str) -> dict[str, Any]:
-    """The last JSON log line with the given event name."""
-    for line in reversed(stderr.splitlines()):
+    """The last log line with the given event name, JSON or console key=value (scalar fields only)."""
+    for line in reversed(re.sub(r"\x1b\[[0-9;]*m", "", stderr).splitlines()):
         if line.startswith("{") and json.loads(line).get("event") == event:
             return json.loads(line)
+        if f" {event} " in line:
+            return {k: json.loads(v.lower()) if re.fullmatch(r"-?[\d.]+|True|False", v) else v
+                    for k, v in re.findall(r"(\w+)=(\S+)", line)}
     raise AssertionError(f"no {event} event in the daemon log:\n{stderr[-3000:]}")
 
 
@@ -168,12 +172,12 @@ def test_sigterm_drains_every_acquired_frame_and_restart_delivers_the_spool(
         broker.stop()  # verdicts from now on can only be spooled
         time.sleep(2.0)
         first.send_signal(signal.SIGTERM)
-        _, stderr = first.communicate(timeout=60)
+        stdout, stderr = first.communicate(timeout=60)
     finally:
         if first.poll() is None:
             first.kill()
     assert first.returncode == 0, stderr[-3000:]
-    stopped = final_event(stderr, "daemon_stopped")
+    stopped = final_event(stdout + stderr, "daemon_stopped")
     acquired = stopped["acquired"]
     assert stopped["frames"] == acquired and stopped["drained"] and stopped["spooled"] > 0
     t_restart = time.time()

@@ -5,6 +5,9 @@ publish (hands verdicts to the sink, feeds stats and the archive). A frame the p
 queue full, deadline passed, engine error, corrupt or wrong-size image, shutdown timeout — gets a fail-safe
 verdict (ok=False, or ok=True with service.fail_safe="ok") carrying a `reason`; nothing is dropped.
 
+Verdicts leave in frame order, except that a queue_full fail-safe is published at once (it overtakes the
+frames still queued for inference); consumers key on frame_id, never on arrival order.
+
 Pause stops the acquisition thread from pulling frames (the camera/driver buffers or drops them, as it
 would with no consumer); frames already pulled are still inspected and published. Resume continues pulling.
 A SKU changeover swaps the ActiveSku between two batches, so no frame is inspected half-way through it.
@@ -12,6 +15,7 @@ A SKU changeover swaps the ActiveSku between two batches, so no frame is inspect
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -266,6 +270,8 @@ class Pipeline:
         acq.join(max(0.0, deadline - time.monotonic()))
         if acq.is_alive():
             log.error("acquisition_stuck_on_stop", detail="source.frames() did not return after stop()")
+            with contextlib.suppress(queue.Full):
+                self._inbox.put(_STOP, timeout=max(0.1, deadline - time.monotonic()))
         inf.join(max(0.0, deadline - time.monotonic()))
         drained = not inf.is_alive()
         if not drained:

@@ -273,3 +273,23 @@ def test_stop_drains_in_flight_frames_to_verdicts() -> None:
     assert 0 < stats["acquired"] < 1000
     assert [v.frame_id for v in published] == list(range(1, stats["acquired"] + 1))
     assert all(v.reason is None for v in published)
+
+
+class DeafSource(ListSource):
+    """A source whose frames() blocks after its images and ignores stop(), like a wedged camera driver."""
+
+    def frames(self) -> Iterator[Frame]:
+        yield from super().frames()
+        threading.Event().wait(30)
+
+
+def test_stop_with_a_wedged_source_still_publishes_what_was_acquired() -> None:
+    published: list[Verdict] = []
+    pipeline = Pipeline(DeafSource([part() for _ in range(3)]), active(BrightnessEngine()),
+                        lambda v, m: published.append(v))
+    pipeline.start()
+    time.sleep(0.3)
+    t0 = time.monotonic()
+    pipeline.stop(drain_timeout_s=1.0)
+    assert time.monotonic() - t0 < 2.0
+    assert [v.frame_id for v in published] == [1, 2, 3] and pipeline.finished.is_set()

@@ -1,9 +1,9 @@
 """SKUs for daemon tests: a model trained by the project's own code (slow, once per session) and a random-init
 exported SKU with thresholds fitted on its own outputs (fast; for lifecycle mechanics, not accuracy).
 
-`trained_sku` builds the demo SKU with the tiny preset at a quarter of its steps. Set
-INSPECTOR_TEST_WORKDIR to a folder to keep (and reuse across sessions) the trained SKU there; `inspector demo
---train-scale 0.25 --workdir DIR` builds exactly the same recipe.
+`trained_sku` builds the demo SKU (tiny preset, a few CPU minutes). Set INSPECTOR_TEST_WORKDIR to a folder
+to keep (and reuse across sessions) the trained SKU there; `inspector demo --workdir DIR` builds exactly the
+same recipe, so INSPECTOR_TEST_WORKDIR=var/demo reuses the SKU of `make demo`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from inspector.demo import Recipe, build_demo_sku
 from inspector.service import score_top_k
 from tests.fixtures_engines import exported_random_sku
 
-TEST_RECIPE = Recipe(train_scale=0.25)
+TEST_RECIPE = Recipe()
 _CACHE: dict[str, Path] = {}
 
 

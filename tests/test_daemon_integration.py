@@ -115,11 +115,9 @@ def test_200_synthetic_parts_one_verdict_each_in_order_and_defects_caught(
     summary = summarize({v["frame_id"]: v for v in verdicts}, source.defect)
     print("\n" + json.dumps(summary, indent=2))
     assert summary["fail-safe"] == 0
-    # A quarter of the tiny preset's steps gives a weak model (image AUROC ~0.84 on the calibration set; the
-    # 2 % FRR threshold catches ~30 % of defects): hold it to clearly-better-than-chance, not to line quality.
-    caught_rate = summary["caught (NG)"] / summary["defective parts"]
-    false_reject_rate = summary["falsely rejected"] / summary["good parts"]
-    assert caught_rate >= 0.15 and false_reject_rate <= 0.1 and caught_rate > 3 * false_reject_rate
+    # The tiny model is imperfect (demo run: 53/57 caught, 0/143 falsely rejected): allow some misses.
+    assert summary["caught (NG)"] >= 0.8 * summary["defective parts"]
+    assert summary["falsely rejected"] <= 0.05 * summary["good parts"]
 
 
 def test_broker_outage_mid_run_loses_no_verdict(tmp_path: Path, broker: LocalBroker, random_sku: Path) -> None:

@@ -65,5 +65,5 @@ def test_segmenter_multiscale_logits_and_map(segmenter: Segmenter) -> None:
     x, rec = torch.rand(2, 3, S, S), torch.rand(2, 3, S, S)
     logits = segmenter.logits(x, rec)
     assert [tuple(lg.shape) for lg in logits] == [(2, 1, s, s) for s in (8, 16, 32, 64)]
-    maps = segmenter(x, rec)
+    maps = segmenter(x, rec).detach()
     assert maps.shape == (2, S, S) and float(maps.min()) >= 0.0 and float(maps.max()) <= 1.0

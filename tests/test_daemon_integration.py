@@ -7,6 +7,7 @@ Consumers de-duplicate by (frame_id, t_acquired), as they must with at-least-onc
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -26,7 +27,7 @@ from engines.sample_data import draw_defect, render_part
 from inspector.acquisition import open_source
 from inspector.broker import LocalBroker, start_local_broker
 from inspector.config import load_config
-from inspector.demo import RecordingSource, summarize
+from inspector.demo import RecordingSource, add_arguments, demo_config, run_demo, summarize
 from inspector.pipeline import CORRUPT_FRAME, WRONG_SIZE
 from inspector.service import Daemon
 from tests.conftest_model import random_calibrated_sku, trained_sku
@@ -167,6 +168,8 @@ def test_sigterm_drains_every_acquired_frame_and_restart_delivers_the_spool(
     first = start_daemon(config_path)
     try:
         assert sub.wait_for(lambda: len(sub.json("verdict")) >= 5, 120), "daemon published nothing"
+        first.send_signal(signal.SIGHUP)  # reload thresholds; the run goes on
+        time.sleep(0.5)
         broker.stop()  # verdicts from now on can only be spooled
         time.sleep(2.0)
         first.send_signal(signal.SIGTERM)
@@ -175,6 +178,7 @@ def test_sigterm_drains_every_acquired_frame_and_restart_delivers_the_spool(
         if first.poll() is None:
             first.kill()
     assert first.returncode == 0, stderr[-3000:]
+    assert final_event(stdout + stderr, "thresholds_reloaded")["sku"] == "brick"
     stopped = final_event(stdout + stderr, "daemon_stopped")
     acquired = stopped["acquired"]
     assert stopped["frames"] == acquired and stopped["drained"] and stopped["spooled"] > 0
@@ -248,3 +252,15 @@ def test_corrupt_and_wrong_size_frames_get_fail_safe_verdicts_and_the_loop_goes_
     assert not malformed["ok"] and not unknown["ok"] and "unknown SKU" in unknown["error"]
     archived = list((tmp_path / "archive" / "brick").rglob("*.json"))
     assert len(archived) == sum(not v["ok"] for v in verdicts)
+
+
+def test_demo_config_and_run_start_their_own_broker_when_none_answers(tmp_path: Path, trained: Path) -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--frames", "20", "--fps", "20", "--quiet", "--threads", "1"])
+    args.config = write_config(tmp_path, trained, 1, 'type = "synthetic"')  # port 1: nothing listens there
+    config = demo_config(args, trained, tmp_path / "demo")
+    assert config.mqtt.port == 1 and config.camera.frames == 20
+    summary = run_demo(config, tmp_path / "demo", quiet=True)
+    assert summary["frames acquired"] == summary["verdicts received"] == 20 and summary["fail-safe"] == 0
+    assert summary["latency p50 (ms)"] is not None and summary["throughput (fps)"] > 0

@@ -184,7 +184,6 @@ class Pipeline:
         line_id: str = "",
         station_id: str = "",
         archive: Archive | None = None,
-        on_published: Callable[[Verdict], None] | None = None,
     ) -> None:
         self.source = source
         self.sink = sink
@@ -194,7 +193,6 @@ class Pipeline:
         self.line_id = line_id
         self.station_id = station_id
         self.archive = archive
-        self.on_published = on_published
         self.stats = Stats()
         self._sku = sku
         self._next_sku: ActiveSku | None = None
@@ -220,8 +218,8 @@ class Pipeline:
 
     @property
     def sku(self) -> ActiveSku:
-        """The SKU the next batch will be inspected with (a pending changeover counts once swapped)."""
-        return self._sku
+        """The SKU the next batch will be inspected with (a changeover waiting for that batch included)."""
+        return self._next_sku or self._sku
 
     @property
     def paused(self) -> bool:
@@ -460,9 +458,4 @@ class Pipeline:
                     image_u8_hwc=out.frame.image if isinstance(out.frame.image, np.ndarray) else None,
                     map_f32_hw=out.map_f32_hw, roi=out.roi,
                 ))
-            if self.on_published is not None:
-                try:
-                    self.on_published(out.verdict)
-                except Exception:
-                    log.exception("on_published_failed", frame_id=out.verdict.frame_id)
         self.finished.set()

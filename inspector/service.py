@@ -95,7 +95,6 @@ class Daemon:
     """One station: source -> pipeline -> publisher, with commands, status, watchdog and clean shutdown."""
 
     def __init__(self, config: InspectorConfig, *, source: Source | None = None,
-                 on_published: Callable[[Any], None] | None = None,
                  sku_loader: Callable[[InspectorConfig, str], ActiveSku] = load_sku) -> None:
         self.config = config
         self.sku_loader = sku_loader
@@ -104,7 +103,6 @@ class Daemon:
         if self.notifier.socket is not None:
             self.notifier.socket.setblocking(False)  # a slow reader must never stall the daemon
         self.source = source if source is not None else open_source(config.camera)
-        self.on_published = on_published
         self.stuck_after_s = max(10.0, 5.0 * config.service.frame_timeout_ms / 1000.0)
         self.publisher: Publisher | None = None
         self.pipeline: Pipeline | None = None
@@ -134,7 +132,7 @@ class Daemon:
             batch=cfg.engine.batch, queue_depth=cfg.service.queue_depth,
             frame_timeout_ms=cfg.service.frame_timeout_ms, fail_safe=cfg.service.fail_safe,
             line_id=cfg.line.line_id, station_id=cfg.line.station_id,
-            archive=self.archive, on_published=self.on_published,
+            archive=self.archive,
         )
         self.pipeline.start()
         self.state = "running"
@@ -171,6 +169,13 @@ class Daemon:
         log.info("daemon_stopped", drained=drained, spooled=pending, **stats)
         return drained
 
+    @property
+    def running(self) -> Pipeline:
+        """The pipeline of a started daemon."""
+        if self.pipeline is None:
+            raise RuntimeError("Daemon.start() has not run")
+        return self.pipeline
+
     def wait_finished(self, timeout_s: float | None = None) -> bool:
         """True once a finite source's last verdict has been published."""
         return self.pipeline is not None and self.pipeline.wait(timeout_s)
@@ -184,6 +189,8 @@ class Daemon:
         reply: dict[str, Any] = {"id": command["id"]} if "id" in command else {}
         name = command.get("cmd", "sku" if "sku" in command else None)
         reply["cmd"] = name
+        if self.pipeline is None:
+            return reply | {"ok": False, "error": "the daemon is still starting; retry in a few seconds"}
         try:
             if name == "sku":
                 return reply | self.change_sku(command.get("sku"))
@@ -198,11 +205,11 @@ class Daemon:
 
     def set_paused(self, paused: bool) -> dict[str, Any]:
         """Pause or resume acquisition."""
-        assert self.pipeline is not None
+        pipeline = self.running
         if paused:
-            self.pipeline.pause()
+            pipeline.pause()
         else:
-            self.pipeline.resume()
+            pipeline.resume()
         log.info("paused" if paused else "resumed")
         self.publish_status()
         return {"ok": True, "paused": paused}
@@ -213,14 +220,14 @@ class Daemon:
         Runs on the publisher's command thread, so later commands wait for the changeover; the reply comes
         once the new SKU inspects (state "active") or the load failed (ok false, with the fix).
         """
-        assert self.pipeline is not None
+        pipeline = self.running
         if not isinstance(name, str) or not name:
             return {"ok": False, "error": 'sku changeover needs {"sku": "NAME"}'}
         try:
             resolve_sku(self.config, name)
         except ConfigError as exc:
             return {"ok": False, "sku": name, "error": str(exc)}
-        if name == self.pipeline.sku.name:
+        if name == pipeline.sku.name:
             return {"ok": True, "sku": name, "state": "active", "load_s": 0.0}
         with self._lock:
             if self._loading is not None:
@@ -236,7 +243,7 @@ class Daemon:
         finally:
             with self._lock:
                 self._loading = None
-        self.pipeline.swap_sku(active)
+        pipeline.swap_sku(active)
         load_s = round(time.monotonic() - t0, 2)
         log.info("changeover_done", sku=name, load_s=load_s)
         self._notify(f"STATUS=inspecting SKU {name}")
@@ -245,8 +252,8 @@ class Daemon:
 
     def reload_thresholds(self) -> None:
         """SIGHUP: re-read the active SKU's calibration.json; a bad file keeps the old thresholds."""
-        assert self.pipeline is not None
-        active = self.pipeline.sku
+        pipeline = self.running
+        active = pipeline.sku
         try:
             calibration = load_thresholds(self.config, active.name)
         except Exception as exc:
@@ -300,8 +307,8 @@ class Daemon:
         interval = watchdog_interval_s()
         withheld = False
         while not self._halt.wait(interval):
-            assert self.pipeline is not None
-            if self.pipeline.healthy(self.stuck_after_s):
+            pipeline = self.running
+            if pipeline.healthy(self.stuck_after_s):
                 self._notify("WATCHDOG=1")
                 withheld = False
             elif not withheld:

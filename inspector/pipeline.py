@@ -203,6 +203,7 @@ class Pipeline:
         self._resumed.set()
         self._stopping = threading.Event()
         self.source_done = threading.Event()
+        self.source_error: str | None = None
         self.finished = threading.Event()
         self._expected_hw: tuple[int, int] | None = None
         self._in_flight: list[_Job] = []
@@ -330,6 +331,7 @@ class Pipeline:
                 except queue.Full:
                     self._outbox.put(self._fail(job, QUEUE_FULL, f"inference queue full ({self._inbox.maxsize})"))
         except Exception as exc:
+            self.source_error = f"{type(exc).__name__}: {exc}"
             log.exception("source_failed", error=str(exc))
         finally:
             self.source_done.set()

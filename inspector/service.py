@@ -362,4 +362,6 @@ def run(args: argparse.Namespace) -> int:
             daemon.reload_thresholds()
     if "stop" in requests:
         log.info("signal_stop")
-    return 0 if daemon.stop() else 1
+    drained = daemon.stop()
+    # a camera that failed (rather than ran out of frames) exits non-zero so systemd restarts the service
+    return 0 if drained and daemon.running.source_error is None else 1

@@ -293,3 +293,20 @@ def test_stop_with_a_wedged_source_still_publishes_what_was_acquired() -> None:
     pipeline.stop(drain_timeout_s=1.0)
     assert time.monotonic() - t0 < 2.0
     assert [v.frame_id for v in published] == [1, 2, 3] and pipeline.finished.is_set()
+
+
+class BrokenSource(ListSource):
+    """A source whose camera fails after its images."""
+
+    def frames(self) -> Iterator[Frame]:
+        yield from super().frames()
+        raise OSError("camera unplugged")
+
+
+def test_a_failing_source_ends_the_run_with_its_error_after_the_last_verdict() -> None:
+    published: list[Verdict] = []
+    pipeline = Pipeline(BrokenSource([part(), part()]), active(BrightnessEngine()), lambda v, m: published.append(v))
+    pipeline.start()
+    assert pipeline.wait(10)
+    assert [v.frame_id for v in published] == [1, 2]
+    assert pipeline.source_error == "OSError: camera unplugged"

@@ -25,6 +25,7 @@ from calibration.thresholds import CALIBRATION_FILE, Calibration, load_calibrati
 from engines.data import Item, file_list_hash, open_dataset
 from engines.runtime import BACKENDS, Engine, add_sku_arguments, create_engine, sku_dir_from_args
 from engines.scoring import DEFAULT_TOP_K, image_scores
+from engines.sku import score_top_k
 from inspector.errors import ConfigError
 from inspector.log import get_logger
 
@@ -225,13 +226,6 @@ def sku_target(args: argparse.Namespace) -> SkuTarget:
     return SkuTarget(sku_dir, args.backend or backend, args.threads or threads, override, calibration_path)
 
 
-def score_top_k_of(sku_dir: Path) -> int:
-    """The SKU's image-score top-k from meta.json (the one the daemon uses)."""
-    from inspector.service import score_top_k
-
-    return score_top_k(sku_dir)
-
-
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """The SKU and engine flags shared by `inspector eval` and `inspector calibrate`."""
     add_sku_arguments(parser)
@@ -259,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
     target = sku_target(args)
     out = args.out or Path("var") / "eval" / target.sku_dir.name
     out.mkdir(parents=True, exist_ok=True)
-    top_k = score_top_k_of(target.sku_dir)
+    top_k = score_top_k(target.sku_dir)
     calibration = load_calibration(target.calibration_path) if target.calibration_path.is_file() else None
     schedules = parse_steps(args.steps) if args.steps else [None]
     dataset = None

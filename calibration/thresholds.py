@@ -239,16 +239,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the SKU's engine over the good (and NG) folders, fit thresholds, write calibration.json."""
-    from calibration.evaluate import infer_dataset, score_top_k_of, sku_target
+    from calibration.evaluate import infer_dataset, sku_target
     from engines.data import FolderDataset, file_list_hash
     from engines.runtime import create_engine
     from engines.scoring import image_scores
+    from engines.sku import score_top_k
 
     target = sku_target(args)
     engine = create_engine(
         target.backend, target.sku_dir, threads=target.threads, schedule_override=target.schedule_override or None
     )
-    top_k = score_top_k_of(target.sku_dir)
+    top_k = score_top_k(target.sku_dir)
     good = FolderDataset(args.good, engine.image_size)
     good_maps = infer_dataset(engine, good, args.batch, desc="good").maps
     hashes = [file_list_hash(good)]

@@ -31,10 +31,11 @@ import onnx
 import torch
 from torch import nn
 
-from engines.model import META_FILE, WEIGHTS_FILE, TDADModel, load_sku, read_meta
+from engines.model import TDADModel, load_sku
 from engines.runtime import add_sku_arguments, sku_dir_from_args
 from engines.runtime.staged import file_sha256
 from engines.schedule import Schedule
+from engines.sku import META_FILE, WEIGHTS_FILE, read_meta
 from inspector.errors import EngineError
 from inspector.log import get_logger
 

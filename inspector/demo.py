@@ -86,8 +86,8 @@ def build_demo_sku(workdir: Path, recipe: Recipe = Recipe(), *, threads: int = 0
     from engines.runtime import create_engine
     from engines.sample_data import write_mvtec_tree
     from engines.scoring import image_scores
+    from engines.sku import score_top_k
     from engines.train import PRESETS, TrainConfig, train_sku
-    from inspector.service import score_top_k
 
     workdir = Path(workdir)
     sku_dir = workdir / "sku"

@@ -42,6 +42,8 @@ def bind_context(**context: Any) -> None:
 
 
 def get_logger(name: str | None = None, **bind: Any) -> Any:
-    """A structlog logger tagged with the module name and any extra fields."""
-    logger = structlog.get_logger()
-    return logger.bind(logger=name, **bind) if name else logger.bind(**bind)
+    """A lazy structlog logger tagged with the module name: safe at import time, since it resolves the
+    configuration on each call, so module-level loggers follow a later `configure_logging`."""
+    if name:
+        bind["module"] = name
+    return structlog.get_logger(**bind)

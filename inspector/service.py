@@ -23,19 +23,18 @@ the loop keeps running.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import sdnotify
 
 from calibration.thresholds import Calibration, load_calibration
 from engines.runtime import create_engine
+from engines.sku import score_top_k
 from inspector.acquisition import Source, open_source
 from inspector.archive import Archive
 from inspector.config import InspectorConfig, load_config, resolve_sku
@@ -56,17 +55,6 @@ def load_thresholds(config: InspectorConfig, name: str) -> Calibration:
     if not path.is_file():
         raise DataError(f"{path}: no calibration for SKU {name!r}; run `inspector calibrate --sku {name}`")
     return load_calibration(path)
-
-
-def score_top_k(model_dir: Path) -> int:
-    """top_k of the image score as trained (meta.json "score"."top_k"), shared with calibration."""
-    meta_path = model_dir / "meta.json"
-    try:
-        return int(json.loads(meta_path.read_text())["score"]["top_k"])
-    except FileNotFoundError:
-        raise DataError(f"{meta_path}: missing; is skus.*.model_dir a trained SKU directory?") from None
-    except (KeyError, TypeError, ValueError) as exc:
-        raise DataError(f"{meta_path}: no valid score.top_k ({exc}); retrain or re-export the SKU") from None
 
 
 def load_sku(config: InspectorConfig, name: str) -> ActiveSku:

@@ -19,8 +19,8 @@ from calibration.thresholds import fit_thresholds, save_calibration
 from engines.runtime import create_engine
 from engines.sample_data import render_part
 from engines.scoring import image_scores
+from engines.sku import score_top_k
 from inspector.demo import Recipe, build_demo_sku
-from inspector.service import score_top_k
 from tests.fixtures_engines import exported_random_sku
 
 TEST_RECIPE = Recipe()

@@ -15,9 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engines.model import ModelConfig, TDADModel, load_sku, read_meta, save_sku
+from engines.model import TDADModel, load_sku, save_sku
 from engines.sample_data import write_good_folder
 from engines.schedule import Schedule
+from engines.sku import ModelConfig, read_meta
 from engines.train import (
     LOSSES,
     PHASES,

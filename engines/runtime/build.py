@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from calibration.int8 import make_entropy_calibrator
-from engines.model import read_meta
 from engines.runtime import add_sku_arguments, sku_dir_from_args
 from engines.runtime.staged import file_sha256
 from engines.runtime.tensorrt_backend import (
@@ -28,6 +27,7 @@ from engines.runtime.tensorrt_backend import (
     plan_tag,
     require_tensorrt,
 )
+from engines.sku import read_meta
 from inspector.errors import EngineError
 from inspector.log import get_logger
 
@@ -42,7 +42,7 @@ def calibration_stream(calib_dir: Path, image_size: int, limit: int, batch: int)
     """Up to `limit` good images of the SKU in full batches, through the shared preprocessing."""
     from calibration.int8 import CalibrationStream
     from engines.data import FolderDataset
-    from engines.model import preprocess
+    from engines.sku import preprocess
 
     dataset = FolderDataset(calib_dir, image_size)
     return CalibrationStream(dataset, batch, preprocess, max_batches=max(1, limit // batch))

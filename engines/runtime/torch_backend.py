@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from engines.model import TDADModel, load_sku, preprocess
+from engines.model import TDADModel, load_sku
+from engines.sku import preprocess
 from inspector.errors import DataError, EngineError
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import getpass
 import shutil
 import socket
 import subprocess
@@ -30,10 +31,11 @@ def port_open(host: str, port: int, timeout_s: float = 0.5) -> bool:
 class LocalBroker:
     """One mosquitto process listening on 127.0.0.1:port, anonymous; restartable on the same port.
 
-    persistent=True keeps sessions and queued QoS 1 messages across restart() (saved on SIGTERM).
+    persistent=True keeps sessions and queued QoS 1 messages across restart() (saved on SIGTERM);
+    extra_conf lines are appended to the generated mosquitto.conf.
     """
 
-    def __init__(self, workdir: Path, port: int | None = None, persistent: bool = False) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, persistent: bool = False, extra_conf: str = "") -> None:
         exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
         if exe is None:
             raise InspectorError("mosquitto not found on PATH: install it (apt-get install mosquitto)")
@@ -45,8 +47,12 @@ class LocalBroker:
         persistence = "persistence false\n"
         if persistent:
             persistence = f"persistence true\npersistence_location {self.workdir}/\n"
+        if "persistence " in extra_conf:
+            persistence = ""
+        # `user`: a broker started as root would otherwise switch to `mosquitto` and fail to write workdir
         self.conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\n{persistence}max_queued_messages 100000\n"
+            f"listener {self.port} 127.0.0.1\nallow_anonymous true\nuser {getpass.getuser()}\n{persistence}"
+            f"max_queued_messages 100000\n{extra_conf}\n"
         )
         self.log_path = self.workdir / "mosquitto.log"
         self.proc: subprocess.Popen[bytes] | None = None

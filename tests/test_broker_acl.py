@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import queue
 import shutil
-import socket
 import ssl
 import subprocess
 import time
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
+
+from inspector.broker import free_port, port_open
 
 MOSQUITTO_DIR = Path(__file__).resolve().parents[1] / "deploy" / "mosquitto"
 ADD_USER = MOSQUITTO_DIR / "add-user.sh"
@@ -28,18 +29,7 @@ ABSENCE_S = 0.5
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(
-        shutil.which("mosquitto") is None or shutil.which("mosquitto_passwd") is None,
-        reason="mosquitto missing (apt-get install mosquitto mosquitto-clients)",
-    ),
 ]
-
-
-def free_port() -> int:
-    """A loopback TCP port nobody listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
@@ -47,11 +37,9 @@ def wait_for_port(port: int, process: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + TIMEOUT_S
     while time.monotonic() < deadline:
         assert process.poll() is None, "mosquitto exited during start-up"
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+        if port_open("127.0.0.1", port, 0.2):
             return
-        except OSError:
-            time.sleep(0.05)
+        time.sleep(0.05)
     raise TimeoutError(f"mosquitto did not listen on {port}")
 
 

@@ -17,10 +17,8 @@ import numpy as np
 import onnxruntime as ort
 
 from engines.runtime.staged import (
-    check_export,
-    load_schedule,
+    open_exported_sku,
     preprocess_frames,
-    read_sku_meta,
     run_parts,
     run_parts_timed,
 )
@@ -116,12 +114,8 @@ class OnnxEngine:
     def load(self, sku_dir: Path) -> None:
         """Create the sessions for the SKU's part graphs (and the unrolled graph when its schedule matches)."""
         self.sku_dir = Path(sku_dir)
-        meta = read_sku_meta(self.sku_dir)
-        check_export(self.sku_dir, meta)
-        self.image_size = int(meta["image_size"])
-        self.schedule = load_schedule(meta, self.schedule_override)
-        latent_hw = self.image_size // 8
-        self._noises = self.schedule.stage_noises((int(meta["latent_channels"]), latent_hw, latent_hw))
+        sku = open_exported_sku(self.sku_dir, self.schedule_override)
+        meta, self.image_size, self.schedule, self._noises = sku.meta, sku.image_size, sku.schedule, sku.noises
         self._parts = _SessionParts({name: self._session(self.sku_dir / f"{name}.onnx") for name in PART_NAMES})
         baked = meta.get("export", {}).get("unrolled_schedule")
         if self.use_unrolled and baked == self.schedule.to_dict():

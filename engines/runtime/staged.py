@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -83,6 +84,27 @@ def check_export(sku_dir: Path, meta: dict[str, Any]) -> None:
     weights = sku_dir / WEIGHTS_FILE
     if weights.is_file() and export.get("weights_sha256") != file_sha256(weights):
         raise EngineError(f"the ONNX graphs in {sku_dir} were exported from other weights than {weights.name}; {fix}")
+
+
+@dataclass(frozen=True)
+class ExportedSku:
+    """What every exported-graph backend reads from a SKU dir before creating its sessions or contexts."""
+
+    meta: dict[str, Any]
+    image_size: int
+    schedule: Schedule
+    noises: tuple[np.ndarray, np.ndarray]
+
+
+def open_exported_sku(sku_dir: Path, override: dict[str, Any]) -> ExportedSku:
+    """Validate meta.json and the export record, apply schedule overrides and draw the fixed stage noises."""
+    meta = read_sku_meta(sku_dir)
+    check_export(sku_dir, meta)
+    image_size = int(meta["image_size"])
+    schedule = load_schedule(meta, override)
+    latent_hw = image_size // 8
+    noises = schedule.stage_noises((int(meta["latent_channels"]), latent_hw, latent_hw))
+    return ExportedSku(meta, image_size, schedule, noises)
 
 
 def file_sha256(path: Path) -> str:

@@ -19,11 +19,9 @@ from typing import Any
 import numpy as np
 
 from engines.runtime.staged import (
-    check_export,
     file_sha256,
-    load_schedule,
+    open_exported_sku,
     preprocess_frames,
-    read_sku_meta,
     run_parts,
     run_parts_timed,
 )
@@ -204,12 +202,8 @@ class TensorRTEngine:
     def load(self, sku_dir: Path) -> None:
         """Deserialise the plans for this GPU/TensorRT/precision; EngineError tells to build them if absent."""
         self.sku_dir = Path(sku_dir)
-        meta = read_sku_meta(self.sku_dir)
-        check_export(self.sku_dir, meta)
-        self.image_size = int(meta["image_size"])
-        self.schedule = load_schedule(meta, self.schedule_override)
-        latent_hw = self.image_size // 8
-        self._noises = self.schedule.stage_noises((int(meta["latent_channels"]), latent_hw, latent_hw))
+        sku = open_exported_sku(self.sku_dir, self.schedule_override)
+        meta, self.image_size, self.schedule, self._noises = sku.meta, sku.image_size, sku.schedule, sku.noises
 
         cuda.init()
         device = cuda.Device(self.device_id)

@@ -159,7 +159,7 @@ write_config() {
             -e "s|station1|$station|g" \
             -e "s|\"var/spool\"|\"/var/lib/inspector/$station/spool\"|" \
             -e "s|\"var/archive\"|\"/var/lib/inspector/$station/archive\"|" \
-            -e "s|\"var/skus/|\"/var/lib/inspector/skus/|g" \
+            -e "s|\"var/demo/sku\"|\"/var/lib/inspector/skus/demo-brick\"|g" \
             "$(config_template)" >"$cfg.new"
         chmod 0640 "$cfg.new"
         mv "$cfg.new" "$cfg"

@@ -30,10 +30,15 @@ def configure_logging(level: str = "info", json: bool | None = None) -> None:
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_stderr_logger,
         cache_logger_on_first_use=False,
     )
     logging.basicConfig(level=_LEVELS[level], stream=sys.stderr, format="%(name)s: %(message)s")
+
+
+def _stderr_logger(*_args: Any) -> structlog.PrintLogger:
+    """A printer to whatever sys.stderr is now (a redirected or replaced stream keeps working)."""
+    return structlog.PrintLogger(sys.stderr)
 
 
 def bind_context(**context: Any) -> None:

@@ -15,8 +15,10 @@ log = get_logger(__name__)  # created before configure_logging, as every module 
 
 @pytest.fixture(autouse=True)
 def _fresh_context() -> Iterator[None]:
+    saved = structlog.get_config()
     yield
     structlog.contextvars.clear_contextvars()
+    structlog.configure(**saved)
 
 
 def test_module_logger_writes_json_lines_to_stderr_after_configuration(capsys: pytest.CaptureFixture[str]) -> None:

@@ -155,4 +155,4 @@ def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float:
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError(f"aupro: fpr_limit must be in (0, 1], got {fpr_limit}")
     fprs, pros = pro_curve(masks, maps)
-    return area_to_limit(fprs, pros, fpr_limit) / fpr_limit
+    return float(area_to_limit(fprs, pros, fpr_limit) / fpr_limit)

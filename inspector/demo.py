@@ -294,7 +294,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `inspector demo`."""
     parser.add_argument("--workdir", type=Path, default=Path("var/demo"), help="cache and output folder")
     parser.add_argument("--frames", type=int, default=200, help="synthetic parts to inspect")
-    parser.add_argument("--fps", type=float, default=0.0, help="camera rate (0 = as fast as the daemon takes)")
+    parser.add_argument("--fps", type=float, default=25.0,
+                        help="camera rate, a line-like 25 by default (0 = as fast as the daemon takes: throughput)")
     parser.add_argument("--defect-rate", type=float, default=0.3, help="share of parts with a drawn defect")
     parser.add_argument("--part-size", type=int, default=128, help="camera frame size in px (square)")
     parser.add_argument("--seed", type=int, default=0)

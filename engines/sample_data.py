@@ -7,7 +7,8 @@ defects are drawn with an exact ground-truth mask (True exactly where a pixel wa
 from __future__ import annotations
 
 import csv
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 
@@ -140,6 +141,36 @@ def write_good_folder(directory: Path, n: int, size: int, texture: str = "brick"
     return Path(directory)
 
 
+@dataclass(frozen=True)
+class SamplePart:
+    """One generated part of a sample data set: its split, defect kind ("good" if none), image and mask."""
+
+    split: str
+    kind: str
+    index: int
+    image: np.ndarray
+    mask: np.ndarray | None
+
+
+def sample_parts(
+    category: str, n_train: int, n_test_good: int, n_test_bad: int, size: int, seed: int, texture: str | None
+) -> Iterator[SamplePart]:
+    """Good train parts, good test parts, then test parts with one defect each (kinds cycle DEFECT_TYPES).
+
+    The texture defaults to the category name when it is one of TEXTURES, else brick.
+    """
+    texture = texture or (category if category in _TEXTURES else "brick")
+    rng = np.random.default_rng(seed)
+    for i in range(n_train):
+        yield SamplePart("train", "good", i, render_part(texture, size, rng), None)
+    for i in range(n_test_good):
+        yield SamplePart("test", "good", i, render_part(texture, size, rng), None)
+    for i in range(n_test_bad):
+        kind = DEFECT_TYPES[i % len(DEFECT_TYPES)]
+        image, mask = draw_defect(render_part(texture, size, rng), rng, kind)
+        yield SamplePart("test", kind, i, image, mask)
+
+
 def write_mvtec_tree(
     root: Path,
     category: str = "brick",
@@ -150,22 +181,13 @@ def write_mvtec_tree(
     seed: int = 0,
     texture: str | None = None,
 ) -> Path:
-    """Write an MVTec AD style category (defect folders named by DEFECT_TYPES, exact masks); returns root.
-
-    The texture defaults to the category name when it is one of TEXTURES, else brick.
-    """
-    texture = texture or (category if category in _TEXTURES else "brick")
-    rng = np.random.default_rng(seed)
+    """Write an MVTec AD style category (defect folders named by DEFECT_TYPES, exact masks); returns root."""
     base = Path(root) / category
-    for i in range(n_train):
-        _write_image(base / "train" / "good" / f"{i:03d}.png", render_part(texture, size, rng))
-    for i in range(n_test_good):
-        _write_image(base / "test" / "good" / f"{i:03d}.png", render_part(texture, size, rng))
-    for i in range(n_test_bad):
-        kind = DEFECT_TYPES[i % len(DEFECT_TYPES)]
-        image, mask = draw_defect(render_part(texture, size, rng), rng, kind)
-        _write_image(base / "test" / kind / f"{i:03d}.png", image)
-        _write_image(base / "ground_truth" / kind / f"{i:03d}_mask.png", mask.astype(np.uint8) * 255)
+    for part in sample_parts(category, n_train, n_test_good, n_test_bad, size, seed, texture):
+        _write_image(base / part.split / part.kind / f"{part.index:03d}.png", part.image)
+        if part.mask is not None:
+            mask_path = base / "ground_truth" / part.kind / f"{part.index:03d}_mask.png"
+            _write_image(mask_path, part.mask.astype(np.uint8) * 255)
     return Path(root)
 
 
@@ -180,36 +202,28 @@ def write_visa_tree(
     texture: str | None = None,
 ) -> Path:
     """Write a VisA style category (JPG images, PNG masks, rows merged into split_csv/1cls.csv); returns root."""
-    texture = texture or (category if category in _TEXTURES else "brick")
-    rng = np.random.default_rng(seed)
     root = Path(root)
     data = root / category / "Data"
     rows: list[dict[str, str]] = []
-
-    def add(split: str, label: str, image: np.ndarray, name: str, mask: np.ndarray | None) -> None:
-        folder = "Normal" if label == "normal" else "Anomaly"
-        image_path = data / "Images" / folder / f"{name}.JPG"
-        _write_image(image_path, image)
+    for part in sample_parts(category, n_train, n_test_good, n_test_bad, size, seed, texture):
+        normal = part.mask is None
+        name = f"{part.split}_{part.index:04d}" if normal else f"{part.index:03d}"
+        image_path = data / "Images" / ("Normal" if normal else "Anomaly") / f"{name}.JPG"
+        _write_image(image_path, part.image)
         mask_rel = ""
-        if mask is not None:
+        if part.mask is not None:
             mask_path = data / "Masks" / "Anomaly" / f"{name}.png"
-            _write_image(mask_path, mask.astype(np.uint8))
+            _write_image(mask_path, part.mask.astype(np.uint8))
             mask_rel = mask_path.relative_to(root).as_posix()
         rows.append(
             {
                 "object": category,
-                "split": split,
-                "label": label,
+                "split": part.split,
+                "label": "normal" if normal else "anomaly",
                 "image": image_path.relative_to(root).as_posix(),
                 "mask": mask_rel,
             }
         )
-
-    for i in range(n_train + n_test_good):
-        add("train" if i < n_train else "test", "normal", render_part(texture, size, rng), f"{i:04d}", None)
-    for i in range(n_test_bad):
-        image, mask = draw_defect(render_part(texture, size, rng), rng)
-        add("test", "anomaly", image, f"{i:03d}", mask)
 
     csv_path = root / "split_csv" / "1cls.csv"
     csv_path.parent.mkdir(parents=True, exist_ok=True)

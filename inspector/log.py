@@ -8,6 +8,9 @@ from typing import Any
 
 import structlog
 
+# line/station/sku of this daemon: process-wide, so events from every thread (paho's, the pipeline's) carry them
+_PROCESS_CONTEXT: dict[str, Any] = {}
+
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 
 
@@ -20,6 +23,7 @@ def configure_logging(level: str = "info", json: bool | None = None) -> None:
     )
     processors: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
+        _add_process_context,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.StackInfoRenderer(),
@@ -41,9 +45,20 @@ def _stderr_logger(*_args: Any) -> structlog.PrintLogger:
     return structlog.PrintLogger(sys.stderr)
 
 
+def _add_process_context(_logger: Any, _method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    """Add the bound line/station/sku to an event unless the event names its own."""
+    for key, value in _PROCESS_CONTEXT.items():
+        event_dict.setdefault(key, value)
+    return event_dict
+
+
 def bind_context(**context: Any) -> None:
-    """Attach line/station/sku (or any key) to every event logged afterwards in this context."""
-    structlog.contextvars.bind_contextvars(**{k: v for k, v in context.items() if v is not None})
+    """Attach line/station/sku (or any key) to every event logged afterwards, from any thread; None unbinds."""
+    for key, value in context.items():
+        if value is None:
+            _PROCESS_CONTEXT.pop(key, None)
+        else:
+            _PROCESS_CONTEXT[key] = value
 
 
 def get_logger(name: str | None = None, **bind: Any) -> Any:

@@ -108,7 +108,7 @@ class Daemon:
         cfg = self.config
         self._notify(f"STATUS=loading SKU {cfg.active_sku}")
         active = self.sku_loader(cfg, cfg.active_sku)
-        bind_context(line=cfg.line.line_id, station=cfg.line.station_id)
+        bind_context(line=cfg.line.line_id, station=cfg.line.station_id, sku=cfg.active_sku)
         if cfg.archive.enabled:
             self.archive = Archive(cfg.archive.dir, max_mb=cfg.archive.max_mb,
                                    ok_sample_rate=cfg.archive.ok_sample_rate).start()
@@ -233,6 +233,7 @@ class Daemon:
                 self._loading = None
         pipeline.swap_sku(active)
         load_s = round(time.monotonic() - t0, 2)
+        bind_context(sku=name)
         log.info("changeover_done", sku=name, load_s=load_s)
         self._notify(f"STATUS=inspecting SKU {name}")
         self.publish_status()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -17,7 +18,7 @@ log = get_logger(__name__)  # created before configure_logging, as every module 
 def _fresh_context() -> Iterator[None]:
     saved = structlog.get_config()
     yield
-    structlog.contextvars.clear_contextvars()
+    bind_context(line=None, station=None, sku=None)
     structlog.configure(**saved)
 
 
@@ -37,6 +38,16 @@ def test_module_logger_writes_json_lines_to_stderr_after_configuration(capsys: p
     assert event["level"] == "info"
     assert (event["line"], event["station"]) == ("l1", "s1")
     assert "sku" not in event
+
+
+def test_context_reaches_events_logged_from_other_threads(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("info", json=True)
+    bind_context(line="l2", station="s9", sku="widget")
+    worker = threading.Thread(target=lambda: log.info("from_worker"))
+    worker.start()
+    worker.join()
+    event = json.loads(capsys.readouterr().err.strip())
+    assert (event["event"], event["line"], event["station"], event["sku"]) == ("from_worker", "l2", "s9", "widget")
 
 
 def test_level_from_config_filters(capsys: pytest.CaptureFixture[str]) -> None:

@@ -22,7 +22,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from calibration.metrics import f1_max_threshold
-from inspector.errors import DataError
+from inspector.errors import ConfigError, DataError
 
 CALIBRATION_FILE = "calibration.json"
 # Without NG masks, the pixel threshold is this quantile of all good-part pixel scores.
@@ -234,6 +234,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
     parser.add_argument("--good", type=Path, required=True, help="folder of good images (recursive)")
     parser.add_argument("--ng", type=Path, help="folder of NG images: reports miss rate and F1-optimal threshold")
+    parser.add_argument(
+        "--ng-masks",
+        type=Path,
+        help="masks of the --ng images (<stem>_mask.png or <stem>.png): the pixel threshold becomes F1-optimal",
+    )
     parser.add_argument("--frr", type=float, default=0.005, help="target false-reject rate (default 0.005)")
 
 
@@ -253,16 +258,23 @@ def run(args: argparse.Namespace) -> int:
     good = FolderDataset(args.good, engine.image_size)
     good_maps = infer_dataset(engine, good, args.batch, desc="good").maps
     hashes = [file_list_hash(good)]
-    ng_scores = None
+    if args.ng_masks is not None and args.ng is None:
+        raise ConfigError("--ng-masks needs --ng (the defective images the masks belong to)")
+    ng_scores = ng_maps = ng_masks = None
     if args.ng is not None:
-        ng = FolderDataset(args.ng, engine.image_size)
-        ng_scores = image_scores(infer_dataset(engine, ng, args.batch, desc="ng").maps, top_k=top_k)
+        ng = FolderDataset(args.ng, engine.image_size, mask_dir=args.ng_masks)
+        inference = infer_dataset(engine, ng, args.batch, desc="ng")
+        ng_scores = image_scores(inference.maps, top_k=top_k)
+        if args.ng_masks is not None:
+            ng_maps, ng_masks = inference.maps, inference.masks
         hashes.append(file_list_hash(ng))
     calibration = fit_thresholds(
         image_scores(good_maps, top_k=top_k),
         good_maps,
         args.frr,
         ng_scores=ng_scores,
+        ng_maps=ng_maps,
+        ng_masks=ng_masks,
         score_top_k=top_k,
         data_hash=hashes[0] if len(hashes) == 1 else "+".join(hashes),
     )

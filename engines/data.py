@@ -179,18 +179,32 @@ class ImageDataset(Sequence[Item]):
 
 
 class FolderDataset(ImageDataset):
-    """Every image under a folder (recursive), all good: the simplest way to train one SKU."""
+    """Every image under a folder (recursive): all good, the simplest way to train one SKU; or, with
+    `mask_dir`, all defective with their masks (`<stem>_mask.png` as in MVTec AD, or `<stem>.png`)."""
 
     layout = "folder"
 
-    def __init__(self, root: Path, image_size: int) -> None:
+    def __init__(self, root: Path, image_size: int, mask_dir: Path | None = None) -> None:
         root = Path(root)
         paths = list_images(root)
         if not paths:
             raise DataError(
                 f"no images in {root}: expected a folder of good images (*.png, *.jpg, *.bmp, *.tif, recursive)"
             )
-        super().__init__(root, image_size, [Record(p, None, 0, "good", False) for p in paths])
+        if mask_dir is None:
+            records = [Record(p, None, 0, "good", False) for p in paths]
+        else:
+            records = [Record(p, _mask_for(p, Path(mask_dir)), 1, "defect", False) for p in paths]
+        super().__init__(root, image_size, records)
+
+
+def _mask_for(image: Path, mask_dir: Path) -> Path:
+    """The mask file of a defective image in mask_dir; DataError naming both names it looked for."""
+    candidates = [mask_dir / f"{image.stem}_mask.png", mask_dir / f"{image.stem}.png"]
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise DataError(f"no mask for {image}: expected {candidates[0]} or {candidates[1]}")
 
 
 class MVTecDataset(ImageDataset):

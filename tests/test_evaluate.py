@@ -134,6 +134,32 @@ def test_evaluate_with_a_real_engine(tiny_sku: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_calibrate_with_ng_masks_fits_the_pixel_threshold_on_them(
+    tiny_sku: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = make_good_folder(tmp_path / "good", n=9, size=32)
+    root = make_mvtec_tree(tmp_path / "mvtec", n_test_good=0, n_test_bad=4, size=32)
+    ng, masks = root / "brick" / "test" / "scratch", root / "brick" / "ground_truth" / "scratch"
+    args = ["calibrate", "--sku-dir", str(tiny_sku), "--good", str(good), "--frr", "0.1", "--threads", "1"]
+    assert main([*args, "--ng", str(ng), "--ng-masks", str(masks)]) == 0, capsys.readouterr().err
+    assert load_calibration(tiny_sku / "calibration.json").pixel_threshold_method == "f1_optimal_on_ng_masks"
+    assert main([*args, "--ng", str(ng)]) == 0
+    assert load_calibration(tiny_sku / "calibration.json").pixel_threshold_method != "f1_optimal_on_ng_masks"
+
+
+def test_calibrate_ng_without_its_masks_is_a_one_line_error(
+    tiny_sku: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good = make_good_folder(tmp_path / "good", n=9, size=32)
+    root = make_mvtec_tree(tmp_path / "mvtec", n_test_good=0, n_test_bad=1, size=32)
+    args = ["calibrate", "--sku-dir", str(tiny_sku), "--good", str(good), "--frr", "0.1"]
+    code = main([*args, "--ng", str(root / "brick" / "test" / "scratch"), "--ng-masks", str(tmp_path)])
+    assert code == 2
+    assert "no mask for" in capsys.readouterr().err
+    assert main([*args, "--ng-masks", str(tmp_path)]) == 2
+    assert "--ng-masks needs --ng" in capsys.readouterr().err
+
+
 def test_calibrate_then_eval_cli(tiny_sku: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     good = make_good_folder(tmp_path / "good", n=9, size=32)
     root = make_mvtec_tree(tmp_path / "mvtec", n_test_good=2, n_test_bad=3, size=32)

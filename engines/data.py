@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,9 +174,10 @@ class ImageDataset(Sequence[Item]):
         return Item(image=image, mask=mask, label=record.label, path=record.path, defect_type=record.defect_type)
 
     def relative_files(self) -> list[Path]:
-        """Every image and mask file of the data set, relative to root (what file_list_hash covers)."""
+        """Every image and mask file of the data set, relative to root (what file_list_hash covers); masks
+        kept in a folder beside the images come out as ../ paths."""
         files = [r.path for r in self.records] + [r.mask_path for r in self.records if r.mask_path]
-        return sorted(p.relative_to(self.root) for p in files)
+        return sorted(Path(os.path.relpath(p, self.root)) for p in files)
 
 
 class FolderDataset(ImageDataset):

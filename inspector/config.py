@@ -205,10 +205,6 @@ class InspectorConfig(BaseSettings):
         """`<prefix>/<line>/<station>`: the root of every topic this station publishes or subscribes."""
         return f"{self.mqtt.topic_prefix}/{self.line.line_id}/{self.line.station_id}"
 
-    def sku(self, name: str) -> SkuConfig:
-        """The SKU table `name`, or a ConfigError listing the SKUs that exist."""
-        return resolve_sku(self, name)
-
 
 def resolve_sku(config: InspectorConfig, name: str) -> SkuConfig:
     """Look up a SKU by name; an unknown name is an operator error that lists the known ones."""
@@ -289,7 +285,13 @@ def _resolve_relative_paths(model: BaseModel, base: Path) -> None:
 
 
 def read_secret(path: Path, key: str) -> str:
-    """Read a secret file (password, key) after checking that other users cannot read it."""
+    """Read a secret file (password) after checking that other users cannot read it."""
+    check_secret_file(path, key)
+    return path.read_text(encoding="utf-8").strip()
+
+
+def check_secret_file(path: Path, key: str) -> None:
+    """Refuse a missing secret file (password, TLS key) or one that any user on the box can read."""
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
@@ -298,7 +300,6 @@ def read_secret(path: Path, key: str) -> str:
         raise ConfigError(
             f"{key}: secret file {path} is world-readable (mode {stat.S_IMODE(mode):o}); run chmod 640 {path}"
         )
-    return path.read_text(encoding="utf-8").strip()
 
 
 def masked_dump(config: InspectorConfig) -> dict[str, Any]:

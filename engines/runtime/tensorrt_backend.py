@@ -63,13 +63,6 @@ def plan_path(sku_dir: Path, name: str, tag: str) -> Path:
     return sku_dir / f"{name}.{tag}.plan"
 
 
-def current_gpu(device_id: int) -> tuple[str, str]:
-    """(GPU model name, TensorRT version) of this machine, for tags."""
-    require_tensorrt()
-    cuda.init()
-    return cuda.Device(device_id).name(), trt.__version__
-
-
 def check_plan(sku_dir: Path, name: str, tag: str, precision: str) -> Path:
     """The plan for `name` under `tag`, or EngineError saying how to build it (missing, stale or foreign)."""
     path = plan_path(sku_dir, name, tag)

@@ -33,7 +33,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
-from inspector.config import MqttConfig
+from inspector.config import MqttConfig, check_secret_file
 from inspector.errors import ConfigError
 from inspector.log import get_logger
 from inspector.spool import Spool
@@ -92,6 +92,8 @@ class Publisher:
                 path = getattr(cfg, key)
                 if path is not None and not Path(path).is_file():
                     raise ConfigError(f"mqtt.{key} = {path} does not exist; fix the path or remove the key")
+            if cfg.tls_key is not None:
+                check_secret_file(cfg.tls_key, "mqtt.tls_key")
             client.tls_set(
                 ca_certs=str(cfg.tls_ca) if cfg.tls_ca else None,
                 certfile=str(cfg.tls_cert) if cfg.tls_cert else None,

@@ -193,6 +193,15 @@ def mqtt_cfg(port: int, spool: Path, **kw: Any) -> MqttConfig:
     return MqttConfig(port=port, spool_dir=spool, reconnect_min_s=0.1, reconnect_max_s=0.5, **kw)
 
 
+def test_world_readable_tls_key_is_refused(tmp_path: Path) -> None:
+    cert, key = tmp_path / "station.crt", tmp_path / "station.key"
+    cert.write_text("cert")
+    key.write_text("key")
+    key.chmod(0o644)
+    with pytest.raises(ConfigError, match=r"mqtt\.tls_key: secret file .* is world-readable"):
+        Publisher(mqtt_cfg(free_port(), tmp_path / "spool", tls_cert=cert, tls_key=key), ROOT)
+
+
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[MosquittoProcess]:
     process = start_mosquitto(tmp_path)

@@ -13,8 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from foundation.log import configure_logging
 from inspector.demo import Recipe, add_arguments, build_demo_sku, demo_config, run_demo
-from inspector.log import configure_logging
 
 COLUMNS = ("throughput (fps)", "latency p50 (ms)", "latency p99 (ms)", "fail-safe", "caught (NG)", "missed (OK)",
            "falsely rejected")

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from engines.runtime import benchmark
-from inspector.errors import InspectorError
+from foundation.errors import InspectorError
 
 
 def main(argv: list[str] | None = None) -> int:

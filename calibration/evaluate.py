@@ -26,8 +26,8 @@ from engines.data import Item, file_list_hash, open_dataset
 from engines.runtime import BACKENDS, Engine, add_sku_arguments, create_engine, sku_dir_from_args
 from engines.scoring import DEFAULT_TOP_K, image_scores
 from engines.sku import score_top_k
-from inspector.errors import ConfigError
-from inspector.log import get_logger
+from foundation.errors import ConfigError
+from foundation.log import get_logger
 
 log = get_logger(__name__)
 

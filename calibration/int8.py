@@ -19,8 +19,8 @@ from typing import Any
 import numpy as np
 
 from engines.runtime import GPU_EXTRA_HINT
-from inspector.errors import DataError, EngineError
-from inspector.log import get_logger
+from foundation.errors import DataError, EngineError
+from foundation.log import get_logger
 
 log = get_logger(__name__)
 

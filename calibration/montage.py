@@ -8,7 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from inspector.errors import DataError
+from foundation.errors import DataError
 
 COLUMNS = ("input", "ground truth", "anomaly map", "mask > threshold")
 MIN_TILE_PX = 160

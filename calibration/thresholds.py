@@ -22,7 +22,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from calibration.metrics import f1_max_threshold
-from inspector.errors import ConfigError, DataError
+from foundation.errors import ConfigError, DataError
 
 CALIBRATION_FILE = "calibration.json"
 # Without NG masks, the pixel threshold is this quantile of all good-part pixel scores.

@@ -34,8 +34,8 @@ from typing import Literal, overload
 import cv2
 import numpy as np
 
-from inspector.errors import DataError
-from inspector.log import get_logger
+from foundation.errors import DataError
+from foundation.log import get_logger
 
 log = get_logger(__name__)
 

@@ -36,8 +36,8 @@ from engines.runtime import add_sku_arguments, sku_dir_from_args
 from engines.runtime.staged import file_sha256
 from engines.schedule import Schedule
 from engines.sku import META_FILE, WEIGHTS_FILE, read_meta
-from inspector.errors import EngineError
-from inspector.log import get_logger
+from foundation.errors import EngineError
+from foundation.log import get_logger
 
 log = get_logger(__name__)
 

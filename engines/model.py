@@ -20,7 +20,7 @@ from engines.nets.segmenter import Segmenter
 from engines.schedule import Schedule, two_stage_reconstruct
 from engines.scoring import DEFAULT_TOP_K
 from engines.sku import META_FILE, WEIGHTS_FILE, ModelConfig, first_line, read_meta
-from inspector.errors import DataError
+from foundation.errors import DataError
 
 
 class TDADModel(nn.Module):

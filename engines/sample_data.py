@@ -16,7 +16,7 @@ import cv2
 import numpy as np
 import skimage.data
 
-from inspector.errors import DataError
+from foundation.errors import DataError
 
 # name -> (skimage loader, RGB tint applied to grayscale textures)
 _TEXTURES: dict[str, tuple[Callable[[], np.ndarray], tuple[float, float, float]]] = {

@@ -15,7 +15,7 @@ import numpy as np
 
 from engines.schedule import Schedule
 from engines.scoring import DEFAULT_TOP_K
-from inspector.errors import ConfigError, DataError
+from foundation.errors import ConfigError, DataError
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "meta.json"

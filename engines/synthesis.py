@@ -34,7 +34,7 @@ import cv2
 import numpy as np
 
 from engines.textures import TextureBank
-from inspector.errors import ConfigError
+from foundation.errors import ConfigError
 
 Foreground = Literal["otsu", "none"] | np.ndarray
 TextureSource = Literal["texture", "self", "plain"]

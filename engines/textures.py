@@ -8,8 +8,8 @@ import cv2
 import numpy as np
 
 from engines.data import list_images, load_image_rgb
-from inspector.errors import DataError
-from inspector.log import get_logger
+from foundation.errors import DataError
+from foundation.log import get_logger
 
 log = get_logger(__name__)
 

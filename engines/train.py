@@ -37,8 +37,8 @@ from engines.data import file_list_hash, open_dataset
 from engines.model import ModelConfig, TDADModel, save_sku
 from engines.schedule import Schedule, predict_x0
 from engines.synthesis import AnomalySynthesizer
-from inspector.errors import DataError
-from inspector.log import get_logger
+from foundation.errors import DataError
+from foundation.log import get_logger
 
 log = get_logger(__name__)
 

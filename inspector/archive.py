@@ -22,7 +22,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from inspector.log import get_logger
+from foundation.log import get_logger
 
 log = get_logger(__name__)
 

@@ -9,7 +9,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from inspector.errors import InspectorError
+from foundation.errors import InspectorError
 
 
 def free_port() -> int:

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from inspector.errors import InspectorError
+from foundation.errors import InspectorError
 
 EXIT_OPERATOR_ERROR = 2
 EXIT_INTERRUPTED = 130

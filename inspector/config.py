@@ -17,7 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from inspector.errors import ConfigError
+from foundation.errors import ConfigError
 
 DEFAULT_CONFIG = Path("inspector.toml")
 CONFIG_ENV = "INSPECTOR_CONFIG"

@@ -24,6 +24,8 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from foundation.errors import InspectorError
+from foundation.log import configure_logging, get_logger
 from inspector.acquisition import Frame, Source, open_source
 from inspector.broker import LocalBroker, port_open, start_local_broker
 from inspector.config import (
@@ -37,8 +39,6 @@ from inspector.config import (
     SyntheticCamera,
     load_config,
 )
-from inspector.errors import InspectorError
-from inspector.log import configure_logging, get_logger
 
 log = get_logger(__name__)
 

@@ -33,9 +33,9 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from foundation.errors import ConfigError
+from foundation.log import get_logger
 from inspector.config import MqttConfig, check_secret_file
-from inspector.errors import ConfigError
-from inspector.log import get_logger
 from inspector.spool import Spool
 from inspector.verdict import Verdict, reject_payload
 

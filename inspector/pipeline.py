@@ -28,10 +28,10 @@ import cv2
 import numpy as np
 
 from engines.runtime.base import Engine
+from foundation.log import get_logger
 from inspector.acquisition import Frame, Source
 from inspector.archive import Archive, ArchiveItem
 from inspector.decider import Decider, Decision, Placement
-from inspector.log import get_logger
 from inspector.verdict import Verdict
 
 log = get_logger(__name__)

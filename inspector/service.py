@@ -35,12 +35,12 @@ import sdnotify
 from calibration.thresholds import Calibration, load_calibration
 from engines.runtime import create_engine
 from engines.sku import score_top_k
+from foundation.errors import ConfigError, DataError, InspectorError
+from foundation.log import bind_context, configure_logging, get_logger
 from inspector.acquisition import Source, open_source
 from inspector.archive import Archive
 from inspector.config import InspectorConfig, load_config, resolve_sku
 from inspector.decider import Decider
-from inspector.errors import ConfigError, DataError, InspectorError
-from inspector.log import bind_context, configure_logging, get_logger
 from inspector.mqtt import Publisher
 from inspector.pipeline import ActiveSku, Pipeline
 

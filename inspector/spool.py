@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from inspector.errors import ConfigError
-from inspector.log import get_logger
+from foundation.errors import ConfigError
+from foundation.log import get_logger
 
 log = get_logger(__name__)
 

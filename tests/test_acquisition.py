@@ -12,9 +12,9 @@ import cv2
 import numpy as np
 import pytest
 
+from foundation.errors import DataError
 from inspector.acquisition import Frame, Source, open_source
 from inspector.config import FolderCamera, SyntheticCamera, VideoCamera
-from inspector.errors import DataError
 
 
 def write_images(folder: Path, n: int) -> list[np.ndarray]:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from engines.runtime import benchmark
-from inspector.errors import EngineError
+from foundation.errors import EngineError
 from tests.fixtures_engines import exported_random_sku
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from foundation.errors import ConfigError
 from inspector.config import (
     GenTLCamera,
     InspectorConfig,
@@ -17,7 +18,6 @@ from inspector.config import (
     read_secret,
     resolve_sku,
 )
-from inspector.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "inspector.toml"

@@ -20,7 +20,7 @@ from engines.data import (
     open_dataset,
 )
 from engines.sample_data import DEFECT_TYPES, TEXTURES, draw_defect, render_part
-from inspector.errors import DataError
+from foundation.errors import DataError
 from tests.fixtures_data import make_good_folder, make_mvtec_tree, make_visa_tree
 
 

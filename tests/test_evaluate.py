@@ -21,8 +21,8 @@ from calibration.montage import COLUMNS, MontageRow, render_montage, write_monta
 from calibration.thresholds import load_calibration
 from engines.data import open_dataset
 from engines.scoring import image_scores
+from foundation.errors import ConfigError, DataError
 from inspector.cli import main
-from inspector.errors import ConfigError, DataError
 from tests.fixtures_data import make_good_folder, make_mvtec_tree
 
 

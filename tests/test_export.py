@@ -14,7 +14,7 @@ import pytest
 from engines import export
 from engines.runtime import sku_dir_from_args
 from engines.runtime.staged import file_sha256
-from inspector.errors import EngineError
+from foundation.errors import EngineError
 from tests.fixtures_engines import exported_random_sku
 
 GRAPHS = ("encoder", "denoiser", "fusion", "decoder", "segmenter", "tdad")

@@ -10,7 +10,7 @@ import pytest
 
 from engines.runtime import BACKENDS, create_engine
 from engines.runtime.base import Engine
-from inspector.errors import EngineError
+from foundation.errors import EngineError
 from tests.fixtures_engines import exported_random_sku, random_frames
 
 

@@ -11,10 +11,10 @@ import genicam
 import numpy as np
 import pytest
 
+from foundation.errors import ConfigError, DataError, InspectorError
 from inspector.acquisition import open_source
 from inspector.acquisition.gentl import PIXEL_FORMATS, GenTLSource, buffer_to_rgb
 from inspector.config import GenTLCamera
-from inspector.errors import ConfigError, DataError, InspectorError
 
 VIKY = Path(genicam.__file__).parent / "viky.cti"
 

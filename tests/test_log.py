@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 import structlog
 
-from inspector.log import bind_context, configure_logging, get_logger
+from foundation.log import bind_context, configure_logging, get_logger
 
 log = get_logger(__name__)  # created before configure_logging, as every module does
 

@@ -19,8 +19,8 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 from structlog.testing import capture_logs
 
+from foundation.errors import ConfigError
 from inspector.config import MqttConfig
-from inspector.errors import ConfigError
 from inspector.mqtt import Publisher
 from inspector.spool import Spool
 from inspector.verdict import decode_mask_png, encode_mask_png
@@ -255,7 +255,7 @@ PUBLISHER_SCRIPT = """
 import sys, time
 from pathlib import Path
 from inspector.config import MqttConfig
-from inspector.errors import ConfigError
+from foundation.errors import ConfigError
 from inspector.mqtt import Publisher
 cfg = MqttConfig(port=int(sys.argv[1]), spool_dir=Path(sys.argv[2]), keepalive_s=5)
 publisher = Publisher(cfg, sys.argv[3])

@@ -10,7 +10,7 @@ import pytest
 
 from engines.runtime.onnx_backend import OnnxEngine, session_options
 from engines.runtime.staged import STAGES
-from inspector.errors import EngineError
+from foundation.errors import EngineError
 from tests.fixtures_engines import copy_sku, exported_random_sku, random_frames
 
 

@@ -21,10 +21,10 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from calibration.thresholds import save_calibration
+from foundation.errors import DataError
 from inspector.broker import LocalBroker, start_local_broker
 from inspector.config import InspectorConfig, load_config
 from inspector.decider import Decider
-from inspector.errors import DataError
 from inspector.pipeline import ActiveSku
 from inspector.service import Daemon, load_sku, load_thresholds
 from tests.test_decider import make_calibration

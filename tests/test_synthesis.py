@@ -21,7 +21,7 @@ from engines.synthesis import (
     shuffled_patches,
 )
 from engines.textures import TextureBank
-from inspector.errors import ConfigError, DataError
+from foundation.errors import ConfigError, DataError
 from tests.fixtures_data import make_good_folder
 
 SIZE = 64

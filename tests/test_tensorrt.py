@@ -12,7 +12,7 @@ import pytest
 
 from engines.runtime.staged import file_sha256
 from engines.runtime.tensorrt_backend import check_plan, plan_path, plan_tag
-from inspector.errors import EngineError
+from foundation.errors import EngineError
 from tests.fixtures_engines import copy_sku, exported_random_sku, random_frames
 from tests.test_parity import part_frames, rel_error
 

@@ -16,7 +16,7 @@ from calibration.thresholds import (
     order_statistic_threshold,
     save_calibration,
 )
-from inspector.errors import DataError
+from foundation.errors import DataError
 
 
 def good_set(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -12,7 +12,7 @@ from engines.model import ModelConfig, TDADModel, save_sku
 from engines.runtime.base import Engine
 from engines.runtime.torch_backend import TorchEngine
 from engines.schedule import Schedule
-from inspector.errors import EngineError
+from foundation.errors import EngineError
 
 S = 64
 

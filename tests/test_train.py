@@ -31,7 +31,7 @@ from engines.train import (
     set_phase,
     train_sku,
 )
-from inspector.errors import ConfigError, DataError
+from foundation.errors import ConfigError, DataError
 
 torch.set_num_threads(1)
 S = 64

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from engines.runtime.base import Engine
-from inspector.errors import EngineError
+from foundation.errors import EngineError
 
 # backend name -> (module, class); the module is imported only when the backend is created
 BACKENDS: dict[str, tuple[str, str]] = {

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from engines.runtime import BACKENDS, create_engine
-from inspector.errors import EngineError
+from foundation.errors import EngineError
 
 STAGE_ORDER = ("preprocess", "encode", "stage1", "fusion", "stage2", "decode", "segment")
 

@@ -28,8 +28,8 @@ from engines.runtime.tensorrt_backend import (
     require_tensorrt,
 )
 from engines.sku import read_meta
-from inspector.errors import EngineError
-from inspector.log import get_logger
+from foundation.errors import EngineError
+from foundation.log import get_logger
 
 log = get_logger(__name__)
 

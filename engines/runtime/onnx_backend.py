@@ -22,8 +22,8 @@ from engines.runtime.staged import (
     run_parts,
     run_parts_timed,
 )
-from inspector.errors import EngineError
-from inspector.log import get_logger
+from foundation.errors import EngineError
+from foundation.log import get_logger
 
 log = get_logger(__name__)
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from engines.schedule import Schedule, two_stage_reconstruct
 from engines.sku import META_FILE, WEIGHTS_FILE, preprocess, read_meta
-from inspector.errors import DataError, EngineError
+from foundation.errors import DataError, EngineError
 
 STAGES = ("preprocess", "encode", "stage1", "fusion", "stage2", "decode", "segment")
 

@@ -25,8 +25,8 @@ from engines.runtime.staged import (
     run_parts,
     run_parts_timed,
 )
-from inspector.errors import EngineError
-from inspector.log import get_logger
+from foundation.errors import EngineError
+from foundation.log import get_logger
 
 try:  # the [gpu] extra
     import pycuda.driver as cuda

@@ -10,7 +10,7 @@ import torch
 
 from engines.model import TDADModel, load_sku
 from engines.sku import preprocess
-from inspector.errors import DataError, EngineError
+from foundation.errors import DataError, EngineError
 
 
 class TorchEngine:

@@ -96,6 +96,6 @@ def open_source(camera_cfg: CameraConfig) -> Source:
         from inspector.acquisition.gentl import GenTLSource
 
         return GenTLSource(camera_cfg)
-    from inspector.errors import ConfigError
+    from foundation.errors import ConfigError
 
     raise ConfigError(f"camera.type = {kind!r} is unknown; use synthetic, folder, video or gentl")

@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 
 from engines.data import load_image_rgb
+from foundation.errors import DataError
 from inspector.acquisition.base import Frame, PacedSource
 from inspector.config import FolderCamera
-from inspector.errors import DataError
 
 
 class FolderSource(PacedSource):

@@ -15,10 +15,10 @@ from typing import Any
 import cv2
 import numpy as np
 
+from foundation.errors import ConfigError, DataError, InspectorError
+from foundation.log import get_logger
 from inspector.acquisition.base import Frame, PacedSource
 from inspector.config import GenTLCamera
-from inspector.errors import ConfigError, DataError, InspectorError
-from inspector.log import get_logger
 
 log = get_logger(__name__)
 

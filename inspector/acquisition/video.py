@@ -9,9 +9,9 @@ from typing import Any
 
 import cv2
 
+from foundation.errors import DataError
 from inspector.acquisition.base import Frame, PacedSource
 from inspector.config import VideoCamera
-from inspector.errors import DataError
 
 
 class VideoSource(PacedSource):

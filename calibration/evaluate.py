@@ -23,7 +23,16 @@ from calibration import metrics
 from calibration.montage import MontageRow, write_montage
 from calibration.thresholds import CALIBRATION_FILE, Calibration, load_calibration
 from engines.data import Item, file_list_hash, open_dataset
-from engines.runtime import BACKENDS, Engine, add_sku_arguments, create_engine, sku_dir_from_args
+from engines.runtime import (
+    BACKENDS,
+    Engine,
+    EngineSettings,
+    add_sku_arguments,
+    create_engine,
+    engine_settings,
+    sku_dir_from_args,
+)
+from engines.runtime.config import DEFAULT_BACKEND
 from engines.scoring import DEFAULT_TOP_K, image_scores
 from engines.sku import score_top_k
 from foundation.errors import ConfigError
@@ -203,11 +212,10 @@ def parse_steps(text: str) -> list[tuple[int, int]]:
 
 @dataclass(frozen=True)
 class SkuTarget:
-    """Where a CLI command finds a SKU and how it runs it: directory, backend, threads, schedule, thresholds."""
+    """Where a CLI command finds a SKU and how it runs it: directory, engine settings, schedule, thresholds."""
 
     sku_dir: Path
-    backend: str
-    threads: int
+    engine: EngineSettings
     schedule_override: dict[str, int]
     calibration_path: Path
 
@@ -215,15 +223,20 @@ class SkuTarget:
 def sku_target(args: argparse.Namespace) -> SkuTarget:
     """Resolve --sku NAME (through inspector.toml) or --sku-dir D, with --backend/--threads on top."""
     sku_dir = sku_dir_from_args(args)
-    backend, threads, override, calibration_path = "onnxruntime", 0, {}, sku_dir / CALIBRATION_FILE
+    settings: EngineSettings | None = None
+    override, calibration_path = {}, sku_dir / CALIBRATION_FILE
     if args.sku is not None:
         from inspector.config import load_config, resolve_sku
 
         config = load_config(args.config)
         sku = resolve_sku(config, args.sku)
-        backend, threads = config.engine.backend, config.engine.threads
-        override, calibration_path = sku.schedule_override(), sku.calibration_path()
-    return SkuTarget(sku_dir, args.backend or backend, args.threads or threads, override, calibration_path)
+        settings, override, calibration_path = config.engine, sku.schedule_override(), sku.calibration_path()
+    if settings is None or (args.backend and args.backend != settings.backend):
+        settings = engine_settings(args.backend or DEFAULT_BACKEND, threads=args.threads or None)
+    elif args.threads:
+        settings = engine_settings(settings.backend, **{**settings.model_dump(exclude={"backend"}),
+                                                        "threads": args.threads})
+    return SkuTarget(sku_dir, settings, override, calibration_path)
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -263,7 +276,7 @@ def run(args: argparse.Namespace) -> int:
         if pair is not None:
             override.update(steps1=pair[0], steps2=pair[1])
         engine = create_engine(
-            target.backend, target.sku_dir, threads=target.threads, schedule_override=override or None
+            target.engine, target.sku_dir, schedule_override=override or None
         )
         if dataset is None:
             dataset = open_dataset(args.dataset, args.root, args.category, "test", engine.image_size)
@@ -276,7 +289,7 @@ def run(args: argparse.Namespace) -> int:
         log.info("eval_schedule_done", schedule=label, **{k: result[k] for k in METRIC_COLUMNS})
     report = {
         "sku_dir": str(target.sku_dir),
-        "backend": target.backend,
+        "backend": target.engine.backend,
         "dataset": {
             "kind": args.dataset,
             "root": str(args.root),

@@ -251,9 +251,7 @@ def run(args: argparse.Namespace) -> int:
     from engines.sku import score_top_k
 
     target = sku_target(args)
-    engine = create_engine(
-        target.backend, target.sku_dir, threads=target.threads, schedule_override=target.schedule_override or None
-    )
+    engine = create_engine(target.engine, target.sku_dir, schedule_override=target.schedule_override or None)
     top_k = score_top_k(target.sku_dir)
     good = FolderDataset(args.good, engine.image_size)
     good_maps = infer_dataset(engine, good, args.batch, desc="good").maps

@@ -175,7 +175,7 @@ write_env() {
 # Environment for inspector@$station (systemd EnvironmentFile). Any config key can be overridden as
 # INSPECTOR_<SECTION>__<KEY>; prefer editing $station.toml, keep this for per-box differences.
 # INSPECTOR_MQTT__HOST=10.0.0.5
-# INSPECTOR_ENGINE__BACKEND=tensorrt
+# INSPECTOR_ENGINE__BATCH=4
 # CUDA_VISIBLE_DEVICES=0
 # OMP_NUM_THREADS=4
 EOF

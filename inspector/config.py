@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from engines.runtime.config import BACKEND_NAMES, EngineSettings, OnnxRuntimeSettings
 from foundation.errors import ConfigError
 
 DEFAULT_CONFIG = Path("inspector.toml")
@@ -111,14 +112,6 @@ class MqttConfig(_Section):
         return read_secret(self.password_file, "mqtt.password_file")
 
 
-class EngineConfig(_Section):
-    backend: Literal["onnxruntime", "tensorrt", "torch"] = "onnxruntime"
-    device_id: int = Field(0, ge=0)
-    batch: int = Field(1, ge=1, le=256)
-    precision: Literal["fp32", "fp16", "int8"] = "fp32"
-    threads: int = Field(0, ge=0, description="CPU threads for onnxruntime/torch; 0 = library default")
-
-
 class ArchiveConfig(_Section):
     enabled: bool = True
     dir: Path = Path("var/archive")
@@ -176,7 +169,7 @@ class InspectorConfig(BaseSettings):
     line: LineConfig = LineConfig()
     camera: CameraConfig = SyntheticCamera()
     mqtt: MqttConfig = MqttConfig()
-    engine: EngineConfig = EngineConfig()
+    engine: EngineSettings = OnnxRuntimeSettings()
     archive: ArchiveConfig = ArchiveConfig()
     service: ServiceConfig = ServiceConfig()
     skus: dict[str, SkuConfig] = Field(min_length=1)
@@ -250,6 +243,10 @@ def _describe_validation_error(path: Path, exc: ValidationError) -> str:
         what = "unknown key (check the spelling against the shipped inspector.toml)"
     elif first["type"] == "missing":
         what = "required key is missing"
+    elif first["type"] == "union_tag_invalid" and first["loc"][:1] == ("engine",):
+        tag = first["input"].get("backend") if isinstance(first["input"], dict) else first["input"]
+        what = f"Input should be one of {', '.join(BACKEND_NAMES)} (got {tag!r})"
+        loc = "engine.backend"
     elif first["type"] == "union_tag_invalid":
         tag = first["input"].get("type") if isinstance(first["input"], dict) else first["input"]
         what = f"unknown camera type {tag!r} (expected gentl, folder, video or synthetic)"
@@ -262,10 +259,14 @@ def _describe_validation_error(path: Path, exc: ValidationError) -> str:
     return f"{path}: {loc or '<top level>'}: {what}{more}"
 
 
+# the tag pydantic inserts into an error's location for each discriminated-union section
+_UNION_TAGS = {"camera": ("synthetic", "folder", "video", "gentl"), "engine": BACKEND_NAMES}
+
+
 def _key_path(loc: tuple[int | str, ...]) -> str:
     """Dotted TOML key path from a pydantic location, dropping the union tag that pydantic inserts."""
     parts = [str(p) for p in loc]
-    if len(parts) >= 2 and parts[0] == "camera" and parts[1] in {"synthetic", "folder", "video", "gentl"}:
+    if len(parts) >= 2 and parts[1] in _UNION_TAGS.get(parts[0], ()):
         parts.pop(1)
     return ".".join(parts)
 

@@ -24,13 +24,13 @@ import numpy as np
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
+from engines.runtime.config import engine_settings
 from foundation.errors import InspectorError
 from foundation.log import configure_logging, get_logger
 from inspector.acquisition import Frame, Source, open_source
 from inspector.broker import LocalBroker, port_open, start_local_broker
 from inspector.config import (
     ArchiveConfig,
-    EngineConfig,
     InspectorConfig,
     LineConfig,
     MqttConfig,
@@ -116,7 +116,7 @@ def build_demo_sku(workdir: Path, recipe: Recipe = Recipe(), *, threads: int = 0
 
         print("exporting ONNX graphs ...", file=sys.stderr)
         export_sku(sku_dir)
-    engine = create_engine(recipe.backend, sku_dir, threads=threads)
+    engine = create_engine(engine_settings(recipe.backend, threads=threads), sku_dir)
     top_k = score_top_k(sku_dir)
     test = open_dataset("mvtec", data_root, recipe.category, "test", engine.image_size)
     inference = infer_dataset(engine, test, desc="calibrate")
@@ -254,7 +254,7 @@ def demo_config(args: argparse.Namespace, sku_dir: Path, workdir: Path) -> Inspe
         camera=SyntheticCamera(width=args.part_size, height=args.part_size, fps=args.fps, frames=args.frames,
                                defect_rate=args.defect_rate, seed=args.seed + 1, texture="brick"),
         mqtt=mqtt_cfg,
-        engine=EngineConfig(backend=args.backend, batch=args.batch, threads=args.threads),
+        engine=engine_settings(args.backend, batch=args.batch, threads=args.threads),
         archive=ArchiveConfig(enabled=True, dir=workdir / "archive", max_mb=64),
         service=ServiceConfig(watchdog=False, queue_depth=args.queue_depth,
                               frame_timeout_ms=args.frame_timeout_ms),

@@ -62,9 +62,7 @@ def load_sku(config: InspectorConfig, name: str) -> ActiveSku:
     sku_cfg = resolve_sku(config, name)
     calibration = load_thresholds(config, name)
     top_k = calibration.score_top_k or score_top_k(sku_cfg.model_dir)
-    eng = config.engine
-    engine = create_engine(eng.backend, sku_cfg.model_dir, device_id=eng.device_id, threads=eng.threads,
-                           precision=eng.precision, schedule_override=sku_cfg.schedule_override() or None)
+    engine = create_engine(config.engine, sku_cfg.model_dir, schedule_override=sku_cfg.schedule_override() or None)
     if sku_cfg.input_size is not None and sku_cfg.input_size != engine.image_size:
         raise ConfigError(f"skus.{name}.input_size = {sku_cfg.input_size} but the model in {sku_cfg.model_dir} "
                           f"takes {engine.image_size} px; fix input_size or retrain")

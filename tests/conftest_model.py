@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from calibration.thresholds import fit_thresholds, save_calibration
-from engines.runtime import create_engine
+from engines.runtime import OnnxRuntimeSettings, create_engine
 from engines.sample_data import render_part
 from engines.scoring import image_scores
 from engines.sku import score_top_k
@@ -41,7 +41,7 @@ def random_calibrated_sku(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if "random" not in _CACHE:
         sku_dir = Path(shutil.copytree(exported_random_sku(tmp_path_factory),
                                        tmp_path_factory.mktemp("random_cal") / "sku"))
-        engine = create_engine("onnxruntime", sku_dir, threads=1)
+        engine = create_engine(OnnxRuntimeSettings(threads=1), sku_dir)
         rng = np.random.default_rng(0)
         parts = np.stack([render_part("brick", engine.image_size, rng) for _ in range(9)])
         maps = engine.infer(parts)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engines.runtime import benchmark
+from engines.runtime import OnnxRuntimeSettings, benchmark
 from foundation.errors import EngineError
 from tests.fixtures_engines import exported_random_sku
 
@@ -18,7 +18,7 @@ def sku(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_bench_backend_measures_throughput_latency_stages_and_memory(sku: Path) -> None:
-    result = benchmark.bench_backend("onnxruntime", sku, [1, 2], iters=2, threads=1, precision="fp32")
+    result = benchmark.bench_backend(OnnxRuntimeSettings(threads=1), sku, [1, 2], iters=2)
     assert set(result["batches"]) == {"1", "2"}
     for m in result["batches"].values():
         assert m["fps"] > 0 and 0 < m["min_ms"] <= m["p50_ms"] <= m["p99_ms"]

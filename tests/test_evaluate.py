@@ -120,10 +120,10 @@ def tiny_sku(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.slow
 def test_evaluate_with_a_real_engine(tiny_sku: Path, tmp_path: Path) -> None:
-    from engines.runtime import create_engine
+    from engines.runtime import OnnxRuntimeSettings, create_engine
 
     root = make_mvtec_tree(tmp_path / "mvtec", n_test_good=3, n_test_bad=4, size=32)
-    engine = create_engine("onnxruntime", tiny_sku, threads=1)
+    engine = create_engine(OnnxRuntimeSettings(threads=1), tiny_sku)
     dataset = open_dataset("mvtec", root, "brick", "test", engine.image_size)
     result = evaluate(engine, dataset, batch_size=3, top_k=10, montage_path=tmp_path / "montage.png")
     assert result["n_images"] == 7 and result["n_defective"] == 4
@@ -232,7 +232,7 @@ def test_trained_model_finds_painted_defects(tmp_path: Path, capsys: pytest.Capt
     import torch
 
     from engines.export import export_sku
-    from engines.runtime import create_engine
+    from engines.runtime import OnnxRuntimeSettings, create_engine
     from engines.train import TrainConfig, train_sku
 
     torch.set_num_threads(1)
@@ -258,7 +258,7 @@ def test_trained_model_finds_painted_defects(tmp_path: Path, capsys: pytest.Capt
     calibration = load_calibration(cfg.out / "calibration.json")
     capsys.readouterr()
 
-    engine = create_engine("onnxruntime", cfg.out, threads=1)
+    engine = create_engine(OnnxRuntimeSettings(threads=1), cfg.out)
     dataset = open_dataset("mvtec", root, "brick", "test", engine.image_size)
     result = evaluate(
         engine,

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from engines.runtime.config import OnnxRuntimeSettings, engine_settings
 from engines.runtime.onnx_backend import OnnxEngine, session_options
 from engines.runtime.staged import STAGES
 from foundation.errors import EngineError
@@ -20,7 +21,7 @@ def sku(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _engine(sku: Path, **kw: object) -> OnnxEngine:
-    engine = OnnxEngine(threads=1, **kw)  # type: ignore[arg-type]
+    engine = OnnxEngine(OnnxRuntimeSettings(threads=1), **kw)  # type: ignore[arg-type]
     engine.load(sku)
     return engine
 
@@ -91,8 +92,8 @@ def test_missing_meta_is_an_engine_error(tmp_path: Path) -> None:
 def test_wrong_frame_size_and_precision_are_refused(sku: Path) -> None:
     with pytest.raises(EngineError, match="64 x 64"):
         _engine(sku).infer(random_frames(1, size=32))
-    with pytest.raises(EngineError, match="fp32 only"):
-        OnnxEngine(precision="fp16")
+    with pytest.raises(EngineError, match=r"engine\.precision: Input should be 'fp32' or 'int8'"):
+        engine_settings("onnxruntime", precision="fp16")
 
 
 def test_session_options_are_tuned_for_latency() -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engines.runtime import create_engine
+from engines.runtime import OnnxRuntimeSettings, TorchSettings, create_engine
 from engines.sample_data import draw_defect, render_part
 from engines.scoring import image_scores
 from tests.fixtures_engines import exported_random_sku, random_frames
@@ -36,8 +36,8 @@ def part_frames(n: int, size: int, seed: int = 0) -> np.ndarray:
 
 def assert_parity(sku: Path, frames: np.ndarray, **engine_kw: object) -> float:
     """OnnxEngine vs TorchEngine on frames: fp32 bound on maps, identical image-score order; returns the error."""
-    ref = create_engine("torch", sku, threads=1, **engine_kw).infer(frames)  # type: ignore[arg-type]
-    out = create_engine("onnxruntime", sku, threads=1, **engine_kw).infer(frames)  # type: ignore[arg-type]
+    ref = create_engine(TorchSettings(threads=1), sku, **engine_kw).infer(frames)  # type: ignore[arg-type]
+    out = create_engine(OnnxRuntimeSettings(threads=1), sku, **engine_kw).infer(frames)  # type: ignore[arg-type]
     err = rel_error(out, ref)
     assert err < FP32_BOUND, err
     assert np.array_equal(np.argsort(image_scores(out)), np.argsort(image_scores(ref)))

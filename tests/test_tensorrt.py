@@ -61,11 +61,11 @@ def fp16_sku(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.gpu
 def test_fp16_plans_match_torch(fp16_sku: Path) -> None:
-    from engines.runtime import create_engine
+    from engines.runtime import create_engine, engine_settings
 
     frames = random_frames(3, seed=4)
-    ref = create_engine("torch", fp16_sku).infer(frames)
-    engine = create_engine("tensorrt", fp16_sku, precision="fp16")
+    ref = create_engine(engine_settings("torch"), fp16_sku).infer(frames)
+    engine = create_engine(engine_settings("tensorrt", precision="fp16"), fp16_sku)
     info = engine.describe()
     assert info["unrolled"] and info["cuda_graphs"]
     assert rel_error(engine.infer(frames), ref) < FP16_BOUND  # unrolled plan, captured CUDA graph
@@ -78,19 +78,19 @@ def test_fp16_plans_match_torch(fp16_sku: Path) -> None:
 
 @pytest.mark.gpu
 def test_tensorrt_refuses_batches_over_the_plan_max(fp16_sku: Path) -> None:
-    from engines.runtime import create_engine
+    from engines.runtime import create_engine, engine_settings
 
-    engine = create_engine("tensorrt", fp16_sku, precision="fp16")
+    engine = create_engine(engine_settings("tensorrt", precision="fp16"), fp16_sku)
     with pytest.raises(EngineError, match="max batch 4"):
         engine.infer(random_frames(5))
 
 
 @pytest.mark.gpu
 def test_tensorrt_without_plans_for_this_precision_says_build(fp16_sku: Path) -> None:
-    from engines.runtime import create_engine
+    from engines.runtime import create_engine, engine_settings
 
     with pytest.raises(EngineError, match="inspector build"):
-        create_engine("tensorrt", fp16_sku, precision="int8")
+        create_engine(engine_settings("tensorrt", precision="int8"), fp16_sku)
 
 
 @pytest.mark.gpu
@@ -98,7 +98,7 @@ def test_tensorrt_without_plans_for_this_precision_says_build(fp16_sku: Path) ->
 def test_int8_image_auroc_within_half_a_point_of_fp32(tmp_path: Path) -> None:
     from calibration.metrics import image_auroc
     from engines.export import export_sku
-    from engines.runtime import create_engine
+    from engines.runtime import create_engine, engine_settings
     from engines.runtime.build import build_sku
     from engines.sample_data import write_good_folder
     from engines.scoring import image_scores
@@ -112,8 +112,8 @@ def test_int8_image_auroc_within_half_a_point_of_fp32(tmp_path: Path) -> None:
     build_sku(sku, "int8", max_batch=8, calib_dir=good)
     frames = part_frames(64, 64, seed=5)
     labels = np.arange(64) % 2
-    auroc = {p: image_auroc(labels, image_scores(create_engine("tensorrt", sku, precision=p).infer(frames)))
-             for p in ("fp32", "int8")}
+    engines = {p: create_engine(engine_settings("tensorrt", precision=p), sku) for p in ("fp32", "int8")}
+    auroc = {p: image_auroc(labels, image_scores(engine.infer(frames))) for p, engine in engines.items()}
     assert abs(auroc["int8"] - auroc["fp32"]) * 100 <= INT8_AUROC_POINTS, auroc
 
 

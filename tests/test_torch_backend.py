@@ -10,6 +10,7 @@ import torch
 
 from engines.model import ModelConfig, TDADModel, save_sku
 from engines.runtime.base import Engine
+from engines.runtime.config import TorchSettings, engine_settings
 from engines.runtime.torch_backend import TorchEngine
 from engines.schedule import Schedule
 from foundation.errors import EngineError
@@ -26,7 +27,7 @@ def sku_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def engine(sku_dir: Path) -> TorchEngine:
-    engine = TorchEngine(threads=1)
+    engine = TorchEngine(TorchSettings(threads=1))
     engine.load(sku_dir)
     return engine
 
@@ -47,17 +48,17 @@ def test_describe_and_warmup(engine: TorchEngine) -> None:
 
 
 def test_schedule_override_applies(sku_dir: Path) -> None:
-    engine = TorchEngine(threads=1, schedule_override={"t2": 200, "steps2": None})
+    engine = TorchEngine(TorchSettings(threads=1), schedule_override={"t2": 200, "steps2": None})
     engine.load(sku_dir)
     assert engine.describe()["schedule"]["t2"] == 200 and engine.describe()["schedule"]["steps2"] == 2
 
 
 def test_operator_errors_are_engine_errors(engine: TorchEngine, tmp_path: Path, sku_dir: Path) -> None:
     with pytest.raises(EngineError, match=r"meta\.json"):
-        TorchEngine().load(tmp_path)
+        TorchEngine(TorchSettings()).load(tmp_path)
     with pytest.raises(EngineError, match="frames"):
         engine.infer(np.zeros((1, 32, 32, 3), np.uint8))
     with pytest.raises(EngineError, match="precision"):
-        TorchEngine(precision="int8")
+        engine_settings("torch", precision="int8")
     with pytest.raises(EngineError, match="t1"):
-        TorchEngine(schedule_override={"t1": 5000}).load(sku_dir)
+        TorchEngine(TorchSettings(), schedule_override={"t1": 5000}).load(sku_dir)

@@ -12,6 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from engines.runtime.base import Engine
+from engines.runtime.config import (
+    EngineSettings,
+    OnnxRuntimeSettings,
+    TensorRTSettings,
+    TorchSettings,
+    engine_settings,
+)
 from foundation.errors import EngineError
 
 # backend name -> (module, class); the module is imported only when the backend is created
@@ -20,7 +27,6 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "onnxruntime": ("engines.runtime.onnx_backend", "OnnxEngine"),
     "tensorrt": ("engines.runtime.tensorrt_backend", "TensorRTEngine"),
 }
-PRECISIONS = ("fp32", "fp16", "int8")
 GPU_EXTRA_HINT = "pip install 'tdad-inspector[gpu]'"
 
 
@@ -36,13 +42,10 @@ def engine_class(backend: str) -> type[Any]:
     return getattr(module, class_name)
 
 
-def create_engine(backend: str, sku_dir: Path, *, device_id: int = 0, threads: int = 0, precision: str = "fp32",
+def create_engine(settings: EngineSettings, sku_dir: Path, *,
                   schedule_override: dict[str, Any] | None = None) -> Engine:
-    """A loaded, ready Engine of `backend` for the SKU in `sku_dir` (weights, graphs or plans as it needs)."""
-    if precision not in PRECISIONS:
-        raise EngineError(f"unknown engine precision {precision!r} (engine.precision): valid are {PRECISIONS}")
-    cls = engine_class(backend)
-    engine = cls(device_id=device_id, threads=threads, precision=precision, schedule_override=schedule_override)
+    """A loaded, ready Engine of `settings.backend` for the SKU in `sku_dir` (weights, graphs or plans)."""
+    engine = engine_class(settings.backend)(settings, schedule_override=schedule_override)
     engine.load(Path(sku_dir))
     return engine
 
@@ -67,5 +70,6 @@ def sku_dir_from_args(args: argparse.Namespace) -> Path:
     return sku_dir
 
 
-__all__ = ["BACKENDS", "GPU_EXTRA_HINT", "PRECISIONS", "Engine", "add_sku_arguments", "create_engine", "engine_class",
+__all__ = ["BACKENDS", "GPU_EXTRA_HINT", "Engine", "EngineSettings", "OnnxRuntimeSettings", "TensorRTSettings",
+           "TorchSettings", "add_sku_arguments", "create_engine", "engine_class", "engine_settings",
            "sku_dir_from_args"]

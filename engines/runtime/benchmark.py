@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from engines.runtime import BACKENDS, create_engine
+from engines.runtime import BACKENDS, EngineSettings, create_engine, engine_settings
 from foundation.errors import EngineError
 
 STAGE_ORDER = ("preprocess", "encode", "stage1", "fusion", "stage2", "decode", "segment")
@@ -56,10 +56,10 @@ def _percentile_ms(seconds: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(seconds) * 1e3, q))
 
 
-def bench_backend(backend: str, sku_dir: Path, batches: Sequence[int], iters: int, threads: int,
-                  precision: str, seed: int = 0) -> dict[str, Any]:
-    """Measure one backend in this process (see `run_isolated` for a fresh process per backend)."""
-    engine = create_engine(backend, sku_dir, threads=threads, precision=precision)
+def bench_backend(settings: EngineSettings, sku_dir: Path, batches: Sequence[int], iters: int,
+                  seed: int = 0) -> dict[str, Any]:
+    """Measure one engine in this process (see `run_isolated` for a fresh process per engine)."""
+    engine = create_engine(settings, sku_dir)
     engine.warmup()
     size = engine.image_size
     rng = np.random.default_rng(seed)
@@ -104,24 +104,27 @@ def _child(args: tuple[Any, ...]) -> dict[str, Any]:
         return {"error": str(exc)}
 
 
-def run_isolated(backend: str, sku_dir: Path, batches: Sequence[int], iters: int, threads: int,
-                 precision: str) -> dict[str, Any]:
+def run_isolated(settings: EngineSettings, sku_dir: Path, batches: Sequence[int], iters: int) -> dict[str, Any]:
     """`bench_backend` in a fresh spawned process (own RSS high-water mark, own thread pools)."""
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(1) as pool:
-        return pool.apply(_child, ((backend, sku_dir, list(batches), iters, threads, precision),))
+        return pool.apply(_child, ((settings, sku_dir, list(batches), iters),))
 
 
-def benchmark(sku_dir: Path, backends: Sequence[str], batches: Sequence[int], iters: int, threads: int = 0,
-              precision: str = "fp32") -> dict[str, Any]:
-    """Every backend on the SKU; returns the JSON-ready report (see `format_table`)."""
+def engine_label(settings: EngineSettings) -> str:
+    """A row name for the tables: the backend, with its precision when that is not the backend's default."""
+    default = type(settings).model_fields["precision"].default
+    return settings.backend if settings.precision == default else f"{settings.backend}-{settings.precision}"
+
+
+def benchmark(sku_dir: Path, engines: Sequence[EngineSettings], batches: Sequence[int], iters: int) -> dict[str, Any]:
+    """Every engine on the SKU, each in its own process; returns the JSON-ready report (see `format_table`)."""
     load_before = os.getloadavg()
-    results = {b: run_isolated(b, sku_dir, batches, iters, threads, precision if b == "tensorrt" else "fp32")
-               for b in backends}
+    results = {engine_label(s): run_isolated(s, sku_dir, batches, iters) for s in engines}
     report: dict[str, Any] = {
         "sku_dir": str(sku_dir),
         "iters": iters,
-        "threads": threads,
+        "engines": {engine_label(s): s.model_dump() for s in engines},
         "host": {"cpus": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version()},
         "load_avg_before": load_before,
         "load_avg_after": os.getloadavg(),
@@ -189,7 +192,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--backends", default="torch,onnxruntime", help="comma-separated, of: " + ",".join(BACKENDS))
     parser.add_argument("--batches", type=_int_list, default=[1, 2, 4, 8], help="comma-separated batch sizes")
     parser.add_argument("--iters", type=int, default=20, help="timed calls per batch size")
-    parser.add_argument("--threads", type=int, default=0, help="intra-op threads per backend (0 = backend default)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="intra-op CPU threads of onnxruntime and torch (0 = library default)")
     parser.add_argument("--precision", default="fp16", help="TensorRT precision (other backends run fp32)")
     parser.add_argument("--json", type=Path, help="also write the report here")
 
@@ -208,7 +212,10 @@ def run(args: argparse.Namespace) -> int:
             make_random_sku(sku_dir, args.image_size)
     else:
         sku_dir = sku_dir_from_args(args)
-    report = benchmark(sku_dir, backends, args.batches, args.iters, args.threads, args.precision)
+    cpu_threads = args.threads or None
+    engines = [engine_settings("tensorrt", precision=args.precision) if b == "tensorrt"
+               else engine_settings(b, threads=cpu_threads) for b in backends]
+    report = benchmark(sku_dir, engines, args.batches, args.iters)
     print(format_table(report))
     if args.json is not None:
         args.json.write_text(json.dumps(report, indent=2) + "\n")

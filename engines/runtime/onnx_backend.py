@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from engines.runtime.config import OnnxRuntimeSettings
 from engines.runtime.staged import (
     open_exported_sku,
     preprocess_frames,
@@ -86,15 +87,14 @@ class OnnxEngine:
 
     backend = "onnxruntime"
 
-    def __init__(self, *, device_id: int = 0, threads: int = 0, precision: str = "fp32",
-                 schedule_override: dict[str, Any] | None = None, providers: list[str] | None = None,
-                 unrolled: bool = True) -> None:
-        if precision != "fp32":
-            raise EngineError(f"engine.precision={precision!r}: the onnxruntime backend runs fp32 only; "
-                              "use backend tensorrt for fp16/int8")
-        self.device_id = device_id
-        self.threads = threads
-        self.precision = precision
+    def __init__(self, settings: OnnxRuntimeSettings, *, schedule_override: dict[str, Any] | None = None,
+                 providers: list[str] | None = None, unrolled: bool = True) -> None:
+        if settings.precision != "fp32":
+            raise EngineError(f"engine.precision={settings.precision!r}: the int8 graphs of this SKU are not "
+                              "supported by this build; use precision = \"fp32\"")
+        self.settings = settings
+        self.threads = settings.threads
+        self.precision = settings.precision
         self.schedule_override = schedule_override or {}
         self.providers = providers or ["CPUExecutionProvider"]
         self.use_unrolled = unrolled

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from engines.runtime.config import TensorRTSettings
 from engines.runtime.staged import (
     file_sha256,
     open_exported_sku,
@@ -180,14 +181,13 @@ class TensorRTEngine:
 
     backend = "tensorrt"
 
-    def __init__(self, *, device_id: int = 0, threads: int = 0, precision: str = "fp16",
-                 schedule_override: dict[str, Any] | None = None, cuda_graphs: bool = True) -> None:
+    def __init__(self, settings: TensorRTSettings, *, schedule_override: dict[str, Any] | None = None) -> None:
         require_tensorrt()
-        del threads  # host threads do not matter: the GPU does the work
-        self.device_id = device_id
-        self.precision = precision
+        self.settings = settings
+        self.device_id = settings.device_id
+        self.precision = settings.precision
         self.schedule_override = schedule_override or {}
-        self.cuda_graphs = cuda_graphs
+        self.cuda_graphs = settings.cuda_graphs
         self.image_size = 0
         self._graphs: dict[int, Any] = {}
         self._unrolled: _Plan | None = None

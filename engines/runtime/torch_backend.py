@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from engines.model import TDADModel, load_sku
+from engines.runtime.config import TorchSettings
 from engines.sku import preprocess
 from foundation.errors import DataError, EngineError
 
@@ -18,15 +19,16 @@ class TorchEngine:
 
     backend = "torch"
 
-    def __init__(self, *, device_id: int = 0, threads: int = 0, precision: str = "fp32",
-                 schedule_override: dict[str, Any] | None = None, device: str = "cpu", batch: int = 8) -> None:
-        """device: "cpu" (the reference) or "cuda" (uses device_id); only fp32 is supported."""
-        if precision != "fp32":
-            raise EngineError(f"torch engine runs fp32 only, got precision={precision!r} (engine.precision)")
-        self.device = torch.device(f"cuda:{device_id}" if device == "cuda" else device)
-        self.threads = threads
+    def __init__(self, settings: TorchSettings, *, schedule_override: dict[str, Any] | None = None,
+                 chunk: int = 8) -> None:
+        """chunk: frames per forward pass; larger inputs are split to bound memory."""
+        if settings.precision != "fp32":
+            raise EngineError(f"engine.precision={settings.precision!r}: this build's torch engine runs fp32 only")
+        self.settings = settings
+        self.device = torch.device(f"cuda:{settings.device_id}" if settings.device == "cuda" else "cpu")
+        self.threads = settings.threads
         self.schedule_override = schedule_override or {}
-        self.batch = batch  # frames per forward pass; larger inputs are split to bound memory
+        self.chunk = chunk
         self.image_size = 0
         self.model: TDADModel | None = None
         self.sku_dir: Path | None = None
@@ -53,7 +55,7 @@ class TorchEngine:
             raise EngineError(f"torch engine: expected N x {expected} frames, got {images_u8_nhwc.shape}")
         x = torch.from_numpy(preprocess(images_u8_nhwc)).to(self.device)
         with torch.inference_mode():
-            maps = [self.model.anomaly_maps(chunk) for chunk in x.split(self.batch)]
+            maps = [self.model.anomaly_maps(chunk) for chunk in x.split(self.chunk)]
         return torch.cat(maps).float().cpu().numpy()
 
     def warmup(self) -> None:

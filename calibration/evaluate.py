@@ -1,14 +1,11 @@
-"""`inspector eval`: run a SKU's engine over a labelled test split and report AUROC, AUPRO, F1, AP, speed.
+"""A SKU's engine over a labelled test split: AUROC, AUPRO, F1, AP, speed, and a heat-map montage.
 
-Per schedule (`--steps 1+1,2+2` runs one engine per steps1+steps2 pair) it prints one table row, and writes
-`report.json`, `report.md` and a heat-map montage PNG into --out. `evaluate(engine, dataset)` is the
-Python entry point for tests, the demo and bench scripts.
+`evaluate(engine, dataset)` is the entry point for `inspector eval` (inspector/commands/evaluate.py, one
+table row per schedule), tests, the demo and bench scripts.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 import time
 from collections.abc import Sequence
@@ -21,21 +18,10 @@ from tqdm import tqdm
 
 from calibration import metrics
 from calibration.montage import MontageRow, write_montage
-from calibration.thresholds import CALIBRATION_FILE, Calibration, load_calibration
-from engines.data import Item, file_list_hash, open_dataset
-from engines.runtime import (
-    BACKENDS,
-    Engine,
-    EngineSettings,
-    add_sku_arguments,
-    create_engine,
-    engine_settings,
-    sku_dir_from_args,
-)
-from engines.runtime.config import DEFAULT_BACKEND
+from calibration.thresholds import Calibration
+from engines.data import Item
+from engines.runtime import Engine
 from engines.scoring import DEFAULT_TOP_K, image_scores
-from engines.sku import score_top_k
-from foundation.errors import ConfigError
 from foundation.log import get_logger
 
 log = get_logger(__name__)
@@ -194,117 +180,3 @@ def format_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
         return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells])
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
     return "\n".join("  ".join(v.rjust(w) for v, w in zip(line, widths, strict=True)) for line in [headers, *cells])
-
-
-def parse_steps(text: str) -> list[tuple[int, int]]:
-    """'1+1,2+2,5+5' -> [(1, 1), (2, 2), (5, 5)]; ConfigError naming --steps on anything else."""
-    pairs = []
-    for part in text.split(","):
-        try:
-            first, second = (int(v) for v in part.strip().split("+"))
-        except ValueError:
-            raise ConfigError(f"--steps {text!r}: expected steps1+steps2 pairs like 1+1,2+2,5+5") from None
-        if first < 1 or second < 1:
-            raise ConfigError(f"--steps {text!r}: step counts must be >= 1")
-        pairs.append((first, second))
-    return pairs
-
-
-@dataclass(frozen=True)
-class SkuTarget:
-    """Where a CLI command finds a SKU and how it runs it: directory, engine settings, schedule, thresholds."""
-
-    sku_dir: Path
-    engine: EngineSettings
-    schedule_override: dict[str, int]
-    calibration_path: Path
-
-
-def sku_target(args: argparse.Namespace) -> SkuTarget:
-    """Resolve --sku NAME (through inspector.toml) or --sku-dir D, with --backend/--threads on top."""
-    sku_dir = sku_dir_from_args(args)
-    settings: EngineSettings | None = None
-    override, calibration_path = {}, sku_dir / CALIBRATION_FILE
-    if args.sku is not None:
-        from inspector.config import load_config, resolve_sku
-
-        config = load_config(args.config)
-        sku = resolve_sku(config, args.sku)
-        settings, override, calibration_path = config.engine, sku.schedule_override(), sku.calibration_path()
-    if settings is None or (args.backend and args.backend != settings.backend):
-        settings = engine_settings(args.backend or DEFAULT_BACKEND, threads=args.threads or None)
-    elif args.threads:
-        settings = engine_settings(settings.backend, **{**settings.model_dump(exclude={"backend"}),
-                                                        "threads": args.threads})
-    return SkuTarget(sku_dir, settings, override, calibration_path)
-
-
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    """The SKU and engine flags shared by `inspector eval` and `inspector calibrate`."""
-    add_sku_arguments(parser)
-    parser.add_argument(
-        "--backend",
-        choices=tuple(BACKENDS),
-        help="inference backend (default: engine.backend of the config, else onnxruntime)",
-    )
-    parser.add_argument("--threads", type=int, default=0, help="CPU threads for the engine (0 = backend default)")
-    parser.add_argument("--batch", type=int, default=8, help="images per inference batch")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of `inspector eval`."""
-    add_engine_arguments(parser)
-    parser.add_argument("--dataset", choices=("mvtec", "visa", "folder"), required=True, help="test set layout")
-    parser.add_argument("--root", type=Path, required=True, help="data set root folder")
-    parser.add_argument("--category", help="MVTec AD / VisA category (e.g. bottle)")
-    parser.add_argument("--steps", help="schedules to compare as steps1+steps2 pairs, e.g. 1+1,2+2,5+5")
-    parser.add_argument("--out", type=Path, help="report folder (default var/eval/<sku dir name>)")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Evaluate the SKU on the test split once per schedule; print the table, write the reports and montages."""
-    target = sku_target(args)
-    out = args.out or Path("var") / "eval" / target.sku_dir.name
-    out.mkdir(parents=True, exist_ok=True)
-    top_k = score_top_k(target.sku_dir)
-    calibration = load_calibration(target.calibration_path) if target.calibration_path.is_file() else None
-    schedules = parse_steps(args.steps) if args.steps else [None]
-    dataset = None
-    rows: list[dict[str, Any]] = []
-    for pair in schedules:
-        override = dict(target.schedule_override)
-        if pair is not None:
-            override.update(steps1=pair[0], steps2=pair[1])
-        engine = create_engine(
-            target.engine, target.sku_dir, schedule_override=override or None
-        )
-        if dataset is None:
-            dataset = open_dataset(args.dataset, args.root, args.category, "test", engine.image_size)
-        label = "trained" if pair is None else f"{pair[0]}+{pair[1]}"
-        montage = out / ("montage.png" if pair is None else f"montage_{pair[0]}+{pair[1]}.png")
-        result = evaluate(
-            engine, dataset, batch_size=args.batch, top_k=top_k, calibration=calibration, montage_path=montage
-        )
-        rows.append({"schedule": label, "engine": engine.describe(), **result})
-        log.info("eval_schedule_done", schedule=label, **{k: result[k] for k in METRIC_COLUMNS})
-    report = {
-        "sku_dir": str(target.sku_dir),
-        "backend": target.engine.backend,
-        "dataset": {
-            "kind": args.dataset,
-            "root": str(args.root),
-            "category": args.category,
-            "n_images": len(dataset) if dataset is not None else 0,
-            "data_hash": file_list_hash(dataset) if dataset is not None else "",
-        },
-        "score_top_k": top_k,
-        "calibration": calibration.model_dump(mode="json") if calibration else None,
-        "rows": rows,
-    }
-    (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    title = f"# Evaluation of {target.sku_dir.name} on {args.dataset} {args.category or ''}".rstrip()
-    montages = "\n".join(f"![{row['schedule']}]({Path(row['montage']).name})" for row in rows)
-    (out / "report.md").write_text(f"{title}\n\n{format_table(rows, markdown=True)}\n\n{montages}\n")
-    print(format_table(rows))
-    print(f"wrote {out / 'report.json'}, {out / 'report.md'} and montages")
-    return 0

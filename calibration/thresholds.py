@@ -1,18 +1,17 @@
 """Per-SKU decision thresholds from good parts (target false-reject rate), checked on labelled NG parts.
 
-`inspector calibrate` runs the SKU's engine over a folder of good images (and optionally one of NG
-images), fits a `Calibration` with `fit_thresholds` and writes it to `<sku_dir>/calibration.json`, which
-the daemon's Decider loads with `load_calibration`. The Decider rejects a part when its image score is
->= image_threshold and marks a pixel defective when its map value is > pixel_threshold; regions smaller
-than min_defect_area_px (8-connected, at map resolution) are not reported.
+`inspector calibrate` (inspector/commands/calibrate.py) runs the SKU's engine over a folder of good images
+(and optionally one of NG images), fits a `Calibration` with `fit_thresholds` and writes it to
+`<sku_dir>/calibration.json`, which the daemon's Decider loads with `load_calibration`. The Decider
+rejects a part when its image score is >= image_threshold and marks a pixel defective when its map value
+is > pixel_threshold; regions smaller than min_defect_area_px (8-connected, at map resolution) are not
+reported.
 
-This module is imported by the daemon for the `Calibration` model, so the engine stack is imported only
-inside the CLI's `run`.
+Torch-free and engine-free: the daemon imports it for the `Calibration` model.
 """
 
 from __future__ import annotations
 
-import argparse
 import math
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,7 +21,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from calibration.metrics import f1_max_threshold
-from foundation.errors import ConfigError, DataError
+from foundation.errors import DataError
 
 CALIBRATION_FILE = "calibration.json"
 # Without NG masks, the pixel threshold is this quantile of all good-part pixel scores.
@@ -225,58 +224,3 @@ def format_table(calibration: Calibration) -> str:
         ]
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of `inspector calibrate`."""
-    from calibration.evaluate import add_engine_arguments
-
-    add_engine_arguments(parser)
-    parser.add_argument("--good", type=Path, required=True, help="folder of good images (recursive)")
-    parser.add_argument("--ng", type=Path, help="folder of NG images: reports miss rate and F1-optimal threshold")
-    parser.add_argument(
-        "--ng-masks",
-        type=Path,
-        help="masks of the --ng images (<stem>_mask.png or <stem>.png): the pixel threshold becomes F1-optimal",
-    )
-    parser.add_argument("--frr", type=float, default=0.005, help="target false-reject rate (default 0.005)")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run the SKU's engine over the good (and NG) folders, fit thresholds, write calibration.json."""
-    from calibration.evaluate import infer_dataset, sku_target
-    from engines.data import FolderDataset, file_list_hash
-    from engines.runtime import create_engine
-    from engines.scoring import image_scores
-    from engines.sku import score_top_k
-
-    target = sku_target(args)
-    engine = create_engine(target.engine, target.sku_dir, schedule_override=target.schedule_override or None)
-    top_k = score_top_k(target.sku_dir)
-    good = FolderDataset(args.good, engine.image_size)
-    good_maps = infer_dataset(engine, good, args.batch, desc="good").maps
-    hashes = [file_list_hash(good)]
-    if args.ng_masks is not None and args.ng is None:
-        raise ConfigError("--ng-masks needs --ng (the defective images the masks belong to)")
-    ng_scores = ng_maps = ng_masks = None
-    if args.ng is not None:
-        ng = FolderDataset(args.ng, engine.image_size, mask_dir=args.ng_masks)
-        inference = infer_dataset(engine, ng, args.batch, desc="ng")
-        ng_scores = image_scores(inference.maps, top_k=top_k)
-        if args.ng_masks is not None:
-            ng_maps, ng_masks = inference.maps, inference.masks
-        hashes.append(file_list_hash(ng))
-    calibration = fit_thresholds(
-        image_scores(good_maps, top_k=top_k),
-        good_maps,
-        args.frr,
-        ng_scores=ng_scores,
-        ng_maps=ng_maps,
-        ng_masks=ng_masks,
-        score_top_k=top_k,
-        data_hash=hashes[0] if len(hashes) == 1 else "+".join(hashes),
-    )
-    save_calibration(calibration, target.calibration_path)
-    print(format_table(calibration))
-    print(f"wrote {target.calibration_path}")
-    return 0

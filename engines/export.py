@@ -20,7 +20,6 @@ torch 2.13, needs no onnxscript, and traces the Python loop into a flat graph.
 
 from __future__ import annotations
 
-import argparse
 import json
 import warnings
 from dataclasses import dataclass
@@ -32,11 +31,9 @@ import torch
 from torch import nn
 
 from engines.model import TDADModel, load_sku
-from engines.runtime import add_sku_arguments, sku_dir_from_args
 from engines.runtime.staged import file_sha256
 from engines.schedule import Schedule
 from engines.sku import META_FILE, WEIGHTS_FILE, read_meta
-from foundation.errors import EngineError
 from foundation.log import get_logger
 
 log = get_logger(__name__)
@@ -126,25 +123,3 @@ def export_sku(sku_dir: Path, opset: int = DEFAULT_OPSET,
     }
     (sku_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return paths
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of `inspector export`."""
-    add_sku_arguments(parser)
-    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset (default %(default)s)")
-    for name in ("t1", "steps1", "t2", "steps2"):
-        parser.add_argument(f"--schedule-{name}", type=int, dest=name,
-                            help=f"bake this {name} into tdad.onnx instead of the SKU's schedule")
-
-
-def run(args: argparse.Namespace) -> int:
-    """`inspector export`: write the SKU's ONNX graphs and print their paths."""
-    sku_dir = sku_dir_from_args(args)
-    override = {name: getattr(args, name) for name in ("t1", "steps1", "t2", "steps2")}
-    try:
-        paths = export_sku(sku_dir, args.opset, override)
-    except ValueError as exc:  # an invalid schedule override
-        raise EngineError(f"--schedule-* flags: {exc}") from None
-    for path in paths:
-        print(path)
-    return 0

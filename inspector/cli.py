@@ -22,12 +22,12 @@ EXIT_INTERRUPTED = 130
 # name -> (module exposing add_arguments(parser) and run(args) -> int, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("inspector.service", "run the inspection daemon (camera -> engine -> verdicts over MQTT)"),
-    "train": ("engines.train", "train a SKU's TDAD model from good images"),
-    "export": ("engines.export", "export a SKU's networks to ONNX"),
+    "train": ("inspector.commands.train", "train a SKU's TDAD model from good images"),
+    "export": ("inspector.commands.export", "export a SKU's networks to ONNX"),
     "build": ("engines.runtime.build", "build TensorRT engines (.plan) from a SKU's ONNX graphs"),
-    "calibrate": ("calibration.thresholds", "fit a SKU's decision thresholds from good (and NG) parts"),
-    "eval": ("calibration.evaluate", "measure a SKU's model on a labelled test set (AUROC, AUPRO)"),
-    "bench": ("engines.runtime.benchmark", "benchmark latency and throughput per backend"),
+    "calibrate": ("inspector.commands.calibrate", "fit a SKU's decision thresholds from good (and NG) parts"),
+    "eval": ("inspector.commands.evaluate", "measure a SKU's model on a labelled test set (AUROC, AUPRO)"),
+    "bench": ("inspector.commands.bench", "benchmark latency and throughput per backend"),
     "demo": ("inspector.demo", "train a demo SKU and run the daemon on synthetic parts"),
 }
 

@@ -9,6 +9,7 @@ import pytest
 
 from engines.runtime import OnnxRuntimeSettings, benchmark
 from foundation.errors import EngineError
+from inspector.commands import bench
 from tests.fixtures_engines import exported_random_sku
 
 
@@ -33,10 +34,10 @@ def test_bench_backend_measures_throughput_latency_stages_and_memory(sku: Path) 
 
 def test_cli_rejects_unknown_backends_and_bad_batches(sku: Path) -> None:
     parser = argparse.ArgumentParser()
-    benchmark.add_arguments(parser)
+    bench.add_arguments(parser)
     with pytest.raises(SystemExit):
         parser.parse_args(["--sku-dir", str(sku), "--batches", "1,x"])
     args = parser.parse_args(["--sku-dir", str(sku), "--backends", "torch,openvino"])
     args.config = None
     with pytest.raises(EngineError, match="unknown openvino"):
-        benchmark.run(args)
+        bench.run(args)

@@ -15,7 +15,6 @@ from calibration.evaluate import (
     evaluate,
     format_table,
     montage_indices,
-    parse_steps,
 )
 from calibration.montage import COLUMNS, MontageRow, render_montage, write_montage
 from calibration.thresholds import load_calibration
@@ -23,6 +22,7 @@ from engines.data import open_dataset
 from engines.scoring import image_scores
 from foundation.errors import ConfigError, DataError
 from inspector.cli import main
+from inspector.commands.evaluate import parse_steps
 from tests.fixtures_data import make_good_folder, make_mvtec_tree
 
 

@@ -12,9 +12,10 @@ import onnxruntime as ort
 import pytest
 
 from engines import export
-from engines.runtime import sku_dir_from_args
 from engines.runtime.staged import file_sha256
 from foundation.errors import EngineError
+from inspector.commands import export as export_command
+from inspector.commands.common import sku_dir_from_args
 from tests.fixtures_engines import exported_random_sku
 
 GRAPHS = ("encoder", "denoiser", "fusion", "decoder", "segmenter", "tdad")
@@ -67,12 +68,12 @@ def _args(**kw: object) -> argparse.Namespace:
 
 def test_cli_rejects_a_folder_without_meta(tmp_path: Path) -> None:
     with pytest.raises(EngineError, match=r"no meta\.json"):
-        export.run(_args(sku_dir=tmp_path))
+        export_command.run(_args(sku_dir=tmp_path))
 
 
 def test_cli_rejects_an_invalid_schedule_override(sku: Path) -> None:
     with pytest.raises(EngineError, match="--schedule-"):
-        export.run(_args(sku_dir=sku, steps1=999))
+        export_command.run(_args(sku_dir=sku, steps1=999))
 
 
 def test_sku_name_resolves_through_the_config(sku: Path, tmp_path: Path) -> None:
@@ -83,7 +84,7 @@ def test_sku_name_resolves_through_the_config(sku: Path, tmp_path: Path) -> None
 
 def test_cli_parser_takes_sku_or_sku_dir() -> None:
     parser = argparse.ArgumentParser()
-    export.add_arguments(parser)
+    export_command.add_arguments(parser)
     args = parser.parse_args(["--sku-dir", "x", "--schedule-steps1", "3"])
     assert args.sku_dir == Path("x") and args.steps1 == 3
     with pytest.raises(SystemExit):

@@ -26,12 +26,11 @@ from engines.train import (
     STATE_DIR,
     StepBatches,
     TrainConfig,
-    add_arguments,
-    config_from_args,
     set_phase,
     train_sku,
 )
 from foundation.errors import ConfigError, DataError
+from inspector.commands.train import add_arguments, config_from_args
 
 torch.set_num_threads(1)
 S = 64

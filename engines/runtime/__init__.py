@@ -6,7 +6,6 @@ need and `tensorrt` is only touched when asked for (and reported as a missing ex
 
 from __future__ import annotations
 
-import argparse
 import importlib
 from pathlib import Path
 from typing import Any
@@ -50,26 +49,5 @@ def create_engine(settings: EngineSettings, sku_dir: Path, *,
     return engine
 
 
-def add_sku_arguments(parser: argparse.ArgumentParser) -> None:
-    """The `--sku-dir D | --sku NAME` pair shared by export, build and bench."""
-    group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--sku-dir", type=Path, help="SKU directory (model.safetensors, meta.json, graphs)")
-    group.add_argument("--sku", help="SKU name from inspector.toml ([skus.NAME].model_dir)")
-
-
-def sku_dir_from_args(args: argparse.Namespace) -> Path:
-    """The SKU directory named by --sku-dir, or by --sku through the config; EngineError if it is absent."""
-    if args.sku_dir is not None:
-        sku_dir = Path(args.sku_dir)
-    else:
-        from inspector.config import load_config, resolve_sku
-
-        sku_dir = resolve_sku(load_config(args.config), args.sku).model_dir
-    if not (sku_dir / "meta.json").is_file():
-        raise EngineError(f"{sku_dir} is not a SKU directory (no meta.json); train one with inspector train")
-    return sku_dir
-
-
 __all__ = ["BACKENDS", "GPU_EXTRA_HINT", "Engine", "EngineSettings", "OnnxRuntimeSettings", "TensorRTSettings",
-           "TorchSettings", "add_sku_arguments", "create_engine", "engine_class", "engine_settings",
-           "sku_dir_from_args"]
+           "TorchSettings", "create_engine", "engine_class", "engine_settings"]

@@ -1,4 +1,4 @@
-"""`inspector bench`: frames/s, latency p50/p99, per-stage time and peak memory per backend and batch size.
+"""Engine benchmarks (`inspector bench`): frames/s, latency p50/p99, stage times, peak memory per backend.
 
 Each backend runs in its own spawned process, so its peak RSS (getrusage ru_maxrss, the process high-water
 mark, which covers native allocations of torch/ONNX Runtime) and its thread settings are its own. Inputs are
@@ -10,13 +10,10 @@ training. Stage times come from the backend's `infer_timed` (part graphs), end-t
 
 from __future__ import annotations
 
-import argparse
-import json
 import multiprocessing
 import os
 import platform
 import resource
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from engines.runtime import BACKENDS, EngineSettings, create_engine, engine_settings
+from engines.runtime import EngineSettings, create_engine
 from foundation.errors import EngineError
 
 STAGE_ORDER = ("preprocess", "encode", "stage1", "fusion", "stage2", "decode", "segment")
@@ -169,55 +166,3 @@ def format_table(report: dict[str, Any]) -> str:
     lines.append(f"load average before/after: {report['load_avg_before'][0]:.2f} / {report['load_avg_after'][0]:.2f} "
                  f"on {report['host']['cpus']} CPUs")
     return "\n".join(lines)
-
-
-def _int_list(text: str) -> list[int]:
-    try:
-        values = [int(v) for v in text.split(",") if v]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Flags of `inspector bench`."""
-    group = parser.add_mutually_exclusive_group(required=True)
-    group.add_argument("--sku-dir", type=Path, help="SKU directory (exported)")
-    group.add_argument("--sku", help="SKU name from inspector.toml")
-    group.add_argument("--random-sku", type=Path, metavar="DIR",
-                       help="create an untrained 256 px SKU in DIR (if absent), export it and benchmark it")
-    parser.add_argument("--image-size", type=int, default=256, help="image size of --random-sku")
-    parser.add_argument("--backends", default="torch,onnxruntime", help="comma-separated, of: " + ",".join(BACKENDS))
-    parser.add_argument("--batches", type=_int_list, default=[1, 2, 4, 8], help="comma-separated batch sizes")
-    parser.add_argument("--iters", type=int, default=20, help="timed calls per batch size")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="intra-op CPU threads of onnxruntime and torch (0 = library default)")
-    parser.add_argument("--precision", default="fp16", help="TensorRT precision (other backends run fp32)")
-    parser.add_argument("--json", type=Path, help="also write the report here")
-
-
-def run(args: argparse.Namespace) -> int:
-    """`inspector bench`: print the tables and optionally write the JSON report."""
-    from engines.runtime import sku_dir_from_args
-
-    backends = [b for b in args.backends.split(",") if b]
-    unknown = [b for b in backends if b not in BACKENDS]
-    if unknown:
-        raise EngineError(f"--backends: unknown {', '.join(unknown)}; valid are {', '.join(BACKENDS)}")
-    if args.random_sku is not None:
-        sku_dir = args.random_sku
-        if not (sku_dir / "meta.json").is_file():
-            make_random_sku(sku_dir, args.image_size)
-    else:
-        sku_dir = sku_dir_from_args(args)
-    cpu_threads = args.threads or None
-    engines = [engine_settings("tensorrt", precision=args.precision) if b == "tensorrt"
-               else engine_settings(b, threads=cpu_threads) for b in backends]
-    report = benchmark(sku_dir, engines, args.batches, args.iters)
-    print(format_table(report))
-    if args.json is not None:
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.json}", file=sys.stderr)
-    return 0

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from calibration.int8 import make_entropy_calibrator
-from engines.runtime import add_sku_arguments, sku_dir_from_args
 from engines.runtime.staged import file_sha256
 from engines.runtime.tensorrt_backend import (
     PART_NAMES,
@@ -30,6 +29,7 @@ from engines.runtime.tensorrt_backend import (
 from engines.sku import read_meta
 from foundation.errors import EngineError
 from foundation.log import get_logger
+from inspector.commands.common import add_sku_arguments, sku_dir_from_args  # the build CLI moves (issue 14)
 
 log = get_logger(__name__)
 

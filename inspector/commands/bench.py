@@ -1,0 +1,65 @@
+"""`inspector bench`: latency and throughput per backend on a SKU (or a random untrained one)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from engines.runtime import BACKENDS, engine_settings
+from engines.runtime.benchmark import benchmark, format_table, make_random_sku
+from engines.sku import META_FILE
+from foundation.errors import EngineError
+from inspector.commands.common import sku_dir_from_args
+
+
+def _int_list(text: str) -> list[int]:
+    """'1,2,4' -> [1, 2, 4]: positive integers, an argparse error otherwise."""
+    try:
+        values = [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `inspector bench`."""
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--sku-dir", type=Path, help="SKU directory (exported)")
+    group.add_argument("--sku", help="SKU name from inspector.toml")
+    group.add_argument("--random-sku", type=Path, metavar="DIR",
+                       help="create an untrained 256 px SKU in DIR (if absent), export it and benchmark it")
+    parser.add_argument("--image-size", type=int, default=256, help="image size of --random-sku")
+    parser.add_argument("--backends", default="torch,onnxruntime", help="comma-separated, of: " + ",".join(BACKENDS))
+    parser.add_argument("--batches", type=_int_list, default=[1, 2, 4, 8], help="comma-separated batch sizes")
+    parser.add_argument("--iters", type=int, default=20, help="timed calls per batch size")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="intra-op CPU threads of onnxruntime and torch (0 = library default)")
+    parser.add_argument("--precision", default="fp16", help="TensorRT precision (other backends run fp32)")
+    parser.add_argument("--json", type=Path, help="also write the report here")
+
+
+def run(args: argparse.Namespace) -> int:
+    """`inspector bench`: print the tables and optionally write the JSON report."""
+    backends = [b for b in args.backends.split(",") if b]
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise EngineError(f"--backends: unknown {', '.join(unknown)}; valid are {', '.join(BACKENDS)}")
+    if args.random_sku is not None:
+        sku_dir = args.random_sku
+        if not (sku_dir / META_FILE).is_file():
+            make_random_sku(sku_dir, args.image_size)
+    else:
+        sku_dir = sku_dir_from_args(args)
+    cpu_threads = args.threads or None
+    engines = [engine_settings("tensorrt", precision=args.precision) if b == "tensorrt"
+               else engine_settings(b, threads=cpu_threads) for b in backends]
+    report = benchmark(sku_dir, engines, args.batches, args.iters)
+    print(format_table(report))
+    if args.json is not None:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {args.json}", file=sys.stderr)
+    return 0

@@ -1,0 +1,62 @@
+"""`inspector calibrate`: run a SKU's engine over good (and NG) folders, fit thresholds, write calibration.json."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from calibration.evaluate import infer_dataset
+from calibration.thresholds import fit_thresholds, format_table, save_calibration
+from engines.data import FolderDataset, file_list_hash
+from engines.runtime import create_engine
+from engines.scoring import image_scores
+from engines.sku import score_top_k
+from foundation.errors import ConfigError
+from inspector.commands.common import add_engine_arguments, sku_target
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `inspector calibrate`."""
+    add_engine_arguments(parser)
+    parser.add_argument("--good", type=Path, required=True, help="folder of good images (recursive)")
+    parser.add_argument("--ng", type=Path, help="folder of NG images: reports miss rate and F1-optimal threshold")
+    parser.add_argument(
+        "--ng-masks",
+        type=Path,
+        help="masks of the --ng images (<stem>_mask.png or <stem>.png): the pixel threshold becomes F1-optimal",
+    )
+    parser.add_argument("--frr", type=float, default=0.005, help="target false-reject rate (default 0.005)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the SKU's engine over the good (and NG) folders, fit thresholds, write calibration.json."""
+    target = sku_target(args)
+    engine = create_engine(target.engine, target.sku_dir, schedule_override=target.schedule_override or None)
+    top_k = score_top_k(target.sku_dir)
+    good = FolderDataset(args.good, engine.image_size)
+    good_maps = infer_dataset(engine, good, args.batch, desc="good").maps
+    hashes = [file_list_hash(good)]
+    if args.ng_masks is not None and args.ng is None:
+        raise ConfigError("--ng-masks needs --ng (the defective images the masks belong to)")
+    ng_scores = ng_maps = ng_masks = None
+    if args.ng is not None:
+        ng = FolderDataset(args.ng, engine.image_size, mask_dir=args.ng_masks)
+        inference = infer_dataset(engine, ng, args.batch, desc="ng")
+        ng_scores = image_scores(inference.maps, top_k=top_k)
+        if args.ng_masks is not None:
+            ng_maps, ng_masks = inference.maps, inference.masks
+        hashes.append(file_list_hash(ng))
+    calibration = fit_thresholds(
+        image_scores(good_maps, top_k=top_k),
+        good_maps,
+        args.frr,
+        ng_scores=ng_scores,
+        ng_maps=ng_maps,
+        ng_masks=ng_masks,
+        score_top_k=top_k,
+        data_hash=hashes[0] if len(hashes) == 1 else "+".join(hashes),
+    )
+    save_calibration(calibration, target.calibration_path)
+    print(format_table(calibration))
+    print(f"wrote {target.calibration_path}")
+    return 0

@@ -1,0 +1,75 @@
+"""`inspector train`: train a SKU's TDAD model from good images (a preset plus flags, or resume a checkpoint)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from engines.sku import ModelConfig
+from engines.train import PRESETS, TrainConfig, read_checkpoint_config, train_sku
+from foundation.errors import DataError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `inspector train`."""
+    import torch
+
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--sku", help="SKU name from inspector.toml; trains into its model_dir")
+    where.add_argument("--out", type=Path, help="SKU directory to write")
+    parser.add_argument("--data", type=Path, help="training data root (required unless --resume)")
+    parser.add_argument("--dataset", choices=("folder", "mvtec", "visa"), default="folder")
+    parser.add_argument("--category", help="mvtec/visa category, e.g. bottle")
+    parser.add_argument("--preset", choices=tuple(PRESETS), default="small",
+                        help="image size, batch and steps per phase (tiny: a few CPU minutes at 64 px)")
+    parser.add_argument("--image-size", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--ae-steps", type=int)
+    parser.add_argument("--diffusion-steps", type=int)
+    parser.add_argument("--seg-steps", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", choices=("cpu", "cuda"),
+                        default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--texture-dir", type=Path, help="folder of anomaly source textures (e.g. DTD)")
+    parser.add_argument("--foreground", choices=("otsu", "none"), default="otsu")
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all cores)")
+    parser.add_argument("--checkpoint-every", type=int, default=500)
+    parser.add_argument("--resume", action="store_true", help="continue the checkpoint in <out>/train_state")
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
+    """Build the TrainConfig (from a preset + flags, or from the checkpoint when resuming)."""
+    out = args.out
+    if args.sku:
+        from inspector.config import load_config, resolve_sku
+
+        out = resolve_sku(load_config(args.config), args.sku).model_dir
+    if args.resume:
+        cfg = read_checkpoint_config(out)
+        runtime = {"out": out, "device": args.device, "num_workers": args.num_workers, "threads": args.threads}
+        return dataclasses.replace(cfg, **runtime), True
+    if args.data is None:
+        raise DataError("inspector train: --data DIR is required (the folder of good images or the data set root)")
+    knobs = dict(PRESETS[args.preset])
+    for name in ("image_size", "batch_size", "ae_steps", "diffusion_steps", "seg_steps", "lr"):
+        if getattr(args, name) is not None:
+            knobs[name] = getattr(args, name)
+    cfg = TrainConfig(data=args.data, out=out, dataset=args.dataset, category=args.category, seed=args.seed,
+                      device=args.device, texture_dir=args.texture_dir, foreground=args.foreground,
+                      num_workers=args.num_workers, threads=args.threads, checkpoint_every=args.checkpoint_every,
+                      **knobs)
+    ModelConfig(image_size=cfg.image_size)  # validates the image size before any data is read
+    return cfg, False
+
+
+def run(args: argparse.Namespace) -> int:
+    """`inspector train`: exit 0 when the SKU directory is written, 130 when interrupted (checkpointed)."""
+    cfg, resume = config_from_args(args)
+    try:
+        train_sku(cfg, resume=resume)
+    except KeyboardInterrupt:
+        return 130
+    return 0

@@ -35,6 +35,7 @@ import cv2
 import numpy as np
 
 from foundation.errors import DataError
+from foundation.images import load_image_rgb
 from foundation.log import get_logger
 
 log = get_logger(__name__)
@@ -78,14 +79,6 @@ def list_images(root: Path, recursive: bool = True) -> list[Path]:
         and p.is_file()
         and not any(part.startswith(".") for part in p.relative_to(root).parts)
     )
-
-
-def load_image_rgb(path: Path) -> np.ndarray:
-    """Decode an image file to uint8 HxWx3 RGB; DataError naming the file when it cannot be read."""
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise DataError(f"cannot read image {path}: the file is missing, truncated or not an image")
-    return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 
 def load_mask(path: Path) -> np.ndarray:

@@ -7,8 +7,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from engines.data import list_images, load_image_rgb
+from engines.data import list_images
 from foundation.errors import DataError
+from foundation.images import load_image_rgb
 from foundation.log import get_logger
 
 log = get_logger(__name__)

@@ -1,1 +1,1 @@
-"""The foundation every layer may import: operator errors and logging. It imports nothing of the project."""
+"""What every layer may import: operator errors, logging, image decoding. It imports nothing of the project."""

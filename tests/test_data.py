@@ -16,11 +16,11 @@ from engines.data import (
     MVTecDataset,
     VisADataset,
     file_list_hash,
-    load_image_rgb,
     open_dataset,
 )
 from engines.sample_data import DEFECT_TYPES, TEXTURES, draw_defect, render_part
 from foundation.errors import DataError
+from foundation.images import load_image_rgb
 from tests.fixtures_data import make_good_folder, make_mvtec_tree, make_visa_tree
 
 

@@ -10,8 +10,6 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from inspector.config import CameraConfig
-
 
 @dataclass
 class Frame:
@@ -75,27 +73,3 @@ class PacedSource:
     def frames_produced(self) -> int:
         """Frames yielded in the current run."""
         return self._last_id
-
-
-def open_source(camera_cfg: CameraConfig) -> Source:
-    """Build the Source for a camera config (dispatch on its `type`); call open() on the result to start."""
-    kind = camera_cfg.type
-    if kind == "synthetic":
-        from inspector.acquisition.synthetic import SyntheticSource
-
-        return SyntheticSource(camera_cfg)
-    if kind == "folder":
-        from inspector.acquisition.folder import FolderSource
-
-        return FolderSource(camera_cfg)
-    if kind == "video":
-        from inspector.acquisition.video import VideoSource
-
-        return VideoSource(camera_cfg)
-    if kind == "gentl":
-        from inspector.acquisition.gentl import GenTLSource
-
-        return GenTLSource(camera_cfg)
-    from foundation.errors import ConfigError
-
-    raise ConfigError(f"camera.type = {kind!r} is unknown; use synthetic, folder, video or gentl")

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from engines.data import load_image_rgb
 from foundation.errors import DataError
+from foundation.images import load_image_rgb
 from inspector.acquisition.base import Frame, PacedSource
 from inspector.config import FolderCamera
 

@@ -34,7 +34,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 test: $(STAMP) system-deps lint
-	$(BIN)/pytest
+	$(BIN)/pytest --durations=15
 
 demo: $(STAMP) system-deps
 	$(BIN)/inspector demo

@@ -34,6 +34,7 @@ from typing import Literal, overload
 import cv2
 import numpy as np
 
+from engines.preprocess import resize_to_model
 from foundation.errors import DataError
 from foundation.images import load_image_rgb
 from foundation.log import get_logger
@@ -155,9 +156,9 @@ class ImageDataset(Sequence[Item]):
         return (self[i] for i in range(len(self)))
 
     def _load(self, record: Record) -> Item:
-        """Decode and resize one record (INTER_AREA for the image, INTER_NEAREST for the mask)."""
+        """Decode and resize one record (the model's resize for the image, INTER_NEAREST for the mask)."""
         size = (self.image_size, self.image_size)
-        image = cv2.resize(load_image_rgb(record.path), size, interpolation=cv2.INTER_AREA)
+        image = resize_to_model(load_image_rgb(record.path), self.image_size)
         mask: np.ndarray | None = None
         if record.mask_path is not None:
             raw = load_mask(record.mask_path).astype(np.uint8)

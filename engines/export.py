@@ -20,7 +20,6 @@ torch 2.13, needs no onnxscript, and traces the Python loop into a flat graph.
 
 from __future__ import annotations
 
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +29,10 @@ import onnx
 import torch
 from torch import nn
 
+from engines.manifest import WEIGHTS_FILE, ExportRecord, read_manifest, with_export, write_manifest
 from engines.model import TDADModel, load_sku
 from engines.runtime.staged import file_sha256
 from engines.schedule import Schedule
-from engines.sku import META_FILE, WEIGHTS_FILE, read_meta
 from foundation.log import get_logger
 
 log = get_logger(__name__)
@@ -109,17 +108,16 @@ def export_sku(sku_dir: Path, opset: int = DEFAULT_OPSET,
         path = export_graph(spec, sku_dir / f"{spec.name}.onnx", opset)
         log.info("onnx_exported", graph=path.name, size_kb=path.stat().st_size // 1024)
         paths.append(path)
-    meta = read_meta(sku_dir)  # merge: keep what training and calibration wrote
-    meta["export"] = {
-        "opset": opset,
-        "weights_sha256": file_sha256(sku_dir / WEIGHTS_FILE),
-        "files": [p.name for p in paths],
-        "torch": torch.__version__,
-        "onnx": onnx.__version__,
-        "unrolled_schedule": schedule.to_dict(),
-        "denoiser_calls": schedule.steps1 + schedule.steps2,
-        "ddim_timesteps": [schedule.ddim_timesteps(schedule.t1, schedule.steps1),
-                           schedule.ddim_timesteps(schedule.t2, schedule.steps2)],
-    }
-    (sku_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    record = ExportRecord(
+        opset=opset,
+        weights_sha256=file_sha256(sku_dir / WEIGHTS_FILE),
+        files=[p.name for p in paths],
+        torch=torch.__version__,
+        onnx=onnx.__version__,
+        unrolled_schedule=schedule,
+        denoiser_calls=schedule.steps1 + schedule.steps2,
+        ddim_timesteps=[schedule.ddim_timesteps(schedule.t1, schedule.steps1),
+                        schedule.ddim_timesteps(schedule.t2, schedule.steps2)],
+    )
+    write_manifest(sku_dir, with_export(read_manifest(sku_dir), record))  # keeps what training wrote
     return paths

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import json
-from datetime import UTC, datetime
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +10,13 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from engines.manifest import MANIFEST_FILE, WEIGHTS_FILE, ModelConfig, new_manifest, read_manifest, write_manifest
 from engines.nets.autoencoder import Decoder, Encoder
 from engines.nets.denoiser import Denoiser
 from engines.nets.fusion import Fusion
 from engines.nets.segmenter import Segmenter
 from engines.schedule import Schedule, two_stage_reconstruct
-from engines.scoring import DEFAULT_TOP_K
-from engines.sku import META_FILE, WEIGHTS_FILE, ModelConfig, first_line, read_meta
-from foundation.errors import DataError
+from foundation.errors import DataError, first_line
 
 
 class TDADModel(nn.Module):
@@ -78,39 +74,22 @@ class TDADModel(nn.Module):
         return self.segmenter(images_f32_nchw, self.reconstruct(images_f32_nchw, schedule))
 
 
-def code_version() -> str:
-    """The installed tdad-inspector version (recorded in meta.json)."""
-    try:
-        return version("tdad-inspector")
-    except PackageNotFoundError:
-        return "unknown"
+def save_sku(model: TDADModel, sku_dir: Path, **records: Any) -> Path:
+    """Write model.safetensors + meta.json into sku_dir (created if needed); returns sku_dir.
 
-
-def save_sku(model: TDADModel, sku_dir: Path, meta_extra: dict[str, Any] | None = None) -> Path:
-    """Write model.safetensors + meta.json into sku_dir (created if needed); returns sku_dir."""
+    records: manifest fields beside the model's own (train_hash, data_hash, train, note).
+    """
     sku_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(sku_dir / WEIGHTS_FILE))
-    meta: dict[str, Any] = {
-        "image_size": model.config.image_size,
-        "latent_channels": model.config.latent_channels,
-        "latent_scale": model.latent_scale,
-        "schedule": model.schedule.to_dict(),
-        "model": model.config.to_dict(),
-        "code_version": code_version(),
-        "train_hash": "",
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "score": {"top_k": DEFAULT_TOP_K},
-        **(meta_extra or {}),
-    }
-    (sku_dir / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    write_manifest(sku_dir, new_manifest(model.config, model.schedule, model.latent_scale, **records))
     return sku_dir
 
 
 def load_sku(sku_dir: Path, device: str | torch.device = "cpu") -> TDADModel:
     """Load a trained SKU directory into an eval-mode TDADModel on `device`."""
-    meta = read_meta(sku_dir)
-    model = TDADModel(ModelConfig.from_dict(meta["model"]), Schedule.from_dict(meta["schedule"]))
+    manifest = read_manifest(sku_dir)
+    model = TDADModel(manifest.model, manifest.schedule)
     path = sku_dir / WEIGHTS_FILE
     try:
         state = load_file(str(path))
@@ -119,5 +98,5 @@ def load_sku(sku_dir: Path, device: str | torch.device = "cpu") -> TDADModel:
         raise DataError(f"{path}: missing; train the SKU first (inspector train) or fix model_dir") from None
     except (SafetensorError, RuntimeError, OSError) as exc:
         reason = first_line(exc)
-        raise DataError(f"{path}: unreadable or not matching {META_FILE} ({reason}); retrain the SKU") from None
+        raise DataError(f"{path}: unreadable or not matching {MANIFEST_FILE} ({reason}); retrain the SKU") from None
     return model.to(device).eval()

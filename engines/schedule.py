@@ -8,6 +8,7 @@ bit-identical noise (`fixed_noise`).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -71,6 +72,10 @@ class Schedule:
         """alpha_bar at timestep t; t < 0 means the clean sample (alpha_bar = 1)."""
         return 1.0 if t < 0 else float(self.alphas_cumprod[t])
 
+    def alpha_bars(self, t: np.ndarray) -> np.ndarray:
+        """alpha_bar per sample for int timesteps t (N,), as float32 N x 1 x 1 x 1 to broadcast over latents."""
+        return self.alphas_cumprod[np.asarray(t)].astype(np.float32).reshape(-1, 1, 1, 1)
+
     def ddim_timesteps(self, t_start: int, steps: int) -> list[int]:
         """`steps` descending timesteps from t_start, evenly spaced towards 0 (the clean sample)."""
         return [round(float(t)) for t in np.linspace(t_start, 0, steps + 1)[:-1]]
@@ -86,10 +91,13 @@ def fixed_noise(shape: tuple[int, ...], seed: int) -> np.ndarray:
     return np.random.Generator(np.random.PCG64(seed)).standard_normal(shape, dtype=np.float32)
 
 
-def add_noise(z0: A, noise: A, schedule: Schedule, t: int) -> A:
-    """q(z_t | z_0): sqrt(alpha_bar_t) * z0 + sqrt(1 - alpha_bar_t) * noise."""
-    a = schedule.alpha_bar(t)
-    return z0 * float(np.sqrt(a)) + noise * float(np.sqrt(1.0 - a))
+def add_noise(z0: A, noise: A, alpha_bar: float | A) -> A:
+    """q(z_t | z_0) = sqrt(alpha_bar) * z0 + sqrt(1 - alpha_bar) * noise: the one noising formula of training
+    and every runtime. alpha_bar: one float (`Schedule.alpha_bar(t)`) or one per sample, N x 1 x 1 x 1 of z0's
+    array type (`Schedule.alpha_bars(t)` during training)."""
+    if isinstance(alpha_bar, float):
+        return z0 * math.sqrt(alpha_bar) + noise * math.sqrt(1.0 - alpha_bar)
+    return z0 * alpha_bar**0.5 + noise * (1.0 - alpha_bar) ** 0.5
 
 
 def predict_x0(z_t: A, eps: A, schedule: Schedule, t: int) -> A:
@@ -120,8 +128,8 @@ def two_stage_reconstruct(z0: A, denoise: Callable[[A, int, A], A], fuse: Callab
     refines stage 1's normal-looking estimate rather than re-noising the defective input) to t2 with
     noise2 and DDIM-denoise steps2 steps with cond. noise1/noise2 are 1 x C x h x w and broadcast.
     """
-    z_rec1 = ddim_sample(add_noise(z0, noise1, schedule, schedule.t1), denoise, zero_cond(z0), schedule,
+    z_rec1 = ddim_sample(add_noise(z0, noise1, schedule.alpha_bar(schedule.t1)), denoise, zero_cond(z0), schedule,
                          schedule.t1, schedule.steps1)
     cond = fuse(z0, z_rec1)
-    return ddim_sample(add_noise(z_rec1, noise2, schedule, schedule.t2), denoise, cond, schedule,
+    return ddim_sample(add_noise(z_rec1, noise2, schedule.alpha_bar(schedule.t2)), denoise, cond, schedule,
                        schedule.t2, schedule.steps2)

@@ -33,10 +33,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from engines.data import file_list_hash, open_dataset
+from engines.manifest import TrainRecord
 from engines.model import ModelConfig, TDADModel, save_sku
-from engines.schedule import Schedule, predict_x0
+from engines.preprocess import preprocess
+from engines.schedule import Schedule, add_noise, predict_x0
 from engines.synthesis import AnomalySynthesizer
-from foundation.errors import DataError
+from foundation.errors import DataError, first_line
 from foundation.log import get_logger
 
 log = get_logger(__name__)
@@ -108,7 +110,8 @@ class TrainConfig:
 
 
 class StepBatches(Dataset):
-    """batch = f(seed, phase, step): good images, their synthetic-anomaly versions, masks and the noise."""
+    """batch = f(seed, phase, step): good images and their synthetic-anomaly versions (preprocessed, float32
+    N x 3 x S x S), masks and, for diffusion, the noise, timesteps and their alpha_bar."""
 
     def __init__(self, cfg: TrainConfig, images_u8_nhwc: np.ndarray, phase: str, schedule: Schedule) -> None:
         self.cfg, self.images, self.phase, self.schedule = cfg, images_u8_nhwc, phase, schedule
@@ -123,7 +126,7 @@ class StepBatches(Dataset):
         rng = np.random.default_rng([cfg.seed, PHASES.index(self.phase), step])
         clean = self.images[rng.integers(len(self.images), size=cfg.batch_size)]
         pairs = [self.synth(image, rng) for image in clean]
-        batch = {"clean": clean, "anom": np.stack([p[0] for p in pairs]),
+        batch = {"clean": preprocess(clean), "anom": preprocess(np.stack([p[0] for p in pairs])),
                  "mask": np.stack([p[1] for p in pairs])[:, None]}
         if self.phase == "diffusion":
             n, h = cfg.batch_size, cfg.image_size // 8
@@ -133,12 +136,9 @@ class StepBatches(Dataset):
             batch["t_u"] = rng.integers(0, cfg.train_t_max + 1, size=n)
             batch["t_c"] = rng.integers(0, cfg.train_t_max + 1, size=n)
             batch["keep_cond"] = (rng.random(n) >= cfg.cond_dropout).astype(np.float32)
+            batch["alpha_bar_u"] = self.schedule.alpha_bars(batch["t_u"])
+            batch["alpha_bar_c"] = self.schedule.alpha_bars(batch["t_c"])
         return batch
-
-
-def to_images(u8_nhwc: torch.Tensor) -> torch.Tensor:
-    """uint8 NHWC tensor -> float32 NCHW in [0, 1] (engines.model.preprocess on tensors)."""
-    return u8_nhwc.permute(0, 3, 1, 2).float() / 255.0
 
 
 # ----------------------------------------------------------------------------- losses
@@ -146,7 +146,7 @@ def to_images(u8_nhwc: torch.Tensor) -> torch.Tensor:
 
 def autoencoder_loss(model: TDADModel, batch: dict[str, torch.Tensor], cfg: TrainConfig) -> torch.Tensor:
     """L1 reconstruction + edge_weight * L1 of the horizontal/vertical image gradients."""
-    x = to_images(batch["anom"])
+    x = batch["anom"]
     rec = model.decode(model.encode(x))
 
     def grads(im: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -154,12 +154,6 @@ def autoencoder_loss(model: TDADModel, batch: dict[str, torch.Tensor], cfg: Trai
 
     edge = sum(F.l1_loss(a, b) for a, b in zip(grads(rec), grads(x), strict=True))
     return F.l1_loss(rec, x) + cfg.edge_weight * edge
-
-
-def noise_latents(z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, schedule: Schedule) -> torch.Tensor:
-    """q(z_t | z_0) for a per-sample timestep vector t (int64 N)."""
-    a = torch.as_tensor(schedule.alphas_cumprod, dtype=torch.float32, device=z0.device)[t][:, None, None, None]
-    return z0 * a.sqrt() + noise * (1.0 - a).sqrt()
 
 
 def diffusion_loss(model: TDADModel, batch: dict[str, torch.Tensor], cfg: TrainConfig) -> torch.Tensor:
@@ -170,14 +164,14 @@ def diffusion_loss(model: TDADModel, batch: dict[str, torch.Tensor], cfg: TrainC
     """
     schedule = model.schedule
     with torch.no_grad():
-        z_clean = model.encode(to_images(batch["clean"]))
-        z_anom = model.encode(to_images(batch["anom"]))
-        z_s1 = noise_latents(z_anom, batch["noise_s1"], torch.full_like(batch["t_u"], schedule.t1), schedule)
+        z_clean = model.encode(batch["clean"])
+        z_anom = model.encode(batch["anom"])
+        z_s1 = add_noise(z_anom, batch["noise_s1"], schedule.alpha_bar(schedule.t1))
         z_rec1 = predict_x0(z_s1, model.denoise(z_s1, schedule.t1, model.zero_cond(z_s1)), schedule, schedule.t1)
-    z_u = noise_latents(z_clean, batch["noise_u"], batch["t_u"], schedule)
+    z_u = add_noise(z_clean, batch["noise_u"], batch["alpha_bar_u"])
     loss_u = F.mse_loss(model.denoiser(z_u, batch["t_u"], model.zero_cond(z_u)), batch["noise_u"])
     cond = model.fusion(z_anom, z_rec1) * batch["keep_cond"][:, None, None, None]
-    z_c = noise_latents(z_clean, batch["noise_c"], batch["t_c"], schedule)
+    z_c = add_noise(z_clean, batch["noise_c"], batch["alpha_bar_c"])
     loss_c = F.mse_loss(model.denoiser(z_c, batch["t_c"], cond), batch["noise_c"])
     return loss_u + loss_c
 
@@ -192,7 +186,7 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -
 
 def segmenter_loss(model: TDADModel, batch: dict[str, torch.Tensor], cfg: TrainConfig) -> torch.Tensor:
     """Focal + smooth-L1 against the synthetic mask at strides 8, 4, 2, 1 of the two-stage reconstruction."""
-    x = to_images(batch["anom"])
+    x = batch["anom"]
     with torch.no_grad():
         rec = model.reconstruct(x)
     loss = x.new_zeros(())
@@ -245,7 +239,7 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
 def fit_latent_scale(model: TDADModel, images_u8_nhwc: np.ndarray, device: torch.device, batch: int) -> float:
     """1 / std of the raw latents of (up to 512) training images, so diffusion sees ~unit-std latents."""
     model.set_latent_scale(1.0)
-    zs = [model.encode(to_images(torch.from_numpy(images_u8_nhwc[i : i + batch]).to(device)))
+    zs = [model.encode(torch.from_numpy(preprocess(images_u8_nhwc[i : i + batch])).to(device))
           for i in range(0, min(len(images_u8_nhwc), 512), batch)]
     scale = 1.0 / max(float(torch.cat(zs).std()), 1e-6)
     model.set_latent_scale(scale)
@@ -298,7 +292,7 @@ class Run:
             self.phase, self.step, self.losses = state["phase"], state["step"], state["losses"]
             return torch.load(self.state_dir / "optimizer.pt", map_location=self.cfg.device, weights_only=True)
         except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
-            reason = (str(exc).splitlines() or [type(exc).__name__])[0][:200]
+            reason = first_line(exc)
             raise DataError(f"{self.state_dir}: corrupt checkpoint ({reason}); delete it and retrain") from None
 
 
@@ -434,7 +428,7 @@ def train_sku(cfg: TrainConfig, resume: bool = False) -> Path:
         run.save()
 
     model.eval()
-    save_sku(model, cfg.out, {"train_hash": train_hash(cfg, data_hash), "data_hash": data_hash,
-                              "train": {"losses": run.losses, "config": cfg.to_dict()}})
+    save_sku(model, cfg.out, train_hash=train_hash(cfg, data_hash), data_hash=data_hash,
+             train=TrainRecord(losses=run.losses, config=cfg.to_dict()))
     log.info("train_done", sku_dir=str(cfg.out), losses=run.losses)
     return cfg.out

@@ -15,3 +15,8 @@ class DataError(InspectorError):
 
 class EngineError(InspectorError):
     """An inference backend cannot be created or loaded (missing extra, stale plan, bad SKU dir)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception message, capped, for one-line operator errors."""
+    return (str(exc).splitlines() or [type(exc).__name__])[0][:200]

@@ -83,10 +83,10 @@ def build_demo_sku(workdir: Path, recipe: Recipe = Recipe(), *, threads: int = 0
     from calibration.evaluate import infer_dataset
     from calibration.thresholds import fit_thresholds, format_table, save_calibration
     from engines.data import file_list_hash, open_dataset
+    from engines.manifest import score_top_k
     from engines.runtime import create_engine
     from engines.sample_data import write_mvtec_tree
     from engines.scoring import image_scores
-    from engines.sku import score_top_k
     from engines.train import PRESETS, TrainConfig, train_sku
 
     workdir = Path(workdir)

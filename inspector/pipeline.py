@@ -24,9 +24,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-import cv2
 import numpy as np
 
+from engines.preprocess import resize_to_model
 from engines.runtime.base import Engine
 from foundation.log import get_logger
 from inspector.acquisition import Frame, Source
@@ -83,11 +83,8 @@ def preprocess(image_u8_hwc: Any, roi: tuple[int, int, int, int] | None, size: i
     x, y, rw, rh = roi if roi is not None else (0, 0, w, h)
     if x < 0 or y < 0 or rw < 1 or rh < 1 or x + rw > w or y + rh > h:
         raise FrameRejected(WRONG_SIZE, f"ROI {(x, y, rw, rh)} does not fit a {w}x{h} frame")
-    crop = image_u8_hwc[y:y + rh, x:x + rw]
-    if (rh, rw) != (size, size):
-        interp = cv2.INTER_AREA if rw > size and rh > size else cv2.INTER_LINEAR
-        crop = cv2.resize(crop, (size, size), interpolation=interp)
-    return np.ascontiguousarray(crop), Placement(origin_xy=(x, y), scale_xy=(rw / size, rh / size))
+    crop = resize_to_model(image_u8_hwc[y:y + rh, x:x + rw], size)
+    return crop, Placement(origin_xy=(x, y), scale_xy=(rw / size, rh / size))
 
 
 class Stats:

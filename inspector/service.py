@@ -33,8 +33,8 @@ from typing import Any
 import sdnotify
 
 from calibration.thresholds import Calibration, load_calibration
+from engines.manifest import score_top_k
 from engines.runtime import create_engine
-from engines.sku import score_top_k
 from foundation.errors import ConfigError, DataError, InspectorError
 from foundation.log import bind_context, configure_logging, get_logger
 from inspector.acquisition import Source, open_source

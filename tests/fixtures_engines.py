@@ -1,4 +1,4 @@
-"""Exported SKUs for engine tests: one randomly initialised, exported SKU per pytest process, shared read-only."""
+"""Helpers for engine tests; the SKUs themselves are session fixtures in conftest.py."""
 
 from __future__ import annotations
 
@@ -6,19 +6,8 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-import pytest
-
-from engines.runtime.benchmark import make_random_sku
 
 IMAGE_SIZE = 64  # smallest size the architecture takes (multiple of 32): export and inference stay fast
-_CACHE: dict[int, Path] = {}
-
-
-def exported_random_sku(tmp_path_factory: pytest.TempPathFactory, image_size: int = IMAGE_SIZE) -> Path:
-    """A random-init SKU (weights, meta.json, every .onnx), exported once per session; do not modify it."""
-    if image_size not in _CACHE:
-        _CACHE[image_size] = make_random_sku(tmp_path_factory.mktemp(f"random_sku_{image_size}"), image_size)
-    return _CACHE[image_size]
 
 
 def copy_sku(sku_dir: Path, dest: Path) -> Path:

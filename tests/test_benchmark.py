@@ -10,12 +10,11 @@ import pytest
 from engines.runtime import OnnxRuntimeSettings, benchmark
 from foundation.errors import EngineError
 from inspector.commands import bench
-from tests.fixtures_engines import exported_random_sku
 
 
-@pytest.fixture(scope="module")
-def sku(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return exported_random_sku(tmp_path_factory)
+@pytest.fixture
+def sku(exported_random_sku: Path) -> Path:
+    return exported_random_sku
 
 
 def test_bench_backend_measures_throughput_latency_stages_and_memory(sku: Path) -> None:

@@ -30,8 +30,8 @@ from inspector.config import load_config
 from inspector.demo import RecordingSource, add_arguments, demo_config, run_demo, summarize
 from inspector.pipeline import CORRUPT_FRAME, WRONG_SIZE
 from inspector.service import Daemon
-from tests.conftest_model import random_calibrated_sku, trained_sku
 from tests.test_service import Subscriber
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -39,14 +39,14 @@ REPO = Path(__file__).resolve().parent.parent
 VIKY = Path(genicam.__file__).parent / "viky.cti"
 
 
-@pytest.fixture(scope="session")
-def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return trained_sku(tmp_path_factory)
+@pytest.fixture
+def trained(trained_sku: Path) -> Path:
+    return trained_sku
 
 
-@pytest.fixture(scope="session")
-def random_sku(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return random_calibrated_sku(tmp_path_factory)
+@pytest.fixture
+def random_sku(random_calibrated_sku: Path) -> Path:
+    return random_calibrated_sku
 
 
 def write_config(tmp_path: Path, sku_dir: Path, port: int, camera: str, **service: Any) -> Path:
@@ -129,8 +129,12 @@ def test_broker_outage_mid_run_loses_no_verdict(tmp_path: Path, broker: LocalBro
     daemon.start()
     try:
         assert sub.wait_for(lambda: len(sub.json("verdict")) >= 10, 60)
+        stats, publisher = daemon.running.stats, daemon.publisher
+        assert publisher is not None
+        acquired = stats.snapshot()["acquired"]
         broker.stop()
-        time.sleep(4.0)
+        # an outage long enough that verdicts pile up in the spool (the camera runs at 15 fps)
+        assert wait_until(lambda: not publisher.connected and stats.snapshot()["acquired"] >= acquired + 15, 60)
         broker.start()
         assert daemon.wait_finished(120)
         assert sub.wait_for(lambda: len(unique_by_frame(sub.json("verdict"))) >= 90, 60)
@@ -169,7 +173,8 @@ def test_sigterm_drains_every_acquired_frame_and_restart_delivers_the_spool(
     try:
         assert sub.wait_for(lambda: len(sub.json("verdict")) >= 5, 120), "daemon published nothing"
         first.send_signal(signal.SIGHUP)  # reload thresholds; the run goes on
-        time.sleep(0.5)
+        seen = len(sub.json("verdict"))
+        assert sub.wait_for(lambda: len(sub.json("verdict")) >= seen + 3, 60)  # the main loop woke and reloaded
         broker.stop()  # verdicts from now on can only be spooled
         time.sleep(2.0)
         first.send_signal(signal.SIGTERM)

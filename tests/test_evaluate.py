@@ -24,6 +24,7 @@ from foundation.errors import ConfigError, DataError
 from inspector.cli import main
 from inspector.commands.evaluate import parse_steps
 from tests.fixtures_data import make_good_folder, make_mvtec_tree
+from tests.fixtures_engines import copy_sku
 
 
 def synthetic_inference(n_good: int = 4, n_bad: int = 4, size: int = 32) -> Inference:
@@ -227,38 +228,20 @@ def test_calibrate_with_too_few_good_images_is_one_line(
 
 
 @pytest.mark.slow
-def test_trained_model_finds_painted_defects(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """Train briefly (tiny preset at 64 px with fewer steps), export, calibrate on good parts, evaluate."""
-    import torch
-
-    from engines.export import export_sku
+def test_trained_model_finds_painted_defects(
+    trained_sku: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The session's trained SKU (copied: calibrate rewrites it), calibrated on good parts, on a fresh test set."""
     from engines.runtime import OnnxRuntimeSettings, create_engine
-    from engines.train import TrainConfig, train_sku
 
-    torch.set_num_threads(1)
+    sku = copy_sku(trained_sku, tmp_path / "sku")
     root = make_mvtec_tree(tmp_path / "mvtec", n_train=16, n_test_good=6, n_test_bad=10, size=64)
-    cfg = TrainConfig(
-        data=root,
-        out=tmp_path / "sku",
-        dataset="mvtec",
-        category="brick",
-        image_size=64,
-        batch_size=4,
-        ae_steps=60,
-        diffusion_steps=60,
-        seg_steps=120,
-        warmup_steps=5,
-        threads=1,
-        progress=False,
-    )
-    train_sku(cfg)
-    export_sku(cfg.out)
     good = root / "brick" / "train" / "good"
-    assert main(["calibrate", "--sku-dir", str(cfg.out), "--good", str(good), "--frr", "0.1", "--threads", "1"]) == 0
-    calibration = load_calibration(cfg.out / "calibration.json")
+    assert main(["calibrate", "--sku-dir", str(sku), "--good", str(good), "--frr", "0.1", "--threads", "1"]) == 0
+    calibration = load_calibration(sku / "calibration.json")
     capsys.readouterr()
 
-    engine = create_engine(OnnxRuntimeSettings(threads=1), cfg.out)
+    engine = create_engine(OnnxRuntimeSettings(threads=1), sku)
     dataset = open_dataset("mvtec", root, "brick", "test", engine.image_size)
     result = evaluate(
         engine,

@@ -16,14 +16,13 @@ from engines.runtime.staged import file_sha256
 from foundation.errors import EngineError
 from inspector.commands import export as export_command
 from inspector.commands.common import sku_dir_from_args
-from tests.fixtures_engines import exported_random_sku
 
 GRAPHS = ("encoder", "denoiser", "fusion", "decoder", "segmenter", "tdad")
 
 
-@pytest.fixture(scope="module")
-def sku(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return exported_random_sku(tmp_path_factory)
+@pytest.fixture
+def sku(exported_random_sku: Path) -> Path:
+    return exported_random_sku
 
 
 @pytest.mark.parametrize("name", GRAPHS)

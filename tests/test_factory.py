@@ -11,12 +11,12 @@ import pytest
 from engines.runtime import BACKENDS, create_engine, engine_settings
 from engines.runtime.base import Engine
 from foundation.errors import EngineError
-from tests.fixtures_engines import exported_random_sku, random_frames
+from tests.fixtures_engines import random_frames
 
 
-@pytest.fixture(scope="module")
-def sku(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return exported_random_sku(tmp_path_factory)
+@pytest.fixture
+def sku(exported_random_sku: Path) -> Path:
+    return exported_random_sku
 
 
 def test_unknown_backend_lists_the_valid_ones(sku: Path) -> None:

@@ -10,7 +10,7 @@ import pytest
 
 from calibration.int8 import CalibrationCache, CalibrationStream, make_entropy_calibrator
 from engines.data import FolderDataset
-from engines.sku import preprocess
+from engines.preprocess import preprocess
 from foundation.errors import DataError, EngineError
 from tests.fixtures_data import make_good_folder
 

@@ -12,12 +12,12 @@ from engines.runtime.config import OnnxRuntimeSettings, engine_settings
 from engines.runtime.onnx_backend import OnnxEngine, session_options
 from engines.runtime.staged import STAGES
 from foundation.errors import EngineError
-from tests.fixtures_engines import copy_sku, exported_random_sku, random_frames
+from tests.fixtures_engines import copy_sku, random_frames
 
 
-@pytest.fixture(scope="module")
-def sku(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return exported_random_sku(tmp_path_factory)
+@pytest.fixture
+def sku(exported_random_sku: Path) -> Path:
+    return exported_random_sku
 
 
 def _engine(sku: Path, **kw: object) -> OnnxEngine:

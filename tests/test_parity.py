@@ -8,7 +8,6 @@ i.e. the worst pixel deviation over the whole batch, relative to the largest ref
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import pytest
 from engines.runtime import OnnxRuntimeSettings, TorchSettings, create_engine
 from engines.sample_data import draw_defect, render_part
 from engines.scoring import image_scores
-from tests.fixtures_engines import exported_random_sku, random_frames
+from tests.fixtures_engines import random_frames
 
 FP32_BOUND = 1e-3
 
@@ -44,9 +43,9 @@ def assert_parity(sku: Path, frames: np.ndarray, **engine_kw: object) -> float:
     return err
 
 
-@pytest.fixture(scope="module")
-def sku(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return exported_random_sku(tmp_path_factory)
+@pytest.fixture
+def sku(exported_random_sku: Path) -> Path:
+    return exported_random_sku
 
 
 def test_rel_error_definition() -> None:
@@ -68,15 +67,6 @@ def test_onnxruntime_matches_torch_with_a_schedule_override(sku: Path) -> None:
 
 
 @pytest.mark.slow
-def test_onnxruntime_matches_torch_on_a_tiny_trained_model(tmp_path: Path) -> None:
-    from engines.export import export_sku
-    from engines.sample_data import write_good_folder
-    from engines.train import PRESETS, TrainConfig, train_sku
-
-    data = write_good_folder(tmp_path / "good", 16, 64)
-    tiny = PRESETS["tiny"] | {"ae_steps": 80, "diffusion_steps": 160, "seg_steps": 80}
-    cfg = TrainConfig(data=data, out=tmp_path / "sku", threads=1, progress=False, **tiny)
-    sku = train_sku(dataclasses.replace(cfg, checkpoint_every=10_000))
-    export_sku(sku)
-    err = assert_parity(sku, part_frames(8, 64, seed=3))
+def test_onnxruntime_matches_torch_on_a_tiny_trained_model(trained_sku: Path) -> None:
+    err = assert_parity(trained_sku, part_frames(8, 64, seed=3))
     print(f"tiny trained model: ORT vs torch rel_error = {err:.2e}")

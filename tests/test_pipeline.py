@@ -32,6 +32,7 @@ from inspector.pipeline import (
 )
 from inspector.verdict import Verdict
 from tests.test_decider import make_calibration
+from tests.waiting import holds_for, wait_until
 
 
 class BrightnessEngine:
@@ -224,12 +225,10 @@ def test_pause_stops_pulling_frames_and_resume_continues() -> None:
     source = ListSource([part() for _ in range(50)], interval_s=0.02)
     pipeline = Pipeline(source, active(BrightnessEngine()), lambda v, m: published.append(v))
     pipeline.start()
-    time.sleep(0.2)
+    assert wait_until(lambda: len(published) >= 5)
     pipeline.pause()
-    time.sleep(0.1)
     held = source.produced
-    time.sleep(0.3)
-    assert source.produced <= held + 1 and pipeline.paused
+    assert holds_for(lambda: source.produced <= held + 1, 0.3) and pipeline.paused
     pipeline.resume()
     assert pipeline.wait(10)
     assert [v.frame_id for v in published] == list(range(1, 51))
@@ -237,11 +236,14 @@ def test_pause_stops_pulling_frames_and_resume_continues() -> None:
 
 def test_sku_swap_between_batches_loses_nothing() -> None:
     published: list[Verdict] = []
-    pipeline = Pipeline(ListSource([part() for _ in range(40)], interval_s=0.01), active(BrightnessEngine(), "a"),
+    gate = threading.Event()
+    engine_a = BrightnessEngine(gate=gate)
+    pipeline = Pipeline(ListSource([part() for _ in range(40)], interval_s=0.01), active(engine_a, "a"),
                         lambda v, m: published.append(v))
     pipeline.start()
-    time.sleep(0.15)
+    assert wait_until(lambda: len(engine_a.batches) > 0)  # the first batch is inside engine a
     pipeline.swap_sku(active(BrightnessEngine(), "b"))
+    gate.set()
     assert pipeline.wait(10)
     names = [v.sku for v in published]
     assert [v.frame_id for v in published] == list(range(1, 41))
@@ -254,10 +256,10 @@ def test_stop_with_a_hung_engine_fail_safes_in_flight_and_queued_frames() -> Non
     pipeline = Pipeline(ListSource([part() for _ in range(5)]), active(BrightnessEngine(gate=gate)),
                         lambda v, m: published.append(v), queue_depth=8)
     pipeline.start()
-    time.sleep(0.2)
+    assert wait_until(lambda: pipeline.stats.snapshot()["acquired"] == 5)
     assert not pipeline.stop(drain_timeout_s=0.5)
     gate.set()
-    time.sleep(0.2)
+    assert wait_until(lambda: len(published) >= 5)
     assert sorted(v.frame_id for v in published) == [1, 2, 3, 4, 5]
     assert all(v.reason and v.reason.startswith(SHUTDOWN) for v in published)
 
@@ -267,7 +269,7 @@ def test_stop_drains_in_flight_frames_to_verdicts() -> None:
     source = ListSource([part() for _ in range(1000)], interval_s=0.02)
     pipeline = Pipeline(source, active(BrightnessEngine(delay_s=0.005)), lambda v, m: published.append(v))
     pipeline.start()
-    time.sleep(0.3)
+    assert wait_until(lambda: len(published) >= 5)
     assert pipeline.stop(drain_timeout_s=5)
     stats = pipeline.stats.snapshot()
     assert 0 < stats["acquired"] < 1000
@@ -288,7 +290,7 @@ def test_stop_with_a_wedged_source_still_publishes_what_was_acquired() -> None:
     pipeline = Pipeline(DeafSource([part() for _ in range(3)]), active(BrightnessEngine()),
                         lambda v, m: published.append(v))
     pipeline.start()
-    time.sleep(0.3)
+    assert wait_until(lambda: len(published) == 3)
     t0 = time.monotonic()
     pipeline.stop(drain_timeout_s=1.0)
     assert time.monotonic() - t0 < 2.0

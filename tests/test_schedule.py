@@ -89,4 +89,17 @@ def test_oracle_denoiser_recovers_z0() -> None:
 def test_add_noise_and_predict_x0_invert() -> None:
     s = Schedule()
     z0, eps = np.ones((1, 4, 2, 2)), np.full((1, 4, 2, 2), 0.5)
-    np.testing.assert_allclose(predict_x0(add_noise(z0, eps, s, 200), eps, s, 200), z0)
+    np.testing.assert_allclose(predict_x0(add_noise(z0, eps, s.alpha_bar(200)), eps, s, 200), z0)
+
+
+def test_per_sample_noising_is_the_scalar_formula_per_sample() -> None:
+    """Training noises each sample at its own t with the same function the runtimes call with one t."""
+    import torch
+
+    s = Schedule()
+    rng = np.random.default_rng(0)
+    z0, eps = rng.standard_normal((3, 4, 2, 2), np.float32), rng.standard_normal((3, 4, 2, 2), np.float32)
+    t = np.array([0, 120, 999])
+    batched = add_noise(torch.from_numpy(z0), torch.from_numpy(eps), torch.from_numpy(s.alpha_bars(t))).numpy()
+    for i, ti in enumerate(t):
+        np.testing.assert_allclose(batched[i], add_noise(z0[i], eps[i], s.alpha_bar(int(ti))), atol=1e-5)

@@ -13,7 +13,7 @@ import pytest
 from engines.runtime.staged import file_sha256
 from engines.runtime.tensorrt_backend import check_plan, plan_path, plan_tag
 from foundation.errors import EngineError
-from tests.fixtures_engines import copy_sku, exported_random_sku, random_frames
+from tests.fixtures_engines import copy_sku, random_frames
 from tests.test_parity import part_frames, rel_error
 
 FP16_BOUND = 1e-2
@@ -51,10 +51,10 @@ def test_check_plan_refuses_missing_foreign_and_stale_plans(tmp_path: Path) -> N
 
 
 @pytest.fixture(scope="module")
-def fp16_sku(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def fp16_sku(exported_random_sku: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     from engines.runtime.build import build_sku
 
-    sku = copy_sku(exported_random_sku(tmp_path_factory), tmp_path_factory.mktemp("trt") / "sku")
+    sku = copy_sku(exported_random_sku, tmp_path_factory.mktemp("trt") / "sku")
     build_sku(sku, "fp16", max_batch=4, opt_batch=1)
     return sku
 
@@ -118,8 +118,8 @@ def test_int8_image_auroc_within_half_a_point_of_fp32(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="tensorrt is installed here")
-def test_build_without_the_gpu_extra_names_the_install(tmp_path_factory: pytest.TempPathFactory) -> None:
+def test_build_without_the_gpu_extra_names_the_install(exported_random_sku: Path) -> None:
     from engines.runtime.build import build_sku
 
     with pytest.raises(EngineError, match=r"pip install 'tdad-inspector\[gpu\]'"):
-        build_sku(exported_random_sku(tmp_path_factory), "fp16")
+        build_sku(exported_random_sku, "fp16")

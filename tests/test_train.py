@@ -15,10 +15,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from engines.manifest import ModelConfig, read_manifest
 from engines.model import TDADModel, load_sku, save_sku
 from engines.sample_data import write_good_folder
 from engines.schedule import Schedule
-from engines.sku import ModelConfig, read_meta
 from engines.train import (
     LOSSES,
     PHASES,
@@ -78,15 +78,15 @@ def test_save_and_load_sku_round_trip_bit_exactly(tmp_path: Path) -> None:
     torch.manual_seed(1)
     model = TDADModel(ModelConfig(image_size=S), Schedule(t1=100, t2=300))
     model.set_latent_scale(0.73)
-    save_sku(model, tmp_path, {"train_hash": "abc"})
+    save_sku(model, tmp_path, train_hash="abc")
     loaded = load_sku(tmp_path)
     assert loaded.schedule == model.schedule and loaded.config == model.config
     assert loaded.latent_scale == pytest.approx(0.73)
     reference = model.state_dict()
     assert all(torch.equal(v, reference[k]) for k, v in loaded.state_dict().items())
-    meta = read_meta(tmp_path)
-    assert meta["train_hash"] == "abc" and meta["latent_channels"] == 4 and meta["image_size"] == S
-    assert meta["score"]["top_k"] > 0 and meta["code_version"]
+    meta = read_manifest(tmp_path)
+    assert meta.train_hash == "abc" and meta.latent_channels == 4 and meta.image_size == S
+    assert meta.score.top_k > 0 and meta.code_version
 
 
 def test_load_sku_names_the_missing_or_corrupt_file(tmp_path: Path) -> None:
@@ -117,9 +117,9 @@ def straight_run(good_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 @pytest.mark.slow
 def test_train_writes_a_loadable_sku(straight_run: Path) -> None:
-    meta = read_meta(straight_run)
-    assert set(meta["train"]["losses"]) == set(PHASES) and len(meta["train_hash"]) == 64
-    assert meta["latent_scale"] > 0
+    meta = read_manifest(straight_run)
+    assert meta.train is not None and set(meta.train.losses) == set(PHASES) and len(meta.train_hash) == 64
+    assert meta.latent_scale > 0
     model = load_sku(straight_run)
     with torch.inference_mode():
         maps = model.anomaly_maps(torch.rand(1, 3, S, S))
@@ -134,7 +134,8 @@ def test_resume_replays_an_uninterrupted_run(good_dir: Path, straight_run: Path,
     train_sku(dataclasses.replace(cfg, stop_after=None), resume=True)
     expected, got = _weights(straight_run), _weights(tmp_path)
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
-    assert read_meta(tmp_path)["train"]["losses"] == read_meta(straight_run)["train"]["losses"]
+    resumed, straight = read_manifest(tmp_path).train, read_manifest(straight_run).train
+    assert resumed is not None and straight is not None and resumed.losses == straight.losses
 
 
 @pytest.mark.slow

@@ -41,7 +41,7 @@ def make_random_sku(sku_dir: Path, image_size: int = 256, seed: int = 0, export:
     model = TDADModel(ModelConfig(image_size=image_size)).eval()
     with torch.no_grad():
         model.denoiser.conv_out.weight.normal_(0.0, 0.02)
-    save_sku(model, Path(sku_dir), {"train_hash": "random-init", "note": "untrained: for benchmarks and tests"})
+    save_sku(model, Path(sku_dir), train_hash="random-init", note="untrained: for benchmarks and tests")
     if export:
         from engines.export import export_sku
 

@@ -115,10 +115,9 @@ class OnnxEngine:
         """Create the sessions for the SKU's part graphs (and the unrolled graph when its schedule matches)."""
         self.sku_dir = Path(sku_dir)
         sku = open_exported_sku(self.sku_dir, self.schedule_override)
-        meta, self.image_size, self.schedule, self._noises = sku.meta, sku.image_size, sku.schedule, sku.noises
+        self.image_size, self.schedule, self._noises = sku.image_size, sku.schedule, sku.noises
         self._parts = _SessionParts({name: self._session(self.sku_dir / f"{name}.onnx") for name in PART_NAMES})
-        baked = meta.get("export", {}).get("unrolled_schedule")
-        if self.use_unrolled and baked == self.schedule.to_dict():
+        if self.use_unrolled and sku.export.unrolled_schedule == self.schedule:
             self._unrolled = self._session(self.sku_dir / f"{UNROLLED_NAME}.onnx")
         log.info("onnx_engine_loaded", sku_dir=str(self.sku_dir), providers=self.providers, threads=self.threads,
                  unrolled=self._unrolled is not None)

@@ -12,8 +12,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from engines.manifest import MANIFEST_FILE, WEIGHTS_FILE, ExportRecord, SkuManifest, read_manifest
+from engines.preprocess import preprocess
 from engines.schedule import Schedule, two_stage_reconstruct
-from engines.sku import META_FILE, WEIGHTS_FILE, preprocess, read_meta
 from foundation.errors import DataError, EngineError
 
 STAGES = ("preprocess", "encode", "stage1", "fusion", "stage2", "decode", "segment")
@@ -58,39 +59,41 @@ def preprocess_frames(images_u8_nhwc: np.ndarray, image_size: int) -> np.ndarray
     return preprocess(images_u8_nhwc)
 
 
-def load_schedule(meta: dict[str, Any], override: dict[str, Any]) -> Schedule:
+def load_schedule(manifest: SkuManifest, override: dict[str, Any]) -> Schedule:
     """The SKU's schedule with the config's overrides; EngineError naming the keys when they are invalid."""
     try:
-        return Schedule.from_dict(meta["schedule"]).with_overrides(**override)
+        return manifest.schedule.with_overrides(**override)
     except (TypeError, ValueError) as exc:
         raise EngineError(f"schedule override {override}: {exc}; fix [skus.*] t1/t2/steps1/steps2") from None
 
 
-def read_sku_meta(sku_dir: Path) -> dict[str, Any]:
+def read_sku_manifest(sku_dir: Path) -> SkuManifest:
     """meta.json of the SKU as an EngineError (the engine's caller reports engine failures) when unusable."""
     try:
-        return read_meta(sku_dir)
+        return read_manifest(sku_dir)
     except DataError as exc:
         raise EngineError(str(exc)) from None
 
 
-def check_export(sku_dir: Path, meta: dict[str, Any]) -> None:
-    """Refuse graphs exported from other weights than model.safetensors (e.g. a retrained SKU not re-exported)."""
+def check_export(sku_dir: Path, manifest: SkuManifest) -> ExportRecord:
+    """The export record, refusing graphs exported from other weights than model.safetensors (e.g. retrained)."""
     fix = f"run: inspector export --sku-dir {sku_dir}"
-    export = meta.get("export")
-    if not export:
-        raise EngineError(f"{sku_dir / META_FILE} has no export record (the SKU was trained after or without an "
-                          f"export); {fix}")
+    export = manifest.export
+    if export is None:
+        raise EngineError(f"{sku_dir / MANIFEST_FILE} has no export record (the SKU was trained after or without "
+                          f"an export); {fix}")
     weights = sku_dir / WEIGHTS_FILE
-    if weights.is_file() and export.get("weights_sha256") != file_sha256(weights):
+    if weights.is_file() and export.weights_sha256 != file_sha256(weights):
         raise EngineError(f"the ONNX graphs in {sku_dir} were exported from other weights than {weights.name}; {fix}")
+    return export
 
 
 @dataclass(frozen=True)
 class ExportedSku:
     """What every exported-graph backend reads from a SKU dir before creating its sessions or contexts."""
 
-    meta: dict[str, Any]
+    manifest: SkuManifest
+    export: ExportRecord
     image_size: int
     schedule: Schedule
     noises: tuple[np.ndarray, np.ndarray]
@@ -98,13 +101,12 @@ class ExportedSku:
 
 def open_exported_sku(sku_dir: Path, override: dict[str, Any]) -> ExportedSku:
     """Validate meta.json and the export record, apply schedule overrides and draw the fixed stage noises."""
-    meta = read_sku_meta(sku_dir)
-    check_export(sku_dir, meta)
-    image_size = int(meta["image_size"])
-    schedule = load_schedule(meta, override)
-    latent_hw = image_size // 8
-    noises = schedule.stage_noises((int(meta["latent_channels"]), latent_hw, latent_hw))
-    return ExportedSku(meta, image_size, schedule, noises)
+    manifest = read_sku_manifest(sku_dir)
+    export = check_export(sku_dir, manifest)
+    schedule = load_schedule(manifest, override)
+    latent_hw = manifest.model.latent_size
+    noises = schedule.stage_noises((manifest.model.latent_channels, latent_hw, latent_hw))
+    return ExportedSku(manifest, export, manifest.image_size, schedule, noises)
 
 
 def file_sha256(path: Path) -> str:

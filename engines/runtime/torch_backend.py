@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from engines.model import TDADModel, load_sku
+from engines.preprocess import preprocess
 from engines.runtime.config import TorchSettings
-from engines.sku import preprocess
 from foundation.errors import DataError, EngineError
 
 

@@ -7,9 +7,9 @@ import json
 import sys
 from pathlib import Path
 
+from engines.manifest import MANIFEST_FILE
 from engines.runtime import BACKENDS, engine_settings
 from engines.runtime.benchmark import benchmark, format_table, make_random_sku
-from engines.sku import META_FILE
 from foundation.errors import EngineError
 from inspector.commands.common import sku_dir_from_args
 
@@ -50,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
         raise EngineError(f"--backends: unknown {', '.join(unknown)}; valid are {', '.join(BACKENDS)}")
     if args.random_sku is not None:
         sku_dir = args.random_sku
-        if not (sku_dir / META_FILE).is_file():
+        if not (sku_dir / MANIFEST_FILE).is_file():
             make_random_sku(sku_dir, args.image_size)
     else:
         sku_dir = sku_dir_from_args(args)

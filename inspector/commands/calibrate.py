@@ -8,9 +8,9 @@ from pathlib import Path
 from calibration.evaluate import infer_dataset
 from calibration.thresholds import fit_thresholds, format_table, save_calibration
 from engines.data import FolderDataset, file_list_hash
+from engines.manifest import score_top_k
 from engines.runtime import create_engine
 from engines.scoring import image_scores
-from engines.sku import score_top_k
 from foundation.errors import ConfigError
 from inspector.commands.common import add_engine_arguments, sku_target
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from calibration.thresholds import CALIBRATION_FILE
+from engines.manifest import MANIFEST_FILE
 from engines.runtime import BACKENDS, EngineSettings, engine_settings
 from engines.runtime.config import DEFAULT_BACKEND
-from engines.sku import META_FILE
 from foundation.errors import EngineError
 
 
@@ -29,8 +29,8 @@ def sku_dir_from_args(args: argparse.Namespace) -> Path:
         from inspector.config import load_config, resolve_sku
 
         sku_dir = resolve_sku(load_config(args.config), args.sku).model_dir
-    if not (sku_dir / META_FILE).is_file():
-        raise EngineError(f"{sku_dir} is not a SKU directory (no {META_FILE}); train one with inspector train")
+    if not (sku_dir / MANIFEST_FILE).is_file():
+        raise EngineError(f"{sku_dir} is not a SKU directory (no {MANIFEST_FILE}); train one with inspector train")
     return sku_dir
 
 

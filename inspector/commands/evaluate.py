@@ -10,8 +10,8 @@ from typing import Any
 from calibration.evaluate import METRIC_COLUMNS, evaluate, format_table
 from calibration.thresholds import load_calibration
 from engines.data import file_list_hash, open_dataset
+from engines.manifest import score_top_k
 from engines.runtime import create_engine
-from engines.sku import score_top_k
 from foundation.errors import ConfigError
 from foundation.log import get_logger
 from inspector.commands.common import add_engine_arguments, sku_target

@@ -6,7 +6,7 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from engines.sku import ModelConfig
+from engines.manifest import ModelConfig
 from engines.train import PRESETS, TrainConfig, read_checkpoint_config, train_sku
 from foundation.errors import DataError
 

@@ -1,0 +1,193 @@
+"""The SKU manifest (meta.json): one typed record of what a SKU directory holds, read and written only here.
+
+Training writes it (`new_manifest` + `write_manifest`), export adds its record (`with_export`), and every
+reader (runtimes, the daemon, calibration, eval) gets a validated `SkuManifest` from `read_manifest`. Files
+of an older schema are upgraded on read (`upgrade`); a file of a newer schema than this code knows is
+refused with the fix. Torch-free, so the ONNX Runtime and TensorRT daemons never import torch.
+
+Schema history:
+  1  (no "schema_version" key) model, schedule, latent_scale, optional score/train/export records, plus
+     top-level image_size/latent_channels copies of the model config.
+  2  the same records validated; "score" always present; image_size/latent_channels still written (as
+     copies of model.*) for tools that read the JSON directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field
+
+from engines.schedule import Schedule
+from engines.scoring import DEFAULT_TOP_K
+from foundation.errors import ConfigError, DataError, first_line
+
+MANIFEST_FILE = "meta.json"
+WEIGHTS_FILE = "model.safetensors"
+SCHEMA_VERSION = 2
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Network hyper-parameters; the defaults fit 256 px at >= 5 frames/s on two CPU cores."""
+
+    image_size: int = 256
+    latent_channels: int = 4
+    ae_channels: tuple[int, int, int] = (16, 32, 64)  # at S/2, S/4, S/8
+    denoiser_channels: tuple[int, int, int] = (32, 64, 64)  # at latent h, h/2, h/4
+    time_dim: int = 128
+    cond_channels: int = 8
+    fusion_channels: int = 32
+    seg_channels: tuple[int, int, int, int] = (16, 32, 48, 64)  # decoder at strides 2, 4, 8, 16
+
+    def __post_init__(self) -> None:
+        """Image sizes must divide by 32 (8x latent down-sampling, then two more U-Net halvings)."""
+        if self.image_size < 32 or self.image_size % 32:
+            raise ConfigError(f"image_size={self.image_size}: use a multiple of 32 (e.g. 128 or 256)")
+
+    @property
+    def latent_size(self) -> int:
+        """Latent height/width (image_size / 8)."""
+        return self.image_size // 8
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (what meta.json stores under "model")."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Rebuild from `to_dict` output (lists become tuples)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in names})
+
+
+class ScoreRecord(BaseModel):
+    """How an anomaly map becomes the image score: the mean of its top_k pixels (engines.scoring)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    top_k: int = Field(DEFAULT_TOP_K, ge=1)
+
+
+class TrainRecord(BaseModel):
+    """What training left behind: the final loss per phase and the TrainConfig it ran with."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    losses: dict[str, float] = Field(default_factory=dict)
+    config: dict[str, Any] = Field(default_factory=dict)
+
+
+class ExportRecord(BaseModel):
+    """The ONNX export: which weights it came from and the schedule baked into the unrolled graph."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    opset: int
+    weights_sha256: str
+    files: list[str]
+    torch: str = ""
+    onnx: str = ""
+    unrolled_schedule: Schedule | None = None
+    denoiser_calls: int = 0
+    ddim_timesteps: list[list[int]] = Field(default_factory=list)
+
+
+class SkuManifest(BaseModel):
+    """meta.json of a SKU directory (schema SCHEMA_VERSION)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    schema_version: int = SCHEMA_VERSION
+    model: ModelConfig
+    schedule: Schedule
+    latent_scale: float = Field(gt=0)
+    score: ScoreRecord = Field(default_factory=ScoreRecord)
+    code_version: str = "unknown"
+    train_hash: str = ""
+    data_hash: str = ""
+    created: str = ""
+    note: str = ""
+    train: TrainRecord | None = None
+    export: ExportRecord | None = None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def image_size(self) -> int:
+        """Input side of the model in pixels (a copy of model.image_size in the file)."""
+        return self.model.image_size
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the latent (a copy of model.latent_channels in the file)."""
+        return self.model.latent_channels
+
+
+def code_version() -> str:
+    """The installed tdad-inspector version (recorded in meta.json)."""
+    try:
+        return version("tdad-inspector")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def new_manifest(model: ModelConfig, schedule: Schedule, latent_scale: float, **records: Any) -> SkuManifest:
+    """The manifest of a freshly trained (or random-init) SKU; records: train_hash, data_hash, train, note."""
+    return SkuManifest(model=model, schedule=schedule, latent_scale=latent_scale, code_version=code_version(),
+                       created=datetime.now(UTC).isoformat(timespec="seconds"), **records)
+
+
+def upgrade(data: dict[str, Any]) -> dict[str, Any]:
+    """A meta.json document of any known schema brought to SCHEMA_VERSION (a new dict; the input is kept)."""
+    data = dict(data)
+    found = data.get("schema_version", 1)
+    if not isinstance(found, int) or found > SCHEMA_VERSION:
+        raise ValueError(f"schema_version {found!r} is newer than this inspector reads ({SCHEMA_VERSION}); "
+                         "upgrade tdad-inspector")
+    if found == 1:
+        data.setdefault("score", {"top_k": DEFAULT_TOP_K})
+        data["schema_version"] = 2
+    data.pop("image_size", None)  # copies of model.*, recomputed on write
+    data.pop("latent_channels", None)
+    return data
+
+
+def read_manifest(sku_dir: Path) -> SkuManifest:
+    """meta.json of a SKU directory, upgraded and validated; DataError naming the file when missing or malformed."""
+    path = Path(sku_dir) / MANIFEST_FILE
+    try:
+        return SkuManifest.model_validate(upgrade(json.loads(path.read_text())))
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing; train the SKU first (inspector train) or fix model_dir") from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "document"
+        raise DataError(f"{path}: malformed SKU metadata ({where}: {first['msg']}); retrain the SKU") from None
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError, ConfigError) as exc:
+        raise DataError(f"{path}: malformed SKU metadata ({first_line(exc)}); retrain the SKU") from None
+
+
+def write_manifest(sku_dir: Path, manifest: SkuManifest) -> Path:
+    """Write meta.json atomically (temp file + rename), so a reader never sees half a manifest."""
+    path = Path(sku_dir) / MANIFEST_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(manifest.model_dump_json(indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
+def with_export(manifest: SkuManifest, export: ExportRecord) -> SkuManifest:
+    """The manifest with a new export record, everything training wrote kept."""
+    return manifest.model_copy(update={"export": export})
+
+
+def score_top_k(sku_dir: Path) -> int:
+    """top-k of the image score the SKU was trained with, shared by every consumer."""
+    return read_manifest(sku_dir).score.top_k

@@ -22,7 +22,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
@@ -31,12 +31,12 @@ from engines.runtime.base import Engine
 from foundation.log import get_logger
 from inspector.acquisition import Frame, Source
 from inspector.archive import Archive, ArchiveItem
+from inspector.config import LineConfig, ServiceConfig
 from inspector.decider import Decider, Decision, Placement
 from inspector.verdict import Verdict
 
 log = get_logger(__name__)
 
-FailSafe = Literal["ng", "ok"]
 VerdictSink = Callable[[Verdict, bytes | None], None]
 
 # Fail-safe reasons (the `reason` field of a verdict that was not decided by the model).
@@ -173,22 +173,24 @@ class Pipeline:
         source: Source,
         sku: ActiveSku,
         sink: VerdictSink,
+        service: ServiceConfig | None = None,
         *,
+        line: LineConfig | None = None,
         batch: int = 1,
-        queue_depth: int = 16,
-        frame_timeout_ms: float = 2000,
-        fail_safe: FailSafe = "ng",
-        line_id: str = "",
-        station_id: str = "",
         archive: Archive | None = None,
     ) -> None:
+        """service: queue depth, per-frame deadline and fail-safe policy; line: ids stamped on verdicts;
+        batch: frames per engine call (engine.batch)."""
+        service = service or ServiceConfig()
+        line = line or LineConfig()
+        queue_depth = service.queue_depth
         self.source = source
         self.sink = sink
         self.batch = max(1, batch)
-        self.frame_timeout_s = frame_timeout_ms / 1000.0
-        self.fail_safe_ok = fail_safe == "ok"
-        self.line_id = line_id
-        self.station_id = station_id
+        self.frame_timeout_s = service.frame_timeout_ms / 1000.0
+        self.fail_safe_ok = service.fail_safe == "ok"
+        self.line_id = line.line_id
+        self.station_id = line.station_id
         self.archive = archive
         self.stats = Stats()
         self._sku = sku

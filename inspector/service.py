@@ -113,13 +113,8 @@ class Daemon:
         self.publisher = Publisher(cfg.mqtt, self.topic_root, on_command=self.handle_command)
         self.publisher.start()
         self.source.open()
-        self.pipeline = Pipeline(
-            self.source, active, self.publisher.publish_verdict,
-            batch=cfg.engine.batch, queue_depth=cfg.service.queue_depth,
-            frame_timeout_ms=cfg.service.frame_timeout_ms, fail_safe=cfg.service.fail_safe,
-            line_id=cfg.line.line_id, station_id=cfg.line.station_id,
-            archive=self.archive,
-        )
+        self.pipeline = Pipeline(self.source, active, self.publisher.publish_verdict, cfg.service, line=cfg.line,
+                                 batch=cfg.engine.batch, archive=self.archive)
         self.pipeline.start()
         self.state = "running"
         for target, name in ((self._status_loop, "status"), (self._watchdog_loop, "watchdog")):

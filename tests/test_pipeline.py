@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from inspector.acquisition import Frame
+from inspector.config import LineConfig, ServiceConfig
 from inspector.decider import Decider
 from inspector.pipeline import (
     CORRUPT_FRAME,
@@ -119,8 +120,10 @@ def run_pipeline(images: list[np.ndarray | None], engine: BrightnessEngine, **kw
     published: list[tuple[Verdict, bytes | None]] = []
     interval = kwargs.pop("interval_s", 0.0)
     sku = kwargs.pop("sku", None) or active(engine)
-    pipeline = Pipeline(ListSource(images, interval), sku, lambda v, m: published.append((v, m)),
-                        line_id="l1", station_id="s1", **kwargs)
+    service = ServiceConfig(**{k: kwargs.pop(k) for k in ("queue_depth", "frame_timeout_ms", "fail_safe")
+                               if k in kwargs})
+    pipeline = Pipeline(ListSource(images, interval), sku, lambda v, m: published.append((v, m)), service,
+                        line=LineConfig(line_id="l1", station_id="s1"), **kwargs)
     pipeline.start()
     assert pipeline.wait(20), "pipeline did not finish"
     return published, pipeline
@@ -254,7 +257,7 @@ def test_stop_with_a_hung_engine_fail_safes_in_flight_and_queued_frames() -> Non
     gate = threading.Event()
     published: list[Verdict] = []
     pipeline = Pipeline(ListSource([part() for _ in range(5)]), active(BrightnessEngine(gate=gate)),
-                        lambda v, m: published.append(v), queue_depth=8)
+                        lambda v, m: published.append(v), ServiceConfig(queue_depth=8))
     pipeline.start()
     assert wait_until(lambda: pipeline.stats.snapshot()["acquired"] == 5)
     assert not pipeline.stop(drain_timeout_s=0.5)

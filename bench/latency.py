@@ -1,4 +1,4 @@
-"""Latency/throughput table per backend: a thin script over `inspector bench` (engines/runtime/benchmark.py).
+"""Latency/throughput table per backend: a thin script over `inspector bench` (inspector/commands/bench.py).
 
     .venv/bin/python bench/latency.py --random-sku /tmp/bench-sku --threads 2 --json latency.json
     .venv/bin/python bench/latency.py --sku-dir skus/brick --backends onnxruntime --batches 1,4
@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from engines.runtime import benchmark
 from foundation.errors import InspectorError
+from inspector.commands import bench as benchmark
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -58,7 +58,8 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
     config = sub.add_parser("config", help="inspect the operator configuration", parents=[parent])
     config_sub = config.add_subparsers(dest="config_command", metavar="ACTION", required=True)
     config_sub.add_parser(
-        "check", help="validate inspector.toml and print the resolved config", parents=[parent]
+        "check", help="validate inspector.toml, check every file and directory it names, print it resolved",
+        parents=[parent]
     )
     return parser
 
@@ -69,12 +70,22 @@ def _chosen_command(argv: Sequence[str]) -> str | None:
 
 
 def config_check(args: argparse.Namespace) -> int:
-    """Validate the config and print it resolved (secrets masked) as JSON."""
+    """Validate the config, run the pre-flight checks (inspector/preflight.py) and print the config resolved
+    (secrets masked) as JSON; each problem is one line with its fix, and any problem exits 2."""
     from inspector.config import config_path, load_config, masked_dump
+    from inspector.preflight import check
 
     config = load_config(args.config)
+    problems = check(config)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    if problems:
+        print(f"error: {config_path(args.config)}: {len(problems)} problem(s); fix them and run "
+              "`inspector config check` again", file=sys.stderr)
+        return EXIT_OPERATOR_ERROR
     print(json.dumps(masked_dump(config), indent=2))
-    print(f"ok: {config_path(args.config)} is valid", file=sys.stderr)
+    print(f"ok: {config_path(args.config)} is valid and every file and directory it names is in place",
+          file=sys.stderr)
     return 0
 
 

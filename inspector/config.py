@@ -296,7 +296,8 @@ def check_secret_file(path: Path, key: str) -> None:
     try:
         mode = path.stat().st_mode
     except FileNotFoundError:
-        raise ConfigError(f"{key}: secret file {path} not found") from None
+        raise ConfigError(f"{key}: secret file {path} not found; create it (mode 600, owned by the service user) "
+                          "or fix the path") from None
     if mode & stat.S_IROTH:
         raise ConfigError(
             f"{key}: secret file {path} is world-readable (mode {stat.S_IMODE(mode):o}); run chmod 640 {path}"

@@ -160,11 +160,15 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     )
 
 
-def test_cli_config_check_prints_resolved_config() -> None:
-    result = run_cli("config", "check", "--config", str(SHIPPED))
-    assert result.returncode == 0, result.stderr
-    assert '"active_sku": "demo-brick"' in result.stdout
-    assert "is valid" in result.stderr
+def test_cli_config_check_of_the_shipped_config_before_make_demo_names_the_missing_sku(tmp_path: Path) -> None:
+    copy = tmp_path / "inspector.toml"
+    copy.write_text(SHIPPED.read_text())  # relative paths now resolve under tmp_path, where no demo SKU was made
+    result = run_cli("config", "check", "--config", str(copy))
+    assert result.returncode == 2 and result.stdout == ""
+    problem, summary = result.stderr.strip().splitlines()
+    assert problem == (f"error: skus.demo-brick.model_dir = {tmp_path}/var/demo/sku does not exist; train the SKU "
+                       "(inspector train --sku demo-brick) or fix the path")
+    assert summary.startswith(f"error: {copy}: 1 problem(s)")
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,183 @@
+"""Pre-flight: every file and directory a station's config names, checked, each problem with its fix.
+
+`inspector config check` prints them all and exits 2 when there is any; `inspector run` runs the same checks
+at start-up, refuses to start on a fatal one and only logs the others, which the daemon rides out: a GenTL
+producer or camera that is not there yet is waited for, and a disk too small for the spool and archive caps
+is handled by the spool (verdicts wait in memory, the oldest OK ones are dropped first). Changeover and
+threshold reload use `check_sku`. Nothing here changes the box: no directory is created, no file written.
+"""
+
+from __future__ import annotations
+
+import getpass
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from engines.sku import WEIGHTS_FILE, read_meta
+from foundation.errors import DataError, InspectorError
+from inspector.config import (
+    CameraConfig,
+    EngineConfig,
+    GenTLCamera,
+    InspectorConfig,
+    MqttConfig,
+    check_secret_file,
+    resolve_sku,
+)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with the station: the config key at fault and the one-line message naming the fix."""
+
+    key: str
+    message: str
+    fatal: bool = True  # False: `inspector run` starts anyway and handles it at run time
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def check(config: InspectorConfig, skus: Iterable[str] | None = None) -> list[Problem]:
+    """Every problem of the camera, the broker's files, spool and archive storage and the SKUs (all, or `skus`)."""
+    problems = [*check_camera(config.camera), *check_mqtt(config.mqtt), *check_storage(config)]
+    for name in config.skus if skus is None else skus:
+        problems += check_sku(config, name)
+    return problems
+
+
+def check_camera(camera: CameraConfig) -> list[Problem]:
+    """GenTL: the producer file exists (the camera itself is not opened: the daemon may hold it); folder and
+    video: the source opens, exactly as `inspector run` opens it."""
+    if isinstance(camera, GenTLCamera):
+        if not camera.cti.is_file():
+            return [Problem("camera.cti", f"camera.cti = {camera.cti} does not exist; install the camera vendor's "
+                            "GenTL producer and point camera.cti at its .cti file (inspector run waits for it)",
+                            fatal=False)]
+        if not os.access(camera.cti, os.R_OK):
+            return [Problem("camera.cti", f"camera.cti = {camera.cti} is not readable by {getpass.getuser()}; "
+                            "make it world-readable (chmod 644)", fatal=False)]
+        return []
+    if camera.type == "synthetic":
+        return []
+    from inspector.acquisition import open_source
+
+    source = open_source(camera)
+    try:
+        source.open()
+    except InspectorError as exc:
+        return [Problem("camera.path", str(exc))]
+    source.close()
+    return []
+
+
+def check_mqtt(cfg: MqttConfig) -> list[Problem]:
+    """Password and TLS key: present, not world-readable, readable by this user; CA and certificate present."""
+    problems = []
+    for key in ("password_file", "tls_key"):
+        path = getattr(cfg, key)
+        if path is None:
+            continue
+        try:
+            check_secret_file(path, f"mqtt.{key}")
+        except InspectorError as exc:
+            problems.append(Problem(f"mqtt.{key}", str(exc)))
+            continue
+        if not os.access(path, os.R_OK):
+            problems.append(Problem(f"mqtt.{key}", f"mqtt.{key}: secret file {path} is not readable by "
+                                    f"{getpass.getuser()}; chown it to the service user (mode 600)"))
+    for key in ("tls_ca", "tls_cert"):
+        path = getattr(cfg, key)
+        if path is not None and not path.is_file():
+            problems.append(Problem(f"mqtt.{key}", f"mqtt.{key} = {path} does not exist; fix the path or remove "
+                                    "the key"))
+    return problems
+
+
+def check_storage(config: InspectorConfig) -> list[Problem]:
+    """Spool (and archive) directories writable, and their size caps within the free space of their filesystem."""
+    dirs = [("mqtt.spool_dir", config.mqtt.spool_dir, config.mqtt.spool_max_mb)]
+    if config.archive.enabled:
+        dirs.append(("archive.dir", config.archive.dir, config.archive.max_mb))
+    problems = []
+    by_device: dict[int, list[tuple[str, Path, float, Path]]] = {}
+    for key, path, cap_mb in dirs:
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir():
+            problems.append(Problem(key, f"{key} = {path} cannot be a directory: {existing} is a file; fix the path"))
+        elif not os.access(existing, os.W_OK | os.X_OK):
+            made = "" if existing == path else f" (it would be created in {existing})"
+            problems.append(Problem(key, f"{key} = {path} is not writable by {getpass.getuser()}{made}; fix the path "
+                                    "or give the service user write access"))
+        else:
+            by_device.setdefault(existing.stat().st_dev, []).append((key, path, cap_mb, existing))
+    for entries in by_device.values():
+        st = os.statvfs(entries[0][3])
+        free_mb = st.f_bavail * st.f_frsize / 2**20
+        used_mb = sum(_tree_bytes(path) for _, path, _, _ in entries) / 2**20
+        if sum(cap for _, _, cap, _ in entries) > free_mb + used_mb:
+            caps = " + ".join(f"{key} cap ({cap:g} MB)" for key, _, cap, _ in entries)
+            problems.append(Problem(
+                entries[0][0],
+                f"{caps} exceed the {free_mb + used_mb:.1f} MB that {entries[0][3]} can hold; lower "
+                "mqtt.spool_max_mb / archive.max_mb or free space (when the disk fills, verdicts wait in memory "
+                "and the oldest OK ones are dropped first)",
+                fatal=False,
+            ))
+    return problems
+
+
+def check_sku(config: InspectorConfig, name: str, *, engine_files: bool = True) -> list[Problem]:
+    """The SKU's model_dir, calibration, meta.json and the files the configured engine backend loads."""
+    from calibration.thresholds import load_calibration  # scikit-learn: only when a SKU is checked
+
+    sku = resolve_sku(config, name)
+    key = f"skus.{name}"
+    if not sku.model_dir.is_dir():
+        return [Problem(f"{key}.model_dir", f"{key}.model_dir = {sku.model_dir} does not exist; train the SKU "
+                        f"(inspector train --sku {name}) or fix the path")]
+    problems = []
+    calibration = sku.calibration_path()
+    cal_key = f"{key}.thresholds_file" if sku.thresholds_file else f"{key}.model_dir"
+    if not calibration.is_file():
+        problems.append(Problem(cal_key, f"{calibration}: no calibration for SKU {name!r}; run "
+                                f"`inspector calibrate --sku {name}`"))
+    else:
+        try:
+            load_calibration(calibration)
+        except DataError as exc:
+            problems.append(Problem(cal_key, str(exc)))
+    if not engine_files:
+        return problems
+    try:
+        read_meta(sku.model_dir)
+    except DataError as exc:
+        return [*problems, Problem(f"{key}.model_dir", str(exc))]
+    missing, fix = _engine_files_missing(sku.model_dir, config.engine)
+    if missing:
+        problems.append(Problem(f"{key}.model_dir", f"{sku.model_dir} lacks {', '.join(missing)} for engine.backend "
+                                f"= {config.engine.backend!r}; run: {fix}"))
+    return problems
+
+
+def _engine_files_missing(sku_dir: Path, engine: EngineConfig) -> tuple[list[str], str]:
+    """The files of `sku_dir` the backend would load that are not there, and the command that makes them."""
+    from engines.runtime.tensorrt_backend import PART_NAMES  # torch-free; tensorrt itself is optional there
+
+    if engine.backend == "torch":
+        return ([] if (sku_dir / WEIGHTS_FILE).is_file() else [WEIGHTS_FILE]), f"inspector train --out {sku_dir}"
+    if engine.backend == "tensorrt":
+        missing = [f"{n}.*.{engine.precision}.plan" for n in PART_NAMES
+                   if not any(sku_dir.glob(f"{n}.*.{engine.precision}.plan"))]
+        return missing, f"inspector build --sku-dir {sku_dir} --precision {engine.precision}"
+    return [f"{n}.onnx" for n in PART_NAMES if not (sku_dir / f"{n}.onnx").is_file()], \
+        f"inspector export --sku-dir {sku_dir}"
+
+
+def _tree_bytes(path: Path) -> int:
+    """Bytes of the files under path (0 when it does not exist yet)."""
+    if not path.is_dir():
+        return 0
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())

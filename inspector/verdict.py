@@ -1,11 +1,17 @@
 """The Verdict published for every frame, defect regions from an anomaly map, and the mask/PLC codecs.
 
+Identity: frame ids restart at 1 on every daemon start, so every verdict and reject message also carries the
+`run_id` of the daemon run that acquired the frame; (run_id, frame_id) names one frame for ever and is the key
+consumers de-duplicate on (delivery is at least once: after an outage or a restart a message may repeat).
+
 Run `python -m inspector.verdict` to regenerate docs/verdict.schema.json after changing the model.
 """
 
 from __future__ import annotations
 
 import json
+import secrets
+from datetime import UTC, datetime
 from pathlib import Path
 
 import cv2
@@ -33,7 +39,9 @@ class Verdict(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    frame_id: int = Field(description="per source run, from 1; (frame_id, t_acquired) identifies a frame")
+    frame_id: int = Field(description="per daemon run, from 1; (run_id, frame_id) identifies a frame")
+    run_id: str = Field(description="the daemon run that acquired the frame (new at every start); the "
+                        "de-duplication key is (run_id, frame_id)")
     t_acquired: float = Field(description="host time.time() when the frame was acquired")
     camera_ts: float | None = Field(None, description="camera timestamp in seconds (device clock) if any")
     sku: str
@@ -52,7 +60,7 @@ class Verdict(BaseModel):
     engine: str = Field(description="inference backend")
     line: str
     station: str
-    schema_version: int = 1
+    schema_version: int = 2
 
 
 def regions_from_mask(
@@ -107,9 +115,16 @@ def decode_mask_png(png: bytes) -> np.ndarray:
     return image > 127
 
 
+def new_run_id() -> str:
+    """A daemon run's id: UTC start time (sortable) and 32 random bits, e.g. "20261125T101503Z-3f9a1c0b"."""
+    return f"{datetime.now(UTC):%Y%m%dT%H%M%SZ}-{secrets.token_hex(4)}"
+
+
 def reject_payload(verdict: Verdict) -> bytes:
-    """Compact PLC signal for /reject: JSON {"frame_id": <int>, "reject": 1 (NG) | 0 (OK)}, no spaces."""
-    return json.dumps({"frame_id": verdict.frame_id, "reject": 0 if verdict.ok else 1}, separators=(",", ":")).encode()
+    """Compact PLC signal for /reject: JSON {"frame_id", "run_id", "t_acquired", "reject": 1 (NG) | 0 (OK)}."""
+    body = {"frame_id": verdict.frame_id, "run_id": verdict.run_id, "t_acquired": verdict.t_acquired,
+            "reject": 0 if verdict.ok else 1}
+    return json.dumps(body, separators=(",", ":")).encode()
 
 
 def verdict_schema_json() -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from inspector.verdict import (
     Verdict,
     decode_mask_png,
     encode_mask_png,
+    new_run_id,
     regions_from_mask,
     reject_payload,
     verdict_schema_json,
@@ -24,6 +26,7 @@ def make_verdict(frame_id: int = 7, ok: bool = False, **kw: object) -> Verdict:
     """A filled-in verdict for tests."""
     fields: dict[str, object] = {
         "frame_id": frame_id,
+        "run_id": "20231114T221320Z-0a1b2c3d",
         "t_acquired": 1_700_000_000.25,
         "sku": "brick",
         "ok": ok,
@@ -43,7 +46,7 @@ def test_verdict_json_round_trip() -> None:
     verdict = make_verdict(camera_ts=12.5, reason=None)
     again = Verdict.model_validate_json(verdict.model_dump_json())
     assert again == verdict
-    assert again.schema_version == 1
+    assert again.schema_version == 2
 
 
 def test_fail_safe_verdict_without_score() -> None:
@@ -85,9 +88,15 @@ def test_mask_png_round_trip() -> None:
     np.testing.assert_array_equal(decode_mask_png(png), mask)
 
 
-def test_reject_payload_is_compact() -> None:
-    assert reject_payload(make_verdict(frame_id=3, ok=False)) == b'{"frame_id":3,"reject":1}'
-    assert reject_payload(make_verdict(frame_id=4, ok=True)) == b'{"frame_id":4,"reject":0}'
+def test_reject_payload_is_compact_and_carries_the_run() -> None:
+    run = '"run_id":"20231114T221320Z-0a1b2c3d","t_acquired":1700000000.25'
+    assert reject_payload(make_verdict(frame_id=3, ok=False)) == f'{{"frame_id":3,{run},"reject":1}}'.encode()
+    assert reject_payload(make_verdict(frame_id=4, ok=True)) == f'{{"frame_id":4,{run},"reject":0}}'.encode()
+
+
+def test_run_ids_are_sortable_by_start_time_and_distinct() -> None:
+    first, second = new_run_id(), new_run_id()
+    assert first != second and re.fullmatch(r"\d{8}T\d{6}Z-[0-9a-f]{8}", first)
 
 
 def test_committed_schema_is_current() -> None:

@@ -64,6 +64,23 @@ def test_folder_corrupt_file_yields_frame_without_image(tmp_path: Path) -> None:
     assert frames[1].image is None and "img_001.png" in frames[1].meta["error"]
 
 
+def test_folder_truncated_or_damaged_files_yield_frames_without_image(tmp_path: Path) -> None:
+    rgb = cv2.resize(np.random.default_rng(0).integers(0, 256, (12, 16, 3), dtype=np.uint8), (128, 96))
+    jpeg = cv2.imencode(".jpg", rgb)[1].tobytes()
+    png = cv2.imencode(".png", rgb)[1].tobytes()
+    files = {"a_good.jpg": jpeg, "b_half.jpg": jpeg[: len(jpeg) // 2], "c_half.png": png[: len(png) // 2],
+             "d_empty.png": b"", "e_noise.jpg": np.random.default_rng(1).bytes(3000),
+             "f_flipped.jpg": jpeg[:400] + bytes(b ^ 0xFF for b in jpeg[400:420]) + jpeg[420:][: len(jpeg) // 3]}
+    for name, data in files.items():
+        (tmp_path / name).write_bytes(data)
+    assert cv2.imread(str(tmp_path / "b_half.jpg")) is not None, "OpenCV alone decodes half a JPEG (grey rest)"
+    frames = collect(open_source(FolderCamera(path=tmp_path, pattern="*.*")))
+    assert frames[0].image is not None and "error" not in frames[0].meta
+    for frame, name in zip(frames[1:], list(files)[1:], strict=True):
+        assert frame.image is None and name in frame.meta["error"], (name, frame.meta)
+    assert "truncated" in frames[1].meta["error"]
+
+
 def test_folder_loops_and_stop_ends_frames(tmp_path: Path) -> None:
     write_images(tmp_path, 2)
     source = open_source(FolderCamera(path=tmp_path, loop=True))

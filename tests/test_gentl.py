@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -95,24 +97,53 @@ def test_viky_mono8_pixel_format_is_applied() -> None:
     assert np.array_equal(frame.image[..., 0], frame.image[..., 2])
 
 
-@pytest.mark.integration
-def test_missing_cti_names_the_fix(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"camera\.cti = .*nope\.cti does not exist.*GenTL producer"):
-        open_source(viky(cti=tmp_path / "nope.cti")).open()
+def waiting_error(cfg: GenTLCamera) -> str:
+    """open() a source whose camera is not there: it must not raise, and must say why it waits."""
+    source = GenTLSource(cfg)
+    source.open()
+    try:
+        info = source.describe()
+    finally:
+        source.close()
+    assert info["state"] == "waiting" and info["connected"] is False
+    return str(info["last_error"])
 
 
 @pytest.mark.integration
-def test_unknown_serial_lists_the_cameras() -> None:
-    with pytest.raises(ConfigError, match=r"camera\.serial = 'XYZ' not found.*\['0', '1', '2'\]"):
-        open_source(viky(serial="XYZ")).open()
+def test_missing_cti_is_waited_for_and_names_the_fix(tmp_path: Path) -> None:
+    error = waiting_error(viky(cti=tmp_path / "nope.cti"))
+    assert re.search(r"camera\.cti = .*nope\.cti does not exist.*GenTL producer", error)
 
 
 @pytest.mark.integration
-def test_bad_index_and_unknown_pixel_format() -> None:
-    with pytest.raises(ConfigError, match=r"camera\.index = 7"):
-        open_source(viky(index=7)).open()
+def test_unknown_serial_is_waited_for_and_lists_the_cameras() -> None:
+    assert re.search(r"camera\.serial = 'XYZ' not found.*\['0', '1', '2'\]", waiting_error(viky(serial="XYZ")))
+    assert re.search(r"camera\.index = 7 but .* sees 3", waiting_error(viky(index=7)))
+
+
+@pytest.mark.integration
+def test_a_pixel_format_the_camera_rejects_is_an_operator_error_at_open() -> None:
     with pytest.raises(ConfigError, match=r"camera\.pixel_format.*allowed: RGBa8, Mono8"):
         open_source(viky(pixel_format="Mono16")).open()
+
+
+@pytest.mark.integration
+def test_a_producer_removed_mid_run_is_named_as_such(tmp_path: Path) -> None:
+    cti = Path(shutil.copy(VIKY, tmp_path / "viky.cti"))
+    source = GenTLSource(viky(cti=cti, serial="0"))
+    source.open()
+    try:
+        frames = source.frames()
+        next(frames)
+        cti.unlink()
+        source._ia.destroy()  # the camera drops out, and its producer is gone too
+        threading.Timer(1.0, source.stop).start()
+        assert list(frames) == []
+        info = source.describe()
+    finally:
+        source.close()
+    assert info["state"] == "reconnecting" and "viky.cti does not exist" in info["last_error"]
+    assert "another program" not in info["last_error"]
 
 
 @pytest.mark.integration

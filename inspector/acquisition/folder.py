@@ -1,4 +1,9 @@
-"""Replay images from a folder as camera frames: commissioning, regression runs and the demo."""
+"""Replay images from a folder as camera frames: commissioning, regression runs and the demo.
+
+Every file is checked by Pillow (LOAD_TRUNCATED_IMAGES off: a truncated or damaged file raises) before
+OpenCV decodes it as training did: OpenCV/libjpeg decode half a JPEG into a frame with a grey lower half
+and only print a warning, which must be a corrupt_frame fail-safe, never an OK verdict.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from foundation.errors import DataError
 from foundation.images import load_image_rgb
@@ -46,6 +52,7 @@ class FolderSource(PacedSource):
                 meta: dict[str, Any] = {"source": "folder", "path": str(path)}
                 image: np.ndarray | None
                 try:
+                    check_complete(path)
                     image = load_image_rgb(path)
                 except DataError as exc:
                     image, meta["error"] = None, str(exc)
@@ -69,3 +76,14 @@ class FolderSource(PacedSource):
             "connected": bool(self._paths),
             "reconnects": 0,
         }
+
+
+def check_complete(path: Path) -> None:
+    """DataError naming the file when Pillow finds it truncated or damaged; formats Pillow does not know pass."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+    except UnidentifiedImageError:
+        return  # not an image Pillow reads (or no image at all): OpenCV's decode decides
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise DataError(f"cannot read image {path}: damaged or truncated ({exc})") from None

@@ -3,6 +3,11 @@
 Trigger modes: `free_run` streams at the camera's own rate; `software` fires TriggerSoftware once per frame
 pulled from frames() (the consumer sets the pace); `hardware` arms TriggerMode=On on FrameStart with
 TriggerSource=Line0 (wire the part sensor there) and treats fetch timeouts as an idle line, not a fault.
+
+A camera that is not there (producer file missing, camera not found, cannot be opened) is waited for with
+back-off, at start-up exactly as after a drop-out mid-run: open() returns and describe() says "waiting"
+until it appears, so a late-booting camera never fails the service. A camera that is there but rejects the
+configuration (pixel format, trigger, exposure) is an operator error at open().
 """
 
 from __future__ import annotations
@@ -43,6 +48,10 @@ PIXEL_FORMATS: dict[str, tuple[int, int | None]] = {
 MAX_TIMEOUTS = 3
 
 
+class CameraUnavailable(InspectorError):
+    """The camera or its GenTL producer cannot be reached now; it may still boot, be plugged in or installed."""
+
+
 def buffer_to_rgb(data_u8: np.ndarray, width: int, height: int, pixel_format: str) -> np.ndarray:
     """Convert a raw 8-bit camera buffer to a new uint8 HxWx3 RGB array (never a view of the buffer)."""
     if pixel_format not in PIXEL_FORMATS:
@@ -69,23 +78,27 @@ class GenTLSource(PacedSource):
         self._ia: Any = None
         self._pixel_format: str | None = None
         self._reconnects = 0
+        self._ever_connected = False
         self._last_error: str | None = None
 
     def open(self) -> None:
-        """Load the producer, find the camera, configure it and start streaming; errors name the config key."""
-        cti = Path(self._cfg.cti)
-        if not cti.is_file():
-            raise ConfigError(
-                f"camera.cti = {cti} does not exist; install the camera vendor's GenTL producer and point "
-                "camera.cti at its .cti file"
-            )
-        self._connect()
+        """Connect and start streaming; a camera that is not there yet is waited for by frames() (back-off)."""
+        try:
+            self._connect()
+        except CameraUnavailable as exc:
+            self._last_error = str(exc)
+            log.warning("camera_waiting", error=self._last_error, retry_in_s=self._cfg.reconnect_min_s)
 
     def _connect(self) -> None:
         """Create a harvester and an image acquirer for the configured camera; start acquisition."""
         from harvesters.core import Harvester
 
         cfg = self._cfg
+        if not Path(cfg.cti).is_file():
+            raise CameraUnavailable(
+                f"camera.cti = {cfg.cti} does not exist (the GenTL producer is not installed or was removed); "
+                "install the camera vendor's GenTL producer and point camera.cti at its .cti file"
+            )
         harvester = Harvester()
         try:
             harvester.add_file(str(cfg.cti), check_existence=True, check_validity=True)
@@ -94,14 +107,14 @@ class GenTLSource(PacedSource):
             if cfg.serial is not None:
                 serials = [d.serial_number for d in devices]
                 if cfg.serial not in serials:
-                    raise ConfigError(
+                    raise CameraUnavailable(
                         f"camera.serial = {cfg.serial!r} not found through {cfg.cti}; cameras seen: "
                         f"{serials or 'none'}; fix camera.serial or check the camera's power and cable"
                     )
                 ia = harvester.create({"serial_number": cfg.serial})
             else:
                 if not 0 <= cfg.index < len(devices):
-                    raise ConfigError(
+                    raise CameraUnavailable(
                         f"camera.index = {cfg.index} but {cfg.cti} sees {len(devices)} camera(s); "
                         "fix camera.index or set camera.serial"
                     )
@@ -117,11 +130,12 @@ class GenTLSource(PacedSource):
             raise
         except Exception as exc:
             harvester.reset()
-            raise InspectorError(
-                f"camera via camera.cti = {cfg.cti} cannot be opened ({type(exc).__name__}: {exc}); "
-                "check that no other program holds the camera"
+            raise CameraUnavailable(
+                f"camera via camera.cti = {cfg.cti} cannot be opened ({type(exc).__name__}: {exc}); check the "
+                "camera's power and cable, and that no other program has it open"
             ) from exc
         self._harvester, self._ia = harvester, ia
+        self._ever_connected = True
         log.info("camera_connected", cti=str(cfg.cti), serial=cfg.serial, pixel_format=self._pixel_format)
 
     def _configure(self, node_map: Any) -> None:
@@ -209,8 +223,8 @@ class GenTLSource(PacedSource):
         image: np.ndarray | None
         try:
             image = buffer_to_rgb(data, width, height, fmt)
-        except DataError as exc:
-            image, meta["error"] = None, str(exc)
+        except Exception as exc:  # DataError, or OpenCV/numpy refusing a malformed buffer
+            image, meta["error"] = None, f"{type(exc).__name__}: {exc}"
         return Frame(self._next_id(), time.time(), image, meta)
 
     def _drop(self, exc: BaseException) -> None:
@@ -222,16 +236,19 @@ class GenTLSource(PacedSource):
     def _reconnect(self) -> bool:
         """Retry _connect with back-off from reconnect_min_s to reconnect_max_s; False once stop() is called."""
         delay = self._cfg.reconnect_min_s
+        first = not self._ever_connected
         while not self._stop.wait(delay):
             try:
                 self._connect()
             except Exception as exc:
-                self._last_error = f"{type(exc).__name__}: {exc}"
-                log.warning("camera_reconnect_failed", error=self._last_error, retry_in_s=delay)
+                self._last_error = str(exc) if isinstance(exc, InspectorError) else f"{type(exc).__name__}: {exc}"
                 delay = min(delay * 2, self._cfg.reconnect_max_s)
+                log.warning("camera_waiting" if first else "camera_reconnect_failed", error=self._last_error,
+                            retry_in_s=delay)
                 continue
-            self._reconnects += 1
-            log.info("camera_reconnected", reconnects=self._reconnects)
+            if not first:
+                self._reconnects += 1
+                log.info("camera_reconnected", reconnects=self._reconnects)
             return True
         return False
 
@@ -262,6 +279,7 @@ class GenTLSource(PacedSource):
             "pixel_format": self._pixel_format,
             "trigger": self._cfg.trigger,
             "connected": self._ia is not None,
+            "state": "connected" if self._ia is not None else "reconnecting" if self._ever_connected else "waiting",
             "reconnects": self._reconnects,
             "frames": self.frames_produced,
             "last_error": self._last_error,

@@ -5,6 +5,10 @@ publish (hands verdicts to the sink, feeds stats and the archive). A frame the p
 queue full, deadline passed, engine error, corrupt or wrong-size image, shutdown timeout — gets a fail-safe
 verdict (ok=False, or ok=True with service.fail_safe="ok") carrying a `reason`; nothing is dropped.
 
+No thread dies of its input: an exception from one batch (preprocess, engine, decider) fail-safes that
+batch's frames, one from the sink, stats or archive is logged and counted (`publish_errors`) and the next
+verdict goes on. A source that raises ends the run (`source_error`), and the daemon exits non-zero.
+
 Verdicts leave in frame order, except that a queue_full fail-safe is published at once (it overtakes the
 frames still queued for inference); consumers key on frame_id, never on arrival order.
 
@@ -33,7 +37,7 @@ from inspector.acquisition import Frame, Source
 from inspector.archive import Archive, ArchiveItem
 from inspector.config import LineConfig, ServiceConfig
 from inspector.decider import Decider, Decision, Placement
-from inspector.verdict import Verdict
+from inspector.verdict import Verdict, new_run_id
 
 log = get_logger(__name__)
 
@@ -96,6 +100,7 @@ class Stats:
         self.frames = 0
         self.ok = 0
         self.ng = 0
+        self.publish_errors = 0
         self.fail_safe: Counter[str] = Counter()
         self._latency_ms: deque[float] = deque(maxlen=window)
         self._published_at: deque[float] = deque()
@@ -106,6 +111,11 @@ class Stats:
         """One frame pulled from the source."""
         with self._lock:
             self.acquired += 1
+
+    def count_publish_error(self) -> None:
+        """One verdict the sink raised on (logged; the verdict was not handed over)."""
+        with self._lock:
+            self.publish_errors += 1
 
     def record(self, verdict: Verdict, total_ms: float) -> None:
         """One verdict published."""
@@ -136,6 +146,7 @@ class Stats:
                 "ok": self.ok,
                 "ng": self.ng,
                 "fail_safe": dict(self.fail_safe),
+                "publish_errors": self.publish_errors,
                 "fps": round(len(recent) / span, 2) if span > 0 else 0.0,
                 "latency_p50_ms": round(float(np.percentile(lat, 50)), 2) if lat.size else None,
                 "latency_p99_ms": round(float(np.percentile(lat, 99)), 2) if lat.size else None,
@@ -178,6 +189,7 @@ class Pipeline:
         line: LineConfig | None = None,
         batch: int = 1,
         archive: Archive | None = None,
+        run_id: str | None = None,
     ) -> None:
         """service: queue depth, per-frame deadline and fail-safe policy; line: ids stamped on verdicts;
         batch: frames per engine call (engine.batch)."""
@@ -185,6 +197,7 @@ class Pipeline:
         line = line or LineConfig()
         queue_depth = service.queue_depth
         self.source = source
+        self.run_id = run_id or new_run_id()
         self.sink = sink
         self.batch = max(1, batch)
         self.frame_timeout_s = service.frame_timeout_ms / 1000.0
@@ -291,7 +304,7 @@ class Pipeline:
         frame = job.frame
         camera_ts = frame.meta.get("camera_ts")
         fields: dict[str, Any] = {
-            "frame_id": frame.id, "t_acquired": frame.t_acquired, "sku": sku.name,
+            "frame_id": frame.id, "run_id": self.run_id, "t_acquired": frame.t_acquired, "sku": sku.name,
             "camera_ts": float(camera_ts) if isinstance(camera_ts, int | float) else None,
             "engine": sku.engine.backend, "line": self.line_id, "station": self.station_id,
             "latency_ms": dict(job.timings_ms),
@@ -368,7 +381,13 @@ class Pipeline:
                         self._sku, self._next_sku = self._next_sku, None
                         self._expected_hw = None
                         log.info("sku_active", sku=self._sku.name)
-                for out in self._inspect(jobs, self._sku):
+                try:
+                    outs = self._inspect(jobs, self._sku)
+                except Exception as exc:  # preprocess or decider raised on something unforeseen
+                    log.exception("inspect_failed", sku=self._sku.name, batch=len(jobs))
+                    self._in_flight = []
+                    outs = [self._fail(job, ENGINE_ERROR, f"{type(exc).__name__}: {exc}") for job in jobs]
+                for out in outs:
                     if not self._abandoned:
                         self._outbox.put(out)
         finally:
@@ -445,18 +464,23 @@ class Pipeline:
                 continue
             if out is _STOP:
                 break
-            total_ms = (time.time() - out.frame.t_acquired) * 1000.0
-            out.verdict.latency_ms["total"] = total_ms
             try:
-                self.sink(out.verdict, out.mask_png)
+                self._publish(out)
             except Exception:
+                self.stats.count_publish_error()
                 log.exception("publish_failed", frame_id=out.verdict.frame_id)
-            self.stats.record(out.verdict, total_ms)
-            if self.archive is not None and self.archive.wants(out.verdict.ok):
-                self.archive.submit(ArchiveItem(
-                    sku=out.verdict.sku, frame_id=out.verdict.frame_id, t_acquired=out.frame.t_acquired,
-                    ok=out.verdict.ok, verdict=out.verdict.model_dump(mode="json"),
-                    image_u8_hwc=out.frame.image if isinstance(out.frame.image, np.ndarray) else None,
-                    map_f32_hw=out.map_f32_hw, roi=out.roi,
-                ))
         self.finished.set()
+
+    def _publish(self, out: _Out) -> None:
+        """One verdict to the sink (with its total latency), then stats and the archive."""
+        total_ms = (time.time() - out.frame.t_acquired) * 1000.0
+        out.verdict.latency_ms["total"] = total_ms
+        self.sink(out.verdict, out.mask_png)
+        self.stats.record(out.verdict, total_ms)
+        if self.archive is not None and self.archive.wants(out.verdict.ok):
+            self.archive.submit(ArchiveItem(
+                sku=out.verdict.sku, frame_id=out.verdict.frame_id, t_acquired=out.frame.t_acquired,
+                ok=out.verdict.ok, verdict=out.verdict.model_dump(mode="json"),
+                image_u8_hwc=out.frame.image if isinstance(out.frame.image, np.ndarray) else None,
+                map_f32_hw=out.map_f32_hw, roi=out.roi,
+            ))

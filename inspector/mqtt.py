@@ -5,7 +5,7 @@ Topics, under the root `{topic_prefix}/{line_id}/{station_id}`:
 | topic          | payload                                                   | QoS | retained |
 | -------------- | --------------------------------------------------------- | --- | -------- |
 | `/verdict`     | Verdict JSON (docs/verdict.schema.json)                   | 1   | no       |
-| `/reject`      | `{"frame_id": n, "reject": 1 or 0}` for the PLC           | 1   | no       |
+| `/reject`      | `{"frame_id", "run_id", "t_acquired", "reject": 1 or 0}`  | 1   | no       |
 | `/mask`        | PNG, 8-bit grey, 255 = defect (when the SKU publishes it) | 1   | no       |
 | `/status`      | `{"state": "online"/"offline", "ts", "spool", ...}`; LWT  | 1   | yes      |
 | `/cmd`         | subscribed: JSON object command, handled by on_command    | 1   | no       |
@@ -15,11 +15,17 @@ Delivery: every verdict (with its reject and mask messages) is appended to the S
 sent; one sender thread hands records to paho strictly in spool order, at most WINDOW records in flight,
 and a record is acknowledged only when the broker PUBACKed all its messages. After a broker outage paho
 re-sends what it held, then the backlog follows in order; after a daemon restart the spool is re-sent
-from its oldest unacknowledged record. At-least-once: consumers de-duplicate by (frame_id, t_acquired).
+from its oldest unacknowledged record. At-least-once: consumers de-duplicate by (run_id, frame_id), which
+every verdict and reject message carries. A full spool disk does not stop delivery (see inspector/spool.py).
+
+Threads: paho's network loop, the sender and the command thread each survive any exception their input can
+cause (a bad command gets an error reply); `health()` names a thread that died anyway, and the daemon then
+withholds the systemd watchdog so the service is restarted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -35,13 +41,15 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from foundation.errors import ConfigError
 from foundation.log import get_logger
-from inspector.config import MqttConfig, check_secret_file
+from inspector.config import MqttConfig
+from inspector.preflight import check_mqtt
 from inspector.spool import Spool
 from inspector.verdict import Verdict, reject_payload
 
 log = get_logger(__name__)
 
 WINDOW = 32  # spool records handed to paho and not yet acknowledged
+MAX_COMMAND_BYTES = 64 << 10  # a larger /cmd payload is refused unread
 
 CommandHandler = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -69,7 +77,9 @@ class Publisher:
         self._connected = False
         self._ready = False  # connected and paho has re-sent what it held: new records may follow
         self._online_mid: int | None = None
+        self._started = False
         self._stopping = False
+        self.unspooled = 0  # verdicts the spool could not take, sent live without a copy
         self._status: dict[str, Any] = {}
         self._commands: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
         self._sender = threading.Thread(target=self._send_loop, name="mqtt-sender", daemon=True)
@@ -85,15 +95,11 @@ class Publisher:
     def _setup_client(self) -> None:
         """Credentials, TLS, LWT, back-off and callbacks, all before the first connect."""
         cfg, client = self.cfg, self._client
+        for problem in check_mqtt(cfg):
+            raise ConfigError(str(problem))
         if cfg.username:
             client.username_pw_set(cfg.username, cfg.password())
         if cfg.tls_ca or cfg.tls_cert:
-            for key in ("tls_ca", "tls_cert", "tls_key"):
-                path = getattr(cfg, key)
-                if path is not None and not Path(path).is_file():
-                    raise ConfigError(f"mqtt.{key} = {path} does not exist; fix the path or remove the key")
-            if cfg.tls_key is not None:
-                check_secret_file(cfg.tls_key, "mqtt.tls_key")
             client.tls_set(
                 ca_certs=str(cfg.tls_ca) if cfg.tls_ca else None,
                 certfile=str(cfg.tls_cert) if cfg.tls_cert else None,
@@ -119,6 +125,7 @@ class Publisher:
         self._client.loop_start()
         self._sender.start()
         self._commander.start()
+        self._started = True
         log.info("mqtt_started", host=self.cfg.host, port=self.cfg.port, root=self.root, backlog=self.pending())
 
     def publish_verdict(self, verdict: Verdict, mask_png: bytes | None = None) -> None:
@@ -129,7 +136,14 @@ class Publisher:
         ]
         if mask_png is not None:
             messages.append((f"{self.root}/mask", mask_png))
-        self._spool.append(messages, ng=not verdict.ok)
+        try:
+            self._spool.append(messages, ng=not verdict.ok)
+        except Exception:
+            self.unspooled += 1
+            log.exception("spool_append_failed", frame_id=verdict.frame_id, detail="sent live, without a spool copy")
+            for topic, payload in messages:
+                self._client.publish(topic, payload, qos=self._qos)
+            return
         with self._cond:
             self._cond.notify_all()
 
@@ -147,38 +161,64 @@ class Publisher:
         """Spooled records not yet acknowledged by the broker."""
         return self._spool.unacked()
 
-    def stop(self, timeout_s: float = 5.0) -> None:
-        """Flush what the broker accepts within timeout_s, retain "offline", disconnect; the rest stays spooled."""
+    def spool_stats(self) -> dict[str, Any]:
+        """The spool's counters (pending, in memory, disk full, dropped, unsaved) plus verdicts sent unspooled."""
+        return self._spool.stats() | {"unspooled": self.unspooled}
+
+    def health(self) -> str | None:
+        """None while the sender and command threads run (or before start / while stopping), else what died."""
+        if not self._started or self._stopping:
+            return None
+        dead = [t.name for t in (self._sender, self._commander) if not t.is_alive()]
+        return f"thread {', '.join(dead)} died" if dead else None
+
+    def stop(self, timeout_s: float = 5.0, final_status: dict[str, Any] | None = None) -> None:
+        """Flush what the broker accepts, retain "offline" (with `final_status`), disconnect, all within timeout_s;
+        the rest stays spooled."""
         deadline = time.monotonic() + timeout_s
+        flush_until = deadline - min(1.0, 0.25 * timeout_s)  # keeps time for the offline status and the disconnect
         with self._cond:
             self._cond.wait_for(
-                lambda: self.pending() == 0 or not self._connected, timeout=max(0.0, deadline - time.monotonic())
+                lambda: self.pending() == 0 or not self._connected, timeout=max(0.0, flush_until - time.monotonic())
             )
             self._stopping = True
             self._cond.notify_all()
         if self._sender.is_alive():
-            self._sender.join(timeout=max(0.1, deadline - time.monotonic()))
+            self._sender.join(timeout=max(0.05, flush_until - time.monotonic()))
         self._commands.put(None)
+        if final_status is not None:
+            self._status = dict(final_status)
         if self._connected:
             offline = self._status_payload("offline", reason="stopped")
             info = self._client.publish(f"{self.root}/status", offline, qos=1, retain=True)
             try:
-                info.wait_for_publish(timeout=max(0.1, deadline - time.monotonic()))
+                info.wait_for_publish(timeout=max(0.05, deadline - time.monotonic() - 0.2))
             except (RuntimeError, ValueError) as exc:
                 log.warning("mqtt_offline_status_unsent", error=str(exc))
         self._client.disconnect()
-        self._client.loop_stop()
+        # paho's loop_stop joins its network thread without a timeout; a frozen broker must not hold the stop
+        stopper = threading.Thread(target=self._client.loop_stop, name="mqtt-loop-stop", daemon=True)
+        stopper.start()
+        stopper.join(max(0.05, deadline - time.monotonic()))
         self._retire_acked()
         self._spool.close()
-        log.info("mqtt_stopped", unsent=self.pending())
+        log.info("mqtt_stopped", unsent=self.pending(), **self.spool_stats())
 
     def _status_payload(self, state: str, **extra: Any) -> bytes:
         """Status JSON: the caller's last status plus state, time, spool counters and `extra`."""
-        body = {**self._status, "state": state, "ts": time.time(), "spool": self._spool.stats(), **extra}
+        body = {**self._status, "state": state, "broker_connected": state == "online", "ts": time.time(),
+                "spool": self.spool_stats(), **extra}
         return json.dumps(body, default=str).encode()
 
     def _handle_connect(self, client: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any) -> None:
         """Subscribe to /cmd and retain "online" on every (re)connect; wake the sender."""
+        try:
+            self._on_connected(client, reason)
+        except Exception:  # an exception here would end paho's network thread
+            log.exception("mqtt_connect_handler_failed")
+
+    def _on_connected(self, client: mqtt.Client, reason: Any) -> None:
+        """_handle_connect's work."""
         if reason.is_failure:
             log.error("mqtt_connect_refused", reason=str(reason), host=self.cfg.host, port=self.cfg.port)
             return
@@ -216,15 +256,16 @@ class Publisher:
     def _send_loop(self) -> None:
         """Sender thread: run _send_some until stop(); an error (disk, spool) is logged and retried, never fatal."""
         while True:
-            with self._cond:
-                self._cond.wait_for(self._sender_has_work, timeout=1.0)
-                if self._stopping:
-                    return
             try:
+                with self._cond:
+                    self._cond.wait_for(self._sender_has_work, timeout=1.0)
+                    if self._stopping:
+                        return
                 self._send_some()
             except Exception:
                 log.exception("mqtt_sender_error", backlog=self.pending())
-                time.sleep(1.0)
+                with self._cond:
+                    self._cond.wait_for(lambda: self._stopping, timeout=1.0)
 
     def _send_some(self) -> None:
         """Hand spool records to paho in order while ready and the window allows; retire acked ones."""
@@ -261,23 +302,37 @@ class Publisher:
                 self._cond.notify_all()
 
     def _command_loop(self) -> None:
-        """Run commands off paho's thread: parse, call on_command, reply; errors become error replies."""
+        """Command thread: answer every /cmd message; nothing a message holds can end the loop."""
         while (payload := self._commands.get()) is not None:
             try:
-                command = json.loads(payload)
-                if not isinstance(command, dict):
-                    raise ValueError("a command must be a JSON object")
-            except ValueError as exc:
-                log.warning("mqtt_command_malformed", error=str(exc), payload=payload[:200])
-                self.reply({"ok": False, "error": f"malformed command: {exc}"})
-                continue
-            try:
-                if self._on_command is None:
-                    raise ValueError("this publisher takes no commands")
-                result = dict(self._on_command(command))
-            except Exception as exc:
-                log.warning("mqtt_command_failed", command=command, error=str(exc))
-                result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-            if "id" in command:
-                result.setdefault("id", command["id"])
-            self.reply(result)
+                self.reply(self._run_command(payload))
+            except Exception as exc:  # the reply itself could not be encoded or sent
+                log.exception("mqtt_command_error", payload=payload[:200])
+                with contextlib.suppress(Exception):
+                    self.reply({"ok": False, "error": f"command failed: {type(exc).__name__}"})
+
+    def _run_command(self, payload: bytes) -> dict[str, Any]:
+        """Parse one /cmd payload and call on_command; every failure becomes an error reply (never raises)."""
+        if len(payload) > MAX_COMMAND_BYTES:
+            log.warning("mqtt_command_malformed", error="too large", bytes=len(payload))
+            return {"ok": False, "error": f"command too large ({len(payload)} bytes; at most {MAX_COMMAND_BYTES})"}
+        try:
+            command = json.loads(payload)  # RecursionError on deep nesting
+            if not isinstance(command, dict):
+                raise ValueError("a command must be a JSON object")
+            if not isinstance(command.get("id"), str | int | float | None):
+                raise ValueError('"id" must be a string or a number')
+        except (ValueError, RecursionError) as exc:
+            error = str(exc)[:200]
+            log.warning("mqtt_command_malformed", error=error, payload=payload[:200])
+            return {"ok": False, "error": f"malformed command: {error}"}
+        try:
+            if self._on_command is None:
+                raise ValueError("this publisher takes no commands")
+            result = dict(self._on_command(command))
+        except Exception as exc:
+            log.warning("mqtt_command_failed", payload=payload[:200], error=f"{type(exc).__name__}: {exc}"[:300])
+            result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
+        if "id" in command:
+            result.setdefault("id", command["id"])
+        return result

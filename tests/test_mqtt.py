@@ -25,6 +25,7 @@ from inspector.mqtt import Publisher
 from inspector.spool import Spool
 from inspector.verdict import decode_mask_png, encode_mask_png
 from tests.mosquitto import MosquittoProcess, free_port, start_mosquitto
+from tests.small_fs import fill, small_fs
 from tests.test_verdict import make_verdict
 
 ROOT = "inspector/line1/station1"
@@ -122,6 +123,90 @@ def test_spool_drops_ng_only_when_no_ok_is_left(tmp_path: Path) -> None:
     assert spool.dropped_ng > 0 and spool.dropped_ok == 0
     assert [seq for seq, _ in drain(spool)][-1] == 10
     spool.close()
+
+
+def test_spool_skips_a_damaged_line_and_a_repeated_seq_on_restart(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, 1 << 20)
+    for i in range(3):
+        spool.append([("t", f"r{i}".encode())], ng=False)
+    spool.close()
+    (segment,) = tmp_path.glob("*.jsonl")
+    lines = segment.read_bytes().splitlines(keepends=True)
+    segment.write_bytes(lines[0] + b'{"seq":9,"ng":tr\n' + lines[1] + lines[2] + lines[2])
+    with capture_logs() as logs:
+        again = Spool(tmp_path, 1 << 20)
+    assert [(seq, msgs[0][1]) for seq, msgs in drain(again)] == [(1, b"r0"), (2, b"r1"), (3, b"r2")]
+    assert [e["detail"] for e in logs if e["event"] == "spool_torn_record"] == ["damaged line skipped"]
+    assert again.append([("t", b"r3")], ng=False) == 4
+    again.close()
+
+
+def test_spool_ignores_a_torn_ack_line(tmp_path: Path) -> None:
+    spool = Spool(tmp_path, 1 << 20)
+    for i in range(15):
+        spool.append([("t", bytes([i]))], ng=False)
+    drain(spool)
+    spool.ack(13)
+    spool.close()
+    (acks,) = tmp_path.glob("*.acks")
+    with acks.open("a") as f:
+        f.write("1")  # "12\n" cut short by a crash must not acknowledge seq 1
+    again = Spool(tmp_path, 1 << 20)
+    assert [seq for seq, _ in drain(again)] == [s for s in range(1, 16) if s != 13]
+    again.close()
+
+
+def test_spool_on_a_full_disk_keeps_records_in_memory_in_order_and_spills_when_space_returns(tmp_path: Path) -> None:
+    with small_fs(tmp_path / "fs", 512) as fs:
+        spool = Spool(fs / "spool", 64 << 20, reserve_bytes=64 << 10, segment_bytes=32 << 10)
+        with capture_logs() as logs:
+            for i in range(700):
+                spool.append([("t", bytes(700))], ng=i % 7 == 0)
+        assert spool.stats()["disk_full"] and spool.stats()["in_memory"] > 0 and spool.unacked() == 700
+        assert [e["event"] for e in logs].count("spool_disk_full") == 1
+        taken = drain(spool)
+        assert [seq for seq, _ in taken] == list(range(1, 701))  # disk and memory records in one order
+        with capture_logs() as logs:
+            for seq, _ in taken[:400]:
+                spool.ack(seq)  # delivered: whole segments go, space returns, memory records move to disk
+            spool.append([("t", b"after")], ng=False)
+        assert "spool_disk_ok" in [e["event"] for e in logs]
+        assert spool.stats()["in_memory"] == 0 and not spool.stats()["disk_full"]
+        spool.close()
+        assert spool.unsaved == 0 and spool.dropped_ok == spool.dropped_ng == 0
+        again = Spool(fs / "spool", 64 << 20, reserve_bytes=64 << 10)
+        assert [seq for seq, _ in drain(again)] == list(range(401, 702))  # spilled records survive a restart
+        again.close()
+
+
+def test_spool_full_disk_and_memory_drop_whole_ok_segments_never_ng(tmp_path: Path) -> None:
+    with small_fs(tmp_path / "fs", 384) as fs:
+        spool = Spool(fs / "spool", 64 << 20, reserve_bytes=64 << 10, segment_bytes=16 << 10,
+                      memory_max_bytes=48 << 10)
+        ng = {seq for seq in range(1, 1001) if seq % 5 == 0}
+        with capture_logs() as logs:
+            for seq in range(1, 1001):
+                assert spool.append([("t", bytes(700))], ng=seq in ng) == seq
+        kept = [seq for seq, _ in drain(spool)]
+        assert ng <= set(kept) and kept == sorted(kept) and kept[-1] == 1000
+        assert spool.dropped_ng == 0 and spool.dropped_ok == 1000 - len(kept) > 0
+        assert any(e["event"] == "spool_dropped" and e.get("records", 1) > 1 for e in logs), "whole segments go"
+        assert spool.free_bytes() >= 0
+        spool.close()
+
+
+def test_spool_close_on_a_full_disk_counts_what_only_memory_held(tmp_path: Path) -> None:
+    with small_fs(tmp_path / "fs", 256) as fs:
+        spool = Spool(fs / "spool", 64 << 20, reserve_bytes=32 << 10)
+        filler = fill(fs)
+        for i in range(5):
+            spool.append([("t", f"{i}".encode())], ng=i == 2)
+        assert spool.stats()["in_memory"] == 5
+        with capture_logs() as logs:
+            spool.close()
+        (event,) = [e for e in logs if e["event"] == "spool_unsaved"]
+        assert event["records"] == 5 and event["ng"] == 1 and spool.unsaved == 5
+        filler.unlink()
 
 
 # ---------------------------------------------------------------- real broker
@@ -232,7 +317,8 @@ def test_topics_qos_retain_and_status(broker: MosquittoProcess, subscriber: Subs
     verdicts = subscriber.on("verdict")
     assert [json.loads(m.payload)["frame_id"] for m in verdicts] == [1, 2]
     assert json.loads(verdicts[0].payload)["ok"] is False and json.loads(verdicts[0].payload)["regions"]
-    assert [m.payload for m in subscriber.on("reject")] == [b'{"frame_id":1,"reject":1}', b'{"frame_id":2,"reject":0}']
+    assert [(r["frame_id"], r["reject"]) for r in map(json.loads, (m.payload for m in subscriber.on("reject")))] == [
+        (1, 1), (2, 0)]
     (mask_message,) = subscriber.on("mask")
     assert decode_mask_png(mask_message.payload).sum() == 8
     for message in verdicts + subscriber.on("reject") + [mask_message]:
@@ -415,6 +501,45 @@ def test_full_spool_drops_ok_keeps_ng_and_reports_it(tmp_path: Path) -> None:
         publisher.stop(timeout_s=2)
         sub.close()
         broker.stop()
+
+
+@pytest.mark.integration
+def test_spool_filling_its_filesystem_with_the_broker_down_loses_no_ng_verdict(tmp_path: Path) -> None:
+    store = tmp_path / "broker-db"
+    store.mkdir()
+    broker = start_mosquitto(tmp_path, extra_conf=f"persistence true\npersistence_location {store}/\n")
+    sub = Subscriber(broker.port, client_id="line-plc", persistent=True)  # its session outlives the outage
+    sub.wait(lambda: sub.client.is_connected())
+    time.sleep(0.2)
+    broker.stop()
+    total, ng = 3000, {f for f in range(1, 3001) if f % 10 == 0}
+    with small_fs(tmp_path / "fs", 768) as fs:
+        publisher = Publisher(mqtt_cfg(broker.port, fs / "spool", spool_max_mb=1.0), ROOT)
+        try:
+            publisher.start()
+            with capture_logs() as logs:
+                for frame_id in range(1, total + 1):
+                    publisher.publish_verdict(make_verdict(frame_id=frame_id, ok=frame_id not in ng))
+            events = {e["event"] for e in logs}
+            assert {"spool_disk_full", "spool_dropped"} <= events and "spool_append_failed" not in events
+            stats = publisher.spool_stats()
+            assert stats["disk_full"] and stats["in_memory"] > 0 and stats["dropped_ng"] == 0
+            broker.start()
+            sub.wait(lambda: publisher.pending() == 0, 60)
+            sub.wait(lambda: set(sub.frame_ids()) >= ng, 30)
+            ids = first_seen(sub.frame_ids())
+            stats = publisher.spool_stats()
+            assert ids == sorted(ids) and stats["dropped_ng"] == 0
+            assert len(ids) + stats["dropped_ok"] == total, "every frame is either delivered or counted as dropped"
+            assert not stats["disk_full"] and stats["in_memory"] == 0
+            publisher.publish_status({"sku": "brick"})
+            sub.wait(lambda: json.loads(sub.on("status")[-1].payload).get("sku") == "brick")
+            assert json.loads(sub.on("status")[-1].payload)["spool"]["dropped_ok"] == stats["dropped_ok"]
+        finally:
+            publisher.stop(timeout_s=2)
+            sub.close()
+            broker.stop()
+        assert not list((fs / "spool").glob("*.jsonl"))
 
 
 @pytest.mark.integration

@@ -1,19 +1,26 @@
 """`inspector run`: the daemon's lifecycle around the pipeline: systemd notify, signals, commands, status.
 
-Lifecycle: load config -> load the active SKU (engine + calibration, warmed up) -> open the camera -> start
-the MQTT publisher -> start the pipeline -> READY=1. SIGTERM/SIGINT: STOPPING=1, stop acquisition, drain
-(every frame already acquired gets its verdict, published or spooled) within service.drain_timeout_s, stop
-the publisher. SIGHUP: reload the active SKU's calibration.json. A finite source (folder, video without
-loop, synthetic with frames > 0) ends the run once its last verdict is out.
+Lifecycle: load config -> pre-flight checks (inspector/preflight.py: fatal problems stop here, the rest are
+logged) -> load the active SKU (engine + calibration, warmed up) -> start the MQTT publisher -> open the
+camera (a GenTL camera that is not there yet is waited for in the background: status `camera_state:
+waiting`) -> start the pipeline -> READY=1. SIGTERM/SIGINT: STOPPING=1, stop acquisition, drain (every
+frame already acquired gets its verdict, published or spooled), flush to the broker, retain the final
+status, all within service.drain_timeout_s. SIGHUP: reload the active SKU's calibration.json. A finite
+source (folder, video without loop, synthetic with frames > 0) ends the run once its last verdict is out.
 
-Watchdog: a timer sends WATCHDOG=1 every WatchdogSec/2 while the pipeline is healthy: its threads are
-alive and the inference and publish threads have come round within `stuck_after_s` (idle, paused and
-waiting-for-trigger are healthy; an engine call that hangs is not, so systemd restarts the service).
+Each start has a `run_id` (in every verdict, reject and status): frame ids restart at 1, (run_id, frame_id)
+does not.
+
+Watchdog: a timer sends WATCHDOG=1 every WatchdogSec/2 while the daemon is healthy: the pipeline's threads
+are alive and the inference and publish threads have come round within `stuck_after_s` (idle, paused and
+waiting-for-trigger are healthy; an engine call that hangs is not), and the publisher's sender and command
+threads and the status thread are alive. Otherwise the pings stop and systemd restarts the service.
 
 Commands on <topic root>/cmd (JSON object; an optional "id" is echoed in the reply):
-    {"cmd": "sku", "sku": "NAME"}  or  {"sku": "NAME"}   SKU changeover: the new engine loads and warms while
-                                                         the old one inspects; reply {"ok": true, "state":
-                                                         "active"} once swapped, or ok=false + error
+    {"cmd": "sku", "sku": "NAME"}  or  {"sku": "NAME"}   SKU changeover: reply {"ok": true, "state":
+                                                         "loading"} at once; the new engine loads and warms
+                                                         while the old one inspects; then {"ok": true,
+                                                         "state": "active"} once swapped, or ok=false + error
     {"cmd": "pause"} / {"cmd": "resume"}                 stop / continue pulling frames
     {"cmd": "status"}                                    reply with the status document
 Anything else (non-JSON, non-object, unknown cmd) gets {"ok": false, "error": "..."} on <root>/cmd/reply;
@@ -37,12 +44,14 @@ from engines.manifest import score_top_k
 from engines.runtime import create_engine
 from foundation.errors import ConfigError, DataError, InspectorError
 from foundation.log import bind_context, configure_logging, get_logger
+from inspector import preflight
 from inspector.acquisition import Source, open_source
 from inspector.archive import Archive
 from inspector.config import InspectorConfig, load_config, resolve_sku
 from inspector.decider import Decider
 from inspector.mqtt import Publisher
 from inspector.pipeline import ActiveSku, Pipeline
+from inspector.verdict import new_run_id
 
 log = get_logger(__name__)
 
@@ -50,17 +59,18 @@ STATUS_INTERVAL_S = 5.0
 
 
 def load_thresholds(config: InspectorConfig, name: str) -> Calibration:
-    """The SKU's calibration; a missing file is an operator error that says how to make it."""
-    path = resolve_sku(config, name).calibration_path()
-    if not path.is_file():
-        raise DataError(f"{path}: no calibration for SKU {name!r}; run `inspector calibrate --sku {name}`")
-    return load_calibration(path)
+    """The SKU's calibration; a missing model_dir or calibration file is an operator error that names the fix."""
+    for problem in preflight.check_sku(config, name, engine_files=False):
+        raise DataError(str(problem))
+    return load_calibration(resolve_sku(config, name).calibration_path())
 
 
 def load_sku(config: InspectorConfig, name: str) -> ActiveSku:
     """Create, load and warm up the engine of SKU `name` with its calibration: ready to swap in."""
+    for problem in preflight.check_sku(config, name):
+        raise DataError(str(problem))
     sku_cfg = resolve_sku(config, name)
-    calibration = load_thresholds(config, name)
+    calibration = load_calibration(sku_cfg.calibration_path())
     top_k = calibration.score_top_k or score_top_k(sku_cfg.model_dir)
     engine = create_engine(config.engine, sku_cfg.model_dir, schedule_override=sku_cfg.schedule_override() or None)
     if sku_cfg.input_size is not None and sku_cfg.input_size != engine.image_size:
@@ -89,6 +99,7 @@ class Daemon:
         if self.notifier.socket is not None:
             self.notifier.socket.setblocking(False)  # a slow reader must never stall the daemon
         self.source = source if source is not None else open_source(config.camera)
+        self.run_id = new_run_id()
         self.stuck_after_s = max(10.0, 5.0 * config.service.frame_timeout_ms / 1000.0)
         self.publisher: Publisher | None = None
         self.pipeline: Pipeline | None = None
@@ -105,6 +116,7 @@ class Daemon:
         """Load the active SKU, open camera and broker connection, start the pipeline, then READY=1."""
         cfg = self.config
         self._notify(f"STATUS=loading SKU {cfg.active_sku}")
+        bind_context(run_id=self.run_id)
         active = self.sku_loader(cfg, cfg.active_sku)
         bind_context(line=cfg.line.line_id, station=cfg.line.station_id, sku=cfg.active_sku)
         if cfg.archive.enabled:
@@ -114,7 +126,7 @@ class Daemon:
         self.publisher.start()
         self.source.open()
         self.pipeline = Pipeline(self.source, active, self.publisher.publish_verdict, cfg.service, line=cfg.line,
-                                 batch=cfg.engine.batch, archive=self.archive)
+                                 batch=cfg.engine.batch, archive=self.archive, run_id=self.run_id)
         self.pipeline.start()
         self.state = "running"
         for target, name in ((self._status_loop, "status"), (self._watchdog_loop, "watchdog")):
@@ -122,32 +134,43 @@ class Daemon:
             thread.start()
             self._timers.append(thread)
         self.publish_status()
-        self._notify(f"READY=1\nSTATUS=inspecting SKU {active.name}")
-        log.info("daemon_ready", sku=active.name, engine=active.engine.describe(), camera=self.source.describe())
+        self._notify("READY=1")
+        log.info("daemon_ready", sku=active.name, run_id=self.run_id, engine=active.engine.describe(),
+                 camera=self.source.describe())
 
     def stop(self) -> bool:
-        """STOPPING=1, stop acquisition, drain in-flight frames to verdicts, flush/spool, disconnect."""
-        cfg = self.config
+        """STOPPING=1, stop acquisition, drain in-flight frames to verdicts, flush/spool, retain the final status
+        and disconnect, all within service.drain_timeout_s."""
+        drain_s = self.config.service.drain_timeout_s
+        deadline = time.monotonic() + drain_s
+        publisher_s = min(1.0, 0.25 * drain_s)  # kept for the final status and the disconnect
+
+        def left(reserve: float = 0.0) -> float:
+            return max(0.05, deadline - reserve - time.monotonic())
+
         self.state = "stopping"
         self._notify("STOPPING=1\nSTATUS=draining")
         drained = True
         if self.pipeline is not None:
-            drained = self.pipeline.stop(cfg.service.drain_timeout_s)
+            drained = self.pipeline.stop(left(publisher_s))
         self._halt.set()
         for thread in self._timers:
-            thread.join(2.0)
+            thread.join(min(1.0, left(publisher_s)))
         if self.archive is not None:
-            self.archive.stop()
+            self.archive.stop(min(2.0, left(publisher_s)))
         stats = self.pipeline.stats.snapshot() if self.pipeline is not None else {}
-        pending = 0
+        self.state = "stopped"
+        spool: dict[str, Any] = {}
         if self.publisher is not None:
-            self.publisher.stop(cfg.service.drain_timeout_s)
-            pending = self.publisher.pending()
+            self.publisher.stop(left(min(0.5, 0.1 * drain_s)), final_status=self.status())
+            spool = self.publisher.spool_stats()
         try:
             self.source.close()
         except Exception as exc:
             log.warning("source_close_failed", error=str(exc))
-        log.info("daemon_stopped", drained=drained, spooled=pending, **stats)
+        log.info("daemon_stopped", drained=drained, spooled=spool.get("pending", 0), run_id=self.run_id,
+                 spool_dropped_ok=spool.get("dropped_ok", 0), spool_dropped_ng=spool.get("dropped_ng", 0),
+                 spool_unsaved=spool.get("unsaved", 0), **stats)
         return drained
 
     @property
@@ -169,19 +192,23 @@ class Daemon:
             return {"ok": False, "error": f"command must be a JSON object, got {type(command).__name__}"}
         reply: dict[str, Any] = {"id": command["id"]} if "id" in command else {}
         name = command.get("cmd", "sku" if "sku" in command else None)
+        if not isinstance(name, str | None):
+            return reply | {"ok": False, "error": '"cmd" must be a string: sku, pause, resume or status'}
         reply["cmd"] = name
         if self.pipeline is None:
             return reply | {"ok": False, "error": "the daemon is still starting; retry in a few seconds"}
         try:
             if name == "sku":
-                return reply | self.change_sku(command.get("sku"))
+                publisher = self.publisher
+                return reply | self.change_sku(
+                    command.get("sku"), on_loading=None if publisher is None else lambda r: publisher.reply(reply | r))
             if name in ("pause", "resume"):
                 return reply | self.set_paused(name == "pause")
             if name == "status":
                 return reply | {"ok": True, "status": self.status()}
             return reply | {"ok": False, "error": f"unknown command {name!r}; use sku, pause, resume or status"}
         except Exception as exc:
-            log.exception("command_failed", command=command)
+            log.exception("command_failed", cmd=name)
             return reply | {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
 
     def set_paused(self, paused: bool) -> dict[str, Any]:
@@ -195,11 +222,12 @@ class Daemon:
         self.publish_status()
         return {"ok": True, "paused": paused}
 
-    def change_sku(self, name: Any) -> dict[str, Any]:
+    def change_sku(self, name: Any, on_loading: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
         """Load and warm the new SKU off the pipeline's threads (frames keep flowing), then swap it in.
 
-        Runs on the publisher's command thread, so later commands wait for the changeover; the reply comes
-        once the new SKU inspects (state "active") or the load failed (ok false, with the fix).
+        Runs on the publisher's command thread, so later commands wait for the changeover. `on_loading` gets
+        the "loading" reply once the load starts; the returned reply comes once the new SKU inspects (state
+        "active") or the load failed (ok false, with the fix).
         """
         pipeline = self.running
         if not isinstance(name, str) or not name:
@@ -215,6 +243,9 @@ class Daemon:
                 return {"ok": False, "sku": name, "error": f"changeover to {self._loading!r} in progress"}
             self._loading = name
         t0 = time.monotonic()
+        self.publish_status()
+        if on_loading is not None:
+            on_loading({"ok": True, "sku": name, "state": "loading"})
         try:
             active = self.sku_loader(self.config, name)
         except Exception as exc:
@@ -251,10 +282,11 @@ class Daemon:
         """The retained status document: state, SKU, engine, camera, counters, fps, latency, spool."""
         pipeline = self.pipeline
         camera = _safe(self.source.describe)
+        connected = bool(camera.get("connected", False))
         doc: dict[str, Any] = {
-            "run_state": self.state, "line": self.config.line.line_id,
-            "station": self.config.line.station_id, "camera": camera,
-            "camera_connected": bool(camera.get("connected", False)),
+            "run_state": self.state, "run_id": self.run_id, "line": self.config.line.line_id,
+            "station": self.config.line.station_id, "camera": camera, "camera_connected": connected,
+            "camera_state": camera.get("state") or ("connected" if connected else "disconnected"),
         }
         if pipeline is not None:
             doc |= {"sku": pipeline.sku.name, "paused": pipeline.paused, "loading_sku": self._loading,
@@ -262,7 +294,8 @@ class Daemon:
         if self.archive is not None:
             doc["archive"] = self.archive.stats()
         if self.publisher is not None:
-            doc |= {"broker_connected": bool(self.publisher.connected), "spool_pending": self.publisher.pending()}
+            doc |= {"broker_connected": bool(self.publisher.connected), "spool_pending": self.publisher.pending(),
+                    "spool": self.publisher.spool_stats()}
         return doc
 
     def publish_status(self) -> None:
@@ -275,27 +308,39 @@ class Daemon:
         except Exception as exc:
             log.warning("status_publish_failed", error=str(exc))
         stats = doc.get("stats", {})
+        camera = "" if doc["camera_connected"] else f" camera={doc['camera_state']}"
         self._notify(f"STATUS={self.state} sku={doc.get('sku')} frames={stats.get('frames')} "
-                     f"ng={stats.get('ng')} fps={stats.get('fps')}")
+                     f"ng={stats.get('ng')} fps={stats.get('fps')}{camera}")
 
     def _status_loop(self) -> None:
+        """Status thread: publish the status document every STATUS_INTERVAL_S; an error is logged, never fatal."""
         while not self._halt.wait(STATUS_INTERVAL_S):
-            self.publish_status()
+            try:
+                self.publish_status()
+            except Exception:
+                log.exception("status_failed")
+
+    def health(self) -> str | None:
+        """None while every worker thread runs and comes round; else what is wrong."""
+        if not self.running.healthy(self.stuck_after_s):
+            return f"a pipeline thread died or is stuck for more than {self.stuck_after_s}s"
+        problem = self.publisher.health() if self.publisher is not None else None
+        dead = [t.name for t in self._timers if t.name != "watchdog" and not t.is_alive()]
+        return problem or (f"thread {', '.join(dead)} died" if dead else None)
 
     def _watchdog_loop(self) -> None:
-        """WATCHDOG=1 while the pipeline is healthy; withheld (once logged) when a thread is stuck."""
+        """WATCHDOG=1 while the daemon is healthy; withheld (each new problem logged once) otherwise."""
         if not self.config.service.watchdog:
             return
         interval = watchdog_interval_s()
-        withheld = False
+        withheld: str | None = None
         while not self._halt.wait(interval):
-            pipeline = self.running
-            if pipeline.healthy(self.stuck_after_s):
+            problem = self.health()
+            if problem is None:
                 self._notify("WATCHDOG=1")
-                withheld = False
-            elif not withheld:
-                log.error("watchdog_withheld", detail=f"pipeline thread stuck for more than {self.stuck_after_s}s")
-                withheld = True
+            elif problem != withheld:
+                log.error("watchdog_withheld", detail=problem)
+            withheld = problem
 
     def _notify(self, state: str) -> None:
         self.notifier.notify(state)
@@ -329,6 +374,14 @@ def run(args: argparse.Namespace) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, on_signal)
+    problems = preflight.check(config, skus=[config.active_sku])
+    for problem in problems:
+        if not problem.fatal:
+            log.warning("preflight_warning", key=problem.key, problem=problem.message)
+    fatal = [p for p in problems if p.fatal]
+    if fatal:
+        more = f" (and {len(fatal) - 1} more; run inspector config check)" if len(fatal) > 1 else ""
+        raise ConfigError(f"{fatal[0]}{more}")
     daemon = Daemon(config)
     try:
         daemon.start()

@@ -1,8 +1,9 @@
 """The daemon end to end: real mosquitto, real ONNX Runtime engines, real subprocess and signals, viky.cti.
 
 Each test checks the one promise the line relies on: every acquired frame gets exactly one verdict, even
-across a broker outage, a SIGTERM with the broker down (spooled, delivered by the next run) and bad input.
-Consumers de-duplicate by (frame_id, t_acquired), as they must with at-least-once delivery.
+across a broker outage, a SIGTERM with the broker down (spooled, delivered by the next run), a spool disk
+that fills up, a camera that boots after the daemon, and bad input. Consumers de-duplicate by
+(run_id, frame_id), as they must with at-least-once delivery.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ import argparse
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,7 @@ import cv2
 import genicam
 import numpy as np
 import pytest
+from structlog.testing import capture_logs
 
 from engines.sample_data import draw_defect, render_part
 from inspector.acquisition import open_source
@@ -30,6 +34,7 @@ from inspector.config import load_config
 from inspector.demo import RecordingSource, add_arguments, demo_config, run_demo, summarize
 from inspector.pipeline import CORRUPT_FRAME, WRONG_SIZE
 from inspector.service import Daemon
+from tests.small_fs import fill, small_fs
 from tests.test_service import Subscriber
 from tests.waiting import wait_until
 
@@ -80,9 +85,9 @@ model_dir = "{sku_dir}"
     return path
 
 
-def unique_by_frame(verdicts: list[dict[str, Any]]) -> dict[tuple[int, float], dict[str, Any]]:
-    """At-least-once de-duplication: one verdict per (frame_id, t_acquired)."""
-    return {(v["frame_id"], v["t_acquired"]): v for v in verdicts}
+def unique_by_frame(verdicts: list[dict[str, Any]]) -> dict[tuple[int, str], dict[str, Any]]:
+    """At-least-once de-duplication: one verdict per (frame_id, run_id)."""
+    return {(v["frame_id"], v["run_id"]): v for v in verdicts}
 
 
 @pytest.fixture
@@ -192,7 +197,7 @@ def test_sigterm_drains_every_acquired_frame_and_restart_delivers_the_spool(
     broker.start()
     second = start_daemon(config_path)
     try:
-        def first_run() -> dict[tuple[int, float], dict[str, Any]]:
+        def first_run() -> dict[tuple[int, str], dict[str, Any]]:
             return {k: v for k, v in unique_by_frame(sub.json("verdict")).items() if v["t_acquired"] < t_restart}
 
         assert sub.wait_for(lambda: len(first_run()) >= acquired, 120), (len(first_run()), acquired)
@@ -234,23 +239,27 @@ def test_corrupt_and_wrong_size_frames_get_fail_safe_verdicts_and_the_loop_goes_
         cv2.imwrite(str(frames / f"{i:02d}.png"), cv2.cvtColor(part, cv2.COLOR_RGB2BGR))
     (frames / "02.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     cv2.imwrite(str(frames / "03.png"), np.zeros((50, 70, 3), np.uint8))
-    camera = f'type = "folder"\npath = "{frames}"'
+    jpeg = cv2.imencode(".jpg", cv2.cvtColor(render_part("brick", 96, rng), cv2.COLOR_RGB2BGR))[1].tobytes()
+    (frames / "06.jpg").write_bytes(jpeg[: len(jpeg) // 2])  # OpenCV decodes it, grey-filled, with a warning
+    camera = f'type = "folder"\npath = "{frames}"\npattern = "*.*"'
     config = load_config(write_config(tmp_path, random_sku, broker.port, camera))
     sub = persistent_subscriber(broker, config.topic_root)
     daemon = Daemon(config)
     daemon.start()
     try:
         assert daemon.wait_finished(120)
-        assert sub.wait_for(lambda: len(sub.json("verdict")) >= 6, 30)
+        assert sub.wait_for(lambda: len(sub.json("verdict")) >= 7, 30)
         sub.send(b"[1, 2")
         sub.send(json.dumps({"sku": "unknown-sku", "id": 9}))
         assert sub.wait_for(lambda: len(sub.json("cmd/reply")) >= 2, 30)
     finally:
         daemon.stop()
     verdicts = sub.json("verdict")
-    assert [v["frame_id"] for v in verdicts] == [1, 2, 3, 4, 5, 6]
+    assert [v["frame_id"] for v in verdicts] == [1, 2, 3, 4, 5, 6, 7]
     reasons = [v["reason"] for v in verdicts]
     assert reasons[2].startswith(CORRUPT_FRAME) and "02.png" in reasons[2] and not verdicts[2]["ok"]
+    assert reasons[6].startswith(CORRUPT_FRAME) and "06.jpg" in reasons[6] and "truncated" in reasons[6]
+    assert not verdicts[6]["ok"]
     assert reasons[3].startswith(WRONG_SIZE) and not verdicts[3]["ok"]
     assert reasons[0] is None and reasons[1] is None and reasons[4] is None and reasons[5] is None
     malformed, unknown = sub.json("cmd/reply")
@@ -269,3 +278,135 @@ def test_demo_config_and_run_start_their_own_broker_when_none_answers(tmp_path: 
     summary = run_demo(config, tmp_path / "demo", quiet=True)
     assert summary["frames acquired"] == summary["verdicts received"] == 20 and summary["fail-safe"] == 0
     assert summary["latency p50 (ms)"] is not None and summary["throughput (fps)"] > 0
+
+
+class DaemonLog:
+    """The JSON log lines (stderr) of a daemon subprocess, read by a thread so a test can wait for an event."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._stream = proc.stderr
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self._stream is not None
+        for line in self._stream:
+            with self._cond:
+                self.lines.append(line)
+                self._cond.notify_all()
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        """Every logged event called `name`, in order."""
+        with self._cond:
+            events = [json.loads(line) for line in self.lines if line.startswith("{")]
+        return [e for e in events if e.get("event") == name]
+
+    def wait_for(self, name: str, timeout_s: float) -> bool:
+        """Wait until an event called `name` has been logged."""
+        with self._cond:
+            return self._cond.wait_for(lambda: any(f'"event": "{name}"' in line for line in self.lines), timeout_s)
+
+    def close(self) -> str:
+        """All of stderr, once the process has ended."""
+        self._reader.join(10)
+        return "".join(self.lines)
+
+
+def run_daemon(config_path: Path) -> tuple[subprocess.Popen[str], DaemonLog]:
+    """`inspector run` as a subprocess (JSON logs), with its log followed live."""
+    env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    env.pop("NOTIFY_SOCKET", None)
+    proc = subprocess.Popen([sys.executable, "-m", "inspector.cli", "run", "--config", str(config_path)], cwd=REPO,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    return proc, DaemonLog(proc)
+
+
+def sigterm(proc: subprocess.Popen[str], log: DaemonLog) -> tuple[int, str]:
+    """SIGTERM the daemon; its exit status and its whole log."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        rc = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return rc, log.close()
+
+
+def test_a_spool_disk_that_fills_with_the_broker_down_loses_nothing_and_stops_cleanly(
+        tmp_path: Path, broker: LocalBroker, random_sku: Path) -> None:
+    camera = 'type = "synthetic"\nwidth = 64\nheight = 64\nfps = 40.0\nframes = 0\ndefect_rate = 0.3\nseed = 11'
+    with small_fs(tmp_path / "fs", 640) as fs:
+        config_path = write_config(tmp_path, random_sku, broker.port, camera)
+        # the issue's set-up: a spool cap far beyond what its filesystem holds
+        config_path.write_text(config_path.read_text().replace(
+            'spool_dir = "spool"', f'spool_dir = "{fs / "spool"}"\nspool_max_mb = 256'))
+        config = load_config(config_path)
+        sub = persistent_subscriber(broker, config.topic_root)
+        broker.stop()
+        first, log = run_daemon(config_path)
+        try:
+            assert log.wait_for("spool_disk_full", 120), "".join(log.lines)[-3000:]
+            broker.start()
+            assert log.wait_for("spool_disk_ok", 120), "".join(log.lines)[-3000:]  # delivery freed the disk
+            assert sub.wait_for(lambda: any(s.get("spool", {}).get("in_memory") == 0 and s["spool"]["pending"] < 50
+                                            for s in sub.json("status")[1:]), 60)
+        finally:
+            rc, stderr = sigterm(first, log)
+        assert rc == 0, stderr[-3000:]
+        assert json.loads(stderr.strip().splitlines()[-1])["event"] == "daemon_stopped"
+        stopped = final_event(stderr, "daemon_stopped")
+        run1, acquired = stopped["run_id"], stopped["acquired"]
+        assert stopped["frames"] == acquired and stopped["drained"] and stopped["spooled"] == 0
+        assert stopped["spool_unsaved"] == 0 and stopped["spool_dropped_ng"] == stopped["spool_dropped_ok"] == 0
+
+        def run_verdicts(run_id: str) -> list[dict[str, Any]]:
+            return [v for v in sub.json("verdict") if v["run_id"] == run_id]
+
+        assert sub.wait_for(lambda: len({v["frame_id"] for v in run_verdicts(run1)}) >= acquired, 60)
+        assert sorted({v["frame_id"] for v in run_verdicts(run1)}) == list(range(1, acquired + 1))
+
+        filler = fill(fs)  # restart on a disk that is still full: new verdicts go out live from memory
+        second, log = run_daemon(config_path)
+        try:
+            assert log.wait_for("spool_disk_full", 120), "".join(log.lines)[-3000:]
+            assert sub.wait_for(lambda: len([v for v in sub.json("verdict") if v["run_id"] != run1]) >= 20, 60)
+        finally:
+            rc, stderr = sigterm(second, log)
+        filler.unlink()
+    assert rc == 0, stderr[-3000:]
+    stopped = final_event(stderr, "daemon_stopped")
+    assert stopped["spool_unsaved"] == 0 and stopped["spooled"] == 0
+    assert sub.wait_for(lambda: len({v["frame_id"] for v in run_verdicts(stopped["run_id"])}) >= stopped["acquired"])
+    assert len(run_verdicts(run1)) == acquired, "the second run re-sent none of the first run's verdicts"
+
+
+def test_a_camera_that_appears_after_start_is_used_without_a_restart(
+        tmp_path: Path, broker: LocalBroker, random_sku: Path) -> None:
+    cti = tmp_path / "vendor" / "viky.cti"  # the producer is installed (or the camera boots) only later
+    camera = (f'type = "gentl"\ncti = "{cti}"\nserial = "0"\ntimeout_s = 1.0\n'
+              'reconnect_min_s = 0.2\nreconnect_max_s = 1.0')
+    config = load_config(write_config(tmp_path, random_sku, broker.port, camera, queue_depth=4))
+    sub = persistent_subscriber(broker, config.topic_root)
+    daemon = Daemon(config)
+    with capture_logs() as logs:
+        daemon.start()  # READY although the camera is not there
+
+        def waits() -> list[dict[str, Any]]:
+            return [e for e in logs if e["event"] == "camera_waiting"]
+
+        try:
+            assert sub.wait_for(lambda: any(s.get("camera_state") == "waiting" for s in sub.json("status")), 30)
+            # back-off 0.2, 0.4, 0.8, 1, 1, 1 s: more than 4 s, past the 3 s in which the old daemon gave up
+            assert sub.wait_for(lambda: len(waits()) >= 7, 30)
+            cti.parent.mkdir()
+            shutil.copy(VIKY, cti)
+            assert sub.wait_for(lambda: len(sub.json("verdict")) >= 5, 60)
+            assert sub.wait_for(lambda: sub.json("status")[-1].get("camera_state") == "connected", 30)
+        finally:
+            daemon.stop()
+    assert [e["retry_in_s"] for e in waits()][:6] == [0.2, 0.4, 0.8, 1.0, 1.0, 1.0]
+    assert "viky.cti does not exist" in waits()[0]["error"]
+    assert daemon.source.describe()["reconnects"] == 0 and daemon.pipeline is not None
+    assert daemon.pipeline.source_error is None

@@ -8,6 +8,8 @@ seconds; the trained-model paths are covered by test_daemon_integration.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import tempfile
 import threading
@@ -19,12 +21,14 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
+from structlog.testing import capture_logs
 
 from calibration.thresholds import save_calibration
 from foundation.errors import DataError
 from inspector.broker import LocalBroker, start_local_broker
 from inspector.config import InspectorConfig, load_config
 from inspector.decider import Decider
+from inspector.mqtt import WINDOW
 from inspector.pipeline import ActiveSku
 from inspector.service import Daemon, load_sku, load_thresholds
 from tests.test_decider import make_calibration
@@ -136,10 +140,11 @@ def notify(monkeypatch: pytest.MonkeyPatch) -> Iterator[NotifySocket]:
 
 
 def write_config(tmp_path: Path, port: int, extra: str = "") -> InspectorConfig:
-    """A two-SKU config (a, b) on the local broker; each SKU dir has a calibration.json."""
+    """A config of SKUs a and b (calibrated) and nocal (a model_dir without calibration) on the local broker."""
     for name in ("a", "b"):
         (tmp_path / name).mkdir(exist_ok=True)
         save_calibration(make_calibration(), tmp_path / name / "calibration.json")
+    (tmp_path / "nocal").mkdir(exist_ok=True)
     path = tmp_path / "inspector.toml"
     path.write_text(f"""
 active_sku = "a"
@@ -209,7 +214,8 @@ def test_lifecycle_ready_watchdog_status_commands_changeover_and_stop(
         sub.send(json.dumps({"cmd": "sku", "sku": "b", "id": 5}))
         assert sub.wait_for(lambda: any(r.get("state") == "active" for r in sub.json("cmd/reply")))
         replies = [r for r in sub.json("cmd/reply") if r.get("id") == 5]
-        assert [r["state"] for r in replies] == ["active"] and replies[0]["ok"]
+        assert [r["state"] for r in replies] == ["loading", "active"] and all(r["ok"] for r in replies)
+        assert any(s.get("loading_sku") == "b" for s in sub.json("status"))
         assert sub.wait_for(lambda: sub.json("verdict")[-1]["sku"] == "b")
         sub.send(json.dumps({"sku": "nocal", "id": 6}))
         assert sub.wait_for(lambda: any(r.get("id") == 6 and not r["ok"] for r in sub.json("cmd/reply")))
@@ -222,7 +228,10 @@ def test_lifecycle_ready_watchdog_status_commands_changeover_and_stop(
     verdicts = sub.json("verdict")
     ids = [v["frame_id"] for v in verdicts]
     assert ids == list(range(1, source.produced + 1))  # one verdict per acquired frame, in order
-    assert sub.json("status")[-1]["state"] == "offline"
+    assert {v["run_id"] for v in verdicts} == {daemon.run_id}
+    final = sub.json("status")[-1]
+    assert final["state"] == "offline" and final["run_state"] == "stopped" and final["broker_connected"] is False
+    assert final["run_id"] == daemon.run_id and final["stats"]["frames"] == len(ids)
     notes = notify.drain()
     assert any("READY=1" in n for n in notes) and any("STOPPING=1" in n for n in notes)
     assert sum(n == "WATCHDOG=1" for n in notes) >= 3
@@ -266,7 +275,123 @@ def test_sighup_reload_picks_up_new_thresholds_and_keeps_old_on_a_bad_file(
         daemon.stop()
 
 
-def test_missing_calibration_names_the_calibrate_command(tmp_path: Path) -> None:
-    config = write_config(tmp_path, 1883)
+def test_missing_calibration_and_model_dir_name_their_own_fixes(tmp_path: Path) -> None:
+    config = write_config(tmp_path, 1883, extra='[skus.gone]\nmodel_dir = "gone"\n')
     with pytest.raises(DataError, match=r"inspector calibrate --sku nocal"):
         load_sku(config, "nocal")
+    with pytest.raises(DataError, match=r"skus\.gone\.model_dir = .*gone does not exist; train the SKU") as info:
+        load_thresholds(config, "gone")
+    assert "calibrate" not in str(info.value)
+
+
+def test_hostile_commands_get_error_replies_and_pause_still_works(tmp_path: Path, broker: LocalBroker,
+                                                                  notify: NotifySocket) -> None:
+    config = write_config(tmp_path, broker.port)
+    sub = Subscriber(broker.port, config.topic_root)
+    daemon = Daemon(config, source=ListSource([part()] * 3000, interval_s=0.02), sku_loader=brightness_loader())
+    daemon.start()
+    hostile = [
+        b"[" * 1000 + b"]" * 1000,  # RecursionError inside json.loads
+        b'{"cmd": ' + b"[" * 800 + b"]" * 800 + b"}",  # parses; a nested "cmd" must not reach repr() or the log
+        b'{"id": ' + b"[" * 800 + b"]" * 800 + b', "cmd": "status"}',  # an "id" that cannot be echoed safely
+        json.dumps({"cmd": "status", "pad": "x" * (1 << 20)}).encode(),  # 1 MiB
+        b"\xff\xfe not utf-8",
+    ]
+    try:
+        for payload in hostile:
+            sub.send(payload)
+        sub.send(json.dumps({"cmd": "pause", "id": "after"}))
+        assert sub.wait_for(lambda: any(r.get("id") == "after" for r in sub.json("cmd/reply")))
+        *errors, paused = sub.json("cmd/reply")
+        assert len(errors) == len(hostile) and not any(r["ok"] for r in errors)
+        assert "malformed" in errors[0]["error"] and "must be a string" in errors[1]["error"]
+        assert '"id"' in errors[2]["error"] and "too large" in errors[3]["error"]
+        assert paused == {"id": "after", "cmd": "pause", "ok": True, "paused": True}
+        assert daemon.health() is None
+        notify.drain()
+        assert sub.wait_for(lambda: "WATCHDOG=1" in notify.drain(), 5)
+    finally:
+        daemon.stop()
+        sub.close()
+
+
+class Fatal(BaseException):
+    """What no handler may swallow (SystemExit's kind): it ends the thread it is raised on."""
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_dead_command_thread_withholds_the_watchdog(tmp_path: Path, broker: LocalBroker,
+                                                      notify: NotifySocket) -> None:
+    config = write_config(tmp_path, broker.port)
+    loader = brightness_loader()
+
+    def load(config: InspectorConfig, name: str) -> ActiveSku:
+        if name == "b":
+            raise Fatal("the command thread dies here")
+        return loader(config, name)
+
+    sub = Subscriber(broker.port, config.topic_root)
+    daemon = Daemon(config, source=ListSource([part()] * 3000, interval_s=0.02), sku_loader=load)
+    daemon.start()
+    try:
+        assert sub.wait_for(lambda: "WATCHDOG=1" in notify.drain(), 5)
+        with capture_logs() as logs:
+            sub.send(json.dumps({"sku": "b"}))
+            assert sub.wait_for(lambda: any(e["event"] == "watchdog_withheld" for e in logs), 10)
+        assert "mqtt-commands died" in str(daemon.health())
+        notify.drain()
+        time.sleep(1.0)  # five watchdog periods (WATCHDOG_USEC = 0.2 s): none may be pinged
+        assert "WATCHDOG=1" not in notify.drain()
+    finally:
+        daemon.stop()
+        sub.close()
+
+
+def test_stop_with_a_frozen_broker_keeps_to_drain_timeout(tmp_path: Path, broker: LocalBroker) -> None:
+    config = write_config(tmp_path, broker.port)
+    config.service.drain_timeout_s = 3.0
+    sub = Subscriber(broker.port, config.topic_root)
+    daemon = Daemon(config, source=ListSource([part()] * 5000, interval_s=0.005), sku_loader=brightness_loader())
+    daemon.start()
+    assert broker.proc is not None
+    try:
+        assert sub.wait_for(lambda: len(sub.json("verdict")) >= 5)
+        os.kill(broker.proc.pid, signal.SIGSTOP)  # the broker hangs: TCP stays up, no PUBACK comes back
+        publisher = daemon.publisher
+        assert publisher is not None
+        assert sub.wait_for(lambda: publisher.pending() > 2 * WINDOW, 20)
+        t0 = time.monotonic()
+        assert daemon.stop()
+        elapsed = time.monotonic() - t0
+    finally:
+        os.kill(broker.proc.pid, signal.SIGCONT)
+        sub.close()
+    assert elapsed <= config.service.drain_timeout_s, elapsed
+    assert publisher.pending() > 0  # what the broker did not take stays spooled for the next start
+
+
+def test_rejects_deduplicate_across_a_restart_by_run_id(tmp_path: Path, broker: LocalBroker) -> None:
+    config = write_config(tmp_path, broker.port)
+    images = [part(defect_xywh=(5, 5, 10, 10)) if i % 3 == 0 else part() for i in range(1, 41)]
+    broker.stop()
+    first = Daemon(config, source=ListSource(images), sku_loader=brightness_loader())
+    first.start()
+    assert first.wait_finished(30)
+    first.stop()  # broker down: all 40 verdicts stay spooled
+    broker.start()
+    sub = Subscriber(broker.port, config.topic_root)
+    second = Daemon(config, source=ListSource(images, interval_s=0.01), sku_loader=brightness_loader())
+    second.start()
+    try:
+        assert second.wait_finished(30)
+        assert sub.wait_for(lambda: len({(r["run_id"], r["frame_id"]) for r in sub.json("reject")}) >= 80)
+    finally:
+        second.stop()
+        sub.close()
+    rejects, verdicts = sub.json("reject"), sub.json("verdict")
+    assert first.run_id != second.run_id and {r["run_id"] for r in rejects} == {first.run_id, second.run_id}
+    assert len({r["frame_id"] for r in rejects}) == 40, "frame ids alone collide across the restart"
+    by_key = {(r["run_id"], r["frame_id"]): r for r in rejects}
+    assert len(by_key) == 80
+    ok = {(v["run_id"], v["frame_id"]): v["ok"] for v in verdicts}
+    assert all(r["reject"] == (0 if ok[key] else 1) and r["t_acquired"] > 0 for key, r in by_key.items())

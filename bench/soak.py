@@ -31,11 +31,11 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from calibration.thresholds import Calibration, save_calibration
-from engines.runtime import create_engine
+from engines.manifest import score_top_k
+from engines.runtime import OnnxRuntimeSettings, create_engine
 from engines.runtime.benchmark import make_random_sku
 from engines.sample_data import render_part
 from engines.scoring import image_scores
-from engines.sku import score_top_k
 from inspector.broker import LocalBroker
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,7 +47,7 @@ def random_sku(workdir: Path) -> Path:
     if (sku_dir / "calibration.json").is_file():
         return sku_dir
     make_random_sku(sku_dir, image_size=64)
-    engine = create_engine("onnxruntime", sku_dir, threads=1)
+    engine = create_engine(OnnxRuntimeSettings(threads=1), sku_dir)
     rng = np.random.default_rng(0)
     maps = engine.infer(np.stack([render_part("brick", 64, rng) for _ in range(16)]))
     scores = image_scores(maps, top_k=score_top_k(sku_dir))

@@ -15,11 +15,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from engines.sku import WEIGHTS_FILE, read_meta
+from engines.manifest import WEIGHTS_FILE, read_manifest
+from engines.runtime.config import EngineSettings
 from foundation.errors import DataError, InspectorError
 from inspector.config import (
     CameraConfig,
-    EngineConfig,
     GenTLCamera,
     InspectorConfig,
     MqttConfig,
@@ -130,7 +130,7 @@ def check_storage(config: InspectorConfig) -> list[Problem]:
 
 
 def check_sku(config: InspectorConfig, name: str, *, engine_files: bool = True) -> list[Problem]:
-    """The SKU's model_dir, calibration, meta.json and the files the configured engine backend loads."""
+    """The SKU's model_dir, calibration, manifest (meta.json) and the files the configured engine backend loads."""
     from calibration.thresholds import load_calibration  # scikit-learn: only when a SKU is checked
 
     sku = resolve_sku(config, name)
@@ -152,7 +152,7 @@ def check_sku(config: InspectorConfig, name: str, *, engine_files: bool = True) 
     if not engine_files:
         return problems
     try:
-        read_meta(sku.model_dir)
+        read_manifest(sku.model_dir)
     except DataError as exc:
         return [*problems, Problem(f"{key}.model_dir", str(exc))]
     missing, fix = _engine_files_missing(sku.model_dir, config.engine)
@@ -162,7 +162,7 @@ def check_sku(config: InspectorConfig, name: str, *, engine_files: bool = True) 
     return problems
 
 
-def _engine_files_missing(sku_dir: Path, engine: EngineConfig) -> tuple[list[str], str]:
+def _engine_files_missing(sku_dir: Path, engine: EngineSettings) -> tuple[list[str], str]:
     """The files of `sku_dir` the backend would load that are not there, and the command that makes them."""
     from engines.runtime.tensorrt_backend import PART_NAMES  # torch-free; tensorrt itself is optional there
 

@@ -3,7 +3,8 @@
 Runs on its own thread behind a bounded queue so disk latency never reaches the hot path: when the queue is
 full the frame is not archived and `skipped` counts it (verdicts are guaranteed, the archive is not).
 Layout: <archive.dir>/<sku>/<YYYY-MM-DD>/<HHMMSS.mmm>_<frame id>_<ok|ng>{.png,_heat.png,.json} (UTC).
-When the folder grows past archive.max_mb the oldest files are deleted first.
+When the folder grows past archive.max_mb the oldest files are deleted first. The latest NG parts are
+listed by `recent_ng` (for the station page's strip) without walking the folder.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import numpy as np
 from foundation.log import get_logger
 
 log = get_logger(__name__)
+
+RECENT_NG = 100  # NG parts remembered for recent_ng()
 
 
 @dataclass
@@ -67,6 +70,7 @@ class Archive:
         self._rng = random.Random(seed)
         self._queue: queue.Queue[ArchiveItem | None] = queue.Queue(maxsize=queue_depth)
         self._files: deque[tuple[Path, int]] = deque()
+        self._recent_ng: deque[Path] = deque(maxlen=RECENT_NG)
         self._bytes = 0
         self._thread = threading.Thread(target=self._run, name="archive", daemon=True)
 
@@ -78,6 +82,8 @@ class Archive:
             size = path.stat().st_size
             self._files.append((path, size))
             self._bytes += size
+            if path.name.endswith("_ng.json"):
+                self._recent_ng.append(path)
         self._thread.start()
         return self
 
@@ -101,6 +107,11 @@ class Archive:
         with contextlib.suppress(queue.Full):
             self._queue.put(None, timeout=timeout_s)
         self._thread.join(timeout_s)
+
+    def recent_ng(self, limit: int) -> list[Path]:
+        """The verdict JSON files of the last `limit` archived NG parts still on disk, newest first."""
+        recent = [path for path in reversed(self._recent_ng.copy()) if path.is_file()]  # copy: one C call
+        return recent[:limit]
 
     def stats(self) -> dict[str, int]:
         """Counters for the status topic."""
@@ -133,6 +144,8 @@ class Archive:
             self._files.append((path, size))
             self._bytes += size
         self._enforce_cap()
+        if not item.ok:
+            self._recent_ng.append(written[0][0])
 
     @staticmethod
     def _write_bytes(path: Path, data: bytes) -> tuple[Path, int]:

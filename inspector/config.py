@@ -8,6 +8,7 @@ operator can make is reported as one `ConfigError` line naming the file, the key
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import stat
 import tomllib
@@ -127,6 +128,47 @@ class ServiceConfig(_Section):
     drain_timeout_s: float = Field(10.0, gt=0)
 
 
+class WebConfig(_Section):
+    """The station page and Prometheus /metrics served by the daemon (inspector/web)."""
+
+    enabled: bool = False
+    host: str = Field("127.0.0.1", description="listen address; anything but loopback needs open_view = true")
+    port: int = Field(8080, ge=0, le=65535, description="0 = any free port")
+    open_view: bool = Field(False, description="allow viewing from the network (a non-loopback host)")
+    token_file: Path | None = Field(None, description="secret file holding the control token; none = no controls")
+    allowed_origins: list[str] = Field(default_factory=list,
+                                       description="extra Origins allowed to POST controls (a reverse proxy)")
+    live_fps: float = Field(5.0, gt=0, le=30, description="most live frames per second sent to each page")
+    ng_strip: int = Field(12, ge=1, le=100, description="NG parts shown in the page's strip")
+
+    @model_validator(mode="after")
+    def _network_view_is_opt_in(self) -> WebConfig:
+        if not is_loopback(self.host) and not self.open_view:
+            raise ValueError(f"host {self.host!r} is reachable from the network: set open_view = true to allow "
+                             "viewing the station page and /metrics from there, or use host = \"127.0.0.1\"")
+        return self
+
+    def read_token(self) -> str | None:
+        """The control token from `token_file` (refusing a world-readable or empty file); None = no controls."""
+        if self.token_file is None:
+            return None
+        token = read_secret(self.token_file, "web.token_file")
+        if len(token) < 16:
+            raise ConfigError(f"web.token_file: {self.token_file} holds {len(token)} characters; use at least 16, "
+                              "e.g. `openssl rand -hex 24 > FILE`")
+        return token
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and 127.0.0.0/8 or ::1 addresses: a listener there cannot be reached from the network."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class SkuConfig(_Section):
     """Everything the daemon needs to inspect one product type."""
 
@@ -172,6 +214,7 @@ class InspectorConfig(BaseSettings):
     engine: EngineSettings = OnnxRuntimeSettings()
     archive: ArchiveConfig = ArchiveConfig()
     service: ServiceConfig = ServiceConfig()
+    web: WebConfig = WebConfig()
     skus: dict[str, SkuConfig] = Field(min_length=1)
 
     @classmethod
@@ -310,4 +353,7 @@ def masked_dump(config: InspectorConfig) -> dict[str, Any]:
     mqtt = data["mqtt"]
     if mqtt.get("password_file"):
         mqtt["password_file"] = f"{mqtt['password_file']} (contents not shown)"
+    web = data["web"]
+    if web.get("token_file"):
+        web["token_file"] = f"{web['token_file']} (contents not shown)"
     return data

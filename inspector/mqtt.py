@@ -317,22 +317,39 @@ class Publisher:
             log.warning("mqtt_command_malformed", error="too large", bytes=len(payload))
             return {"ok": False, "error": f"command too large ({len(payload)} bytes; at most {MAX_COMMAND_BYTES})"}
         try:
-            command = json.loads(payload)  # RecursionError on deep nesting
-            if not isinstance(command, dict):
-                raise ValueError("a command must be a JSON object")
-            if not isinstance(command.get("id"), str | int | float | None):
-                raise ValueError('"id" must be a string or a number')
-        except (ValueError, RecursionError) as exc:
+            command = parse_command(payload)
+        except ValueError as exc:
             error = str(exc)[:200]
             log.warning("mqtt_command_malformed", error=error, payload=payload[:200])
             return {"ok": False, "error": f"malformed command: {error}"}
-        try:
-            if self._on_command is None:
-                raise ValueError("this publisher takes no commands")
-            result = dict(self._on_command(command))
-        except Exception as exc:
-            log.warning("mqtt_command_failed", payload=payload[:200], error=f"{type(exc).__name__}: {exc}"[:300])
-            result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
-        if "id" in command:
-            result.setdefault("id", command["id"])
-        return result
+        return run_command(command, self._on_command)
+
+
+def parse_command(payload: bytes) -> dict[str, Any]:
+    """A command payload as a JSON object with a scalar "id" if any; ValueError says what is wrong with it."""
+    try:
+        command = json.loads(payload)
+    except RecursionError:  # deep nesting
+        raise ValueError("nested too deeply") from None
+    if not isinstance(command, dict):
+        raise ValueError("a command must be a JSON object")
+    if not isinstance(command.get("id"), str | int | float | None):
+        raise ValueError('"id" must be a string or a number')
+    return command
+
+
+def run_command(command: dict[str, Any], handler: CommandHandler | None) -> dict[str, Any]:
+    """Call the command handler; the reply echoes the command's "id" and an exception becomes an error reply.
+
+    The one path for commands from the /cmd topic and from the station page's controls (inspector/web).
+    """
+    try:
+        if handler is None:
+            raise ValueError("this publisher takes no commands")
+        result = dict(handler(command))
+    except Exception as exc:
+        log.warning("mqtt_command_failed", command=repr(command)[:200], error=f"{type(exc).__name__}: {exc}"[:300])
+        result = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
+    if "id" in command:
+        result.setdefault("id", command["id"])
+    return result

@@ -171,6 +171,21 @@ class _Out:
     frame: Frame
     map_f32_hw: np.ndarray | None = None
     roi: tuple[int, int, int, int] | None = None
+    pixel_threshold: float | None = None
+
+
+@dataclass(frozen=True)
+class Published:
+    """A verdict just handed to the sink, with what a viewer needs to draw it (the on_published hook's argument).
+
+    The hook runs on the publish thread: it must only keep references (no encoding, no I/O).
+    """
+
+    verdict: Verdict
+    image_u8_hwc: np.ndarray | None
+    map_f32_hw: np.ndarray | None
+    roi: tuple[int, int, int, int] | None
+    pixel_threshold: float | None
 
 
 _STOP = object()
@@ -190,6 +205,7 @@ class Pipeline:
         batch: int = 1,
         archive: Archive | None = None,
         run_id: str | None = None,
+        on_published: Callable[[Published], None] | None = None,
     ) -> None:
         """service: queue depth, per-frame deadline and fail-safe policy; line: ids stamped on verdicts;
         batch: frames per engine call (engine.batch)."""
@@ -205,6 +221,7 @@ class Pipeline:
         self.line_id = line.line_id
         self.station_id = line.station_id
         self.archive = archive
+        self.on_published = on_published
         self.stats = Stats()
         self._sku = sku
         self._next_sku: ActiveSku | None = None
@@ -256,6 +273,10 @@ class Pipeline:
         """Inspect with `sku` from the next batch on (atomic between batches; the engine must be warm)."""
         with self._sku_lock:
             self._next_sku = sku
+
+    def queued(self) -> int:
+        """Frames acquired and waiting for inference."""
+        return self._inbox.qsize()
 
     def healthy(self, stuck_after_s: float) -> bool:
         """False when a thread died or the inference/publish thread has not come round for stuck_after_s."""
@@ -434,7 +455,7 @@ class Pipeline:
                 decision = sku.decider.decide(maps[k], placement)
                 job.timings_ms["decide"] = (time.perf_counter() - t0) * 1000.0
                 outs[i] = _Out(self._verdict(job, sku, decision, None), decision.mask_png, job.frame, maps[k],
-                               sku.roi)
+                               sku.roi, float(sku.decider.calibration.pixel_threshold))
             self._in_flight = []
         return [outs[i] for i in range(len(jobs))]
 
@@ -472,7 +493,7 @@ class Pipeline:
         self.finished.set()
 
     def _publish(self, out: _Out) -> None:
-        """One verdict to the sink (with its total latency), then stats and the archive."""
+        """One verdict to the sink (with its total latency), then stats, the archive and the on_published hook."""
         total_ms = (time.time() - out.frame.t_acquired) * 1000.0
         out.verdict.latency_ms["total"] = total_ms
         self.sink(out.verdict, out.mask_png)
@@ -484,3 +505,9 @@ class Pipeline:
                 image_u8_hwc=out.frame.image if isinstance(out.frame.image, np.ndarray) else None,
                 map_f32_hw=out.map_f32_hw, roi=out.roi,
             ))
+        if self.on_published is not None:
+            image = out.frame.image if isinstance(out.frame.image, np.ndarray) else None
+            try:
+                self.on_published(Published(out.verdict, image, out.map_f32_hw, out.roi, out.pixel_threshold))
+            except Exception:
+                log.exception("on_published_failed", frame_id=out.verdict.frame_id)

@@ -22,9 +22,11 @@ Commands on <topic root>/cmd (JSON object; an optional "id" is echoed in the rep
                                                          while the old one inspects; then {"ok": true,
                                                          "state": "active"} once swapped, or ok=false + error
     {"cmd": "pause"} / {"cmd": "resume"}                 stop / continue pulling frames
+    {"cmd": "reload"}                                    re-read the active SKU's thresholds (as SIGHUP)
     {"cmd": "status"}                                    reply with the status document
 Anything else (non-JSON, non-object, unknown cmd) gets {"ok": false, "error": "..."} on <root>/cmd/reply;
-the loop keeps running.
+the loop keeps running. The station page's controls (inspector/web, [web] in inspector.toml) send the same
+commands through the same handler and get the same replies.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from inspector.decider import Decider
 from inspector.mqtt import Publisher
 from inspector.pipeline import ActiveSku, Pipeline
 from inspector.verdict import new_run_id
+from inspector.web import StationWeb
 
 log = get_logger(__name__)
 
@@ -104,6 +107,7 @@ class Daemon:
         self.publisher: Publisher | None = None
         self.pipeline: Pipeline | None = None
         self.archive: Archive | None = None
+        self.web: StationWeb | None = None
         self._loading: str | None = None
         self._lock = threading.Lock()
         self._halt = threading.Event()
@@ -115,6 +119,8 @@ class Daemon:
     def start(self) -> None:
         """Load the active SKU, open camera and broker connection, start the pipeline, then READY=1."""
         cfg = self.config
+        if cfg.web.enabled:  # first: a bad token file or a taken port fails before the slow SKU load
+            self.web = StationWeb(cfg.web, self, skus=sorted(cfg.skus))
         self._notify(f"STATUS=loading SKU {cfg.active_sku}")
         bind_context(run_id=self.run_id)
         active = self.sku_loader(cfg, cfg.active_sku)
@@ -126,8 +132,11 @@ class Daemon:
         self.publisher.start()
         self.source.open()
         self.pipeline = Pipeline(self.source, active, self.publisher.publish_verdict, cfg.service, line=cfg.line,
-                                 batch=cfg.engine.batch, archive=self.archive, run_id=self.run_id)
+                                 batch=cfg.engine.batch, archive=self.archive, run_id=self.run_id,
+                                 on_published=self.web.observe if self.web is not None else None)
         self.pipeline.start()
+        if self.web is not None:
+            self.web.start()
         self.state = "running"
         for target, name in ((self._status_loop, "status"), (self._watchdog_loop, "watchdog")):
             thread = threading.Thread(target=target, name=name, daemon=True)
@@ -150,6 +159,8 @@ class Daemon:
 
         self.state = "stopping"
         self._notify("STOPPING=1\nSTATUS=draining")
+        if self.web is not None:
+            self.web.stop()
         drained = True
         if self.pipeline is not None:
             drained = self.pipeline.stop(left(publisher_s))
@@ -186,27 +197,33 @@ class Daemon:
 
     # ---- commands --------------------------------------------------------------------------------------------
 
-    def handle_command(self, command: Any) -> dict[str, Any]:
-        """Dispatch one /cmd message (schema in the module docstring); never raises."""
+    def handle_command(self, command: Any, *, loading_reply: bool = True) -> dict[str, Any]:
+        """Dispatch one command (schema in the module docstring); never raises.
+
+        loading_reply: a changeover's interim "loading" reply goes out on /cmd/reply (the station page, which
+        waits for the final reply and shows the loading SKU from the status, passes False).
+        """
         if not isinstance(command, dict):
             return {"ok": False, "error": f"command must be a JSON object, got {type(command).__name__}"}
         reply: dict[str, Any] = {"id": command["id"]} if "id" in command else {}
         name = command.get("cmd", "sku" if "sku" in command else None)
         if not isinstance(name, str | None):
-            return reply | {"ok": False, "error": '"cmd" must be a string: sku, pause, resume or status'}
+            return reply | {"ok": False, "error": '"cmd" must be a string: sku, pause, resume, reload or status'}
         reply["cmd"] = name
         if self.pipeline is None:
             return reply | {"ok": False, "error": "the daemon is still starting; retry in a few seconds"}
         try:
             if name == "sku":
-                publisher = self.publisher
+                publisher = self.publisher if loading_reply else None
                 return reply | self.change_sku(
                     command.get("sku"), on_loading=None if publisher is None else lambda r: publisher.reply(reply | r))
             if name in ("pause", "resume"):
                 return reply | self.set_paused(name == "pause")
+            if name == "reload":
+                return reply | self.reload_thresholds()
             if name == "status":
                 return reply | {"ok": True, "status": self.status()}
-            return reply | {"ok": False, "error": f"unknown command {name!r}; use sku, pause, resume or status"}
+            return reply | {"ok": False, "error": f"unknown command {name!r}; use sku, pause, resume, reload or status"}
         except Exception as exc:
             log.exception("command_failed", cmd=name)
             return reply | {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
@@ -263,18 +280,20 @@ class Daemon:
         self.publish_status()
         return {"ok": True, "sku": name, "state": "active", "load_s": load_s}
 
-    def reload_thresholds(self) -> None:
-        """SIGHUP: re-read the active SKU's calibration.json; a bad file keeps the old thresholds."""
+    def reload_thresholds(self) -> dict[str, Any]:
+        """SIGHUP or {"cmd": "reload"}: re-read the active SKU's calibration.json; a bad file keeps the old ones."""
         pipeline = self.running
         active = pipeline.sku
         try:
             calibration = load_thresholds(self.config, active.name)
         except Exception as exc:
             log.error("thresholds_reload_failed", sku=active.name, error=str(exc))
-            return
+            return {"ok": False, "sku": active.name, "error": f"thresholds kept: {exc}"}
         active.decider.calibration = calibration
         log.info("thresholds_reloaded", sku=active.name, image_threshold=calibration.image_threshold,
                  pixel_threshold=calibration.pixel_threshold)
+        return {"ok": True, "sku": active.name, "image_threshold": calibration.image_threshold,
+                "pixel_threshold": calibration.pixel_threshold}
 
     # ---- status and watchdog ---------------------------------------------------------------------------------
 
@@ -290,6 +309,7 @@ class Daemon:
         }
         if pipeline is not None:
             doc |= {"sku": pipeline.sku.name, "paused": pipeline.paused, "loading_sku": self._loading,
+                    "queued": pipeline.queued(),
                     "engine": _safe(pipeline.sku.engine.describe), "stats": pipeline.stats.snapshot()}
         if self.archive is not None:
             doc["archive"] = self.archive.stats()

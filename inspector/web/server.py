@@ -1,0 +1,366 @@
+"""The station page's HTTP server: Starlette on uvicorn in a thread of its own beside the daemon.
+
+| route | what | who |
+| --- | --- | --- |
+| `GET /` and `/static/*` | the page (one HTML file, vanilla JS, CSS) | viewers |
+| `GET /api/info` | line, station, configured SKUs, whether controls are enabled | viewers |
+| `GET /api/status` | the status document (as on MQTT) plus per-SKU counts | viewers |
+| `GET /api/events` | server-sent events: `state` (1/s) and `frame` (≤ web.live_fps, latest wins) | viewers |
+| `GET /api/ng` | the last NG parts in the archive, newest first | viewers |
+| `GET /archive/<sku>/<day>/<file>` | an archived frame, heat map (PNG) or verdict (JSON) | viewers |
+| `GET /metrics` | Prometheus exposition | viewers, Prometheus |
+| `POST /api/cmd` | `{"cmd": "pause" / "resume" / "reload"}`, `{"cmd": "sku", "sku": NAME}` | token holders |
+
+Security: the server listens on 127.0.0.1 unless the operator sets web.host and web.open_view (and then a
+loopback listener still only answers to loopback Host names, against DNS rebinding). Controls need the
+token from web.token_file as `Authorization: Bearer <token>`, a same-origin (or web.allowed_origins)
+Origin when a browser sends one, a JSON body of at most MAX_BODY bytes and a known command; anything else
+gets a 4xx with a one-line JSON error before the daemon is involved. Accepted commands go through
+`inspector.mqtt.run_command` into the daemon's handler, exactly as a /cmd message does, with the same reply
+(HTTP 200 when ok, 409 when the station could not do it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+import json
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Protocol
+
+import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import MutableHeaders
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from foundation.errors import ConfigError, InspectorError
+from foundation.log import get_logger
+from inspector.archive import Archive
+from inspector.config import WebConfig, is_loopback
+from inspector.mqtt import parse_command, run_command
+from inspector.pipeline import Published
+from inspector.web.live import Broadcast, LiveFeed, frame_event
+from inspector.web.metrics import StationMetrics
+
+log = get_logger(__name__)
+
+STATIC = Path(__file__).resolve().parent / "static"
+MAX_BODY = 4096  # bytes of a control request; commands are tiny JSON objects
+CONTROL_COMMANDS = ("pause", "resume", "reload", "sku")
+ARCHIVE_SUFFIXES = (".png", ".json")
+STATE_INTERVAL_S = 1.0
+START_TIMEOUT_S = 15.0
+SECURITY_HEADERS = {
+    "content-security-policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
+                               "form-action 'none'; frame-ancestors 'none'",
+    "x-content-type-options": "nosniff",
+    "x-frame-options": "DENY",
+    "referrer-policy": "no-referrer",
+    "cache-control": "no-store",
+}
+
+
+class Station(Protocol):
+    """What the page needs from the daemon (inspector.service.Daemon)."""
+
+    archive: Archive | None
+
+    def handle_command(self, command: dict[str, Any], *, loading_reply: bool = True) -> dict[str, Any]: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
+class Refused(Exception):
+    """A request turned away with a 4xx and a one-line reason."""
+
+    def __init__(self, status: int, error: str) -> None:
+        super().__init__(error)
+        self.status = status
+        self.error = error
+
+
+class StationWeb:
+    """The page, its live feed and /metrics for one station; bound at construction, served after start()."""
+
+    def __init__(self, cfg: WebConfig, station: Station, *, skus: Sequence[str]) -> None:
+        self.cfg = cfg
+        self.station = station
+        self.skus = list(skus)
+        self.token = cfg.read_token()
+        self.feed = LiveFeed()
+        self.metrics = StationMetrics(station.status)
+        self.broadcast = Broadcast()
+        self._ready = threading.Event()
+        self._halt = threading.Event()
+        self._socket = _listen(cfg.host, cfg.port)
+        self.port: int = self._socket.getsockname()[1]
+        self._server = uvicorn.Server(uvicorn.Config(
+            self._app(), log_config=None, log_level="warning", access_log=False, lifespan="on", http="h11",
+            ws="none", loop="asyncio", timeout_graceful_shutdown=2, server_header=False,
+        ))
+        self._threads = [threading.Thread(target=self._serve, name="web-server", daemon=True),
+                         threading.Thread(target=self._render_loop, name="web-live", daemon=True)]
+
+    @property
+    def url(self) -> str:
+        """Where the page is, as a browser on this box opens it."""
+        host = self.cfg.host
+        if host in ("0.0.0.0", "::"):
+            host = "127.0.0.1"
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}/"
+
+    # ---- lifecycle -------------------------------------------------------------------------------------------
+
+    def start(self) -> StationWeb:
+        """Serve in the background; returns once the server takes requests."""
+        for thread in self._threads:
+            thread.start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while not self._ready.wait(0.1):
+            if not self._threads[0].is_alive() or time.monotonic() > deadline:
+                self._socket.close()
+                raise InspectorError(f"station page on {self.url} did not start (see the log above)")
+        log.info("web_started", url=self.url, controls=self.token is not None, open_view=self.cfg.open_view)
+        return self
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """End the event streams, stop the server and the render thread, release the port."""
+        self._halt.set()
+        self.broadcast.close()
+        self._server.should_exit = True
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(timeout_s)
+        self._socket.close()
+
+    def observe(self, item: Published) -> None:
+        """The pipeline's on_published hook (publish thread): count it for /metrics, offer it to the live view."""
+        self.metrics.observe(item.verdict)
+        self.feed.offer(item)
+
+    def _serve(self) -> None:
+        try:
+            self._server.run(sockets=[self._socket])
+        except BaseException:  # uvicorn ends start-up failures with SystemExit; never let it pass silently
+            log.exception("web_server_failed")
+
+    def _render_loop(self) -> None:
+        """While a page is open: the state once a second, the newest verdict's overlay at most live_fps times."""
+        frame_period = 1.0 / self.cfg.live_fps
+        next_state = 0.0
+        rendered = 0
+        while not self._halt.wait(frame_period):
+            if not self.broadcast.clients:
+                continue
+            try:
+                now = time.monotonic()
+                if now >= next_state:
+                    next_state = now + STATE_INTERVAL_S
+                    self.broadcast.put("state", json.dumps(self.state(), default=str))
+                seq, item = self.feed.latest()
+                if item is not None and seq != rendered:
+                    rendered = seq
+                    self.broadcast.put("frame", json.dumps(frame_event(seq, item), default=str))
+            except Exception:
+                log.exception("web_live_failed")
+
+    def state(self) -> dict[str, Any]:
+        """The status document plus per-SKU counts and the number of open pages."""
+        return {"status": self.station.status(), "skus": self.feed.counts(), "pages": self.broadcast.clients,
+                "ts": time.time()}
+
+    # ---- the app ---------------------------------------------------------------------------------------------
+
+    def _app(self) -> Starlette:
+        @asynccontextmanager
+        async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+            self.broadcast.bind(asyncio.get_running_loop())
+            self._ready.set()
+            yield
+
+        middleware = [Middleware(SecurityHeaders)]
+        if is_loopback(self.cfg.host) and ":" not in self.cfg.host:
+            middleware.append(Middleware(TrustedHostMiddleware, allowed_hosts=["127.0.0.1", "localhost"]))
+        routes = [
+            Route("/", lambda _request: FileResponse(STATIC / "index.html")),
+            Mount("/static", StaticFiles(directory=STATIC), name="static"),
+            Route("/api/info", self._info),
+            Route("/api/status", self._status),
+            Route("/api/events", self._events),
+            Route("/api/ng", self._ng_parts),
+            Route("/api/cmd", self._command, methods=["POST"]),
+            Route("/archive/{path:path}", self._archive_file),
+            Route("/metrics", self._metrics),
+        ]
+        return Starlette(routes=routes, middleware=middleware, lifespan=lifespan,
+                         exception_handlers={Refused: _refused})
+
+    def _info(self, _request: Request) -> JSONResponse:
+        status = self.station.status()
+        return JSONResponse({"line": status.get("line"), "station": status.get("station"), "skus": self.skus,
+                             "controls": self.token is not None, "live_fps": self.cfg.live_fps})
+
+    def _status(self, _request: Request) -> Response:
+        return _json(self.state())
+
+    async def _events(self, _request: Request) -> StreamingResponse:
+        return StreamingResponse(self.broadcast.stream(), media_type="text/event-stream",
+                                 headers={"x-accel-buffering": "no"})
+
+    def _metrics(self, _request: Request) -> Response:
+        return Response(self.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
+
+    def _ng_parts(self, _request: Request) -> JSONResponse:
+        """The strip: each NG part's verdict and the URLs of its frame, heat map and verdict JSON."""
+        archive = self.station.archive
+        if archive is None:
+            return JSONResponse({"archive": False, "parts": []})
+        root = archive.root
+        parts = []
+        for json_path in archive.recent_ng(self.cfg.ng_strip):
+            try:
+                verdict = json.loads(json_path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                continue  # deleted by the size cap in between, or being written
+            stem = json_path.relative_to(root).as_posix()[: -len(".json")]
+            files = {"json": f"{stem}.json", "image": f"{stem}.png", "heat": f"{stem}_heat.png"}
+            parts.append({"verdict": verdict} | {k: f"archive/{v}" if (root / v).is_file() else None
+                                                  for k, v in files.items()})
+        return JSONResponse({"archive": True, "parts": parts})
+
+    def _archive_file(self, request: Request) -> FileResponse:
+        """An archived file; anything outside the archive folder or not a PNG/JSON is refused."""
+        relative = Path(request.path_params["path"])
+        archive = self.station.archive
+        if archive is None:
+            raise Refused(404, "the archive is disabled ([archive] enabled = false)")
+        if relative.is_absolute() or ".." in relative.parts:
+            raise Refused(400, "archive paths are relative to the archive folder and never contain '..'")
+        root = archive.root.resolve()
+        target = (root / relative).resolve()
+        if not target.is_relative_to(root) or target.suffix not in ARCHIVE_SUFFIXES or not target.is_file():
+            raise Refused(404, f"{relative.as_posix()} is not an archived frame, heat map or verdict")
+        return FileResponse(target)
+
+    async def _command(self, request: Request) -> Response:
+        """A control from the page: checked in full here, then run like a /cmd message."""
+        client = request.client.host if request.client else "?"
+        try:
+            command = await self._checked_command(request)
+        except Refused as exc:
+            log.warning("web_command_refused", status=exc.status, error=exc.error, client=client)
+            raise
+        handler = functools.partial(self.station.handle_command, loading_reply=False)
+        reply = await run_in_threadpool(run_command, command, handler)
+        log.info("web_command", command=command, ok=reply.get("ok"), client=client)
+        return _json(reply, 200 if reply.get("ok") else 409)
+
+    async def _checked_command(self, request: Request) -> dict[str, Any]:
+        """Token, origin, size and shape of a control request; Refused says what is wrong."""
+        if self.token is None:
+            raise Refused(403, "controls are disabled on this station: set web.token_file in inspector.toml")
+        origin = request.headers.get("origin")
+        if origin is not None and origin not in self._allowed_origins(request):
+            raise Refused(403, f"origin {origin} may not send controls (add it to web.allowed_origins)")
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            raise Refused(401, "missing control token: send 'Authorization: Bearer <token from web.token_file>'")
+        if not hmac.compare_digest(token.encode(), self.token.encode()):
+            raise Refused(403, "wrong control token")
+        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+            raise Refused(415, "send the command as Content-Type: application/json")
+        body = await _read_body(request, MAX_BODY)
+        try:
+            command = parse_command(body)
+        except ValueError as exc:
+            raise Refused(400, f"malformed command: {exc}") from None
+        name = command.get("cmd")
+        if name not in CONTROL_COMMANDS:
+            raise Refused(400, f"unknown command {name!r}: use one of {', '.join(CONTROL_COMMANDS)}")
+        if name == "sku" and command.get("sku") not in self.skus:
+            sku = command.get("sku")
+            what = f"unknown SKU {sku!r}" if sku is not None else 'a changeover needs "sku"'
+            raise Refused(400, f"{what}: configured SKUs are {', '.join(self.skus)}")
+        return command
+
+    def _allowed_origins(self, request: Request) -> set[str]:
+        host = request.headers.get("host", "")
+        return {f"http://{host}", f"https://{host}", *self.cfg.allowed_origins}
+
+
+def _json(data: dict[str, Any], status: int = 200) -> Response:
+    """A JSON response for documents that hold paths or other non-JSON values (as str, like the MQTT status)."""
+    return Response(json.dumps(data, default=str), status_code=status, media_type="application/json")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes."""
+    declared = request.headers.get("content-length")
+    if declared is not None and (not declared.isdigit() or int(declared) > limit):
+        raise Refused(413, f"request body over {limit} bytes")
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise Refused(413, f"request body over {limit} bytes")
+    return bytes(body)
+
+
+async def _refused(_request: Request, exc: Exception) -> JSONResponse:
+    """A Refused request as {"ok": false, "error": ...} with its status code."""
+    assert isinstance(exc, Refused)
+    return JSONResponse({"ok": False, "error": exc.error}, status_code=exc.status)
+
+
+class SecurityHeaders:
+    """Adds SECURITY_HEADERS to every HTTP response (no framing, no sniffing, scripts from this server only)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for key, value in SECURITY_HEADERS.items():
+                    headers.setdefault(key, value)
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port; a taken port or a bad address is a ConfigError naming the key."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except socket.gaierror as exc:
+        raise ConfigError(f"web.host = {host!r}: {exc.strerror}") from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(64)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"web: cannot listen on {host}:{port} ({exc.strerror}); set web.port to a free port "
+                          "or web.enabled = false") from None
+    sock.set_inheritable(False)
+    return sock

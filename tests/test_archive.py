@@ -85,3 +85,18 @@ def test_fail_safe_frame_without_image_still_writes_the_verdict(tmp_path: Path) 
     archive.submit(item(3, image=False))
     archive.stop()
     assert [p.suffix for p in files(tmp_path)] == [".json"]
+
+
+def test_recent_ng_lists_the_newest_ng_parts_still_on_disk_including_earlier_runs(tmp_path: Path) -> None:
+    first = Archive(tmp_path, max_mb=10).start()
+    for frame_id in (1, 2):
+        assert first.submit(item(frame_id))
+    first.stop()
+    archive = Archive(tmp_path, max_mb=10, ok_sample_rate=1.0).start()  # a restart indexes what is there
+    for frame_id, ok in ((3, True), (4, False)):
+        assert archive.submit(item(frame_id, ok=ok))
+    archive.stop()
+    assert [p.name.split("_")[1] for p in archive.recent_ng(10)] == ["4", "2", "1"]
+    assert [p.name.split("_")[1] for p in archive.recent_ng(2)] == ["4", "2"]
+    archive.recent_ng(1)[0].unlink()  # deleted by the size cap or by hand: no longer listed
+    assert [p.name.split("_")[1] for p in archive.recent_ng(10)] == ["2", "1"]

@@ -258,7 +258,7 @@ def test_watchdog_is_withheld_while_the_engine_hangs(tmp_path: Path, broker: Loc
     daemon.stop()
 
 
-def test_sighup_reload_picks_up_new_thresholds_and_keeps_old_on_a_bad_file(
+def test_sighup_and_reload_command_pick_up_new_thresholds_and_keep_old_on_a_bad_file(
         tmp_path: Path, broker: LocalBroker) -> None:
     config = write_config(tmp_path, broker.port)
     daemon = Daemon(config, source=ListSource([]), sku_loader=brightness_loader())
@@ -268,9 +268,14 @@ def test_sighup_reload_picks_up_new_thresholds_and_keeps_old_on_a_bad_file(
         save_calibration(make_calibration(image_threshold=0.9), tmp_path / "a" / "calibration.json")
         daemon.reload_thresholds()
         assert daemon.pipeline.sku.decider.calibration.image_threshold == 0.9
+        save_calibration(make_calibration(image_threshold=0.8), tmp_path / "a" / "calibration.json")
+        reply = daemon.handle_command({"cmd": "reload", "id": 4})  # the /cmd (and station page) way
+        assert reply["ok"] and reply["id"] == 4 and reply["image_threshold"] == 0.8
         (tmp_path / "a" / "calibration.json").write_text("{broken")
         daemon.reload_thresholds()
-        assert daemon.pipeline.sku.decider.calibration.image_threshold == 0.9
+        reply = daemon.handle_command({"cmd": "reload"})
+        assert not reply["ok"] and reply["error"].startswith("thresholds kept")
+        assert daemon.pipeline.sku.decider.calibration.image_threshold == 0.8
     finally:
         daemon.stop()
 

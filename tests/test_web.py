@@ -23,8 +23,11 @@ import pytest
 from foundation.errors import ConfigError
 from inspector.broker import LocalBroker, start_local_broker
 from inspector.config import WebConfig, load_config, masked_dump
+from inspector.pipeline import Published
 from inspector.service import Daemon
+from inspector.verdict import Verdict, regions_from_mask
 from inspector.web import StationWeb
+from inspector.web.live import render_overlay
 from inspector.web.server import MAX_BODY
 from tests.test_pipeline import ListSource, part
 from tests.test_service import Subscriber, brightness_loader, write_config
@@ -306,3 +309,26 @@ def test_config_file_web_section_errors_name_the_key_and_hide_the_token(tmp_path
         load_config(path)
     path.write_text(base + f'[web]\nenabled = true\ntoken_file = "{token_file(tmp_path)}"\n')
     assert TOKEN not in repr(masked_dump(load_config(path)))
+
+
+def test_live_overlay_draws_heat_map_mask_outline_and_defect_boxes() -> None:
+    image = np.full((100, 100, 3), 90, np.uint8)
+    heat = np.zeros((32, 32), np.float32)
+    heat[8:16, 8:16] = 0.9  # a defect in the model's 32 px map of the ROI (20, 20, 64, 64)
+    regions = regions_from_mask(heat, 0.5, 1, scale_xy=(2.0, 2.0), offset_xy=(20, 20))
+    verdict = Verdict(frame_id=1, t_acquired=0.0, sku="a", ok=False, score=0.9, threshold=0.5, regions=regions,
+                      engine="test", line="l", station="s")
+    rendered = render_overlay(Published(verdict, image, heat, (20, 20, 64, 64), 0.5))
+    assert rendered is not None
+    jpeg, (width, height) = rendered
+    bgr = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+    assert (width, height) == (480, 480) == bgr.shape[1::-1]  # small frames are scaled up to MIN_SIDE
+    scale = 4.8
+    box = regions[0]
+    left, top, right = round(box.x * scale), round(box.y * scale), round((box.x + box.w) * scale)
+    b, g, r = (int(c) for c in bgr[top + 30, left - 5])  # the red box, just outside the region
+    assert r > 150 and g < 100 and b < 100, (b, g, r)
+    for edge in (left, right):  # the white mask outline, on the region's edges
+        assert (bgr[top + 30, edge - 3:edge + 3] > 200).all(axis=1).any()
+    assert bgr[5, 5].tolist() == pytest.approx([90, 90, 90], abs=12)  # outside the ROI: the frame untouched
+    assert render_overlay(Published(verdict, None, heat, None, 0.5)) is None

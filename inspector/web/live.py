@@ -88,9 +88,10 @@ def render_overlay(item: Published) -> tuple[bytes, tuple[int, int]] | None:
                                        offset=(round(x * scale), round(y * scale)))
         cv2.drawContours(bgr, contours, -1, (255, 255, 255), thickness)
     box_colour = (0, 255, 255) if item.verdict.ok else (0, 0, 255)  # BGR: yellow on OK parts, red on NG
+    margin = 2 * thickness  # boxes sit just outside the region, so the mask outline inside stays visible
     for r in item.verdict.regions:
-        top_left = (round(r.x * scale), round(r.y * scale))
-        bottom_right = (round((r.x + r.w) * scale) - 1, round((r.y + r.h) * scale) - 1)
+        top_left = (round(r.x * scale) - margin, round(r.y * scale) - margin)
+        bottom_right = (round((r.x + r.w) * scale) - 1 + margin, round((r.y + r.h) * scale) - 1 + margin)
         cv2.rectangle(bgr, top_left, bottom_right, box_colour, thickness)
     ok, jpeg = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
     if not ok:

@@ -2,13 +2,15 @@
 # Install (or remove) tdad-inspector on an edge box: system user, directories, venv, systemd unit,
 # starter config. Idempotent: a second run with the same arguments changes nothing.
 #
-#   sudo deploy/install.sh --station station1 [--source DIR_OR_WHEEL]
+#   sudo deploy/install.sh --station station1 [--source DIR_OR_WHEEL] [--web-port 8080]
 #   sudo deploy/install.sh --uninstall [--purge]
 #   DESTDIR=/tmp/root deploy/install.sh --station station1 --no-venv     # staging / tests
 #
 # DESTDIR (default empty = the real root) prefixes every path. Under DESTDIR the real user database
 # and systemd are left alone: the `inspector` user is not created and nothing is chowned (the intended
 # owners are printed instead), so a staged tree can be built without root.
+# --web-port sets the station page's port in a new starter config (one port per station on a box); the
+# page's control token is made once in /etc/inspector/secrets/<station>.web-token.
 # TORCH_INDEX_URL (optional) is the pip index for torch. Default: pip's configured index when nvidia-smi
 # works (CUDA wheels), else the CPU-only wheels at https://download.pytorch.org/whl/cpu.
 set -euo pipefail
@@ -19,7 +21,7 @@ readonly SVC_USER="inspector"
 script_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 usage() {
-    sed -n '2,14s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+    sed -n '2,16s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
     exit "${1:-0}"
 }
 
@@ -27,6 +29,7 @@ die() { echo "install.sh: error: $*" >&2; exit 2; }
 note() { echo "install.sh: $*"; }
 
 station=""
+web_port=8080
 source_dir="$(dirname "$script_dir")"
 with_venv=1
 mode="install"
@@ -35,6 +38,7 @@ while (($#)); do
     case "$1" in
         --station) station="${2:?--station needs a name}"; shift 2 ;;
         --source) source_dir="${2:?--source needs a directory or wheel}"; shift 2 ;;
+        --web-port) web_port="${2:?--web-port needs a port number}"; shift 2 ;;
         --no-venv) with_venv=0; shift ;;
         --uninstall) mode="uninstall"; shift ;;
         --purge) purge=1; shift ;;
@@ -67,7 +71,7 @@ own() {
     elif [[ -z "${own_notice_shown:-}" ]]; then
         note "DESTDIR set: not creating user '$SVC_USER' or changing owners; chown at deployment:"
         note "  root:$SVC_USER /etc/inspector (0750) and its *.toml/*.env (0640);"
-        note "  $SVC_USER:$SVC_USER /etc/inspector/secrets (0700) and /var/lib/inspector/<station> (0750)"
+        note "  $SVC_USER:$SVC_USER /etc/inspector/secrets (0700) and its files (0600), /var/lib/inspector/<station> (0750)"
         own_notice_shown=1
     fi
 }
@@ -160,6 +164,8 @@ write_config() {
             -e "s|\"var/spool\"|\"/var/lib/inspector/$station/spool\"|" \
             -e "s|\"var/archive\"|\"/var/lib/inspector/$station/archive\"|" \
             -e "s|\"var/demo/sku\"|\"/var/lib/inspector/skus/demo-brick\"|g" \
+            -e "s|^port = 8080$|port = $web_port|" \
+            -e "s|^# token_file = .*|token_file = \"/etc/inspector/secrets/$station.web-token\"|" \
             "$(config_template)" >"$cfg.new"
         chmod 0640 "$cfg.new"
         mv "$cfg.new" "$cfg"
@@ -185,6 +191,18 @@ EOF
     own "root:$SVC_USER" "$env_file"
 }
 
+# The station page's control token (random, readable by the service user only); never replaced.
+write_web_token() {
+    local token_file="$secrets_dir/$station.web-token"
+    if [[ ! -e "$token_file" ]]; then
+        (umask 077 && od -An -tx1 -N24 /dev/urandom | tr -d ' \n' >"$token_file.new" && echo >>"$token_file.new")
+        mv "$token_file.new" "$token_file"
+        note "wrote the station page's control token to $token_file"
+    fi
+    chmod 0600 "$token_file"
+    own "$SVC_USER:$SVC_USER" "$token_file"
+}
+
 install_unit_and_docs() {
     install_file 0644 "$script_dir/inspector@.service" "$unit_path"
     if [[ -f "$(dirname "$script_dir")/docs/operations.md" ]]; then
@@ -195,6 +213,9 @@ install_unit_and_docs() {
 do_install() {
     [[ -n "$station" ]] || die "--station NAME is required (the systemd instance, e.g. station1)"
     [[ "$station" =~ ^[A-Za-z0-9_.-]+$ ]] || die "--station '$station': use letters, digits, '_', '.', '-'"
+    if ! [[ "$web_port" =~ ^[0-9]{1,5}$ ]] || ((web_port < 1 || web_port > 65535)); then
+        die "--web-port '$web_port': use a port number from 1 to 65535"
+    fi
     [[ -e "$source_dir" ]] || die "--source '$source_dir' does not exist"
     ensure_user
     make_dirs
@@ -202,6 +223,7 @@ do_install() {
     install_unit_and_docs
     write_config
     write_env
+    write_web_token
     if systemd_running; then
         systemctl daemon-reload
         systemctl enable "inspector@$station.service"

@@ -5,17 +5,22 @@ tiny preset (a few CPU minutes, progress bars), exports ONNX, calibrates thresho
 (and reports the miss rate on held-out defective ones). The SKU is cached under <workdir>/sku and reused
 while its recipe (demo.json) matches. Then: a local mosquitto is started unless one answers at the
 configured host/port, the daemon runs in-process on a synthetic camera of good and defective parts, a
-subscriber prints one line per verdict, and a summary says how many defects were caught or missed.
+subscriber prints one line per verdict, and a summary says how many defects were caught or missed. The station
+page is served at http://127.0.0.1:8080/ (--web-port) with a control token in <workdir>/web.token; with
+--frames 0 the line runs until Ctrl-C, then drains and prints the summary.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import secrets
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +42,7 @@ from inspector.config import (
     ServiceConfig,
     SkuConfig,
     SyntheticCamera,
+    WebConfig,
     load_config,
 )
 
@@ -134,21 +140,30 @@ def build_demo_sku(workdir: Path, recipe: Recipe = Recipe(), *, threads: int = 0
 
 
 class RecordingSource:
-    """Wraps a Source and remembers which frame ids carried a drawn defect (meta["defect"])."""
+    """Wraps a Source and remembers which frame ids carried a drawn defect (meta["defect"]).
 
-    def __init__(self, inner: Source) -> None:
+    With a `gate`, the first frame waits until the gate is set (or the source stopped): a measurement can
+    attach its viewers to a started daemon before any frame flows.
+    """
+
+    def __init__(self, inner: Source, gate: threading.Event | None = None) -> None:
         self.inner = inner
         self.defect: dict[int, bool] = {}
+        self.gate = gate
 
     def open(self) -> None:
         self.inner.open()
 
     def frames(self) -> Iterator[Frame]:
+        if self.gate is not None:
+            self.gate.wait()
         for frame in self.inner.frames():
             self.defect[frame.id] = bool(frame.meta.get("defect", False))
             yield frame
 
     def stop(self) -> None:
+        if self.gate is not None:
+            self.gate.set()
         self.inner.stop()
 
     def close(self) -> None:
@@ -258,12 +273,29 @@ def demo_config(args: argparse.Namespace, sku_dir: Path, workdir: Path) -> Inspe
         archive=ArchiveConfig(enabled=True, dir=workdir / "archive", max_mb=64),
         service=ServiceConfig(watchdog=False, queue_depth=args.queue_depth,
                               frame_timeout_ms=args.frame_timeout_ms),
+        web=WebConfig(enabled=not args.no_web, port=args.web_port, token_file=demo_token(workdir)),
         skus={DEMO_SKU: SkuConfig(model_dir=sku_dir)},
     )
 
 
-def run_demo(config: InspectorConfig, workdir: Path, quiet: bool = False) -> dict[str, Any]:
-    """Run the daemon in-process over config.camera (finite) and return the summary of what was received."""
+def demo_token(workdir: Path) -> Path:
+    """<workdir>/web.token: the demo page's control token, made once (mode 600, like a real secret file)."""
+    path = workdir / "web.token"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(secrets.token_hex(24) + "\n")
+    return path
+
+
+def run_demo(config: InspectorConfig, workdir: Path, quiet: bool = False,
+             attach: Callable[[str], AbstractContextManager[Any]] | None = None) -> dict[str, Any]:
+    """Run the daemon in-process over config.camera and return the summary of what was received.
+
+    An endless camera (frames = 0) runs until Ctrl-C, then the camera stops and the frames already taken
+    are drained. `attach(page_url)` (with the page enabled) is entered before the first frame is taken
+    and left after the last verdict: the bench opens its browsers there.
+    """
     from inspector.service import Daemon
 
     broker: LocalBroker | None = None
@@ -273,12 +305,23 @@ def run_demo(config: InspectorConfig, workdir: Path, quiet: bool = False) -> dic
               file=sys.stderr)
         config = config.model_copy(update={"mqtt": config.mqtt.model_copy(update={"host": "127.0.0.1",
                                                                                    "port": broker.port})})
-    source = RecordingSource(open_source(config.camera))
+    source = RecordingSource(open_source(config.camera), gate=threading.Event())
     viewer = VerdictPrinter(config.mqtt.host, config.mqtt.port, config.topic_root, source.defect, quiet)
     daemon = Daemon(config, source=source)
     try:
         daemon.start()
-        daemon.wait_finished()
+        if daemon.web is not None:
+            print(f"station page: {daemon.web.url}  (control token in {config.web.token_file})", file=sys.stderr)
+        viewers = attach(daemon.web.url) if attach is not None and daemon.web is not None else None
+        with viewers or contextlib.nullcontext():
+            assert source.gate is not None
+            source.gate.set()
+            try:
+                daemon.wait_finished()
+            except KeyboardInterrupt:
+                print("stopping the camera; draining the frames already taken ...", file=sys.stderr)
+                source.stop()
+                daemon.wait_finished()
         acquired = daemon.pipeline.stats.snapshot()["acquired"] if daemon.pipeline else 0
         if not viewer.wait_for(acquired, timeout_s=30):
             log.warning("demo_verdicts_missing", acquired=acquired, received=len(viewer.verdicts))
@@ -293,7 +336,7 @@ def run_demo(config: InspectorConfig, workdir: Path, quiet: bool = False) -> dic
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `inspector demo`."""
     parser.add_argument("--workdir", type=Path, default=Path("var/demo"), help="cache and output folder")
-    parser.add_argument("--frames", type=int, default=200, help="synthetic parts to inspect")
+    parser.add_argument("--frames", type=int, default=200, help="synthetic parts to inspect (0 = until Ctrl-C)")
     parser.add_argument("--fps", type=float, default=25.0,
                         help="camera rate, a line-like 25 by default (0 = as fast as the daemon takes: throughput)")
     parser.add_argument("--defect-rate", type=float, default=0.3, help="share of parts with a drawn defect")
@@ -309,6 +352,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--queue-depth", type=int, default=256)
     parser.add_argument("--frame-timeout-ms", type=float, default=30000.0)
     parser.add_argument("--rebuild", action="store_true", help="retrain even if a cached SKU matches")
+    parser.add_argument("--web-port", type=int, default=8080, help="port of the station page on 127.0.0.1 (0 = any)")
+    parser.add_argument("--no-web", action="store_true", help="run without the station page")
     parser.add_argument("--quiet", action="store_true", help="summary only, no line per verdict")
 
 

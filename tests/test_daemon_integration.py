@@ -271,7 +271,7 @@ def test_corrupt_and_wrong_size_frames_get_fail_safe_verdicts_and_the_loop_goes_
 def test_demo_config_and_run_start_their_own_broker_when_none_answers(tmp_path: Path, trained: Path) -> None:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    args = parser.parse_args(["--frames", "20", "--fps", "20", "--quiet", "--threads", "1"])
+    args = parser.parse_args(["--frames", "20", "--fps", "20", "--quiet", "--threads", "1", "--web-port", "0"])
     args.config = write_config(tmp_path, trained, 1, 'type = "synthetic"')  # port 1: nothing listens there
     config = demo_config(args, trained, tmp_path / "demo")
     assert config.mqtt.port == 1 and config.camera.frames == 20

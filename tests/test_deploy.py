@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 INSTALL = REPO / "deploy" / "install.sh"
 UNIT = REPO / "deploy" / "inspector@.service"
 STATION = "station7"
-MAX_EXPOSURE = 4.0
+MAX_EXPOSURE = 1.5  # what the unit scored before the station page; new features must not raise it
 
 needs_systemd_analyze = pytest.mark.skipif(
     shutil.which("systemd-analyze") is None, reason="systemd-analyze missing (apt-get install systemd)"
@@ -98,6 +98,21 @@ def test_install_lays_out_the_box(tmp_path: Path) -> None:
     assert config.mqtt.spool_dir == Path(f"/var/lib/inspector/{STATION}/spool")
     assert config.archive.dir == Path(f"/var/lib/inspector/{STATION}/archive")
     assert all(sku.model_dir.is_relative_to("/var/lib/inspector/skus") for sku in config.skus.values())
+    token = etc / "secrets" / f"{STATION}.web-token"
+    assert mode(token) == 0o600 and len(token.read_text().strip()) == 48
+    web = config.web
+    assert web.enabled and web.host == "127.0.0.1" and not web.open_view and web.port == 8080
+    assert web.token_file == Path(f"/etc/inspector/secrets/{STATION}.web-token")
+
+
+@pytest.mark.integration
+def test_install_sets_the_station_page_port_and_refuses_a_bad_one(tmp_path: Path) -> None:
+    run_install(tmp_path, "--station", STATION, "--no-venv", "--web-port", "8093")
+    assert load_config(tmp_path / "etc" / "inspector" / f"{STATION}.toml").web.port == 8093
+    done = subprocess.run(["bash", str(INSTALL), "--station", "s2", "--no-venv", "--web-port", "80a"],
+                          env={**os.environ, "DESTDIR": str(tmp_path / "other")}, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 2 and "--web-port '80a'" in done.stderr
 
 
 @pytest.mark.integration
@@ -239,7 +254,7 @@ def test_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
 @pytest.mark.integration
 @needs_systemd_analyze
 def test_unit_exposure_is_low() -> None:
-    """systemd-analyze security rates the unit's exposure below 4.0 ("OK")."""
+    """systemd-analyze security rates the unit's exposure at most 1.5 ("OK"; 4.0 would be the limit of OK)."""
     done = subprocess.run(
         ["systemd-analyze", "security", "--offline=true", "--no-pager", str(UNIT)],
         capture_output=True,
@@ -249,4 +264,4 @@ def test_unit_exposure_is_low() -> None:
     )
     found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", done.stdout)
     assert found, done.stdout + done.stderr
-    assert float(found.group(1)) < MAX_EXPOSURE, done.stdout
+    assert float(found.group(1)) <= MAX_EXPOSURE, done.stdout

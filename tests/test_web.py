@@ -28,6 +28,7 @@ from inspector.service import Daemon
 from inspector.verdict import Verdict, regions_from_mask
 from inspector.web import StationWeb
 from inspector.web.live import render_overlay
+from inspector.web.metrics import StationMetrics
 from inspector.web.server import MAX_BODY
 from tests.test_pipeline import ListSource, part
 from tests.test_service import Subscriber, brightness_loader, write_config
@@ -332,3 +333,17 @@ def test_live_overlay_draws_heat_map_mask_outline_and_defect_boxes() -> None:
         assert (bgr[top + 30, edge - 3:edge + 3] > 200).all(axis=1).any()
     assert bgr[5, 5].tolist() == pytest.approx([90, 90, 90], abs=12)  # outside the ROI: the frame untouched
     assert render_overlay(Published(verdict, None, heat, None, 0.5)) is None
+
+
+def test_grafana_dashboard_queries_only_metrics_the_station_exports() -> None:
+    dashboard = json.loads((Path(__file__).resolve().parents[1] / "deploy/grafana/inspector-station.json").read_text())
+    used = {name for panel in dashboard["panels"] for target in panel["targets"]
+            for name in re.findall(r"inspector_[a-z_]+", target["expr"])}
+    metrics = StationMetrics(lambda: {"stats": {"acquired": 1}, "queued": 0, "spool_pending": 0, "paused": False,
+                                      "camera_connected": True, "broker_connected": True, "sku": "a",
+                                      "engine": {"backend": "onnxruntime", "precision": "fp32"}})
+    metrics.observe(Verdict(frame_id=1, t_acquired=0.0, sku="a", ok=False, latency_ms={"infer": 5.0, "total": 9.0},
+                            engine="onnxruntime", line="l", station="s", reason="deadline_missed"))
+    exported = {line.split("{")[0].split(" ")[0] for line in metrics.exposition().decode().splitlines()
+                if line and not line.startswith("#")}
+    assert used and used <= exported, used - exported

@@ -15,6 +15,8 @@ frames still queued for inference); consumers key on frame_id, never on arrival 
 Pause stops the acquisition thread from pulling frames (the camera/driver buffers or drops them, as it
 would with no consumer); frames already pulled are still inspected and published. Resume continues pulling.
 A SKU changeover swaps the ActiveSku between two batches, so no frame is inspected half-way through it.
+An optional `on_published` hook sees every published verdict with its frame and map (the station page's
+live view and metrics); it runs on the publish thread, so it only keeps references.
 """
 
 from __future__ import annotations

@@ -59,6 +59,7 @@ from inspector.web.metrics import StationMetrics
 log = get_logger(__name__)
 
 STATIC = Path(__file__).resolve().parent / "static"
+ARCHIVE_CACHE = "private, max-age=86400, immutable"  # archived files are written once and never change
 MAX_BODY = 4096  # bytes of a control request; commands are tiny JSON objects
 CONTROL_COMMANDS = ("pause", "resume", "reload", "sku")
 ARCHIVE_SUFFIXES = (".png", ".json")
@@ -254,7 +255,7 @@ class StationWeb:
         target = (root / relative).resolve()
         if not target.is_relative_to(root) or target.suffix not in ARCHIVE_SUFFIXES or not target.is_file():
             raise Refused(404, f"{relative.as_posix()} is not an archived frame, heat map or verdict")
-        return FileResponse(target)
+        return FileResponse(target, headers={"cache-control": ARCHIVE_CACHE})
 
     async def _command(self, request: Request) -> Response:
         """A control from the page: checked in full here, then run like a /cmd message."""

@@ -4,8 +4,11 @@
 
 const $ = (id) => document.getElementById(id);
 const TOKEN_KEY = "inspector-token";
+const STRIP_PERIOD_MS = 3000;  // the strip is for people: at most one refresh every 3 s, even at line rate
 let paused = false;
 let stripKey = null;
+let stripAt = 0;
+const thumbs = new Map();  // archive JSON URL -> its thumbnail button, reused across refreshes
 
 function text(id, value) {
   $(id).textContent = value === null || value === undefined ? "–" : String(value);
@@ -84,8 +87,9 @@ function onState(doc) {
     return li;
   }));
   const key = s.archive ? s.archive.saved : stats.ng;
-  if (key !== stripKey) {
+  if (key !== stripKey && Date.now() - stripAt >= STRIP_PERIOD_MS) {
     stripKey = key;
+    stripAt = Date.now();
     refreshStrip();
   }
   document.body.dataset.stateSeq = String(Number(document.body.dataset.stateSeq) + 1);
@@ -122,7 +126,10 @@ async function refreshStrip() {
     strip.replaceChildren(empty);
     return;
   }
+  const shown = new Set(doc.parts.map((part) => part.json));
+  for (const url of thumbs.keys()) if (!shown.has(url)) thumbs.delete(url);
   strip.replaceChildren(...doc.parts.map((part) => {
+    if (thumbs.has(part.json)) return thumbs.get(part.json);
     const button = document.createElement("button");
     button.type = "button";
     button.className = "thumb";
@@ -134,6 +141,7 @@ async function refreshStrip() {
     label.textContent = `#${part.verdict.frame_id} ${when}`;
     button.append(img, label);
     button.addEventListener("click", () => openPart(part));
+    thumbs.set(part.json, button);
     return button;
   }));
 }

@@ -6,8 +6,10 @@ const $ = (id) => document.getElementById(id);
 const TOKEN_KEY = "inspector-token";
 const STRIP_PERIOD_MS = 3000;  // the strip is for people: at most one refresh every 3 s, even at line rate
 let paused = false;
-let stripKey = null;
+let stripKey = null;  // archive count the strip shows
+let stripWanted = null;  // archive count of the latest state
 let stripAt = 0;
+let stripTimer = null;
 const thumbs = new Map();  // archive JSON URL -> its thumbnail button, reused across refreshes
 
 function text(id, value) {
@@ -86,11 +88,14 @@ function onState(doc) {
     li.textContent = n === "" ? reason : `${reason}: ${n}`;
     return li;
   }));
-  const key = s.archive ? s.archive.saved : stats.ng;
-  if (key !== stripKey && Date.now() - stripAt >= STRIP_PERIOD_MS) {
-    stripKey = key;
-    stripAt = Date.now();
-    refreshStrip();
+  stripWanted = s.archive ? s.archive.saved : stats.ng;
+  if (stripWanted !== stripKey && stripTimer === null) {
+    stripTimer = setTimeout(() => {
+      stripTimer = null;
+      stripKey = stripWanted;
+      stripAt = Date.now();
+      refreshStrip();
+    }, Math.max(0, stripAt + STRIP_PERIOD_MS - Date.now()));
   }
   document.body.dataset.stateSeq = String(Number(document.body.dataset.stateSeq) + 1);
 }

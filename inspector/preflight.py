@@ -23,6 +23,7 @@ from inspector.config import (
     GenTLCamera,
     InspectorConfig,
     MqttConfig,
+    WebConfig,
     check_secret_file,
     resolve_sku,
 )
@@ -41,8 +42,9 @@ class Problem:
 
 
 def check(config: InspectorConfig, skus: Iterable[str] | None = None) -> list[Problem]:
-    """Every problem of the camera, the broker's files, spool and archive storage and the SKUs (all, or `skus`)."""
-    problems = [*check_camera(config.camera), *check_mqtt(config.mqtt), *check_storage(config)]
+    """Every problem of the camera, the broker's files, spool and archive storage, the station page's token and
+    the SKUs (all, or `skus`)."""
+    problems = [*check_camera(config.camera), *check_mqtt(config.mqtt), *check_storage(config), *check_web(config.web)]
     for name in config.skus if skus is None else skus:
         problems += check_sku(config, name)
     return problems
@@ -94,6 +96,20 @@ def check_mqtt(cfg: MqttConfig) -> list[Problem]:
             problems.append(Problem(f"mqtt.{key}", f"mqtt.{key} = {path} does not exist; fix the path or remove "
                                     "the key"))
     return problems
+
+
+def check_web(cfg: WebConfig) -> list[Problem]:
+    """The station page's control token: present, not world-readable, long enough, readable by this user."""
+    if not cfg.enabled or cfg.token_file is None:
+        return []
+    try:
+        cfg.read_token()
+    except PermissionError:
+        return [Problem("web.token_file", f"web.token_file: secret file {cfg.token_file} is not readable by "
+                        f"{getpass.getuser()}; chown it to the service user (mode 600)")]
+    except InspectorError as exc:
+        return [Problem("web.token_file", str(exc))]
+    return []
 
 
 def check_storage(config: InspectorConfig) -> list[Problem]:

@@ -154,3 +154,15 @@ def test_an_unwritable_spool_dir(tmp_path: Path, sku: Path) -> None:
         found = problems(path)
     assert [(p.key, p.fatal) for p in found] == [("mqtt.spool_dir", True)]
     assert "is not writable by root (it would be created in" in found[0].message
+
+
+def test_the_station_page_token_is_checked_like_the_broker_password(tmp_path: Path, sku: Path) -> None:
+    token = tmp_path / "web.token"
+    path = station(tmp_path, sku, extra=f'[web]\nenabled = true\ntoken_file = "{token}"\n')
+    token.write_text("a-long-enough-control-token\n")
+    token.chmod(0o644)
+    assert [(p.key, "chmod 640" in p.message) for p in problems(path)] == [("web.token_file", True)]
+    token.chmod(0o600)
+    assert problems(path) == []
+    token.write_text("short\n")
+    assert ["at least 16" in p.message for p in problems(path)] == [True]

@@ -11,8 +11,7 @@ import base64
 import http.client
 import json
 import re
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from inspector.web.metrics import StationMetrics
 from inspector.web.server import MAX_BODY
 from tests.test_pipeline import ListSource, part
 from tests.test_service import Subscriber, brightness_loader, write_config
+from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -77,16 +77,6 @@ class Station:
         """The pipeline is as the fixture left it: running SKU a, not paused."""
         pipeline = self.daemon.running
         return not pipeline.paused and pipeline.sku.name == "a"
-
-
-def wait_until(predicate: Callable[[], bool], timeout_s: float = 20.0) -> bool:
-    """Poll a condition until it holds or the deadline passes."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
 
 
 def token_file(folder: Path, token: str = TOKEN, mode: int = 0o600) -> Path:
@@ -237,6 +227,8 @@ def test_controls_run_the_mqtt_command_path_with_the_same_replies(station: Stati
         status, reply = station.command({"cmd": "sku", "sku": "b"})
         assert status == 200 and reply["ok"] and reply["state"] == "active"
         assert station.get_json("/api/status")["status"]["sku"] == "b"
+        # the page waits for the final reply: no interim "loading" reply goes to the PLCs on /cmd/reply
+        assert [r.get("state") for r in station.sub.json("cmd/reply")] == [None]
     finally:
         station.command({"cmd": "sku", "sku": "a"})
         station.command({"cmd": "resume"})
@@ -317,8 +309,8 @@ def test_live_overlay_draws_heat_map_mask_outline_and_defect_boxes() -> None:
     heat = np.zeros((32, 32), np.float32)
     heat[8:16, 8:16] = 0.9  # a defect in the model's 32 px map of the ROI (20, 20, 64, 64)
     regions = regions_from_mask(heat, 0.5, 1, scale_xy=(2.0, 2.0), offset_xy=(20, 20))
-    verdict = Verdict(frame_id=1, t_acquired=0.0, sku="a", ok=False, score=0.9, threshold=0.5, regions=regions,
-                      engine="test", line="l", station="s")
+    verdict = Verdict(frame_id=1, run_id="r", t_acquired=0.0, sku="a", ok=False, score=0.9, threshold=0.5,
+                      regions=regions, engine="test", line="l", station="s")
     rendered = render_overlay(Published(verdict, image, heat, (20, 20, 64, 64), 0.5))
     assert rendered is not None
     jpeg, (width, height) = rendered
@@ -342,7 +334,8 @@ def test_grafana_dashboard_queries_only_metrics_the_station_exports() -> None:
     metrics = StationMetrics(lambda: {"stats": {"acquired": 1}, "queued": 0, "spool_pending": 0, "paused": False,
                                       "camera_connected": True, "broker_connected": True, "sku": "a",
                                       "engine": {"backend": "onnxruntime", "precision": "fp32"}})
-    metrics.observe(Verdict(frame_id=1, t_acquired=0.0, sku="a", ok=False, latency_ms={"infer": 5.0, "total": 9.0},
+    metrics.observe(Verdict(frame_id=1, run_id="r", t_acquired=0.0, sku="a", ok=False,
+                            latency_ms={"infer": 5.0, "total": 9.0},
                             engine="onnxruntime", line="l", station="s", reason="deadline_missed"))
     exported = {line.split("{")[0].split(" ")[0] for line in metrics.exposition().decode().splitlines()
                 if line and not line.startswith("#")}

@@ -18,7 +18,6 @@ from inspector.broker import LocalBroker, start_local_broker
 from inspector.config import load_config
 from inspector.service import Daemon
 from inspector.web.browser import CHROMEDRIVER, CHROMIUM, headless_chromium
-from tests.conftest_model import random_calibrated_sku
 
 pytestmark = [
     pytest.mark.integration,
@@ -31,11 +30,6 @@ TOKEN = "browser-test-token-0123456789abcdef"
 DEADLINE_S = 60.0
 
 
-@pytest.fixture(scope="module")
-def random_sku(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return random_calibrated_sku(tmp_path_factory)
-
-
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[LocalBroker]:
     b = start_local_broker(tmp_path / "broker")
@@ -44,7 +38,7 @@ def broker(tmp_path: Path) -> Iterator[LocalBroker]:
 
 
 @pytest.fixture
-def daemon(tmp_path: Path, broker: LocalBroker, random_sku: Path) -> Iterator[Daemon]:
+def daemon(tmp_path: Path, broker: LocalBroker, random_calibrated_sku: Path) -> Iterator[Daemon]:
     token = tmp_path / "web.token"
     token.write_text(TOKEN + "\n")
     token.chmod(0o600)
@@ -76,9 +70,9 @@ enabled = true
 port = 0
 token_file = "{token}"
 [skus.brick]
-model_dir = "{random_sku}"
+model_dir = "{random_calibrated_sku}"
 [skus.brick2]
-model_dir = "{random_sku}"
+model_dir = "{random_calibrated_sku}"
 """)
     d = Daemon(load_config(path))
     d.start()

@@ -1,15 +1,18 @@
 """The SKU manifest (meta.json): one typed record of what a SKU directory holds, read and written only here.
 
-Training writes it (`new_manifest` + `write_manifest`), export adds its record (`with_export`), and every
-reader (runtimes, the daemon, calibration, eval) gets a validated `SkuManifest` from `read_manifest`. Files
-of an older schema are upgraded on read (`upgrade`); a file of a newer schema than this code knows is
-refused with the fix. Torch-free, so the ONNX Runtime and TensorRT daemons never import torch.
+Training writes it (`new_manifest` + `write_manifest`), export adds its record (`with_export`), the fp16/int8
+derivation notes its graphs in that record (`with_derived`), and every reader (runtimes, the daemon,
+calibration, eval) gets a validated `SkuManifest` from `read_manifest`. Files of an older schema are upgraded
+on read (`upgrade`); a file of a newer schema than this code knows is refused with the fix.
+Torch-free, so the ONNX Runtime and TensorRT daemons never import torch.
 
 Schema history:
   1  (no "schema_version" key) model, schedule, latent_scale, optional score/train/export records, plus
      top-level image_size/latent_channels copies of the model config.
   2  the same records validated; "score" always present; image_size/latent_channels still written (as
-     copies of model.*) for tools that read the JSON directly.
+     copies of model.*) for tools that read the JSON directly. Optional export.fp16/export.int8 records of the
+     derived graphs (engines/quantize.py) were added later without a version bump: files without them read
+     the same, and older readers keep them as extra keys.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field
 
@@ -84,8 +87,20 @@ class TrainRecord(BaseModel):
     config: dict[str, Any] = Field(default_factory=dict)
 
 
+class DerivedGraphsRecord(BaseModel):
+    """fp16 or int8 graphs derived from the fp32 export (engines/quantize.py): their files and how they were made."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    files: list[str]
+    tool: str = ""  # dist==version of the converter or quantizer
+    calibration: str = ""  # int8: how many good images of which folder
+    method: str = ""  # int8: the quantization scheme
+    ops: list[str] = Field(default_factory=list)  # int8: the op types given Q/DQ nodes
+
+
 class ExportRecord(BaseModel):
-    """The ONNX export: which weights it came from and the schedule baked into the unrolled graph."""
+    """The ONNX export: which weights it came from, the schedule baked into the unrolled graph, derived graphs."""
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
@@ -97,6 +112,8 @@ class ExportRecord(BaseModel):
     unrolled_schedule: Schedule | None = None
     denoiser_calls: int = 0
     ddim_timesteps: list[list[int]] = Field(default_factory=list)
+    fp16: DerivedGraphsRecord | None = None
+    int8: DerivedGraphsRecord | None = None
 
 
 class SkuManifest(BaseModel):
@@ -186,6 +203,14 @@ def write_manifest(sku_dir: Path, manifest: SkuManifest) -> Path:
 def with_export(manifest: SkuManifest, export: ExportRecord) -> SkuManifest:
     """The manifest with a new export record, everything training wrote kept."""
     return manifest.model_copy(update={"export": export})
+
+
+def with_derived(manifest: SkuManifest, precision: Literal["fp16", "int8"],
+                 graphs: DerivedGraphsRecord) -> SkuManifest:
+    """The manifest with `graphs` noted in its export record; ValueError when the SKU has no export record."""
+    if manifest.export is None:
+        raise ValueError("no export record: the derived graphs need the fp32 export first")
+    return with_export(manifest, manifest.export.model_copy(update={precision: graphs}))
 
 
 def score_top_k(sku_dir: Path) -> int:

@@ -59,19 +59,24 @@ class TDADModel(nn.Module):
         """The all-zero (unconditional) condition for latents z."""
         return z.new_zeros((z.shape[0], self.config.cond_channels, *z.shape[2:]))
 
-    def reconstruct_latents(self, z0: torch.Tensor, schedule: Schedule | None = None) -> torch.Tensor:
-        """Two-stage reconstruction of scaled latents with the schedule's fixed noise."""
+    def reconstruct_latents(self, z0: torch.Tensor, schedule: Schedule | None = None,
+                            noises: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Two-stage reconstruction of scaled latents with the schedule's fixed noise (or `noises`, already on
+        z0's device: a CUDA graph cannot capture the host-to-device copy)."""
         schedule = schedule or self.schedule
-        noise1, noise2 = (torch.from_numpy(n).to(z0) for n in schedule.stage_noises(tuple(z0.shape[1:])))
-        return two_stage_reconstruct(z0, self.denoise, self.fusion, self.zero_cond, schedule, noise1, noise2)
+        if noises is None:
+            noises = tuple(torch.from_numpy(n).to(z0) for n in schedule.stage_noises(tuple(z0.shape[1:])))
+        return two_stage_reconstruct(z0, self.denoise, self.fusion, self.zero_cond, schedule, *noises)
 
-    def reconstruct(self, x: torch.Tensor, schedule: Schedule | None = None) -> torch.Tensor:
+    def reconstruct(self, x: torch.Tensor, schedule: Schedule | None = None,
+                    noises: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x_f32_nchw in [0, 1] -> its anomaly-free reconstruction (same shape)."""
-        return self.decode(self.reconstruct_latents(self.encode(x), schedule))
+        return self.decode(self.reconstruct_latents(self.encode(x), schedule, noises))
 
-    def anomaly_maps(self, images_f32_nchw: torch.Tensor, schedule: Schedule | None = None) -> torch.Tensor:
+    def anomaly_maps(self, images_f32_nchw: torch.Tensor, schedule: Schedule | None = None,
+                     noises: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """N x 3 x S x S in [0, 1] -> anomaly maps N x S x S in [0, 1]."""
-        return self.segmenter(images_f32_nchw, self.reconstruct(images_f32_nchw, schedule))
+        return self.segmenter(images_f32_nchw, self.reconstruct(images_f32_nchw, schedule, noises))
 
 
 def save_sku(model: TDADModel, sku_dir: Path, **records: Any) -> Path:

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from engines.data import file_list_hash, open_dataset
+from engines.gpu import torch_cuda_device
 from engines.manifest import TrainRecord
 from engines.model import ModelConfig, TDADModel, save_sku
 from engines.preprocess import preprocess
@@ -352,6 +353,8 @@ def train_sku(cfg: TrainConfig, resume: bool = False) -> Path:
     returns early with a checkpoint (no SKU files) when cfg.stop_after is reached.
     """
     device = torch.device(cfg.device)
+    if device.type == "cuda":  # a CPU-only torch, no driver or a bad index: one line with the fix, before any work
+        device = torch_cuda_device(device.index or 0, key="--device")
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     if device.type == "cuda":
@@ -381,7 +384,8 @@ def train_sku(cfg: TrainConfig, resume: bool = False) -> Path:
                 run.optimizer.load_state_dict(opt_state)
             opt_state = {}
             loader = DataLoader(StepBatches(cfg, images, phase, model.schedule), batch_size=None,
-                                sampler=range(start, total), num_workers=cfg.num_workers)
+                                sampler=range(start, total), num_workers=cfg.num_workers,
+                                pin_memory=device.type == "cuda")
             log.info("phase_start", phase=phase, steps=total, start=start, lr=cfg.lr, batch_size=cfg.batch_size)
             bar = tqdm(total=total, initial=start, desc=phase, disable=not cfg.progress, dynamic_ncols=True)
             t0, loss_value = time.perf_counter(), float("nan")

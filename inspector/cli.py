@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("inspector.service", "run the inspection daemon (camera -> engine -> verdicts over MQTT)"),
     "train": ("inspector.commands.train", "train a SKU's TDAD model from good images"),
     "export": ("inspector.commands.export", "export a SKU's networks to ONNX"),
-    "build": ("engines.runtime.build", "build TensorRT engines (.plan) from a SKU's ONNX graphs"),
+    "build": ("inspector.commands.build", "build TensorRT engines (.plan) from a SKU's ONNX graphs"),
     "calibrate": ("inspector.commands.calibrate", "fit a SKU's decision thresholds from good (and NG) parts"),
     "eval": ("inspector.commands.evaluate", "measure a SKU's model on a labelled test set (AUROC, AUPRO)"),
     "bench": ("inspector.commands.bench", "benchmark latency and throughput per backend"),

@@ -174,22 +174,24 @@ def check_sku(config: InspectorConfig, name: str, *, engine_files: bool = True) 
     missing, fix = _engine_files_missing(sku.model_dir, config.engine)
     if missing:
         problems.append(Problem(f"{key}.model_dir", f"{sku.model_dir} lacks {', '.join(missing)} for engine.backend "
-                                f"= {config.engine.backend!r}; run: {fix}"))
+                                f"= {config.engine.backend!r}; {fix}"))
     return problems
 
 
 def _engine_files_missing(sku_dir: Path, engine: EngineSettings) -> tuple[list[str], str]:
-    """The files of `sku_dir` the backend would load that are not there, and the command that makes them."""
+    """The files of `sku_dir` the backend would load that are not there, and the command that makes them
+    ("run: ..."); ONNX Runtime's are the graphs of its precision (X.onnx or X.int8.onnx, engines/precision.py)."""
+    from engines.precision import graph_file, regenerate_hint
     from engines.runtime.tensorrt_backend import PART_NAMES  # torch-free; tensorrt itself is optional there
 
     if engine.backend == "torch":
-        return ([] if (sku_dir / WEIGHTS_FILE).is_file() else [WEIGHTS_FILE]), f"inspector train --out {sku_dir}"
+        return ([] if (sku_dir / WEIGHTS_FILE).is_file() else [WEIGHTS_FILE]), f"run: inspector train --out {sku_dir}"
     if engine.backend == "tensorrt":
         missing = [f"{n}.*.{engine.precision}.plan" for n in PART_NAMES
                    if not any(sku_dir.glob(f"{n}.*.{engine.precision}.plan"))]
-        return missing, f"inspector build --sku-dir {sku_dir} --precision {engine.precision}"
-    return [f"{n}.onnx" for n in PART_NAMES if not (sku_dir / f"{n}.onnx").is_file()], \
-        f"inspector export --sku-dir {sku_dir}"
+        return missing, f"run: inspector build --sku-dir {sku_dir} --precision {engine.precision}"
+    graphs = [graph_file(sku_dir, n, engine.precision) for n in PART_NAMES]
+    return [g.name for g in graphs if not g.is_file()], regenerate_hint(sku_dir, engine.precision)
 
 
 def _tree_bytes(path: Path) -> int:

@@ -21,9 +21,6 @@ ALLOWED = {
     "calibration": {"foundation", "engines"},
     "inspector": {"foundation", "engines", "calibration"},
 }
-# Modules being rewritten under issue 14 (TensorRT build and INT8 move into engines, the build CLI into
-# inspector/commands): their imports are exempt until that lands. Delete an entry once its module is clean.
-PENDING: dict[str, set[str]] = {"engines.runtime.build": {"inspector", "calibration"}}
 
 
 def module_name(path: Path) -> str:
@@ -71,7 +68,7 @@ def test_packages_import_only_the_layers_below(pkg: str) -> None:
         f"{module} imports {target}"
         for module, targets in import_graph().items() if package(module) == pkg
         for target in targets
-        if package(target) != pkg and package(target) not in ALLOWED[pkg] | PENDING.get(module, set())
+        if package(target) != pkg and package(target) not in ALLOWED[pkg]
     )
     assert not wrong, "\n".join(wrong)
 
@@ -102,17 +99,13 @@ def _cycle(graph: dict[str, set[str]]) -> list[str] | None:
 def test_the_package_graph_is_acyclic() -> None:
     packages: dict[str, set[str]] = {p: set() for p in PACKAGES}
     for module, targets in import_graph().items():
-        exempt = PENDING.get(module, set())
-        packages[package(module)] |= {package(t) for t in targets if package(t) not in exempt} - {package(module)}
+        packages[package(module)] |= {package(t) for t in targets} - {package(module)}
     assert _cycle(packages) is None, _cycle(packages)
 
 
 def test_no_module_import_cycles() -> None:
     """No module reaches back to one that imports it, directly or through others (lazy imports included)."""
-    graph = {
-        module: targets if module not in PENDING else set()
-        for module, targets in import_graph().items()
-    }
+    graph = import_graph()
     assert _cycle(graph) is None, " -> ".join(_cycle(graph) or [])
 
 

@@ -35,7 +35,7 @@ def sku(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def station(tmp_path: Path, sku_dir: Path, *, camera: str | None = None, mqtt: str = "", backend: str = "torch",
-            extra: str = "") -> Path:
+            engine: str = "", extra: str = "") -> Path:
     """A complete station config under tmp_path (folder camera with one image, password file, spool, archive)."""
     frames = tmp_path / "frames"
     frames.mkdir(exist_ok=True)
@@ -56,6 +56,7 @@ spool_max_mb = 1
 {mqtt}
 [engine]
 backend = "{backend}"
+{engine}
 [archive]
 dir = "var/archive"
 max_mb = 1
@@ -122,6 +123,9 @@ def test_an_sku_without_its_engine_files_names_the_command_that_makes_them(tmp_p
     (problem,) = found
     assert problem.key == "skus.part.model_dir" and "encoder.onnx" in problem.message
     assert f"run: inspector export --sku-dir {sku}" in problem.message
+    (int8,) = problems(station(tmp_path, sku, backend="onnxruntime", engine='precision = "int8"'))
+    assert "encoder.int8.onnx" in int8.message
+    assert f"run: inspector export --sku-dir {sku} --int8 --calib DIR" in int8.message
 
 
 def test_folder_camera_and_secret_readability(tmp_path: Path, sku: Path) -> None:

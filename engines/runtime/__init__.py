@@ -10,6 +10,7 @@ import importlib
 from pathlib import Path
 from typing import Any
 
+from engines.gpu import GPU_EXTRA_HINT
 from engines.runtime.base import Engine
 from engines.runtime.config import (
     EngineSettings,
@@ -26,7 +27,6 @@ BACKENDS: dict[str, tuple[str, str]] = {
     "onnxruntime": ("engines.runtime.onnx_backend", "OnnxEngine"),
     "tensorrt": ("engines.runtime.tensorrt_backend", "TensorRTEngine"),
 }
-GPU_EXTRA_HINT = "pip install 'tdad-inspector[gpu]'"
 
 
 def engine_class(backend: str) -> type[Any]:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from engines.runtime import EngineSettings, create_engine
+from engines.runtime import BACKENDS, EngineSettings, create_engine, engine_settings
 from foundation.errors import EngineError
 
 STAGE_ORDER = ("preprocess", "encode", "stage1", "fusion", "stage2", "decode", "segment")
@@ -81,7 +81,7 @@ def bench_backend(settings: EngineSettings, sku_dir: Path, batches: Sequence[int
         frame = rng.integers(0, 256, (1, size, size, 3), dtype=np.uint8)
         runs = [infer_timed(frame)[1] for _ in range(max(3, iters // 2))]
         stages = {k: float(np.median([r[k] for r in runs])) for k in runs[0]}
-    device_memory = getattr(engine, "device_memory_used", None)
+    device_memory = getattr(engine, "device_memory_used", lambda: 0)()
     best = max(per_batch, key=lambda b: per_batch[b]["fps"])
     return {
         "describe": engine.describe(),
@@ -89,7 +89,7 @@ def bench_backend(settings: EngineSettings, sku_dir: Path, batches: Sequence[int
         "best_batch": int(best),
         "stages_ms_batch1": stages,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
-        "device_memory_mb": device_memory() / 2**20 if device_memory else None,
+        "device_memory_mb": device_memory / 2**20 if device_memory else None,
     }
 
 
@@ -109,9 +109,35 @@ def run_isolated(settings: EngineSettings, sku_dir: Path, batches: Sequence[int]
 
 
 def engine_label(settings: EngineSettings) -> str:
-    """A row name for the tables: the backend, with its precision when that is not the backend's default."""
-    default = type(settings).model_fields["precision"].default
-    return settings.backend if settings.precision == default else f"{settings.backend}-{settings.precision}"
+    """A row name for the tables: the backend, then its device, precision and graph mode where not the default."""
+    parts = [settings.backend]
+    device = getattr(settings, "device", None)
+    if device not in (None, "cpu"):
+        parts.append(str(device))
+    if settings.precision != type(settings).model_fields["precision"].default:
+        parts.append(settings.precision)
+    if (device == "cuda" or settings.backend == "tensorrt") and not getattr(settings, "cuda_graphs", True):
+        parts.append("nographs")
+    return "-".join(parts)
+
+
+def parse_engines(specs: str, *, threads: int | None, tensorrt_precision: str, device: str,
+                  cuda_graphs: bool) -> list[EngineSettings]:
+    """`--backends` entries `backend[:precision]` (onnxruntime:int8, torch:bf16, tensorrt:fp16) as typed settings."""
+    engines = []
+    for spec in (s for s in specs.split(",") if s):
+        backend, _, precision = spec.partition(":")
+        if backend not in BACKENDS:
+            raise EngineError(f"--backends: unknown {backend!r} in {spec!r}; valid are {', '.join(BACKENDS)}")
+        if backend == "tensorrt":
+            engines.append(engine_settings(backend, precision=precision or tensorrt_precision,
+                                           cuda_graphs=cuda_graphs))
+        elif backend == "torch":
+            engines.append(engine_settings(backend, precision=precision or None, threads=threads, device=device,
+                                           cuda_graphs=cuda_graphs))
+        else:
+            engines.append(engine_settings(backend, precision=precision or None, threads=threads))
+    return engines
 
 
 def benchmark(sku_dir: Path, engines: Sequence[EngineSettings], batches: Sequence[int], iters: int) -> dict[str, Any]:
@@ -128,6 +154,11 @@ def benchmark(sku_dir: Path, engines: Sequence[EngineSettings], batches: Sequenc
         "results": results,
     }
     torch_fps = results.get("torch", {}).get("batches", {}).get("1", {}).get("fps")
+    for label, result in results.items():  # each variant against its row without the last suffix
+        base_fps = results.get(label.rsplit("-", 1)[0], {}).get("batches", {}) if "-" in label else {}
+        if base_fps and "batches" in result:
+            report.setdefault("speedup", {})[f"{label} vs {label.rsplit('-', 1)[0]}"] = {
+                b: m["fps"] / base_fps[b]["fps"] for b, m in result["batches"].items() if b in base_fps}
     if torch_fps:
         report["speedup_vs_torch_batch1"] = {
             b: r["batches"]["1"]["fps"] / torch_fps
@@ -163,6 +194,8 @@ def format_table(report: dict[str, Any]) -> str:
             lines.append(f"{backend:12} peak RSS {r['peak_rss_mb']:.0f} MB{gpu_text}")
     for backend, x in report.get("speedup_vs_torch_batch1", {}).items():
         lines.append(f"{backend:12} {x:.2f}x torch at batch 1")
+    for pair, per_batch in report.get("speedup", {}).items():
+        lines.append(f"{pair}: " + ", ".join(f"{x:.2f}x at batch {b}" for b, x in per_batch.items()))
     lines.append(f"load average before/after: {report['load_avg_before'][0]:.2f} / {report['load_avg_after'][0]:.2f} "
                  f"on {report['host']['cpus']} CPUs")
     return "\n".join(lines)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from engines.precision import check_graph
 from engines.runtime.config import OnnxRuntimeSettings
 from engines.runtime.staged import (
     open_exported_sku,
@@ -83,15 +84,13 @@ class _SessionParts:
 
 
 class OnnxEngine:
-    """Engine on ONNX Runtime; fp32 on the CPU execution provider unless `providers` says otherwise."""
+    """Engine on ONNX Runtime (CPU provider unless `providers` says otherwise): the fp32 graphs, or their int8
+    Q/DQ versions (engines/quantize.py) with precision = "int8"."""
 
     backend = "onnxruntime"
 
     def __init__(self, settings: OnnxRuntimeSettings, *, schedule_override: dict[str, Any] | None = None,
                  providers: list[str] | None = None, unrolled: bool = True) -> None:
-        if settings.precision != "fp32":
-            raise EngineError(f"engine.precision={settings.precision!r}: the int8 graphs of this SKU are not "
-                              "supported by this build; use precision = \"fp32\"")
         self.settings = settings
         self.threads = settings.threads
         self.precision = settings.precision
@@ -101,10 +100,9 @@ class OnnxEngine:
         self.image_size = 0
         self._unrolled: ort.InferenceSession | None = None
 
-    def _session(self, path: Path) -> ort.InferenceSession:
-        """One session for an exported graph; EngineError with the export command when it is missing."""
-        if not path.is_file():
-            raise EngineError(f"{path} is missing; run: inspector export --sku-dir {path.parent}")
+    def _session(self, name: str) -> ort.InferenceSession:
+        """A session for graph `name` at the engine's precision; EngineError with the fix when missing or stale."""
+        path = check_graph(self.sku_dir, name, self.precision)
         try:
             return ort.InferenceSession(str(path), session_options(self.threads), providers=self.providers)
         except Exception as exc:  # ORT raises its own untyped errors for corrupt/foreign graphs
@@ -116,11 +114,11 @@ class OnnxEngine:
         self.sku_dir = Path(sku_dir)
         sku = open_exported_sku(self.sku_dir, self.schedule_override)
         self.image_size, self.schedule, self._noises = sku.image_size, sku.schedule, sku.noises
-        self._parts = _SessionParts({name: self._session(self.sku_dir / f"{name}.onnx") for name in PART_NAMES})
+        self._parts = _SessionParts({name: self._session(name) for name in PART_NAMES})
         if self.use_unrolled and sku.export.unrolled_schedule == self.schedule:
-            self._unrolled = self._session(self.sku_dir / f"{UNROLLED_NAME}.onnx")
+            self._unrolled = self._session(UNROLLED_NAME)
         log.info("onnx_engine_loaded", sku_dir=str(self.sku_dir), providers=self.providers, threads=self.threads,
-                 unrolled=self._unrolled is not None)
+                 precision=self.precision, unrolled=self._unrolled is not None)
 
     def infer(self, images_u8_nhwc: np.ndarray) -> np.ndarray:
         """uint8 N x S x S x 3 -> float32 N x S x S anomaly maps in [0, 1]."""

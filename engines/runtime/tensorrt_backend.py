@@ -1,15 +1,20 @@
-"""TensorRT 10 backend: .plan engines built per GPU model + TensorRT version + precision by `inspector build`.
+"""TensorRT backend on cuda-python: .plan engines built per GPU model, TensorRT version and precision.
 
-The fast path runs `tdad.<tag>.plan` (the whole fixed-step pipeline unrolled into one graph, see
-engines/export.py) from device buffers allocated once for the plan's max batch, with pinned host memory,
-one CUDA stream and, per batch size, a captured CUDA graph (H2D copy, all kernels, D2H copy) that is
-replayed. The per-part plans (encoder, denoiser, fusion, decoder, segmenter) run the shared two-stage
-loop on the host; they serve schedule overrides (no re-export needed) and stage-by-stage timings.
-Importable without tensorrt/pycuda; creating the engine then fails with the install hint.
+The fast path runs `tdad.<tag>.plan` (the whole fixed-step pipeline unrolled into one graph, engines/export.py)
+from device buffers allocated once for the plan's max batch, with pinned host buffers and async copies on one
+CUDA stream. Per batch size it keeps one execution context (its input shapes fixed) and, with cuda_graphs,
+one CUDA graph captured from that context (H2D copy, all kernels, D2H copy) on the first call at that size
+(warm-up captures batch 1), then replayed. A failed capture is logged with CUDA's reason and that batch size
+runs as plain launches; the SKU still loads. The per-part plans (encoder, denoiser, fusion, decoder, segmenter)
+run the shared two-stage loop on the host; they serve schedule overrides and stage-by-stage timings.
+
+CUDA is reached through NVIDIA's cuda-python (`cuda.bindings.runtime`, a binary wheel that needs only the
+driver). Importable without any of it: creating the engine reports what is missing (engines/gpu.py).
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import re
 import time
@@ -18,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from engines.gpu import check_cuda, cuda_device, cuda_runtime, import_tensorrt
+from engines.precision import check_graph
 from engines.runtime.config import TensorRTSettings
 from engines.runtime.staged import (
     file_sha256,
@@ -29,24 +36,10 @@ from engines.runtime.staged import (
 from foundation.errors import EngineError
 from foundation.log import get_logger
 
-try:  # the [gpu] extra
-    import pycuda.driver as cuda
-    import tensorrt as trt
-except ImportError:
-    cuda = None
-    trt = None
-
 log = get_logger(__name__)
 
 PART_NAMES = ("encoder", "denoiser", "fusion", "decoder", "segmenter")
 UNROLLED_NAME = "tdad"
-
-
-def require_tensorrt() -> None:
-    """Raise EngineError naming the [gpu] extra when tensorrt or pycuda is not importable."""
-    if trt is None or cuda is None:
-        raise EngineError("TensorRT engines need TensorRT and pycuda, which are not installed: "
-                          "pip install 'tdad-inspector[gpu]' (or use engine.backend = \"onnxruntime\")")
 
 
 def _slug(text: str) -> str:
@@ -64,218 +57,262 @@ def plan_path(sku_dir: Path, name: str, tag: str) -> Path:
     return sku_dir / f"{name}.{tag}.plan"
 
 
-def check_plan(sku_dir: Path, name: str, tag: str, precision: str) -> Path:
-    """The plan for `name` under `tag`, or EngineError saying how to build it (missing, stale or foreign)."""
+def check_plan(sku_dir: Path, name: str, tag: str, precision: str, *, gpu: str | None = None,
+               tensorrt: str | None = None) -> Path:
+    """The plan for `name` under `tag`, or EngineError saying how to rebuild it (missing, stale or foreign).
+
+    The sidecar must name the exact ONNX graph now on disk (by SHA-256) at this precision and, when given,
+    this GPU model and TensorRT version.
+    """
     path = plan_path(sku_dir, name, tag)
     fix = f"run: inspector build --sku-dir {sku_dir} --precision {precision}"
     if not path.is_file():
         others = sorted(p.name for p in sku_dir.glob(f"{name}.*.plan"))
-        found = f" (plans for other GPUs/TensorRT versions: {', '.join(others)})" if others else ""
+        found = f" (plans for other GPUs/TensorRT versions/precisions: {', '.join(others)})" if others else ""
         raise EngineError(f"no TensorRT plan {path} for this GPU/TensorRT/precision{found}; {fix}")
     sidecar = path.with_suffix(".json")
-    onnx_path = sku_dir / f"{name}.onnx"
     if not sidecar.is_file():
         raise EngineError(f"TensorRT plan {path} has no sidecar {sidecar.name}; {fix}")
-    info = json.loads(sidecar.read_text())
-    if onnx_path.is_file() and info.get("onnx_sha256") != file_sha256(onnx_path):
-        raise EngineError(f"TensorRT plan {path} was built from an older {onnx_path.name} (re-exported since); {fix}")
+    try:
+        info = json.loads(sidecar.read_text())
+    except json.JSONDecodeError:
+        raise EngineError(f"TensorRT plan sidecar {sidecar} is not JSON; {fix}") from None
+    graph = check_graph(sku_dir, name, precision)
+    if info.get("onnx_sha256") != file_sha256(graph):
+        raise EngineError(f"TensorRT plan {path} was built from another {graph.name} (re-exported since); {fix}")
+    expected = {"precision": precision, "gpu": gpu, "tensorrt": tensorrt}
+    for key, value in expected.items():
+        if value is not None and info.get(key) != value:
+            raise EngineError(f"TensorRT plan {path} was built for {key} {info.get(key)!r}, this is {value!r}; {fix}")
     return path
 
 
-class _Plan:
-    """One deserialised engine with its execution context and I/O buffers sized for the max batch."""
+def _pinned(rt: Any, shape: tuple[int, ...], dtype: np.dtype) -> tuple[int, np.ndarray]:
+    """Page-locked host memory (cudaMallocHost) as a numpy array of `shape`; returns (pointer, array)."""
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    pointer = int(check_cuda(rt.cudaMallocHost(nbytes), f"cudaMallocHost({nbytes})"))
+    raw = (ctypes.c_byte * nbytes).from_address(pointer)
+    return pointer, np.frombuffer(raw, dtype=dtype).reshape(shape)
 
-    def __init__(self, runtime: Any, path: Path) -> None:
-        self.name = path.name
+
+class _Plan:
+    """One deserialised engine: pinned host + device I/O buffers for its max batch, one context per batch size."""
+
+    def __init__(self, trt: Any, runtime: Any, path: Path, stream: Any) -> None:
+        self.trt, self.rt, self.stream, self.name = trt, cuda_runtime(), stream, path.name
         self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
-            raise EngineError(f"TensorRT could not deserialise {path}; rebuild it with inspector build")
-        self.context = self.engine.create_execution_context()
+            raise EngineError(f"TensorRT could not deserialise {path} (see the TensorRT log); rebuild it with "
+                              "inspector build")
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self.max_batch = int(self.engine.get_tensor_profile_shape(self.inputs[0], 0)[2][0])
+        sizing = self.engine.create_execution_context()
         for n in self.inputs:
-            self.context.set_input_shape(n, tuple(self.engine.get_tensor_profile_shape(n, 0)[2]))
+            sizing.set_input_shape(n, tuple(self.engine.get_tensor_profile_shape(n, 0)[2]))
         self.host: dict[str, np.ndarray] = {}
-        self.device: dict[str, Any] = {}
+        self.device: dict[str, int] = {}
+        self._host_ptrs: list[int] = []
         for n in names:
-            shape = tuple(self.context.get_tensor_shape(n))
-            dtype = trt.nptype(self.engine.get_tensor_dtype(n))
-            self.host[n] = cuda.pagelocked_empty(shape, dtype)
-            self.device[n] = cuda.mem_alloc(self.host[n].nbytes)
-            self.context.set_tensor_address(n, int(self.device[n]))
-        self.bound_batch = self.max_batch
+            shape = tuple(int(d) for d in sizing.get_tensor_shape(n))
+            dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(n)))
+            pointer, self.host[n] = _pinned(self.rt, shape, dtype)
+            self._host_ptrs.append(pointer)
+            self.device[n] = int(check_cuda(self.rt.cudaMalloc(self.host[n].nbytes), f"cudaMalloc for {n}"))
+        del sizing
+        self.contexts: dict[int, Any] = {}
 
-    def bind(self, n: int) -> None:
-        """Set the input shapes for batch n (addresses stay: buffers are sized for the max batch)."""
+    def context(self, n: int) -> Any:
+        """The execution context bound to batch n (created on first use; addresses are the shared buffers)."""
         if n > self.max_batch:
             raise EngineError(f"batch {n} exceeds the max batch {self.max_batch} {self.name} was built for; "
                               "rebuild with inspector build --max-batch N")
-        if n != self.bound_batch:
+        if n not in self.contexts:
+            context = self.engine.create_execution_context()
+            if context is None:
+                raise EngineError(f"TensorRT could not create an execution context for {self.name} "
+                                  "(GPU memory exhausted?)")
             for name in self.inputs:
-                self.context.set_input_shape(name, (n, *self.host[name].shape[1:]))
-            self.bound_batch = n
+                context.set_input_shape(name, (n, *self.host[name].shape[1:]))
+            for name, pointer in self.device.items():
+                context.set_tensor_address(name, pointer)
+            self.contexts[n] = context
+        return self.contexts[n]
 
-    def upload(self, name: str, array: np.ndarray, stream: Any) -> None:
-        """Copy a host array into the input's pinned staging buffer and on to the device (async)."""
-        staged = self.host[name][: array.shape[0]]
-        np.copyto(staged, array, casting="same_kind")
-        cuda.memcpy_htod_async(self.device[name], staged, stream)
+    def copy_in(self, name: str, n: int) -> None:
+        """Queue the H2D copy of input `name`'s first n rows from its pinned buffer."""
+        nbytes = self.host[name][:n].nbytes
+        check_cuda(self.rt.cudaMemcpyAsync(self.device[name], self.host[name].ctypes.data, nbytes,
+                                           self.rt.cudaMemcpyKind.cudaMemcpyHostToDevice, self.stream),
+                   f"cudaMemcpyAsync to {name}")
 
-    def enqueue(self, stream: Any) -> None:
-        """Queue the engine on the stream (shapes already bound)."""
-        if not self.context.execute_async_v3(stream.handle):
+    def copy_out(self, name: str, n: int) -> None:
+        """Queue the D2H copy of output `name`'s first n rows into its pinned buffer."""
+        nbytes = self.host[name][:n].nbytes
+        check_cuda(self.rt.cudaMemcpyAsync(self.host[name].ctypes.data, self.device[name], nbytes,
+                                           self.rt.cudaMemcpyKind.cudaMemcpyDeviceToHost, self.stream),
+                   f"cudaMemcpyAsync from {name}")
+
+    def sequence(self, n: int) -> None:
+        """Queue H2D of every input, the engine for batch n, and D2H of every output."""
+        for name in self.inputs:
+            self.copy_in(name, n)
+        if not self.context(n).execute_async_v3(int(self.stream)):
             raise EngineError(f"TensorRT execution of {self.name} failed (see the TensorRT log)")
+        for name in self.outputs:
+            self.copy_out(name, n)
 
-    def download(self, name: str, n: int, stream: Any) -> np.ndarray:
-        """Queue the copy of output `name` for batch n to its pinned buffer; valid after the stream syncs."""
-        out = self.host[name][:n]
-        cuda.memcpy_dtoh_async(out, self.device[name], stream)
-        return out
+    def sync(self) -> None:
+        """Wait for the stream."""
+        check_cuda(self.rt.cudaStreamSynchronize(self.stream), "cudaStreamSynchronize")
 
-    def __call__(self, stream: Any, **feeds: np.ndarray) -> np.ndarray:
+    def __call__(self, **feeds: np.ndarray) -> np.ndarray:
         """Run synchronously on host arrays named like the inputs -> a copy of the first output."""
         n = next(iter(feeds.values())).shape[0]
-        self.bind(n)
+        self.context(n)  # checks the max batch before anything is copied
         for name in self.inputs:
-            self.upload(name, feeds[name], stream)
-        self.enqueue(stream)
-        out = self.download(self.outputs[0], n, stream)
-        stream.synchronize()
-        return out.copy()
+            np.copyto(self.host[name][:n], feeds[name], casting="same_kind")
+        self.sequence(n)
+        self.sync()
+        return self.host[self.outputs[0]][:n].copy()
+
+    def release(self) -> None:
+        """Free the device and pinned buffers (contexts first: they reference the engine)."""
+        self.contexts.clear()
+        for pointer in self.device.values():
+            self.rt.cudaFree(pointer)
+        for pointer in self._host_ptrs:
+            self.rt.cudaFreeHost(pointer)
+        self.device.clear()
+        self._host_ptrs.clear()
 
 
 class _PlanParts:
     """The per-part plans as `staged.Parts` on numpy arrays (each call is synchronous)."""
 
-    def __init__(self, plans: dict[str, _Plan], stream: Any) -> None:
+    def __init__(self, plans: dict[str, _Plan]) -> None:
         self.plans = plans
-        self.stream = stream
         self.cond_channels = int(plans["denoiser"].host["cond"].shape[1])
 
     def encode(self, x: np.ndarray) -> np.ndarray:
-        return self.plans["encoder"](self.stream, image=x)
+        return self.plans["encoder"](image=x)
 
     def denoise(self, z_t: np.ndarray, t: int, cond: np.ndarray) -> np.ndarray:
-        return self.plans["denoiser"](self.stream, z_t=z_t, t=np.full(z_t.shape[0], t, np.int64), cond=cond)
+        return self.plans["denoiser"](z_t=z_t, t=np.full(z_t.shape[0], t, np.int64), cond=cond)
 
     def fuse(self, z: np.ndarray, z_rec1: np.ndarray) -> np.ndarray:
-        return self.plans["fusion"](self.stream, z=z, z_rec1=z_rec1)
+        return self.plans["fusion"](z=z, z_rec1=z_rec1)
 
     def zero_cond(self, z: np.ndarray) -> np.ndarray:
         return np.zeros((z.shape[0], self.cond_channels, *z.shape[2:]), np.float32)
 
     def decode(self, z: np.ndarray) -> np.ndarray:
-        return self.plans["decoder"](self.stream, z=z)
+        return self.plans["decoder"](z=z)
 
     def segment(self, x: np.ndarray, x_rec: np.ndarray) -> np.ndarray:
-        return self.plans["segmenter"](self.stream, image=x, reconstruction=x_rec)
+        return self.plans["segmenter"](image=x, reconstruction=x_rec)
 
     def sync(self) -> None:
-        self.stream.synchronize()
+        """Each part call already synchronised."""
 
 
 class TensorRTEngine:
-    """Engine on an NVIDIA GPU through TensorRT plans; fp16/int8 as built by `inspector build`."""
+    """Engine on an NVIDIA GPU through TensorRT plans of the SKU's fp32, fp16 or int8 graphs."""
 
     backend = "tensorrt"
 
     def __init__(self, settings: TensorRTSettings, *, schedule_override: dict[str, Any] | None = None) -> None:
-        require_tensorrt()
+        self.trt = import_tensorrt()
+        self.rt = cuda_runtime()
         self.settings = settings
         self.device_id = settings.device_id
         self.precision = settings.precision
         self.schedule_override = schedule_override or {}
         self.cuda_graphs = settings.cuda_graphs
         self.image_size = 0
-        self._graphs: dict[int, Any] = {}
+        self._graphs: dict[int, Any] = {}  # batch -> instantiated CUDA graph, or None where capture failed
         self._unrolled: _Plan | None = None
+        self._plans: list[_Plan] = []
 
     def load(self, sku_dir: Path) -> None:
-        """Deserialise the plans for this GPU/TensorRT/precision; EngineError tells to build them if absent."""
+        """Deserialise the plans for this GPU/TensorRT/precision; EngineError says what to build or install."""
+        trt = self.trt
         self.sku_dir = Path(sku_dir)
         sku = open_exported_sku(self.sku_dir, self.schedule_override)
-        meta, self.image_size, self.schedule, self._noises = sku.meta, sku.image_size, sku.schedule, sku.noises
+        self.image_size, self.schedule, self._noises = sku.image_size, sku.schedule, sku.noises
+        self.gpu = cuda_device(self.device_id)
+        tag = plan_tag(self.gpu.name, trt.__version__, self.precision)
+        identity = {"gpu": self.gpu.name, "tensorrt": trt.__version__}
+        self._trt_logger = trt.Logger(trt.Logger.WARNING)
+        runtime = trt.Runtime(self._trt_logger)
+        self.stream = check_cuda(self.rt.cudaStreamCreateWithFlags(self.rt.cudaStreamNonBlocking), "cudaStreamCreate")
 
-        cuda.init()
-        device = cuda.Device(self.device_id)
-        self._cuda_context = device.retain_primary_context()
-        self._cuda_context.push()
-        try:
-            self.gpu_name = device.name()
-            tag = plan_tag(self.gpu_name, trt.__version__, self.precision)
-            self._trt_logger = trt.Logger(trt.Logger.WARNING)
-            runtime = trt.Runtime(self._trt_logger)
-            self.stream = cuda.Stream()
-            plans = {name: _Plan(runtime, check_plan(self.sku_dir, name, tag, self.precision)) for name in PART_NAMES}
-            self._parts = _PlanParts(plans, self.stream)
-            unrolled = plan_path(self.sku_dir, UNROLLED_NAME, tag)
-            baked_info = meta.get("export", {}).get("unrolled_schedule")
-            if unrolled.is_file() and self.schedule.to_dict() == baked_info:
-                self._unrolled = _Plan(runtime, check_plan(self.sku_dir, UNROLLED_NAME, tag, self.precision))
-        finally:
-            self._cuda_context.pop()
-        log.info("tensorrt_engine_loaded", sku_dir=str(self.sku_dir), tag=tag,
+        def open_plan(name: str) -> _Plan:
+            plan = _Plan(trt, runtime, check_plan(self.sku_dir, name, tag, self.precision, **identity), self.stream)
+            self._plans.append(plan)
+            return plan
+
+        self._parts = _PlanParts({name: open_plan(name) for name in PART_NAMES})
+        if plan_path(self.sku_dir, UNROLLED_NAME, tag).is_file() and sku.export.unrolled_schedule == self.schedule:
+            self._unrolled = open_plan(UNROLLED_NAME)
+        log.info("tensorrt_engine_loaded", sku_dir=str(self.sku_dir), tag=tag, gpu=self.gpu.name,
                  unrolled=self._unrolled is not None, cuda_graphs=self.cuda_graphs)
 
     def _run_unrolled(self, plan: _Plan, x: np.ndarray) -> np.ndarray:
         """One launch of the unrolled plan for batch n: a replayed CUDA graph, or the plain sequence."""
         n = x.shape[0]
-        plan.bind(n)
+        plan.context(n)
         np.copyto(plan.host[plan.inputs[0]][:n], x)
         if self.cuda_graphs and n not in self._graphs:
             self._graphs[n] = self._capture(plan, n)
         graph = self._graphs.get(n)
         if graph is not None:
-            graph.launch(self.stream)
+            check_cuda(self.rt.cudaGraphLaunch(graph, self.stream), "cudaGraphLaunch")
         else:
-            self._sequence(plan, n)
-        self.stream.synchronize()
+            plan.sequence(n)
+        plan.sync()
         return plan.host[plan.outputs[0]][:n].copy()
 
-    def _sequence(self, plan: _Plan, n: int) -> None:
-        """Queue H2D of the pinned input, the plan's kernels and D2H of the output for batch n."""
-        cuda.memcpy_htod_async(plan.device[plan.inputs[0]], plan.host[plan.inputs[0]][:n], self.stream)
-        plan.enqueue(self.stream)
-        cuda.memcpy_dtoh_async(plan.host[plan.outputs[0]][:n], plan.device[plan.outputs[0]], self.stream)
-
     def _capture(self, plan: _Plan, n: int) -> Any:
-        """`_sequence` for batch n captured into an instantiated CUDA graph; None (plain launches) on failure."""
-        plan.enqueue(self.stream)  # TensorRT wants one enqueue after a shape change before capture
-        self.stream.synchronize()
+        """`plan.sequence(n)` captured into an instantiated CUDA graph; None (plain launches) when capture fails."""
+        rt = self.rt
+        plan.sequence(n)  # TensorRT wants one enqueue with the context's shapes before capture
+        plan.sync()
+        graph = None
         try:
-            self.stream.begin_capture()
+            mode = rt.cudaStreamCaptureMode.cudaStreamCaptureModeThreadLocal
+            check_cuda(rt.cudaStreamBeginCapture(self.stream, mode), "cudaStreamBeginCapture")
             try:
-                self._sequence(plan, n)
-            finally:  # never leave the stream capturing
-                graph = self.stream.end_capture()
-            return graph.instantiate()
-        except cuda.Error as exc:
-            log.warning("cuda_graph_capture_failed", batch=n, error=str(exc))
+                plan.sequence(n)
+            finally:  # never leave the stream capturing, whatever failed inside
+                err, graph = rt.cudaStreamEndCapture(self.stream)
+            check_cuda((err,), "cudaStreamEndCapture")
+            return check_cuda(rt.cudaGraphInstantiate(graph, 0), "cudaGraphInstantiate")
+        except EngineError as exc:
+            rt.cudaGetLastError()  # clear the sticky capture error so plain launches work
+            log.warning("cuda_graph_capture_failed", plan=plan.name, batch=n, error=str(exc),
+                        fallback="plain launches for this batch size")
             return None
+        finally:
+            if graph is not None:
+                rt.cudaGraphDestroy(graph)  # the instantiated graph keeps what it needs
 
     def infer(self, images_u8_nhwc: np.ndarray) -> np.ndarray:
         """uint8 N x S x S x 3 -> float32 N x S x S anomaly maps in [0, 1]."""
         x = preprocess_frames(images_u8_nhwc, self.image_size)
-        self._cuda_context.push()
-        try:
-            if self._unrolled is not None:
-                return self._run_unrolled(self._unrolled, x)
-            return run_parts(self._parts, x, self.schedule, *self._noises)
-        finally:
-            self._cuda_context.pop()
+        check_cuda(self.rt.cudaSetDevice(self.device_id), "cudaSetDevice")  # the daemon calls from its worker thread
+        if self._unrolled is not None:
+            return self._run_unrolled(self._unrolled, x)
+        return run_parts(self._parts, x, self.schedule, *self._noises)
 
     def infer_timed(self, images_u8_nhwc: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
         """`infer` through the per-part plans with wall milliseconds per stage (host round trips included)."""
         t0 = time.perf_counter()
         x = preprocess_frames(images_u8_nhwc, self.image_size)
         pre_ms = (time.perf_counter() - t0) * 1e3
-        self._cuda_context.push()
-        try:
-            maps, ms = run_parts_timed(self._parts, x, self.schedule, *self._noises)
-        finally:
-            self._cuda_context.pop()
+        check_cuda(self.rt.cudaSetDevice(self.device_id), "cudaSetDevice")
+        maps, ms = run_parts_timed(self._parts, x, self.schedule, *self._noises)
         return maps, {"preprocess": pre_ms, **ms}
 
     def warmup(self) -> None:
@@ -286,23 +323,31 @@ class TensorRTEngine:
 
     def device_memory_used(self) -> int:
         """Bytes of GPU memory in use on this device (all processes), for the benchmark."""
-        self._cuda_context.push()
-        try:
-            free, total = cuda.mem_get_info()
-        finally:
-            self._cuda_context.pop()
+        free, total = check_cuda(self.rt.cudaMemGetInfo(), "cudaMemGetInfo")
         return int(total - free)
 
+    def close(self) -> None:
+        """Release graphs, buffers and the stream (the daemon's changeover drops the old engine)."""
+        for graph in self._graphs.values():
+            if graph is not None:
+                self.rt.cudaGraphExecDestroy(graph)
+        self._graphs.clear()
+        for plan in self._plans:
+            plan.release()
+        self._plans.clear()
+
     def describe(self) -> dict[str, Any]:
-        """Backend, precision, GPU, TensorRT version, schedule and which path runs."""
+        """Backend, precision, GPU, TensorRT version, schedule, which path runs and which graphs were captured."""
         return {
             "backend": self.backend,
             "precision": self.precision,
             "image_size": self.image_size,
-            "gpu": self.gpu_name,
-            "tensorrt": trt.__version__,
+            "gpu": self.gpu.name,
+            "compute_capability": self.gpu.compute_capability,
+            "tensorrt": self.trt.__version__,
             "schedule": self.schedule.to_dict(),
             "unrolled": self._unrolled is not None,
             "cuda_graphs": self.cuda_graphs,
+            "captured_batches": sorted(n for n, g in self._graphs.items() if g is not None),
             "max_batch": min(p.max_batch for p in self._parts.plans.values()),
         }

@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 
 from engines.manifest import MANIFEST_FILE
-from engines.runtime import BACKENDS, engine_settings
-from engines.runtime.benchmark import benchmark, format_table, make_random_sku
-from foundation.errors import EngineError
+from engines.runtime import BACKENDS
+from engines.runtime.benchmark import benchmark, format_table, make_random_sku, parse_engines
 from inspector.commands.common import sku_dir_from_args
 
 
@@ -33,30 +32,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--random-sku", type=Path, metavar="DIR",
                        help="create an untrained 256 px SKU in DIR (if absent), export it and benchmark it")
     parser.add_argument("--image-size", type=int, default=256, help="image size of --random-sku")
-    parser.add_argument("--backends", default="torch,onnxruntime", help="comma-separated, of: " + ",".join(BACKENDS))
+    parser.add_argument("--backends", default="torch,onnxruntime",
+                        help="comma-separated backend[:precision], e.g. onnxruntime,onnxruntime:int8 or "
+                             "torch:bf16 (backends: " + ",".join(BACKENDS) + ")")
     parser.add_argument("--batches", type=_int_list, default=[1, 2, 4, 8], help="comma-separated batch sizes")
     parser.add_argument("--iters", type=int, default=20, help="timed calls per batch size")
     parser.add_argument("--threads", type=int, default=0,
                         help="intra-op CPU threads of onnxruntime and torch (0 = library default)")
-    parser.add_argument("--precision", default="fp16", help="TensorRT precision (other backends run fp32)")
+    parser.add_argument("--precision", default="fp16", help="TensorRT precision where --backends names none")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device of the torch backend")
+    parser.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                        help="replay captured CUDA graphs (torch on cuda, tensorrt)")
     parser.add_argument("--json", type=Path, help="also write the report here")
 
 
 def run(args: argparse.Namespace) -> int:
     """`inspector bench`: print the tables and optionally write the JSON report."""
-    backends = [b for b in args.backends.split(",") if b]
-    unknown = [b for b in backends if b not in BACKENDS]
-    if unknown:
-        raise EngineError(f"--backends: unknown {', '.join(unknown)}; valid are {', '.join(BACKENDS)}")
+    engines = parse_engines(args.backends, threads=args.threads or None, tensorrt_precision=args.precision,
+                            device=args.device, cuda_graphs=args.cuda_graphs)
     if args.random_sku is not None:
         sku_dir = args.random_sku
         if not (sku_dir / MANIFEST_FILE).is_file():
             make_random_sku(sku_dir, args.image_size)
     else:
         sku_dir = sku_dir_from_args(args)
-    cpu_threads = args.threads or None
-    engines = [engine_settings("tensorrt", precision=args.precision) if b == "tensorrt"
-               else engine_settings(b, threads=cpu_threads) for b in backends]
     report = benchmark(sku_dir, engines, args.batches, args.iters)
     print(format_table(report))
     if args.json is not None:

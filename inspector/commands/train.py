@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 from pathlib import Path
 
 from engines.manifest import ModelConfig
 from engines.train import PRESETS, TrainConfig, read_checkpoint_config, train_sku
 from foundation.errors import DataError
+
+
+def _device_arg(text: str) -> str:
+    """--device: cpu, cuda or cuda:N."""
+    if re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: use cpu, cuda or cuda:N")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,8 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seg-steps", type=int)
     parser.add_argument("--lr", type=float)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", choices=("cpu", "cuda"),
-                        default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", type=_device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda or cuda:N (default: cuda when torch sees a GPU)")
     parser.add_argument("--texture-dir", type=Path, help="folder of anomaly source textures (e.g. DTD)")
     parser.add_argument("--foreground", choices=("otsu", "none"), default="otsu")
     parser.add_argument("--num-workers", type=int, default=0)

@@ -11,8 +11,9 @@
 # owners are printed instead), so a staged tree can be built without root.
 # --web-port sets the station page's port in a new starter config (one port per station on a box); the
 # page's control token is made once in /etc/inspector/secrets/<station>.web-token.
-# TORCH_INDEX_URL (optional) is the pip index for torch. Default: pip's configured index when nvidia-smi
-# works (CUDA wheels), else the CPU-only wheels at https://download.pytorch.org/whl/cpu.
+# TORCH_INDEX_URL (optional) is the pip index for torch. Default: when nvidia-smi works, the CUDA wheels that fit
+# its driver (https://download.pytorch.org/whl/cu130 for a CUDA 13 driver, .../cu128 for CUDA 12) plus the [gpu]
+# extra (TensorRT + cuda-python; [gpu-cu13] on a CUDA 13 driver); else the CPU-only wheels (.../whl/cpu).
 set -euo pipefail
 umask 022
 
@@ -124,10 +125,17 @@ make_venv() {
     echo "$TORCH_PIN" >"$constraints.new"
     install_file 0644 "$constraints.new" "$constraints"
     rm -f "$constraints.new"
-    local extra="" torch_index="${TORCH_INDEX_URL:-}"
+    local extra="" torch_index="${TORCH_INDEX_URL:-}" driver_cuda
     if command -v nvidia-smi >/dev/null && nvidia-smi >/dev/null 2>&1; then
-        extra="[gpu]"
-        note "nvidia-smi works: installing the [gpu] extra (TensorRT, pycuda)"
+        driver_cuda="$(nvidia-smi | sed -n 's/.*CUDA Version: *\([0-9]*\).*/\1/p' | head -n 1)"
+        if ((${driver_cuda:-12} >= 13)); then
+            extra="[gpu-cu13]"
+            torch_index="${torch_index:-https://download.pytorch.org/whl/cu130}"
+        else
+            extra="[gpu]"
+            torch_index="${torch_index:-https://download.pytorch.org/whl/cu128}"
+        fi
+        note "nvidia-smi works (driver for CUDA ${driver_cuda:-?}): CUDA torch and the $extra extra (TensorRT, cuda-python)"
     elif [[ -z "$torch_index" ]]; then
         torch_index="https://download.pytorch.org/whl/cpu"
     fi

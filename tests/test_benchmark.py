@@ -28,7 +28,8 @@ def test_bench_backend_measures_throughput_latency_stages_and_memory(sku: Path) 
     report = {"results": {"onnxruntime": result, "tensorrt": {"error": "no GPU"}}, "load_avg_before": (1.0, 0, 0),
               "load_avg_after": (1.0, 0, 0), "host": {"cpus": 2}}
     table = benchmark.format_table(report)
-    assert "onnxruntime      1" in table and "tensorrt     error: no GPU" in table and "peak RSS" in table
+    assert "onnxruntime            1" in table and "tensorrt           error: no GPU" in table
+    assert "peak RSS" in table
 
 
 def test_cli_rejects_unknown_backends_and_bad_batches(sku: Path) -> None:
@@ -38,5 +39,5 @@ def test_cli_rejects_unknown_backends_and_bad_batches(sku: Path) -> None:
         parser.parse_args(["--sku-dir", str(sku), "--batches", "1,x"])
     args = parser.parse_args(["--sku-dir", str(sku), "--backends", "torch,openvino"])
     args.config = None
-    with pytest.raises(EngineError, match="unknown openvino"):
+    with pytest.raises(EngineError, match="unknown 'openvino'"):
         bench.run(args)

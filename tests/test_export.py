@@ -61,7 +61,8 @@ def test_meta_records_export_and_keeps_training_keys(sku: Path) -> None:
 
 def _args(**kw: object) -> argparse.Namespace:
     base = {"sku_dir": None, "sku": None, "config": None, "opset": export.DEFAULT_OPSET,
-            "t1": None, "steps1": None, "t2": None, "steps2": None}
+            "t1": None, "steps1": None, "t2": None, "steps2": None, "fp16": False, "int8": False, "calib": None,
+            "calib_images": 32}
     return argparse.Namespace(**(base | kw))
 
 

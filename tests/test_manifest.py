@@ -1,4 +1,5 @@
-"""The typed SKU manifest: round trip, upgrade of schema-1 files, refusal of newer or malformed ones."""
+"""The typed SKU manifest: round trip, upgrade of schema-1 files, the export record's derived-graph records,
+refusal of newer or malformed files."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import pytest
 from engines.manifest import (
     MANIFEST_FILE,
     SCHEMA_VERSION,
+    DerivedGraphsRecord,
     ModelConfig,
     new_manifest,
     read_manifest,
     score_top_k,
+    with_derived,
     write_manifest,
 )
 from engines.schedule import Schedule
@@ -42,6 +45,22 @@ def test_a_schema_1_file_is_upgraded_on_read(tmp_path: Path) -> None:
     assert manifest.schema_version == SCHEMA_VERSION and manifest.schedule == Schedule(t1=100)
     assert manifest.image_size == 64 and manifest.score.top_k == score_top_k(tmp_path) > 0
     assert manifest.train is not None and manifest.train.losses == {"autoencoder": 0.1}
+
+
+def test_derived_graph_records_are_typed_and_kept_through_upgrade_and_rewrite(tmp_path: Path) -> None:
+    int8 = {"files": ["encoder.int8.onnx"], "calibration": "4 images of /good", "method": "QDQ minmax",
+            "ops": ["Conv"], "tool": "onnxruntime==1.22.0"}
+    export = {"opset": 17, "weights_sha256": "w", "files": ["encoder.onnx"], "int8": int8}
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(SCHEMA_1 | {"export": export}))
+    manifest = read_manifest(tmp_path)
+    assert manifest.export is not None and manifest.export.int8 == DerivedGraphsRecord(**int8)
+    assert manifest.export.fp16 is None
+    fp16 = DerivedGraphsRecord(files=["encoder.fp16.onnx"], tool="onnxconverter-common==1.14.0")
+    write_manifest(tmp_path, with_derived(manifest, "fp16", fp16))
+    again = read_manifest(tmp_path).export
+    assert again is not None and again.fp16 == fp16 and again.int8 == manifest.export.int8 and again.opset == 17
+    with pytest.raises(ValueError, match="no export record"):
+        with_derived(new_manifest(ModelConfig(image_size=64), Schedule(), 0.5), "int8", fp16)
 
 
 @pytest.mark.parametrize(("change", "message"), [

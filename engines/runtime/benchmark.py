@@ -170,14 +170,14 @@ def benchmark(sku_dir: Path, engines: Sequence[EngineSettings], batches: Sequenc
 
 def format_table(report: dict[str, Any]) -> str:
     """The report as plain-text tables: throughput/latency per batch, stages at batch 1, memory."""
-    lines = [f"{'backend':12} {'batch':>5} {'frames/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'min ms':>8}"]
+    lines = [f"{'backend':18} {'batch':>5} {'frames/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'min ms':>8}"]
     for backend, r in report["results"].items():
         if "error" in r:
-            lines.append(f"{backend:12} error: {r['error']}")
+            lines.append(f"{backend:18} error: {r['error']}")
             continue
         for batch, m in r["batches"].items():
             best = " (best)" if int(batch) == r["best_batch"] else ""
-            lines.append(f"{backend:12} {batch:>5} {m['fps']:9.2f} {m['p50_ms']:8.1f} {m['p99_ms']:8.1f} "
+            lines.append(f"{backend:18} {batch:>5} {m['fps']:9.2f} {m['p50_ms']:8.1f} {m['p99_ms']:8.1f} "
                          f"{m['min_ms']:8.1f}{best}")
     lines.append("")
     lines.append(f"{'stage ms (batch 1, median)':28}" + "".join(f"{s:>10}" for s in (*STAGE_ORDER, "total")))
@@ -191,9 +191,9 @@ def format_table(report: dict[str, Any]) -> str:
         if "error" not in r:
             gpu = r["device_memory_mb"]
             gpu_text = f", GPU memory in use {gpu:.0f} MB" if gpu is not None else ""
-            lines.append(f"{backend:12} peak RSS {r['peak_rss_mb']:.0f} MB{gpu_text}")
+            lines.append(f"{backend:18} peak RSS {r['peak_rss_mb']:.0f} MB{gpu_text}")
     for backend, x in report.get("speedup_vs_torch_batch1", {}).items():
-        lines.append(f"{backend:12} {x:.2f}x torch at batch 1")
+        lines.append(f"{backend:18} {x:.2f}x torch at batch 1")
     for pair, per_batch in report.get("speedup", {}).items():
         lines.append(f"{pair}: " + ", ".join(f"{x:.2f}x at batch {b}" for b, x in per_batch.items()))
     lines.append(f"load average before/after: {report['load_avg_before'][0]:.2f} / {report['load_avg_after'][0]:.2f} "

@@ -1,0 +1,138 @@
+"""fp16 and int8 Q/DQ graphs derived from the fp32 export: structure, identity, parity on ONNX Runtime, and the
+int8 engine's accuracy against fp32 on a trained SKU (CPU, everywhere)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from engines.manifest import read_manifest
+from engines.precision import META_PRECISION, META_SOURCE_SHA256, check_graph, graph_file
+from engines.quantize import GRAPH_NAMES, QUANTIZED_OPS, derive_fp16, quantize_int8
+from engines.runtime import create_engine, engine_settings
+from engines.runtime.staged import file_sha256
+from engines.sample_data import write_good_folder
+from foundation.errors import EngineError
+from inspector.cli import main
+from tests.fixtures_engines import IMAGE_SIZE, copy_sku, random_frames
+from tests.test_parity import part_frames, rel_error
+
+INT8_RANDOM_BOUND = 0.2  # random-init weights: a loose sanity bound; accuracy is judged on the trained SKU below
+FP16_BOUND = 1e-2
+INT8_AUROC_POINTS = 2.0
+
+
+@pytest.fixture(scope="module")
+def derived_sku(exported_random_sku: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A private random-init SKU with fp16 graphs and int8 graphs calibrated on 4 good parts."""
+    root = tmp_path_factory.mktemp("quant")
+    sku = copy_sku(exported_random_sku, root / "sku")
+    good = write_good_folder(root / "good", 6, IMAGE_SIZE)
+    quantize_int8(sku, good, limit=4, threads=1)
+    derive_fp16(sku)
+    return sku
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def test_int8_graphs_hold_symmetric_qdq_and_their_source(derived_sku: Path) -> None:
+    for name in GRAPH_NAMES:
+        path = graph_file(derived_sku, name, "int8")
+        model = onnx.load(str(path))
+        ops = {n.op_type for n in model.graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops, name
+        inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+        zero_points = [inits[n.input[2]] for n in model.graph.node
+                       if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2]
+        assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points), name  # TensorRT's form
+        meta = {p.key: p.value for p in model.metadata_props}
+        assert meta[META_PRECISION] == "int8"
+        assert meta[META_SOURCE_SHA256] == file_sha256(graph_file(derived_sku, name, "fp32"))
+        assert check_graph(derived_sku, name, "int8") == path
+
+
+def test_derived_graphs_are_noted_in_the_manifests_export_record(derived_sku: Path) -> None:
+    export = read_manifest(derived_sku).export
+    assert export is not None and export.int8 is not None and export.fp16 is not None
+    assert export.int8.files == [graph_file(derived_sku, n, "int8").name for n in GRAPH_NAMES]
+    assert export.int8.calibration.startswith("4 images of ") and export.int8.ops == list(QUANTIZED_OPS)
+    assert export.fp16.files == [graph_file(derived_sku, n, "fp16").name for n in GRAPH_NAMES]
+    assert export.fp16.tool.startswith("onnxconverter-common==")
+    assert export.weights_sha256 and export.unrolled_schedule is not None  # the fp32 export record is kept
+
+
+def test_int8_engine_runs_both_paths_close_to_fp32(derived_sku: Path) -> None:
+    frames = random_frames(3, seed=2)
+    ref = create_engine(engine_settings("onnxruntime", threads=1), derived_sku).infer(frames)
+    engine = create_engine(engine_settings("onnxruntime", threads=1, precision="int8"), derived_sku)
+    info = engine.describe()
+    assert info["precision"] == "int8" and info["unrolled"]
+    maps = engine.infer(frames)
+    assert maps.shape == ref.shape and maps.dtype == np.float32
+    assert rel_error(maps, ref) < INT8_RANDOM_BOUND
+    assert rel_error(engine.infer_timed(frames)[0], ref) < INT8_RANDOM_BOUND  # the int8 part graphs
+
+
+def test_fp16_graphs_compute_in_fp16_with_fp32_io_and_fp32_timestep_embedding(derived_sku: Path) -> None:
+    x = np.random.default_rng(0).random((2, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
+    for name in ("encoder", "tdad"):
+        path = graph_file(derived_sku, name, "fp16")
+        model = onnx.load(str(path))
+        types = [i.data_type for i in model.graph.initializer if i.data_type in (1, 10)]
+        assert types.count(onnx.TensorProto.FLOAT16) > types.count(onnx.TensorProto.FLOAT), name
+        session = _session(path)
+        assert [i.type for i in (*session.get_inputs(), *session.get_outputs())] == ["tensor(float)"] * 2
+        ref = _session(graph_file(derived_sku, name, "fp32")).run(None, {"image": x})[0]
+        assert rel_error(session.run(None, {"image": x})[0], ref) < FP16_BOUND, name
+    denoiser = onnx.load(str(graph_file(derived_sku, "denoiser", "fp16")))
+    shapes = onnx.shape_inference.infer_shapes(denoiser).graph
+    sin_inputs = {n.input[0] for n in denoiser.graph.node if n.op_type in ("Sin", "Cos")}
+    kinds = {v.name: v.type.tensor_type.elem_type for v in (*shapes.value_info, *shapes.input)}
+    assert sin_inputs and all(kinds[i] == onnx.TensorProto.FLOAT for i in sin_inputs)
+
+
+def test_stale_or_missing_derived_graphs_are_refused_with_the_export_command(derived_sku: Path,
+                                                                             tmp_path: Path) -> None:
+    sku = copy_sku(derived_sku, tmp_path / "sku")
+    encoder = graph_file(sku, "encoder", "fp32")
+    model = onnx.load(str(encoder))
+    model.doc_string = "re-exported"  # same network, different bytes: as after a new `inspector export`
+    onnx.save(model, str(encoder))
+    with pytest.raises(EngineError, match=r"encoder\.int8\.onnx was not made from the current encoder\.onnx.*"
+                                          r"--int8 --calib DIR"):
+        create_engine(engine_settings("onnxruntime", precision="int8"), sku)
+    graph_file(sku, "fusion", "int8").unlink()
+    with pytest.raises(EngineError, match=r"fusion\.int8\.onnx is missing \(the SKU has no int8 graphs\)"):
+        check_graph(sku, "fusion", "int8")
+
+
+def test_export_int8_without_calibration_images_is_one_line(exported_random_sku: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["export", "--sku-dir", str(exported_random_sku), "--int8"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --int8 needs --calib DIR: a folder of the SKU's good images to calibrate on"
+
+
+@pytest.mark.slow
+def test_int8_keeps_the_trained_skus_image_auroc(trained_sku: Path, tmp_path: Path) -> None:
+    from calibration.metrics import image_auroc
+    from engines.scoring import image_scores
+
+    sku = copy_sku(trained_sku, tmp_path / "sku")
+    size = create_engine(engine_settings("onnxruntime", threads=1), sku).image_size
+    quantize_int8(sku, write_good_folder(tmp_path / "good", 16, size, seed=7), limit=16, threads=1)
+    frames = part_frames(48, size, seed=5)
+    labels = np.arange(48) % 2
+    auroc = {p: image_auroc(labels, image_scores(create_engine(engine_settings("onnxruntime", threads=1,
+                                                                               precision=p), sku).infer(frames)))
+             for p in ("fp32", "int8")}
+    assert abs(auroc["int8"] - auroc["fp32"]) * 100 <= INT8_AUROC_POINTS, auroc

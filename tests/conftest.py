@@ -13,11 +13,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from inspector.broker import LocalBroker, start_local_broker
 from tests.fixtures_engines import IMAGE_SIZE
 
 # Tests share 2 CPU cores; one BLAS/torch thread per process keeps timings stable and runs predictable.
@@ -26,6 +28,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The demo recipe with half the tiny preset's steps: the daemon's accuracy checks pass with a wide margin,
 # and training stays well under a minute of CPU on an idle 2-core box.
 TEST_RECIPE_SCALE = 0.5
+
+
+@pytest.fixture
+def broker(tmp_path: Path) -> Iterator[LocalBroker]:
+    """A real mosquitto on a free loopback port, anonymous, no persistence; stopped after the test."""
+    b = start_local_broker(tmp_path / "broker")
+    yield b
+    b.stop()
 
 
 def nvidia_smi_sees_gpu() -> bool:

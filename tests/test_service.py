@@ -25,7 +25,7 @@ from structlog.testing import capture_logs
 
 from calibration.thresholds import save_calibration
 from foundation.errors import DataError
-from inspector.broker import LocalBroker, start_local_broker
+from inspector.broker import LocalBroker
 from inspector.config import InspectorConfig, load_config
 from inspector.decider import Decider
 from inspector.mqtt import WINDOW
@@ -121,13 +121,6 @@ class NotifySocket:
         self.sock.close()
         self.path.unlink(missing_ok=True)
         self.dir.rmdir()
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[LocalBroker]:
-    b = start_local_broker(tmp_path / "broker")
-    yield b
-    b.stop()
 
 
 @pytest.fixture

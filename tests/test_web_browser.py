@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from inspector.broker import LocalBroker, start_local_broker
+from inspector.broker import LocalBroker
 from inspector.config import load_config
 from inspector.service import Daemon
 from inspector.web.browser import CHROMEDRIVER, CHROMIUM, headless_chromium
@@ -28,13 +28,6 @@ pytestmark = [
 
 TOKEN = "browser-test-token-0123456789abcdef"
 DEADLINE_S = 60.0
-
-
-@pytest.fixture
-def broker(tmp_path: Path) -> Iterator[LocalBroker]:
-    b = start_local_broker(tmp_path / "broker")
-    yield b
-    b.stop()
 
 
 @pytest.fixture

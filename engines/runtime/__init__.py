@@ -10,7 +10,6 @@ import importlib
 from pathlib import Path
 from typing import Any
 
-from engines.gpu import GPU_EXTRA_HINT
 from engines.runtime.base import Engine
 from engines.runtime.config import (
     EngineSettings,
@@ -49,5 +48,5 @@ def create_engine(settings: EngineSettings, sku_dir: Path, *,
     return engine
 
 
-__all__ = ["BACKENDS", "GPU_EXTRA_HINT", "Engine", "EngineSettings", "OnnxRuntimeSettings", "TensorRTSettings",
+__all__ = ["BACKENDS", "Engine", "EngineSettings", "OnnxRuntimeSettings", "TensorRTSettings",
            "TorchSettings", "create_engine", "engine_class", "engine_settings"]

@@ -434,10 +434,6 @@ class Spool:
         if fd is not None:
             _close_fd(fd)
 
-    def _disk_bytes(self) -> int:
-        """Bytes of all segment files."""
-        return sum(s.size for s in self._segments.values())
-
     def _delete_segment(self, first: int) -> None:
         """Remove a segment with no live record, and its ack file."""
         segment = self._segments.pop(first)

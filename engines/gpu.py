@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from foundation.errors import EngineError
+from foundation.errors import EngineError, first_line
 
 # TensorRT releases whose Python API this code uses and tests (tests/test_tensorrt_api.py): [floor, ceiling)
 TENSORRT_FLOOR = (10, 8)
@@ -102,8 +102,7 @@ def import_tensorrt() -> ModuleType:
                               "(device = \"cuda\") or \"onnxruntime\"") from None
         raise EngineError(f"TensorRT cannot be imported ({exc}); {GPU_EXTRA_HINT}") from None
     except (ImportError, OSError) as exc:  # the bindings are there, libnvinfer (tensorrt-cu*-libs) is not
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise EngineError(f"TensorRT's libraries cannot be loaded ({first}); reinstall them: "
+        raise EngineError(f"TensorRT's libraries cannot be loaded ({first_line(exc)}); reinstall them: "
                           "pip install --force-reinstall 'tdad-inspector[gpu]'") from None
     version = str(getattr(trt, "__version__", "unknown"))
     if not tensorrt_version_ok(version):

@@ -19,7 +19,7 @@ from engines.gpu import torch_cuda_device
 from engines.model import TDADModel, load_sku
 from engines.preprocess import preprocess
 from engines.runtime.config import TorchSettings
-from foundation.errors import DataError, EngineError
+from foundation.errors import DataError, EngineError, first_line
 from foundation.log import get_logger
 
 log = get_logger(__name__)
@@ -99,7 +99,7 @@ class TorchEngine:
             return _Graph(graph, static_in, static_out)
         except RuntimeError as exc:
             torch.cuda.synchronize(self.device)
-            log.warning("cuda_graph_capture_failed", backend=self.backend, batch=n, error=str(exc).splitlines()[0],
+            log.warning("cuda_graph_capture_failed", backend=self.backend, batch=n, error=first_line(exc),
                         fallback="eager launches for this batch size")
             return None
 

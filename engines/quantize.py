@@ -31,8 +31,8 @@ from engines.manifest import DerivedGraphsRecord, read_manifest, with_derived, w
 from engines.precision import META_PRECISION, META_SOURCE, META_SOURCE_SHA256, check_graph, graph_file
 from engines.preprocess import preprocess
 from engines.runtime.config import OnnxRuntimeSettings
-from engines.runtime.onnx_backend import PART_NAMES, UNROLLED_NAME, OnnxEngine
-from engines.runtime.staged import check_export, file_sha256, read_sku_manifest, run_parts
+from engines.runtime.onnx_backend import OnnxEngine
+from engines.runtime.staged import PART_NAMES, UNROLLED_NAME, check_export, file_sha256, read_sku_manifest, run_parts
 from foundation.errors import DataError, EngineError
 from foundation.log import get_logger
 

@@ -182,7 +182,7 @@ def _engine_files_missing(sku_dir: Path, engine: EngineSettings) -> tuple[list[s
     """The files of `sku_dir` the backend would load that are not there, and the command that makes them
     ("run: ..."); ONNX Runtime's are the graphs of its precision (X.onnx or X.int8.onnx, engines/precision.py)."""
     from engines.precision import graph_file, regenerate_hint
-    from engines.runtime.tensorrt_backend import PART_NAMES  # torch-free; tensorrt itself is optional there
+    from engines.runtime.staged import PART_NAMES
 
     if engine.backend == "torch":
         return ([] if (sku_dir / WEIGHTS_FILE).is_file() else [WEIGHTS_FILE]), f"run: inspector train --out {sku_dir}"

@@ -23,8 +23,8 @@ from typing import Any
 
 from engines.gpu import cuda_device, import_tensorrt
 from engines.precision import GRAPH_PRECISIONS, check_graph, derived_is_current, graph_file
-from engines.runtime.staged import check_export, file_sha256, read_sku_manifest
-from engines.runtime.tensorrt_backend import PART_NAMES, UNROLLED_NAME, plan_path, plan_tag
+from engines.runtime.staged import PART_NAMES, UNROLLED_NAME, check_export, file_sha256, read_sku_manifest
+from engines.runtime.tensorrt_backend import plan_path, plan_tag
 from foundation.errors import EngineError
 from foundation.log import get_logger
 

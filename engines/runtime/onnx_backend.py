@@ -19,6 +19,8 @@ import onnxruntime as ort
 from engines.precision import check_graph
 from engines.runtime.config import OnnxRuntimeSettings
 from engines.runtime.staged import (
+    PART_NAMES,
+    UNROLLED_NAME,
     open_exported_sku,
     preprocess_frames,
     run_parts,
@@ -28,9 +30,6 @@ from foundation.errors import EngineError
 from foundation.log import get_logger
 
 log = get_logger(__name__)
-
-PART_NAMES = ("encoder", "denoiser", "fusion", "decoder", "segmenter")
-UNROLLED_NAME = "tdad"
 
 
 def session_options(threads: int) -> ort.SessionOptions:

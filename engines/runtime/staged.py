@@ -17,6 +17,9 @@ from engines.preprocess import preprocess
 from engines.schedule import Schedule, two_stage_reconstruct
 from foundation.errors import DataError, EngineError
 
+# the exported graphs of a SKU: one per part, and the whole reconstruction unrolled (when its schedule matches)
+PART_NAMES = ("encoder", "denoiser", "fusion", "decoder", "segmenter")
+UNROLLED_NAME = "tdad"
 STAGES = ("preprocess", "encode", "stage1", "fusion", "stage2", "decode", "segment")
 
 

@@ -27,6 +27,8 @@ from engines.gpu import check_cuda, cuda_device, cuda_runtime, import_tensorrt
 from engines.precision import check_graph
 from engines.runtime.config import TensorRTSettings
 from engines.runtime.staged import (
+    PART_NAMES,
+    UNROLLED_NAME,
     file_sha256,
     open_exported_sku,
     preprocess_frames,
@@ -37,9 +39,6 @@ from foundation.errors import EngineError
 from foundation.log import get_logger
 
 log = get_logger(__name__)
-
-PART_NAMES = ("encoder", "denoiser", "fusion", "decoder", "segmenter")
-UNROLLED_NAME = "tdad"
 
 
 def _slug(text: str) -> str:

@@ -15,7 +15,7 @@ from engines import export
 from engines.runtime.staged import file_sha256
 from foundation.errors import EngineError
 from inspector.commands import export as export_command
-from inspector.commands.common import sku_dir_from_args
+from inspector.commands.common import sku_dir_from_args, sku_target
 
 GRAPHS = ("encoder", "denoiser", "fusion", "decoder", "segmenter", "tdad")
 
@@ -80,6 +80,17 @@ def test_sku_name_resolves_through_the_config(sku: Path, tmp_path: Path) -> None
     config = tmp_path / "inspector.toml"
     config.write_text(f'active_sku = "brick"\n[skus.brick]\nmodel_dir = "{sku}"\n')
     assert sku_dir_from_args(_args(sku="brick", config=config)) == sku
+
+
+def test_sku_target_takes_engine_and_schedule_from_the_config_and_flags_on_top(sku: Path, tmp_path: Path) -> None:
+    config = tmp_path / "inspector.toml"
+    config.write_text(f'active_sku = "brick"\n[engine]\nthreads = 2\n[skus.brick]\nmodel_dir = "{sku}"\nsteps1 = 3\n')
+    target = sku_target(_args(sku="brick", config=config, backend=None, threads=0))
+    assert target.sku_dir == sku and target.engine.threads == 2 and target.schedule_override == {"steps1": 3}
+    assert target.calibration_path == sku / "calibration.json"
+    assert sku_target(_args(sku="brick", config=config, backend=None, threads=4)).engine.threads == 4
+    direct = sku_target(_args(sku_dir=sku, backend=None, threads=0))
+    assert direct.engine.backend == "onnxruntime" and direct.schedule_override == {}
 
 
 def test_cli_parser_takes_sku_or_sku_dir() -> None:

@@ -24,11 +24,14 @@ def add_sku_arguments(parser: argparse.ArgumentParser) -> None:
 def sku_dir_from_args(args: argparse.Namespace) -> Path:
     """The SKU directory named by --sku-dir, or by --sku through the config; EngineError if it is absent."""
     if args.sku_dir is not None:
-        sku_dir = Path(args.sku_dir)
-    else:
-        from inspector.config import load_config, resolve_sku
+        return _checked_sku_dir(Path(args.sku_dir))
+    from inspector.config import load_config, resolve_sku
 
-        sku_dir = resolve_sku(load_config(args.config), args.sku).model_dir
+    return _checked_sku_dir(resolve_sku(load_config(args.config), args.sku).model_dir)
+
+
+def _checked_sku_dir(sku_dir: Path) -> Path:
+    """sku_dir when it holds a SKU manifest; EngineError saying how to make one otherwise."""
     if not (sku_dir / MANIFEST_FILE).is_file():
         raise EngineError(f"{sku_dir} is not a SKU directory (no {MANIFEST_FILE}); train one with inspector train")
     return sku_dir
@@ -45,16 +48,18 @@ class SkuTarget:
 
 
 def sku_target(args: argparse.Namespace) -> SkuTarget:
-    """Resolve --sku NAME (through inspector.toml) or --sku-dir D, with --backend/--threads on top."""
-    sku_dir = sku_dir_from_args(args)
+    """Resolve --sku NAME (through inspector.toml, read once) or --sku-dir D, with --backend/--threads on top."""
     settings: EngineSettings | None = None
-    override, calibration_path = {}, sku_dir / CALIBRATION_FILE
     if args.sku is not None:
         from inspector.config import load_config, resolve_sku
 
         config = load_config(args.config)
         sku = resolve_sku(config, args.sku)
+        sku_dir = _checked_sku_dir(sku.model_dir)
         settings, override, calibration_path = config.engine, sku.schedule_override(), sku.calibration_path()
+    else:
+        sku_dir = _checked_sku_dir(Path(args.sku_dir))
+        override, calibration_path = {}, sku_dir / CALIBRATION_FILE
     if settings is None or (args.backend and args.backend != settings.backend):
         settings = engine_settings(args.backend or DEFAULT_BACKEND, threads=args.threads or None)
     elif args.threads:

@@ -8,6 +8,7 @@ operator can make is reported as one `ConfigError` line naming the file, the key
 
 from __future__ import annotations
 
+import getpass
 import ipaddress
 import os
 import stat
@@ -329,9 +330,18 @@ def _resolve_relative_paths(model: BaseModel, base: Path) -> None:
 
 
 def read_secret(path: Path, key: str) -> str:
-    """Read a secret file (password) after checking that other users cannot read it."""
+    """Read a secret file (password, token) after checking that other users cannot read it; ConfigError naming
+    the key when this user cannot read it or it is not a UTF-8 text file."""
     check_secret_file(path, key)
-    return path.read_text(encoding="utf-8").strip()
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except PermissionError:
+        raise ConfigError(f"{key}: secret file {path} is not readable by {getpass.getuser()}; chown it to the "
+                          "service user (mode 600)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        what = exc.strerror if isinstance(exc, OSError) and exc.strerror else "not UTF-8 text"
+        raise ConfigError(f"{key}: secret file {path} cannot be read ({what}); write the secret as one line of "
+                          "text, e.g. `openssl rand -hex 24 > FILE`") from None
 
 
 def check_secret_file(path: Path, key: str) -> None:

@@ -134,6 +134,18 @@ def test_secret_file_must_not_be_world_readable(tmp_path: Path) -> None:
     assert read_secret(secret, "mqtt.password_file") == "s3cret"
 
 
+def test_a_secret_that_is_binary_or_a_folder_is_one_line_naming_the_key(tmp_path: Path) -> None:
+    binary = tmp_path / "token"
+    binary.write_bytes(b"\xff\xfe raw random bytes")
+    folder = tmp_path / "token.d"
+    folder.mkdir(mode=0o750)
+    os.chmod(binary, 0o600)
+    with pytest.raises(ConfigError, match=r"web\.token_file: secret file .*token cannot be read \(not UTF-8 text\)"):
+        read_secret(binary, "web.token_file")
+    with pytest.raises(ConfigError, match=r"web\.token_file: .*token\.d cannot be read \(Is a directory\)"):
+        read_secret(folder, "web.token_file")
+
+
 def test_masked_dump_never_contains_the_password(tmp_path: Path) -> None:
     secret = tmp_path / "pw"
     secret.write_text("hunter2")

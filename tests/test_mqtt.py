@@ -27,6 +27,7 @@ from inspector.verdict import decode_mask_png, encode_mask_png
 from tests.mosquitto import MosquittoProcess, free_port, start_mosquitto
 from tests.small_fs import fill, small_fs
 from tests.test_verdict import make_verdict
+from tests.waiting import holds_for, wait_until
 
 ROOT = "inspector/line1/station1"
 REPO = Path(__file__).resolve().parent.parent
@@ -230,7 +231,9 @@ class Subscriber:
             client_id=client_id or f"sub-{os.getpid()}-{id(self)}",
             clean_session=not persistent,
         )
+        self.subscribed = threading.Event()  # set once the broker acknowledged the subscription
         self.client.on_connect = lambda c, *_: c.subscribe("inspector/#", qos=1)
+        self.client.on_subscribe = lambda *_: self.subscribed.set()
         self.client.on_message = self._on_message
         self.client.reconnect_delay_set(0.1, 0.5)
         if tls_ca is not None:
@@ -254,11 +257,8 @@ class Subscriber:
         return [json.loads(m.payload)["frame_id"] for m in self.on("verdict")]
 
     def wait(self, predicate: Callable[[], bool], timeout_s: float = 15.0) -> None:
-        """Poll until predicate() holds."""
-        deadline = time.monotonic() + timeout_s
-        while not predicate():
-            assert time.monotonic() < deadline, f"timed out; got {[(m.topic, m.payload[:80]) for m in self.messages]}"
-            time.sleep(0.02)
+        """Until predicate() holds; an assertion listing what arrived when it does not within timeout_s."""
+        assert wait_until(predicate, timeout_s), f"timed out; got {[(m.topic, m.payload[:80]) for m in self.messages]}"
 
     def close(self) -> None:
         self.client.disconnect()
@@ -297,8 +297,7 @@ def broker(tmp_path: Path) -> Iterator[MosquittoProcess]:
 @pytest.fixture
 def subscriber(broker: MosquittoProcess) -> Iterator[Subscriber]:
     sub = Subscriber(broker.port)
-    sub.wait(lambda: sub.client.is_connected(), 5)
-    time.sleep(0.1)
+    sub.wait(sub.subscribed.is_set, 5)
     yield sub
     sub.close()
 
@@ -381,8 +380,7 @@ def test_broker_restart_mid_stream_loses_nothing(tmp_path: Path) -> None:
     sub = Subscriber(broker.port, client_id="line-plc", persistent=True)
     publisher = Publisher(mqtt_cfg(broker.port, tmp_path / "spool"), ROOT)
     try:
-        sub.wait(lambda: sub.client.is_connected())
-        time.sleep(0.2)
+        sub.wait(sub.subscribed.is_set)
         publisher.start()
         total = 120
         for frame_id in range(1, total + 1):
@@ -418,8 +416,7 @@ def test_unsent_spool_is_delivered_by_the_next_publisher(tmp_path: Path) -> None
     sub = Subscriber(port)
     second = Publisher(mqtt_cfg(port, spool), ROOT)
     try:
-        sub.wait(lambda: sub.client.is_connected())
-        time.sleep(0.1)
+        sub.wait(sub.subscribed.is_set)
         assert second.pending() == 5
         second.start()
         second.publish_verdict(make_verdict(frame_id=6, ok=True))
@@ -465,8 +462,7 @@ def test_spool_survives_a_killed_daemon(tmp_path: Path) -> None:
     sub = Subscriber(port)
     publisher = Publisher(mqtt_cfg(port, spool), ROOT)
     try:
-        sub.wait(lambda: sub.client.is_connected())
-        time.sleep(0.1)
+        sub.wait(sub.subscribed.is_set)
         publisher.start()
         sub.wait(lambda: len(sub.frame_ids()) >= 40)
         assert sub.frame_ids() == list(range(1, 41))
@@ -479,22 +475,26 @@ def test_spool_survives_a_killed_daemon(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 def test_full_spool_drops_ok_keeps_ng_and_reports_it(tmp_path: Path) -> None:
-    port = free_port()
-    publisher = Publisher(mqtt_cfg(port, tmp_path / "spool", spool_max_mb=0.01), ROOT)
+    store = tmp_path / "broker-db"
+    store.mkdir()
+    broker = start_mosquitto(tmp_path, extra_conf=f"persistence true\npersistence_location {store}/\n")
+    sub = Subscriber(broker.port, client_id="line-plc", persistent=True)  # subscribed before the publisher returns
+    sub.wait(sub.subscribed.is_set)
+    broker.stop()
+    publisher = Publisher(mqtt_cfg(broker.port, tmp_path / "spool", spool_max_mb=0.01), ROOT)
     publisher.start()
-    with capture_logs() as logs:
-        for frame_id in range(1, 61):
-            publisher.publish_verdict(make_verdict(frame_id=frame_id, ok=frame_id % 10 != 0))
-    assert any(e["event"] == "spool_dropped" for e in logs)
-    broker = start_mosquitto(tmp_path, port=port)
-    sub = Subscriber(port)
     try:
+        with capture_logs() as logs:
+            for frame_id in range(1, 61):
+                publisher.publish_verdict(make_verdict(frame_id=frame_id, ok=frame_id % 10 != 0))
+        assert any(e["event"] == "spool_dropped" for e in logs)
+        broker.start()
         sub.wait(lambda: publisher.pending() == 0, 20)
-        sub.wait(lambda: bool(sub.on("status")))
+        sub.wait(lambda: {10, 20, 30, 40, 50, 60} <= set(sub.frame_ids()))
         ids = sub.frame_ids()
-        assert {10, 20, 30, 40, 50, 60} <= set(ids) and len(ids) < 60 and ids == sorted(ids)
+        assert len(ids) < 60 and ids == sorted(ids)
         publisher.publish_status({"sku": "brick"})
-        sub.wait(lambda: json.loads(sub.on("status")[-1].payload).get("sku") == "brick")
+        sub.wait(lambda: bool(sub.on("status")) and json.loads(sub.on("status")[-1].payload).get("sku") == "brick")
         counters = json.loads(sub.on("status")[-1].payload)["spool"]
         assert counters["dropped_ok"] == 60 - len(ids) and counters["dropped_ng"] == 0
     finally:
@@ -509,8 +509,7 @@ def test_spool_filling_its_filesystem_with_the_broker_down_loses_no_ng_verdict(t
     store.mkdir()
     broker = start_mosquitto(tmp_path, extra_conf=f"persistence true\npersistence_location {store}/\n")
     sub = Subscriber(broker.port, client_id="line-plc", persistent=True)  # its session outlives the outage
-    sub.wait(lambda: sub.client.is_connected())
-    time.sleep(0.2)
+    sub.wait(sub.subscribed.is_set)
     broker.stop()
     total, ng = 3000, {f for f in range(1, 3001) if f % 10 == 0}
     with small_fs(tmp_path / "fs", 768) as fs:
@@ -623,16 +622,15 @@ def test_tls_and_password_from_config(tmp_path: Path) -> None:
     ok_pub = Publisher(mqtt_cfg(broker.port, tmp_path / "s1", tls_ca=ca, username="station1", password_file=good), ROOT)
     bad_pub = Publisher(mqtt_cfg(broker.port, tmp_path / "s2", tls_ca=ca, username="station1", password_file=bad), ROOT)
     try:
-        sub.wait(lambda: sub.client.is_connected())
-        time.sleep(0.1)
+        sub.wait(sub.subscribed.is_set)
         ok_pub.start()
         bad_pub.start()
         ok_pub.publish_verdict(make_verdict(frame_id=11))
         bad_pub.publish_verdict(make_verdict(frame_id=12))
         sub.wait(lambda: sub.frame_ids() == [11])
         sub.wait(lambda: ok_pub.pending() == 0)
-        time.sleep(0.5)
-        assert sub.frame_ids() == [11] and not bad_pub.connected and bad_pub.pending() == 1
+        assert holds_for(lambda: sub.frame_ids() == [11], 0.5)
+        assert not bad_pub.connected and bad_pub.pending() == 1
     finally:
         ok_pub.stop(timeout_s=2)
         bad_pub.stop(timeout_s=0.5)

@@ -1,13 +1,15 @@
-"""A SKU's engine over a labelled test split: AUROC, AUPRO, F1, AP, speed, and a heat-map montage.
+"""A SKU's engine over a labelled test split: AUROC, AUPRO, F1, AP, per-defect-type image AUROC, speed, and a
+heat-map montage.
 
 `evaluate(engine, dataset)` is the entry point for `inspector eval` (inspector/commands/evaluate.py, one
-table row per schedule), tests, the demo and bench scripts.
+table row per schedule or per ablation variant), tests, the demo and bench scripts.
 """
 
 from __future__ import annotations
 
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +28,13 @@ from foundation.log import get_logger
 
 log = get_logger(__name__)
 
+# leading row key -> table header (what a row is: a schedule, or a SKU's ablation variant)
+ROW_COLUMNS = {
+    "schedule": "schedule",
+    "sku": "SKU",
+    "reconstruction": "reconstruction",
+    "trained_on": "segmenter trained on",
+}
 # metric key -> table header, in report order
 METRIC_COLUMNS = {
     "image_auroc": "image AUROC",
@@ -42,12 +51,14 @@ MONTAGE_DEFECTIVE = 4
 
 @dataclass(frozen=True)
 class Inference:
-    """An engine's output over a data set: float32 N x S x S maps, bool N labels, bool N x S x S masks."""
+    """An engine's output over a data set: float32 N x S x S maps, bool N labels, bool N x S x S masks and
+    str N defect types (the MVTec test sub-folder; None when unknown)."""
 
     maps: np.ndarray
     labels: np.ndarray
     masks: np.ndarray
     seconds: float
+    defect_types: np.ndarray | None = None
 
     @property
     def images_per_s(self) -> float:
@@ -64,6 +75,7 @@ def infer_dataset(engine: Engine, dataset: Sequence[Item], batch_size: int = 8, 
     maps = np.empty((n, size, size), dtype=np.float32)
     masks = np.zeros((n, size, size), dtype=bool)
     labels = np.zeros(n, dtype=bool)
+    types = np.empty(n, dtype=object)
     seconds = 0.0
     with tqdm(total=n, desc=desc, unit="img", file=sys.stderr, leave=False) as bar:
         for start in range(0, n, batch_size):
@@ -74,10 +86,11 @@ def infer_dataset(engine: Engine, dataset: Sequence[Item], batch_size: int = 8, 
             seconds += time.perf_counter() - t0
             for offset, item in enumerate(items):
                 labels[start + offset] = item.label != 0
+                types[start + offset] = item.defect_type
                 if item.mask is not None:
                     masks[start + offset] = item.mask
             bar.update(len(items))
-    return Inference(maps=maps, labels=labels, masks=masks, seconds=seconds)
+    return Inference(maps=maps, labels=labels, masks=masks, seconds=seconds, defect_types=types.astype(str))
 
 
 def _defined(name: str, fn: Any, *args: Any) -> Any:
@@ -90,12 +103,17 @@ def _defined(name: str, fn: Any, *args: Any) -> Any:
 
 
 def compute_metrics(inference: Inference, scores: np.ndarray, fpr_limit: float = 0.3) -> dict[str, Any]:
-    """Every metric of METRIC_COLUMNS (None where undefined) plus the F1-optimal pixel threshold.
+    """Every metric of METRIC_COLUMNS (None where undefined), the F1-optimal pixel threshold and, when the
+    defect types are known, each type's image AUROC against all good images ("per_defect_image_auroc").
 
     `scores` are the float N image scores of the maps (engines.scoring.image_scores).
     """
     labels, masks, maps = inference.labels, inference.masks, inference.maps
     pixel_f1, pixel_f1_threshold = _defined("pixel_f1_max", metrics.f1_max_threshold, masks, maps) or (None, None)
+    per_type = None
+    if inference.defect_types is not None:
+        per_type = _defined("per_defect_image_auroc", metrics.image_auroc_per_type, labels, scores,
+                            inference.defect_types)
     return {
         "image_auroc": _defined("image_auroc", metrics.image_auroc, labels, scores),
         "pixel_auroc": _defined("pixel_auroc", metrics.pixel_auroc, masks, maps),
@@ -105,6 +123,7 @@ def compute_metrics(inference: Inference, scores: np.ndarray, fpr_limit: float =
         "image_ap": _defined("image_ap", metrics.average_precision, labels, scores),
         "pixel_ap": _defined("pixel_ap", metrics.average_precision, masks, maps),
         "pixel_f1_threshold": pixel_f1_threshold,
+        "per_defect_image_auroc": per_type,
     }
 
 
@@ -140,6 +159,8 @@ def evaluate(
     result.update(
         n_images=len(inference.maps),
         n_defective=int(inference.labels.sum()),
+        defect_counts=dict(sorted(Counter(inference.defect_types.tolist()).items()))
+        if inference.defect_types is not None else {},
         images_per_s=inference.images_per_s,
         ms_per_image=1000.0 * inference.seconds / max(len(inference.maps), 1),
     )
@@ -163,18 +184,40 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def _leading(rows: list[dict[str, Any]]) -> list[str]:
+    """The ROW_COLUMNS keys the rows carry (schedule rows, or ablation rows), in ROW_COLUMNS order."""
+    return [k for k in ROW_COLUMNS if all(k in row for row in rows)]
+
+
 def format_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
-    """One line per schedule: steps, every metric, images/s and ms/image (plain text or Markdown)."""
-    headers = ["schedule", *METRIC_COLUMNS.values(), "images/s", "ms/image"]
+    """One line per row (a schedule, or an ablation variant): what it is, every metric, images/s and ms/image
+    (plain text or Markdown)."""
+    leading = _leading(rows)
+    headers = [*(ROW_COLUMNS[k] for k in leading), *METRIC_COLUMNS.values(), "images/s", "ms/image"]
     cells = [
         [
-            row["schedule"],
+            *(str(row[k]) for k in leading),
             *(_fmt(row[k]) for k in METRIC_COLUMNS),
             f"{row['images_per_s']:.2f}",
             f"{row['ms_per_image']:.1f}",
         ]
         for row in rows
     ]
+    return _render(headers, cells, markdown)
+
+
+def format_defect_table(rows: list[dict[str, Any]], counts: dict[str, int], markdown: bool = False) -> str:
+    """Image AUROC of each defect type (vs all good images) per row; header cells carry the type's count."""
+    leading = _leading(rows)
+    types = sorted({t for row in rows for t in (row.get("per_defect_image_auroc") or {})})
+    headers = [*(ROW_COLUMNS[k] for k in leading), *(f"{t} ({counts.get(t, 0)})" for t in types)]
+    cells = [[*(str(row[k]) for k in leading), *(_fmt((row.get("per_defect_image_auroc") or {}).get(t))
+                                                  for t in types)] for row in rows]
+    return _render(headers, cells, markdown)
+
+
+def _render(headers: list[str], cells: list[list[str]], markdown: bool) -> str:
+    """A table as Markdown or as right-aligned plain text."""
     if markdown:
         lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
         return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells])

@@ -57,6 +57,21 @@ def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float(roc_auc_score(labels, scores))
 
 
+def image_auroc_per_type(labels: np.ndarray, scores: np.ndarray, types: np.ndarray) -> dict[str, float]:
+    """Image AUROC of each defect type's images against all good ones (str N types; sorted by type name).
+
+    ValueError when there are no good images or no defective ones (no type can be ranked)."""
+    labels = _check_ndim(labels, 1, "labels").astype(bool, copy=False)
+    scores, types = _check_ndim(scores, 1, "scores"), _check_ndim(types, 1, "types")
+    if not (labels.shape == scores.shape == types.shape):
+        raise ValueError(f"image_auroc_per_type: shapes differ: {labels.shape}, {scores.shape}, {types.shape}")
+    per_type = {}
+    for defect_type in sorted(set(types[labels].tolist())):
+        keep = ~labels | (types == defect_type)
+        per_type[str(defect_type)] = image_auroc(labels[keep], scores[keep])
+    return per_type
+
+
 def pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float:
     """Area under the ROC curve over all test pixels (bool N x H x W masks, float N x H x W maps)."""
     labels, scores = _binary_pair(_check_ndim(masks, 3, "masks"), _check_ndim(maps, 3, "maps"), "pixel_auroc")

@@ -33,6 +33,7 @@ from engines.manifest import WEIGHTS_FILE, ExportRecord, read_manifest, with_exp
 from engines.model import TDADModel, load_sku
 from engines.runtime.staged import file_sha256
 from engines.schedule import Schedule
+from foundation.errors import DataError
 from foundation.log import get_logger
 
 log = get_logger(__name__)
@@ -102,6 +103,10 @@ def export_sku(sku_dir: Path, opset: int = DEFAULT_OPSET,
     """
     sku_dir = Path(sku_dir)
     model = load_sku(sku_dir)
+    if model.reconstruction != "two_stage":
+        raise DataError(f"{sku_dir}: its segmenter was trained with reconstruction {model.reconstruction!r} (an "
+                        "ablation SKU) but the exported graphs run the two-stage pipeline; use it with the torch "
+                        "backend (inspector eval --backend torch) or retrain without --reconstruction")
     schedule = model.schedule.with_overrides(**(schedule_override or {}))
     paths = []
     for spec in graph_specs(model, schedule):

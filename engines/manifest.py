@@ -13,6 +13,9 @@ Schema history:
      copies of model.*) for tools that read the JSON directly. Optional export.fp16/export.int8 records of the
      derived graphs (engines/quantize.py) were added later without a version bump: files without them read
      the same, and older readers keep them as extra keys.
+  3  adds "preprocess" (how frames become the square model input: resize mode) and "reconstruction" (what
+     the segmenter was trained to compare the input with); older files get "stretch" and "two_stage", what
+     they were. Versioned so an older daemon refuses a letterbox SKU instead of stretching its frames.
 """
 
 from __future__ import annotations
@@ -23,17 +26,23 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field
 
+from engines.preprocess import ResizeMode
 from engines.schedule import Schedule
-from engines.scoring import DEFAULT_TOP_K
+from engines.scoring import DEFAULT_TOP_K, top_k_for
 from foundation.errors import ConfigError, DataError, first_line
 
 MANIFEST_FILE = "meta.json"
 WEIGHTS_FILE = "model.safetensors"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+
+# The segmenter's second input, from least to most of the model: the input itself, autoencoder round trip,
+# stage 1 only, the full two-stage diffusion. A mode needs the networks of every mode before it.
+Reconstruction = Literal["none", "autoencoder", "stage1", "two_stage"]
+RECONSTRUCTIONS: tuple[str, ...] = get_args(Reconstruction)
 
 
 @dataclass(frozen=True)
@@ -76,6 +85,14 @@ class ScoreRecord(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     top_k: int = Field(DEFAULT_TOP_K, ge=1)
+
+
+class PreprocessRecord(BaseModel):
+    """How a frame (or ROI) becomes the model's square input (engines.preprocess), the same everywhere."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    resize: ResizeMode = "stretch"
 
 
 class TrainRecord(BaseModel):
@@ -126,6 +143,8 @@ class SkuManifest(BaseModel):
     schedule: Schedule
     latent_scale: float = Field(gt=0)
     score: ScoreRecord = Field(default_factory=ScoreRecord)
+    preprocess: PreprocessRecord = Field(default_factory=PreprocessRecord)
+    reconstruction: Reconstruction = "two_stage"
     code_version: str = "unknown"
     train_hash: str = ""
     data_hash: str = ""
@@ -156,7 +175,9 @@ def code_version() -> str:
 
 
 def new_manifest(model: ModelConfig, schedule: Schedule, latent_scale: float, **records: Any) -> SkuManifest:
-    """The manifest of a freshly trained (or random-init) SKU; records: train_hash, data_hash, train, note."""
+    """The manifest of a freshly trained (or random-init) SKU; records: train_hash, data_hash, train, note,
+    preprocess, reconstruction (score defaults to top-k as a share of the map, engines.scoring.top_k_for)."""
+    records.setdefault("score", ScoreRecord(top_k=top_k_for(model.image_size)))
     return SkuManifest(model=model, schedule=schedule, latent_scale=latent_scale, code_version=code_version(),
                        created=datetime.now(UTC).isoformat(timespec="seconds"), **records)
 
@@ -170,7 +191,10 @@ def upgrade(data: dict[str, Any]) -> dict[str, Any]:
                          "upgrade tdad-inspector")
     if found == 1:
         data.setdefault("score", {"top_k": DEFAULT_TOP_K})
-        data["schema_version"] = 2
+    if found < 3:
+        data.setdefault("preprocess", {"resize": "stretch"})
+        data.setdefault("reconstruction", "two_stage")
+    data["schema_version"] = SCHEMA_VERSION
     data.pop("image_size", None)  # copies of model.*, recomputed on write
     data.pop("latent_channels", None)
     return data

@@ -10,22 +10,37 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from engines.manifest import MANIFEST_FILE, WEIGHTS_FILE, ModelConfig, new_manifest, read_manifest, write_manifest
+from engines.manifest import (
+    MANIFEST_FILE,
+    RECONSTRUCTIONS,
+    WEIGHTS_FILE,
+    ModelConfig,
+    Reconstruction,
+    new_manifest,
+    read_manifest,
+    write_manifest,
+)
 from engines.nets.autoencoder import Decoder, Encoder
 from engines.nets.denoiser import Denoiser
 from engines.nets.fusion import Fusion
 from engines.nets.segmenter import Segmenter
-from engines.schedule import Schedule, two_stage_reconstruct
+from engines.schedule import Schedule, stage1_reconstruct, two_stage_reconstruct
 from foundation.errors import DataError, first_line
 
 
 class TDADModel(nn.Module):
-    """Encoder, decoder, denoiser (EMA weights after training), fusion and segmenter plus the schedule."""
+    """Encoder, decoder, denoiser (EMA weights after training), fusion and segmenter plus the schedule.
 
-    def __init__(self, config: ModelConfig, schedule: Schedule | None = None) -> None:
+    `reconstruction` is what the segmenter was trained to compare the input with (the manifest's record):
+    anomaly_maps uses it unless told another mode, which is how eval's ablation measures each part.
+    """
+
+    def __init__(self, config: ModelConfig, schedule: Schedule | None = None,
+                 reconstruction: Reconstruction = "two_stage") -> None:
         super().__init__()
         self.config = config
         self.schedule = schedule or Schedule()
+        self.reconstruction: Reconstruction = reconstruction
         c = config
         self.encoder = Encoder(c.ae_channels, c.latent_channels)
         self.decoder = Decoder(c.ae_channels, c.latent_channels)
@@ -69,14 +84,32 @@ class TDADModel(nn.Module):
         return two_stage_reconstruct(z0, self.denoise, self.fusion, self.zero_cond, schedule, *noises)
 
     def reconstruct(self, x: torch.Tensor, schedule: Schedule | None = None,
+                    mode: Reconstruction = "two_stage",
                     noises: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """x_f32_nchw in [0, 1] -> its anomaly-free reconstruction (same shape)."""
-        return self.decode(self.reconstruct_latents(self.encode(x), schedule, noises))
+        """x_f32_nchw in [0, 1] -> its reconstruction by `mode` (same shape): "two_stage" (the product),
+        "stage1" (decode of stage 1 alone), "autoencoder" (decode(encode(x)), no diffusion), "none" (x).
+        `noises`: the two stages' fixed noises already on x's device (for CUDA graph capture)."""
+        if mode == "none":
+            return x
+        if mode not in RECONSTRUCTIONS:
+            raise ValueError(f"unknown reconstruction {mode!r}: use one of {', '.join(RECONSTRUCTIONS)}")
+        z0 = self.encode(x)
+        if mode == "stage1":
+            schedule = schedule or self.schedule
+            noise1 = (noises[0] if noises is not None
+                      else torch.from_numpy(schedule.stage_noises(tuple(z0.shape[1:]))[0]).to(z0))
+            z0 = stage1_reconstruct(z0, self.denoise, self.zero_cond, schedule, noise1)
+        elif mode == "two_stage":
+            z0 = self.reconstruct_latents(z0, schedule, noises)
+        return self.decode(z0)
 
     def anomaly_maps(self, images_f32_nchw: torch.Tensor, schedule: Schedule | None = None,
+                     mode: Reconstruction | None = None,
                      noises: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """N x 3 x S x S in [0, 1] -> anomaly maps N x S x S in [0, 1]."""
-        return self.segmenter(images_f32_nchw, self.reconstruct(images_f32_nchw, schedule, noises))
+        """N x 3 x S x S in [0, 1] -> anomaly maps N x S x S in [0, 1], reconstructing by `mode` (default: the
+        mode the segmenter was trained with)."""
+        rec = self.reconstruct(images_f32_nchw, schedule, mode or self.reconstruction, noises)
+        return self.segmenter(images_f32_nchw, rec)
 
 
 def save_sku(model: TDADModel, sku_dir: Path, **records: Any) -> Path:
@@ -87,14 +120,15 @@ def save_sku(model: TDADModel, sku_dir: Path, **records: Any) -> Path:
     sku_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(sku_dir / WEIGHTS_FILE))
-    write_manifest(sku_dir, new_manifest(model.config, model.schedule, model.latent_scale, **records))
+    write_manifest(sku_dir, new_manifest(model.config, model.schedule, model.latent_scale,
+                                         reconstruction=model.reconstruction, **records))
     return sku_dir
 
 
 def load_sku(sku_dir: Path, device: str | torch.device = "cpu") -> TDADModel:
     """Load a trained SKU directory into an eval-mode TDADModel on `device`."""
     manifest = read_manifest(sku_dir)
-    model = TDADModel(manifest.model, manifest.schedule)
+    model = TDADModel(manifest.model, manifest.schedule, manifest.reconstruction)
     path = sku_dir / WEIGHTS_FILE
     try:
         state = load_file(str(path))

@@ -118,6 +118,13 @@ def ddim_sample(z_t: A, denoise: Callable[[A, int, A], A], cond: A, schedule: Sc
     return z_t
 
 
+def stage1_reconstruct(z0: A, denoise: Callable[[A, int, A], A], zero_cond: Callable[[A], A], schedule: Schedule,
+                       noise1: A) -> A:
+    """Stage 1 alone: noise z0 to t1 with noise1 and DDIM-denoise steps1 steps unconditionally."""
+    return ddim_sample(add_noise(z0, noise1, schedule.alpha_bar(schedule.t1)), denoise, zero_cond(z0), schedule,
+                       schedule.t1, schedule.steps1)
+
+
 def two_stage_reconstruct(z0: A, denoise: Callable[[A, int, A], A], fuse: Callable[[A, A], A],
                           zero_cond: Callable[[A], A], schedule: Schedule, noise1: A, noise2: A) -> A:
     """TDAD's two-stage reconstruction of latents z0 (N x C x h x w) on any array backend.
@@ -128,8 +135,7 @@ def two_stage_reconstruct(z0: A, denoise: Callable[[A, int, A], A], fuse: Callab
     refines stage 1's normal-looking estimate rather than re-noising the defective input) to t2 with
     noise2 and DDIM-denoise steps2 steps with cond. noise1/noise2 are 1 x C x h x w and broadcast.
     """
-    z_rec1 = ddim_sample(add_noise(z0, noise1, schedule.alpha_bar(schedule.t1)), denoise, zero_cond(z0), schedule,
-                         schedule.t1, schedule.steps1)
+    z_rec1 = stage1_reconstruct(z0, denoise, zero_cond, schedule, noise1)
     cond = fuse(z0, z_rec1)
     return ddim_sample(add_noise(z_rec1, noise2, schedule.alpha_bar(schedule.t2)), denoise, cond, schedule,
                        schedule.t2, schedule.steps2)

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
-DEFAULT_TOP_K = 100  # pixels averaged per map; ~0.15 % of a 256 x 256 map, robust to single hot pixels
+DEFAULT_TOP_K = 100  # pixels averaged per map of SKUs trained before top-k followed the map size
+TOP_K_FRACTION = DEFAULT_TOP_K / 256**2  # ~0.15 % of the map: 100 px at 256 px, 25 at 128, 6 at 64
+
+
+def top_k_for(image_size: int) -> int:
+    """The top-k of a new SKU's score: TOP_K_FRACTION of its S x S map (at least 1), so a score averages the
+    same share of the part at every model resolution."""
+    return max(1, round(TOP_K_FRACTION * image_size * image_size))
 
 
 def image_scores(maps_f32_nhw: np.ndarray, top_k: int = DEFAULT_TOP_K) -> np.ndarray:

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import signal
 import threading
 import time
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import torch
 from safetensors import SafetensorError
@@ -34,17 +36,20 @@ from tqdm import tqdm
 
 from engines.data import file_list_hash, open_dataset
 from engines.gpu import torch_cuda_device
-from engines.manifest import TrainRecord
+from engines.manifest import RECONSTRUCTIONS, PreprocessRecord, Reconstruction, TrainRecord
 from engines.model import ModelConfig, TDADModel, save_sku
-from engines.preprocess import preprocess
+from engines.preprocess import RESIZE_MODES, ResizeMode, preprocess
 from engines.schedule import Schedule, add_noise, predict_x0
 from engines.synthesis import AnomalySynthesizer
-from foundation.errors import DataError, first_line
+from foundation.errors import ConfigError, DataError, first_line
 from foundation.log import get_logger
 
 log = get_logger(__name__)
 
 PHASES = ("autoencoder", "diffusion", "segmenter")
+# the phases a segmenter trained on each reconstruction needs (the others are skipped, their networks stay random)
+PHASES_FOR = {"none": ("segmenter",), "autoencoder": ("autoencoder", "segmenter"), "stage1": PHASES,
+              "two_stage": PHASES}
 STATE_DIR = "train_state"
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"image_size": 64, "batch_size": 8, "ae_steps": 300, "diffusion_steps": 600, "seg_steps": 300},
@@ -77,17 +82,28 @@ class TrainConfig:
     seg_scale_weights: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0)  # segmenter loss at strides 8, 4, 2, 1
     seed: int = 0
     device: str = "cpu"
-    threads: int = 0  # torch CPU threads (0 = torch's default)
+    threads: int = 0  # torch intra-op and OpenCV threads of the main process (0 = CPUs left by the workers)
     amp: bool = True  # bf16 autocast, CUDA only
     texture_dir: Path | None = None  # anomaly textures (e.g. DTD); None = self/plain textures only
     foreground: str = "otsu"  # where synthetic anomalies go: otsu | none
-    num_workers: int = 0  # batch-synthesis worker processes
+    num_workers: int = 0  # batch-synthesis worker processes (1 torch + 1 OpenCV thread each)
+    resize: ResizeMode = "stretch"  # how non-square images become S x S (engines.preprocess)
+    reconstruction: Reconstruction = "two_stage"  # the segmenter's second input (engines.manifest)
     checkpoint_every: int = 500
     stop_after: int | None = None  # stop with a checkpoint after this many steps in total (time-boxed runs)
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        """Refuse unknown resize or reconstruction modes before any data is read."""
+        if self.resize not in RESIZE_MODES:
+            raise ConfigError(f"resize={self.resize!r}: use one of {', '.join(RESIZE_MODES)}")
+        if self.reconstruction not in RECONSTRUCTIONS:
+            raise ConfigError(f"reconstruction={self.reconstruction!r}: use one of {', '.join(RECONSTRUCTIONS)}")
+
     def steps(self, phase: str) -> int:
-        """Number of optimisation steps of a phase."""
+        """Number of optimisation steps of a phase (0 for a phase the reconstruction mode does not need)."""
+        if phase not in PHASES_FOR[self.reconstruction]:
+            return 0
         return {"autoencoder": self.ae_steps, "diffusion": self.diffusion_steps, "segmenter": self.seg_steps}[phase]
 
     def to_dict(self) -> dict[str, Any]:
@@ -186,10 +202,11 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -
 
 
 def segmenter_loss(model: TDADModel, batch: dict[str, torch.Tensor], cfg: TrainConfig) -> torch.Tensor:
-    """Focal + smooth-L1 against the synthetic mask at strides 8, 4, 2, 1 of the two-stage reconstruction."""
+    """Focal + smooth-L1 against the synthetic mask at strides 8, 4, 2, 1, comparing the input with its
+    reconstruction by cfg.reconstruction ("none": the input itself, so the segmenter learns from x alone)."""
     x = batch["anom"]
     with torch.no_grad():
-        rec = model.reconstruct(x)
+        rec = model.reconstruct(x, mode=cfg.reconstruction)
     loss = x.new_zeros(())
     for weight, logits in zip(cfg.seg_scale_weights, model.segmenter.logits(x, rec), strict=True):
         mask = F.interpolate(batch["mask"], size=logits.shape[-2:], mode="area")
@@ -333,10 +350,31 @@ class StopFlag:
 
 
 def load_images(cfg: TrainConfig) -> tuple[np.ndarray, str]:
-    """All training images as uint8 N x S x S x 3 plus the data set's file-list hash."""
-    dataset = open_dataset(cfg.dataset, cfg.data, cfg.category, "train", cfg.image_size)  # type: ignore[arg-type]
+    """All training images, decoded and resized once, as uint8 N x S x S x 3 plus the data set's file-list hash."""
+    dataset = open_dataset(cfg.dataset, cfg.data, cfg.category, "train", cfg.image_size,  # type: ignore[arg-type]
+                           cfg.resize)
     images = np.stack([item.image for item in dataset])
     return images, file_list_hash(dataset)
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a container's or taskset's share)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def configure_threads(cfg: TrainConfig) -> int:
+    """Give the main process `threads` torch intra-op and OpenCV threads (0: the CPUs the workers leave) and
+    each DataLoader worker one of each (worker_threads), so a run keeps threads + num_workers cores busy."""
+    threads = cfg.threads if cfg.threads > 0 else max(1, available_cpus() - cfg.num_workers)
+    torch.set_num_threads(threads)
+    cv2.setNumThreads(threads)
+    return threads
+
+
+def worker_threads(worker_id: int) -> None:
+    """DataLoader worker_init_fn: one torch and one OpenCV thread per synthesis worker."""
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
 
 
 def train_hash(cfg: TrainConfig, data_hash: str) -> str:
@@ -355,14 +393,13 @@ def train_sku(cfg: TrainConfig, resume: bool = False) -> Path:
     device = torch.device(cfg.device)
     if device.type == "cuda":  # a CPU-only torch, no driver or a bad index: one line with the fix, before any work
         device = torch_cuda_device(device.index or 0, key="--device")
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    threads = configure_threads(cfg)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = False
         torch.backends.cudnn.deterministic = True
     torch.manual_seed(cfg.seed)
     images, data_hash = load_images(cfg)
-    model = TDADModel(ModelConfig(image_size=cfg.image_size)).to(device)
+    model = TDADModel(ModelConfig(image_size=cfg.image_size), reconstruction=cfg.reconstruction).to(device)
     run = Run(cfg, model)
     run.ema.to(device)
     if not resume and (run.state_dir / "state.json").exists():
@@ -371,11 +408,15 @@ def train_sku(cfg: TrainConfig, resume: bool = False) -> Path:
     use_amp = cfg.amp and device.type == "cuda"
     done_steps = sum(cfg.steps(p) for p in PHASES[: run.phase]) + run.step
     log.info("train_start", out=str(cfg.out), images=len(images), device=str(device), resume=resume,
-             phase=PHASES[min(run.phase, 2)], step=run.step)
+             phase=PHASES[min(run.phase, 2)], step=run.step, threads=threads, workers=cfg.num_workers,
+             reconstruction=cfg.reconstruction, resize=cfg.resize)
 
     with StopFlag() as stop:
         for phase_idx in range(run.phase, len(PHASES)):
             phase, total = PHASES[phase_idx], cfg.steps(PHASES[phase_idx])
+            if phase not in PHASES_FOR[cfg.reconstruction]:
+                log.info("phase_skipped", phase=phase, reconstruction=cfg.reconstruction)
+                continue
             start = run.step if phase_idx == run.phase else 0
             run.phase, run.step = phase_idx, start
             params = set_phase(model, phase)
@@ -385,7 +426,7 @@ def train_sku(cfg: TrainConfig, resume: bool = False) -> Path:
             opt_state = {}
             loader = DataLoader(StepBatches(cfg, images, phase, model.schedule), batch_size=None,
                                 sampler=range(start, total), num_workers=cfg.num_workers,
-                                pin_memory=device.type == "cuda")
+                                pin_memory=device.type == "cuda", worker_init_fn=worker_threads)
             log.info("phase_start", phase=phase, steps=total, start=start, lr=cfg.lr, batch_size=cfg.batch_size)
             bar = tqdm(total=total, initial=start, desc=phase, disable=not cfg.progress, dynamic_ncols=True)
             t0, loss_value = time.perf_counter(), float("nan")
@@ -433,6 +474,7 @@ def train_sku(cfg: TrainConfig, resume: bool = False) -> Path:
 
     model.eval()
     save_sku(model, cfg.out, train_hash=train_hash(cfg, data_hash), data_hash=data_hash,
-             train=TrainRecord(losses=run.losses, config=cfg.to_dict()))
+             train=TrainRecord(losses=run.losses, config=cfg.to_dict()),
+             preprocess=PreprocessRecord(resize=cfg.resize))
     log.info("train_done", sku_dir=str(cfg.out), losses=run.losses)
     return cfg.out

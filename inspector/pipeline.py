@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from engines.preprocess import resize_to_model
+from engines.preprocess import Geometry, ResizeMode, resize_to_model
 from engines.runtime.base import Engine
 from foundation.log import get_logger
 from inspector.acquisition import Frame, Source
@@ -65,17 +65,19 @@ class FrameRejected(Exception):
 
 @dataclass
 class ActiveSku:
-    """Everything one SKU needs at inspection time: name, ROI, loaded engine and its decider."""
+    """Everything one SKU needs at inspection time: name, ROI, loaded engine, its decider and resize mode."""
 
     name: str
     engine: Engine
     decider: Decider
     roi: tuple[int, int, int, int] | None = None
+    resize: ResizeMode = "stretch"
 
 
 def preprocess(image_u8_hwc: Any, roi: tuple[int, int, int, int] | None, size: int,
-               expected_hw: tuple[int, int] | None) -> tuple[np.ndarray, Placement]:
-    """Validate, crop the ROI (x, y, w, h) and resize to size x size RGB uint8; raise FrameRejected if unusable."""
+               expected_hw: tuple[int, int] | None, resize: ResizeMode = "stretch") -> tuple[np.ndarray, Placement]:
+    """Validate, crop the ROI (x, y, w, h) and resize to size x size RGB uint8 by the SKU's resize mode;
+    raise FrameRejected if unusable."""
     if image_u8_hwc is None:
         raise FrameRejected(CORRUPT_FRAME, "source delivered no image (unreadable or truncated)")
     if not isinstance(image_u8_hwc, np.ndarray) or image_u8_hwc.dtype != np.uint8 or image_u8_hwc.ndim != 3 \
@@ -89,8 +91,10 @@ def preprocess(image_u8_hwc: Any, roi: tuple[int, int, int, int] | None, size: i
     x, y, rw, rh = roi if roi is not None else (0, 0, w, h)
     if x < 0 or y < 0 or rw < 1 or rh < 1 or x + rw > w or y + rh > h:
         raise FrameRejected(WRONG_SIZE, f"ROI {(x, y, rw, rh)} does not fit a {w}x{h} frame")
-    crop = resize_to_model(image_u8_hwc[y:y + rh, x:x + rw], size)
-    return crop, Placement(origin_xy=(x, y), scale_xy=(rw / size, rh / size))
+    crop = resize_to_model(image_u8_hwc[y:y + rh, x:x + rw], size, resize)
+    geometry = Geometry.fit(rh, rw, size, resize)
+    origin_x, origin_y = geometry.frame_origin_xy(rh, rw)
+    return crop, Placement(origin_xy=(x + origin_x, y + origin_y), scale_xy=geometry.frame_scale_xy(rh, rw))
 
 
 class Stats:
@@ -428,7 +432,8 @@ class Pipeline:
                 continue
             t0 = time.perf_counter()
             try:
-                image, placement = preprocess(job.frame.image, sku.roi, sku.engine.image_size, self._expected_hw)
+                image, placement = preprocess(job.frame.image, sku.roi, sku.engine.image_size, self._expected_hw,
+                                              sku.resize)
             except FrameRejected as exc:
                 detail = job.frame.meta.get("error") if exc.reason == CORRUPT_FRAME else None
                 outs[i] = self._fail(job, exc.reason, str(detail or exc))

@@ -42,7 +42,7 @@ from typing import Any
 import sdnotify
 
 from calibration.thresholds import Calibration, load_calibration
-from engines.manifest import score_top_k
+from engines.manifest import read_manifest
 from engines.runtime import create_engine
 from foundation.errors import ConfigError, DataError, InspectorError
 from foundation.log import bind_context, configure_logging, get_logger
@@ -74,14 +74,15 @@ def load_sku(config: InspectorConfig, name: str) -> ActiveSku:
         raise DataError(str(problem))
     sku_cfg = resolve_sku(config, name)
     calibration = load_calibration(sku_cfg.calibration_path())
-    top_k = calibration.score_top_k or score_top_k(sku_cfg.model_dir)
+    manifest = read_manifest(sku_cfg.model_dir)
+    top_k = calibration.score_top_k or manifest.score.top_k
     engine = create_engine(config.engine, sku_cfg.model_dir, schedule_override=sku_cfg.schedule_override() or None)
     if sku_cfg.input_size is not None and sku_cfg.input_size != engine.image_size:
         raise ConfigError(f"skus.{name}.input_size = {sku_cfg.input_size} but the model in {sku_cfg.model_dir} "
                           f"takes {engine.image_size} px; fix input_size or retrain")
     engine.warmup()
     decider = Decider(calibration, top_k=top_k, publish_mask=sku_cfg.publish_mask)
-    return ActiveSku(name=name, engine=engine, decider=decider, roi=sku_cfg.roi)
+    return ActiveSku(name=name, engine=engine, decider=decider, roi=sku_cfg.roi, resize=manifest.preprocess.resize)
 
 
 def watchdog_interval_s(default_s: float = 5.0) -> float:

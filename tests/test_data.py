@@ -1,4 +1,5 @@
-"""Data set layouts, errors an operator can cause, corrupt-file handling and the training-data hash."""
+"""Data set layouts, errors an operator can cause, corrupt-file handling, the decode cache and the training-data
+hash."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from engines.data import (
+    DECODE_CACHE,
+    DecodeCache,
     FolderDataset,
     MVTecDataset,
     VisADataset,
@@ -174,3 +177,47 @@ def test_sample_data_rejects_unknown_names() -> None:
         render_part("marble", 16, rng)
     with pytest.raises(DataError, match="unknown defect kind 'dent'"):
         draw_defect(np.zeros((16, 16, 3), np.uint8), rng, "dent")
+
+
+def test_decoded_items_are_cached_identical_read_only_and_hit(tmp_path: Path) -> None:
+    make_mvtec_tree(tmp_path, n_train=1, n_test_good=2, n_test_bad=3, size=40)
+    DECODE_CACHE.clear()
+    first = [(i.image, i.mask) for i in MVTecDataset(tmp_path, "brick", "test", 32)]
+    assert DECODE_CACHE.hits == 0 and DECODE_CACHE.misses == 5 + 3  # 5 images, 3 masks (good masks are built)
+    uncached = MVTecDataset(tmp_path, "brick", "test", 32)
+    uncached.cache = None
+    again = [(i.image, i.mask) for i in MVTecDataset(tmp_path, "brick", "test", 32)]  # a second pass, as eval's rows
+    assert DECODE_CACHE.hits == 8 and DECODE_CACHE.misses == 8
+    for (image, mask), (image2, mask2), plain in zip(first, again, uncached, strict=True):
+        assert image2 is image and np.array_equal(mask2, mask)
+        assert np.array_equal(image, plain.image) and np.array_equal(mask, plain.mask)
+        assert not image.flags.writeable
+    smaller = MVTecDataset(tmp_path, "brick", "test", 16)
+    files = 1 + (smaller.records[0].mask_path is not None)
+    smaller[0]  # another size is another entry
+    MVTecDataset(tmp_path, "brick", "test", 32, resize="letterbox")[0]  # so is another resize mode
+    assert DECODE_CACHE.misses == 8 + 2 * files
+
+
+def test_a_changed_file_is_decoded_again(tmp_path: Path) -> None:
+    make_good_folder(tmp_path, n=1, size=24)
+    path = tmp_path / "good_000.png"
+    DECODE_CACHE.clear()
+    before = FolderDataset(tmp_path, 16)[0].image
+    cv2.imwrite(str(path), np.full((24, 24, 3), 200, np.uint8))
+    after = FolderDataset(tmp_path, 16)[0].image
+    assert DECODE_CACHE.misses == 2 and (after == 200).all() and not np.array_equal(before, after)
+
+
+def test_the_cache_evicts_least_recently_used_arrays_beyond_its_budget() -> None:
+    cache = DecodeCache(max_bytes=3 * 100)
+    keys = [(f"/f{i}", 0, 0, 10, "stretch") for i in range(4)]
+    for key in keys[:3]:
+        cache.get(key, lambda: np.zeros(100, np.uint8))
+    cache.get(keys[0], lambda: np.ones(100, np.uint8))  # a hit: keys[0] becomes the most recent
+    cache.get(keys[3], lambda: np.zeros(100, np.uint8))  # over budget: keys[1] goes
+    assert cache.nbytes == 300 and (cache.hits, cache.misses) == (1, 4)
+    cache.get(keys[1], lambda: np.zeros(100, np.uint8))
+    assert cache.misses == 5
+    assert cache.get(("/huge", 0, 0, 10, "stretch"), lambda: np.zeros(400, np.uint8)).size == 400  # never cached
+    assert cache.nbytes == 300

@@ -19,7 +19,8 @@ from calibration.evaluate import (
 from calibration.montage import COLUMNS, MontageRow, render_montage, write_montage
 from calibration.thresholds import load_calibration
 from engines.data import open_dataset
-from engines.scoring import image_scores
+from engines.manifest import score_top_k
+from engines.scoring import image_scores, top_k_for
 from foundation.errors import ConfigError, DataError
 from inspector.cli import main
 from inspector.commands.evaluate import parse_steps
@@ -183,7 +184,8 @@ def test_calibrate_then_eval_cli(tiny_sku: Path, tmp_path: Path, capsys: pytest.
     )
     assert code == 0, capsys.readouterr().err
     cal = load_calibration(tiny_sku / "calibration.json")
-    assert cal.n_good == 9 and cal.n_ng >= 1 and cal.threshold_rank == 1 and cal.score_top_k == 100
+    assert cal.n_good == 9 and cal.n_ng >= 1 and cal.threshold_rank == 1
+    assert cal.score_top_k == score_top_k(tiny_sku) == top_k_for(32)
     assert "image_threshold" in capsys.readouterr().out
 
     out = tmp_path / "report"
@@ -214,6 +216,7 @@ def test_calibrate_then_eval_cli(tiny_sku: Path, tmp_path: Path, capsys: pytest.
     assert report["rows"][0]["montage_threshold"] == pytest.approx(cal.pixel_threshold)
     assert (out / "montage_1+1.png").is_file() and (out / "montage_2+2.png").is_file()
     assert "| 2+2 |" in (out / "report.md").read_text()
+    assert sorted(report["rows"][0]["per_defect_image_auroc"]) == ["blob", "scratch", "spot"]
     assert "AUPRO@0.3" in capsys.readouterr().out
 
 

@@ -1,5 +1,5 @@
-"""The typed SKU manifest: round trip, upgrade of schema-1 files, the export record's derived-graph records,
-refusal of newer or malformed files."""
+"""The typed SKU manifest: round trip, upgrade of schema-1 and -2 files, the export record's derived-graph
+records, refusal of newer or malformed ones, the score's top-k as a share of the map."""
 
 from __future__ import annotations
 
@@ -20,6 +20,7 @@ from engines.manifest import (
     write_manifest,
 )
 from engines.schedule import Schedule
+from engines.scoring import DEFAULT_TOP_K, top_k_for
 from foundation.errors import DataError
 
 # meta.json as training wrote it before the schema was versioned (schema 1)
@@ -71,5 +72,27 @@ def test_derived_graph_records_are_typed_and_kept_through_upgrade_and_rewrite(tm
 ])
 def test_newer_or_malformed_files_name_the_file_and_the_key(tmp_path: Path, change: dict, message: str) -> None:
     (tmp_path / MANIFEST_FILE).write_text(json.dumps(SCHEMA_1 | change))
+    with pytest.raises(DataError, match=rf"meta\.json.*{message}"):
+        read_manifest(tmp_path)
+
+
+def test_a_new_skus_top_k_is_a_share_of_its_map_and_older_skus_keep_theirs(tmp_path: Path) -> None:
+    assert [top_k_for(s) for s in (64, 128, 256, 512)] == [6, 25, DEFAULT_TOP_K, 400]
+    for size in (64, 256):
+        assert new_manifest(ModelConfig(image_size=size), Schedule(), 1.0).score.top_k == top_k_for(size)
+    schema_2 = SCHEMA_1 | {"schema_version": 2, "score": {"top_k": 100}}
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(schema_2))
+    manifest = read_manifest(tmp_path)  # a 64 px SKU trained with the fixed 100 px keeps scoring with 100 px
+    assert manifest.score.top_k == 100 and manifest.image_size == 64
+    assert manifest.preprocess.resize == "stretch" and manifest.reconstruction == "two_stage"
+    assert manifest.schema_version == SCHEMA_VERSION == 3
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"preprocess": {"resize": "squash"}}, "preprocess.resize"),
+    ({"reconstruction": "stage3"}, "reconstruction"),
+])
+def test_unknown_resize_or_reconstruction_modes_are_refused(tmp_path: Path, change: dict, message: str) -> None:
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(SCHEMA_1 | {"schema_version": 3} | change))
     with pytest.raises(DataError, match=rf"meta\.json.*{message}"):
         read_manifest(tmp_path)

@@ -16,6 +16,7 @@ from calibration.metrics import (
     f1_max,
     f1_max_threshold,
     image_auroc,
+    image_auroc_per_type,
     pixel_auroc,
     pro_curve,
 )
@@ -183,3 +184,16 @@ def test_metrics_invariant_to_monotone_rescaling(masks: np.ndarray, ints: np.nda
         rescaled_scores = TRANSFORMS[which](scores)
         for metric in (image_auroc, f1_max, average_precision):
             assert metric(labels, rescaled_scores) == pytest.approx(metric(labels, scores), abs=1e-12)
+
+
+def test_image_auroc_per_defect_type_ranks_each_type_against_all_good_images() -> None:
+    # good scores 0.1..0.4; "crack" all above them (1.0), "stain" all below (0.0), "dent" split 2 of 4 pairs above
+    types = np.array(["good", "crack", "good", "stain", "dent", "good", "crack", "good"])
+    scores = np.array([0.1, 0.9, 0.2, 0.05, 0.25, 0.3, 0.8, 0.4])
+    labels = types != "good"
+    per_type = image_auroc_per_type(labels, scores, types)
+    assert list(per_type) == ["crack", "dent", "stain"]
+    assert per_type == {"crack": 1.0, "dent": 0.5, "stain": 0.0}
+    assert image_auroc(labels[types != "stain"], scores[types != "stain"]) == pytest.approx(10 / 12)  # pooled
+    with pytest.raises(ValueError, match="both anomalous and normal"):
+        image_auroc_per_type(labels[labels], scores[labels], types[labels])

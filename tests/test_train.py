@@ -26,8 +26,11 @@ from engines.train import (
     STATE_DIR,
     StepBatches,
     TrainConfig,
+    available_cpus,
+    configure_threads,
     set_phase,
     train_sku,
+    worker_threads,
 )
 from foundation.errors import ConfigError, DataError
 from inspector.commands.train import add_arguments, config_from_args
@@ -179,3 +182,47 @@ def test_cli_preset_and_overrides(tmp_path: Path) -> None:
         config_from_args(_parse("--out", str(tmp_path), "--data", "d", "--image-size", "100"))
     with pytest.raises(DataError, match="--data"):
         config_from_args(_parse("--out", str(tmp_path)))
+
+
+def test_cli_reconstruction_and_resize_reach_the_config(tmp_path: Path) -> None:
+    base = ("--out", str(tmp_path), "--data", "d", "--device", "cpu")
+    cfg, _ = config_from_args(_parse(*base))
+    assert (cfg.reconstruction, cfg.resize) == ("two_stage", "stretch")
+    cfg, _ = config_from_args(_parse(*base, "--no-reconstruction", "--resize", "letterbox"))
+    assert (cfg.reconstruction, cfg.resize) == ("none", "letterbox")
+    assert config_from_args(_parse(*base, "--reconstruction", "stage1"))[0].reconstruction == "stage1"
+    assert cfg.steps("autoencoder") == cfg.steps("diffusion") == 0 and cfg.steps("segmenter") == cfg.seg_steps
+    with pytest.raises(ConfigError, match="resize='square'"):
+        tiny_config(Path("d"), tmp_path, resize="square")
+
+
+@pytest.mark.slow
+def test_no_reconstruction_trains_the_segmenter_alone_and_cannot_be_exported(good_dir: Path, tmp_path: Path) -> None:
+    from engines.export import export_sku
+
+    sku = train_sku(tiny_config(good_dir, tmp_path, reconstruction="none", resize="crop"))
+    meta = read_manifest(sku)
+    assert meta.reconstruction == "none" and meta.preprocess.resize == "crop"
+    assert meta.train is not None and set(meta.train.losses) == {"segmenter"}
+    model = load_sku(sku)
+    x = torch.rand(1, 3, S, S)
+    with torch.inference_mode():
+        assert torch.equal(model.anomaly_maps(x), model.segmenter(x, x))
+    with pytest.raises(DataError, match="ablation SKU"):
+        export_sku(sku)
+
+
+def test_threads_never_exceed_the_cpus_left_by_the_workers(tmp_path: Path) -> None:
+    import cv2
+
+    before = torch.get_num_threads(), cv2.getNumThreads()
+    try:
+        assert configure_threads(tiny_config(Path("d"), tmp_path, threads=1)) == 1
+        assert torch.get_num_threads() == 1 and cv2.getNumThreads() == 1
+        auto = configure_threads(tiny_config(Path("d"), tmp_path, threads=0, num_workers=1))
+        assert auto == max(1, available_cpus() - 1) == torch.get_num_threads() == cv2.getNumThreads()
+        worker_threads(0)
+        assert torch.get_num_threads() == 1 and cv2.getNumThreads() == 1
+    finally:
+        torch.set_num_threads(before[0])
+        cv2.setNumThreads(before[1])

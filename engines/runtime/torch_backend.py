@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from engines.gpu import torch_cuda_device
+from engines.manifest import Reconstruction
 from engines.model import TDADModel, load_sku
 from engines.preprocess import preprocess
 from engines.runtime.config import TorchSettings
@@ -40,8 +41,9 @@ class TorchEngine:
     backend = "torch"
 
     def __init__(self, settings: TorchSettings, *, schedule_override: dict[str, Any] | None = None,
-                 chunk: int = 8) -> None:
-        """chunk: frames per forward pass; larger inputs are split to bound memory."""
+                 chunk: int = 8, reconstruction: Reconstruction | None = None) -> None:
+        """chunk: frames per forward pass; larger inputs are split to bound memory. reconstruction: run the
+        segmenter on this reconstruction mode instead of the one it was trained with (eval's ablation)."""
         self.settings = settings
         self.precision = settings.precision
         if settings.device == "cuda":
@@ -52,6 +54,7 @@ class TorchEngine:
         self.schedule_override = schedule_override or {}
         self.chunk = chunk
         self.cuda_graphs = settings.cuda_graphs and self.device.type == "cuda"
+        self.reconstruction = reconstruction
         self.image_size = 0
         self.model: TDADModel | None = None
         self.sku_dir: Path | None = None
@@ -78,7 +81,7 @@ class TorchEngine:
         assert self.model is not None
         dtype = AUTOCAST_DTYPES.get(self.precision)
         with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            return self.model.anomaly_maps(x, noises=self._noises).float()
+            return self.model.anomaly_maps(x, mode=self.reconstruction, noises=self._noises).float()
 
     def _capture(self, n: int) -> _Graph | None:
         """A CUDA graph of `_forward` for batch n (after warm-up on a side stream); None when capture fails."""
@@ -150,6 +153,7 @@ class TorchEngine:
             "threads": torch.get_num_threads(),
             "image_size": self.image_size,
             "schedule": model.schedule.to_dict() if model else None,
+            "reconstruction": self.reconstruction or (model.reconstruction if model else None),
             "sku_dir": str(self.sku_dir) if self.sku_dir else None,
             "torch": torch.__version__,
         }

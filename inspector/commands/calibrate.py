@@ -8,7 +8,7 @@ from pathlib import Path
 from calibration.evaluate import infer_dataset
 from calibration.thresholds import fit_thresholds, format_table, save_calibration
 from engines.data import FolderDataset, file_list_hash
-from engines.manifest import score_top_k
+from engines.manifest import read_manifest
 from engines.runtime import create_engine
 from engines.scoring import image_scores
 from foundation.errors import ConfigError
@@ -32,15 +32,16 @@ def run(args: argparse.Namespace) -> int:
     """Run the SKU's engine over the good (and NG) folders, fit thresholds, write calibration.json."""
     target = sku_target(args)
     engine = create_engine(target.engine, target.sku_dir, schedule_override=target.schedule_override or None)
-    top_k = score_top_k(target.sku_dir)
-    good = FolderDataset(args.good, engine.image_size)
+    manifest = read_manifest(target.sku_dir)
+    top_k, resize = manifest.score.top_k, manifest.preprocess.resize
+    good = FolderDataset(args.good, engine.image_size, resize=resize)
     good_maps = infer_dataset(engine, good, args.batch, desc="good").maps
     hashes = [file_list_hash(good)]
     if args.ng_masks is not None and args.ng is None:
         raise ConfigError("--ng-masks needs --ng (the defective images the masks belong to)")
     ng_scores = ng_maps = ng_masks = None
     if args.ng is not None:
-        ng = FolderDataset(args.ng, engine.image_size, mask_dir=args.ng_masks)
+        ng = FolderDataset(args.ng, engine.image_size, mask_dir=args.ng_masks, resize=resize)
         inference = infer_dataset(engine, ng, args.batch, desc="ng")
         ng_scores = image_scores(inference.maps, top_k=top_k)
         if args.ng_masks is not None:

@@ -1,22 +1,34 @@
-"""`inspector eval`: evaluate a SKU on a labelled test split per schedule; table, JSON/Markdown report, montages."""
+"""`inspector eval`: evaluate a SKU on a labelled test split per schedule, or per part of the model (--ablation);
+table, per-defect-type table, JSON/Markdown report, montages."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from calibration.evaluate import METRIC_COLUMNS, evaluate, format_table
+from calibration.evaluate import METRIC_COLUMNS, evaluate, format_defect_table, format_table
 from calibration.thresholds import load_calibration
 from engines.data import file_list_hash, open_dataset
-from engines.manifest import score_top_k
-from engines.runtime import create_engine
+from engines.manifest import RECONSTRUCTIONS, SkuManifest, read_manifest
+from engines.runtime import Engine, create_engine, engine_class, engine_settings
 from foundation.errors import ConfigError
 from foundation.log import get_logger
-from inspector.commands.common import add_engine_arguments, sku_target
+from inspector.commands.common import SkuTarget, add_engine_arguments, sku_target
 
 log = get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the report: what it is (its leading table cells), how to get its engine, its montage file."""
+
+    labels: dict[str, str]
+    engine: Callable[[], Engine]
+    montage: str
 
 
 def parse_steps(text: str) -> list[tuple[int, int]]:
@@ -39,43 +51,98 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", choices=("mvtec", "visa", "folder"), required=True, help="test set layout")
     parser.add_argument("--root", type=Path, required=True, help="data set root folder")
     parser.add_argument("--category", help="MVTec AD / VisA category (e.g. bottle)")
-    parser.add_argument("--steps", help="schedules to compare as steps1+steps2 pairs, e.g. 1+1,2+2,5+5")
+    rows = parser.add_mutually_exclusive_group()
+    rows.add_argument("--steps", help="schedules to compare as steps1+steps2 pairs, e.g. 1+1,2+2,5+5")
+    rows.add_argument("--ablation", action="store_true",
+                      help="one row per reconstruction the SKU's networks support, on the torch backend: none "
+                           "(the segmenter fed the input as its own reconstruction), autoencoder (decode(encode(x)),"
+                           " no diffusion), stage1 (stage 1 only), two_stage (the product); same test set and score")
+    parser.add_argument("--compare-sku", type=Path, action="append", default=[], metavar="DIR",
+                        help="with --ablation: another SKU of the same size and resize mode (e.g. trained with "
+                             "inspector train --no-reconstruction) whose rows join the table; repeatable")
     parser.add_argument("--out", type=Path, help="report folder (default var/eval/<sku dir name>)")
 
 
-def run(args: argparse.Namespace) -> int:
-    """Evaluate the SKU on the test split once per schedule; print the table, write the reports and montages."""
-    target = sku_target(args)
-    out = args.out or Path("var") / "eval" / target.sku_dir.name
-    out.mkdir(parents=True, exist_ok=True)
-    top_k = score_top_k(target.sku_dir)
-    calibration = load_calibration(target.calibration_path) if target.calibration_path.is_file() else None
-    schedules = parse_steps(args.steps) if args.steps else [None]
-    dataset = None
-    rows: list[dict[str, Any]] = []
-    for pair in schedules:
+def schedule_variants(args: argparse.Namespace, target: SkuTarget) -> list[Variant]:
+    """The SKU as trained, or once per --steps schedule, on the configured backend."""
+    variants = []
+    for pair in parse_steps(args.steps) if args.steps else [None]:
         override = dict(target.schedule_override)
         if pair is not None:
             override.update(steps1=pair[0], steps2=pair[1])
-        engine = create_engine(target.engine, target.sku_dir, schedule_override=override or None)
-        if dataset is None:
-            dataset = open_dataset(args.dataset, args.root, args.category, "test", engine.image_size)
         label = "trained" if pair is None else f"{pair[0]}+{pair[1]}"
-        montage = out / ("montage.png" if pair is None else f"montage_{pair[0]}+{pair[1]}.png")
-        result = evaluate(
-            engine, dataset, batch_size=args.batch, top_k=top_k, calibration=calibration, montage_path=montage
-        )
-        rows.append({"schedule": label, "engine": engine.describe(), **result})
-        log.info("eval_schedule_done", schedule=label, **{k: result[k] for k in METRIC_COLUMNS})
+        variants.append(Variant(
+            {"schedule": label},
+            lambda override=override: create_engine(target.engine, target.sku_dir, schedule_override=override or None),
+            "montage.png" if pair is None else f"montage_{label}.png",
+        ))
+    return variants
+
+
+def ablation_variants(args: argparse.Namespace, target: SkuTarget, manifest: SkuManifest) -> list[Variant]:
+    """Every reconstruction mode each SKU's trained networks support (up to the one its segmenter was trained
+    with), run by the torch model: the exported graphs hold the two-stage pipeline only."""
+    if args.backend not in (None, "torch"):
+        raise ConfigError(f"--ablation runs the torch model (the exported graphs hold the two-stage pipeline only); "
+                          f"drop --backend {args.backend} or pass --backend torch")
+    settings = target.engine if target.engine.backend == "torch" else engine_settings("torch",
+                                                                                       threads=args.threads or None)
+    sku_dirs = [target.sku_dir, *args.compare_sku]
+    names = [d.name for d in sku_dirs]
+    variants = []
+    for sku_dir in sku_dirs:
+        other = read_manifest(sku_dir)
+        if (other.image_size, other.preprocess.resize) != (manifest.image_size, manifest.preprocess.resize):
+            raise ConfigError(f"--compare-sku {sku_dir}: takes {other.image_size} px ({other.preprocess.resize}), "
+                              f"{target.sku_dir} takes {manifest.image_size} px ({manifest.preprocess.resize}); "
+                              "ablation rows must see the same inputs")
+        name = sku_dir.name if names.count(sku_dir.name) == 1 else str(sku_dir)
+        override = target.schedule_override if sku_dir == target.sku_dir else {}
+        for mode in RECONSTRUCTIONS[: RECONSTRUCTIONS.index(other.reconstruction) + 1]:
+
+            def make(sku_dir: Path = sku_dir, override: dict[str, int] = override, mode: str = mode) -> Engine:
+                engine = engine_class("torch")(settings, schedule_override=override or None, reconstruction=mode)
+                engine.load(sku_dir)
+                return engine
+
+            labels = {"sku": name, "reconstruction": mode, "trained_on": other.reconstruction}
+            variants.append(Variant(labels, make, f"montage_{name.replace('/', '_')}_{mode}.png"))
+    return variants
+
+
+def run(args: argparse.Namespace) -> int:
+    """Evaluate the SKU on the test split once per row; print the tables, write the reports and montages."""
+    if args.compare_sku and not args.ablation:
+        raise ConfigError("--compare-sku adds rows to the ablation table: pass --ablation too")
+    target = sku_target(args)
+    out = args.out or Path("var") / "eval" / target.sku_dir.name
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(target.sku_dir)
+    top_k = manifest.score.top_k
+    calibration = load_calibration(target.calibration_path) if target.calibration_path.is_file() else None
+    variants = ablation_variants(args, target, manifest) if args.ablation else schedule_variants(args, target)
+    dataset = open_dataset(args.dataset, args.root, args.category, "test", manifest.image_size,
+                           manifest.preprocess.resize)
+    rows: list[dict[str, Any]] = []
+    for variant in variants:
+        engine = variant.engine()
+        result = evaluate(engine, dataset, batch_size=args.batch, top_k=top_k, calibration=calibration,
+                          montage_path=out / variant.montage)
+        rows.append({**variant.labels, "engine": engine.describe(), **result})
+        log.info("eval_row_done", **variant.labels, **{k: result[k] for k in METRIC_COLUMNS})
+    counts = rows[0]["defect_counts"] if rows else {}
     report = {
         "sku_dir": str(target.sku_dir),
-        "backend": target.engine.backend,
+        "backend": "torch" if args.ablation else target.engine.backend,
+        "ablation": args.ablation,
         "dataset": {
             "kind": args.dataset,
             "root": str(args.root),
             "category": args.category,
-            "n_images": len(dataset) if dataset is not None else 0,
-            "data_hash": file_list_hash(dataset) if dataset is not None else "",
+            "n_images": len(dataset),
+            "defect_counts": counts,
+            "resize": dataset.resize,
+            "data_hash": file_list_hash(dataset),
         },
         "score_top_k": top_k,
         "calibration": calibration.model_dump(mode="json") if calibration else None,
@@ -83,8 +150,14 @@ def run(args: argparse.Namespace) -> int:
     }
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     title = f"# Evaluation of {target.sku_dir.name} on {args.dataset} {args.category or ''}".rstrip()
-    montages = "\n".join(f"![{row['schedule']}]({Path(row['montage']).name})" for row in rows)
-    (out / "report.md").write_text(f"{title}\n\n{format_table(rows, markdown=True)}\n\n{montages}\n")
+    montages = "\n".join(f"![{' '.join(v.labels.values())}]({v.montage})" for v in variants)
+    (out / "report.md").write_text(
+        f"{title}\n\n{format_table(rows, markdown=True)}\n\n"
+        f"Image AUROC per defect type (each type against all good images; images per type in brackets):\n\n"
+        f"{format_defect_table(rows, counts, markdown=True)}\n\n{montages}\n"
+    )
     print(format_table(rows))
+    print("\nimage AUROC per defect type (vs all good images)")
+    print(format_defect_table(rows, counts))
     print(f"wrote {out / 'report.json'}, {out / 'report.md'} and montages")
     return 0

@@ -7,7 +7,8 @@ import dataclasses
 import re
 from pathlib import Path
 
-from engines.manifest import ModelConfig
+from engines.manifest import RECONSTRUCTIONS, ModelConfig
+from engines.preprocess import RESIZE_MODES
 from engines.train import PRESETS, TrainConfig, read_checkpoint_config, train_sku
 from foundation.errors import DataError
 
@@ -42,8 +43,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="cpu, cuda or cuda:N (default: cuda when torch sees a GPU)")
     parser.add_argument("--texture-dir", type=Path, help="folder of anomaly source textures (e.g. DTD)")
     parser.add_argument("--foreground", choices=("otsu", "none"), default="otsu")
-    parser.add_argument("--num-workers", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all cores)")
+    parser.add_argument("--resize", choices=RESIZE_MODES, default="stretch",
+                        help="how non-square images become the square model input, stored in the SKU so eval, "
+                             "calibrate and the daemon do the same: stretch (default, aspect not kept), letterbox "
+                             "(longer side fits, black bars) or crop (shorter side fits, centre cut)")
+    recon = parser.add_mutually_exclusive_group()
+    recon.add_argument("--reconstruction", choices=RECONSTRUCTIONS, default="two_stage",
+                       help="what the segmenter compares the input with (default two_stage, the product); others "
+                            "are ablation SKUs (torch backend only) that skip the phases they do not need")
+    recon.add_argument("--no-reconstruction", dest="reconstruction", action="store_const", const="none",
+                       help="same as --reconstruction none: train only the segmenter, fed the input as its own "
+                            "reconstruction (the ablation baseline of inspector eval --ablation --compare-sku)")
+    parser.add_argument("--num-workers", type=int, default=0,
+                        help="batch-synthesis worker processes, one torch and one OpenCV thread each")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch intra-op and OpenCV threads of the training process (0 = the CPUs this process "
+                             "may use minus --num-workers), so threads + workers never exceed the cores; with "
+                             "another job on the box, give each its share")
     parser.add_argument("--checkpoint-every", type=int, default=500)
     parser.add_argument("--resume", action="store_true", help="continue the checkpoint in <out>/train_state")
 
@@ -68,7 +84,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
     cfg = TrainConfig(data=args.data, out=out, dataset=args.dataset, category=args.category, seed=args.seed,
                       device=args.device, texture_dir=args.texture_dir, foreground=args.foreground,
                       num_workers=args.num_workers, threads=args.threads, checkpoint_every=args.checkpoint_every,
-                      **knobs)
+                      resize=args.resize, reconstruction=args.reconstruction, **knobs)
     ModelConfig(image_size=cfg.image_size)  # validates the image size before any data is read
     return cfg, False
 

@@ -52,13 +52,13 @@ MONTAGE_DEFECTIVE = 4
 @dataclass(frozen=True)
 class Inference:
     """An engine's output over a data set: float32 N x S x S maps, bool N labels, bool N x S x S masks and
-    str N defect types (the MVTec test sub-folder; None when unknown)."""
+    str N defect types (the MVTec test sub-folder, "good" for good items)."""
 
     maps: np.ndarray
     labels: np.ndarray
     masks: np.ndarray
+    defect_types: np.ndarray
     seconds: float
-    defect_types: np.ndarray | None = None
 
     @property
     def images_per_s(self) -> float:
@@ -90,7 +90,7 @@ def infer_dataset(engine: Engine, dataset: Sequence[Item], batch_size: int = 8, 
                 if item.mask is not None:
                     masks[start + offset] = item.mask
             bar.update(len(items))
-    return Inference(maps=maps, labels=labels, masks=masks, seconds=seconds, defect_types=types.astype(str))
+    return Inference(maps=maps, labels=labels, masks=masks, defect_types=types.astype(str), seconds=seconds)
 
 
 def _defined(name: str, fn: Any, *args: Any) -> Any:
@@ -103,17 +103,15 @@ def _defined(name: str, fn: Any, *args: Any) -> Any:
 
 
 def compute_metrics(inference: Inference, scores: np.ndarray, fpr_limit: float = 0.3) -> dict[str, Any]:
-    """Every metric of METRIC_COLUMNS (None where undefined), the F1-optimal pixel threshold and, when the
-    defect types are known, each type's image AUROC against all good images ("per_defect_image_auroc").
+    """Every metric of METRIC_COLUMNS (None where undefined), the F1-optimal pixel threshold and each defect
+    type's image AUROC against all good images ("per_defect_image_auroc").
 
     `scores` are the float N image scores of the maps (engines.scoring.image_scores).
     """
     labels, masks, maps = inference.labels, inference.masks, inference.maps
     pixel_f1, pixel_f1_threshold = _defined("pixel_f1_max", metrics.f1_max_threshold, masks, maps) or (None, None)
-    per_type = None
-    if inference.defect_types is not None:
-        per_type = _defined("per_defect_image_auroc", metrics.image_auroc_per_type, labels, scores,
-                            inference.defect_types)
+    per_type = _defined("per_defect_image_auroc", metrics.image_auroc_per_type, labels, scores,
+                        inference.defect_types)
     return {
         "image_auroc": _defined("image_auroc", metrics.image_auroc, labels, scores),
         "pixel_auroc": _defined("pixel_auroc", metrics.pixel_auroc, masks, maps),
@@ -159,8 +157,7 @@ def evaluate(
     result.update(
         n_images=len(inference.maps),
         n_defective=int(inference.labels.sum()),
-        defect_counts=dict(sorted(Counter(inference.defect_types.tolist()).items()))
-        if inference.defect_types is not None else {},
+        defect_counts=dict(sorted(Counter(inference.defect_types.tolist()).items())),
         images_per_s=inference.images_per_s,
         ms_per_image=1000.0 * inference.seconds / max(len(inference.maps), 1),
     )

@@ -63,8 +63,9 @@ def image_auroc_per_type(labels: np.ndarray, scores: np.ndarray, types: np.ndarr
     ValueError when there are no good images or no defective ones (no type can be ranked)."""
     labels = _check_ndim(labels, 1, "labels").astype(bool, copy=False)
     scores, types = _check_ndim(scores, 1, "scores"), _check_ndim(types, 1, "types")
-    if not (labels.shape == scores.shape == types.shape):
-        raise ValueError(f"image_auroc_per_type: shapes differ: {labels.shape}, {scores.shape}, {types.shape}")
+    if types.shape != labels.shape:
+        raise ValueError(f"image_auroc_per_type: types shape {types.shape} differs from labels shape {labels.shape}")
+    labels, scores = _binary_pair(labels, scores, "image_auroc_per_type")
     per_type = {}
     for defect_type in sorted(set(types[labels].tolist())):
         keep = ~labels | (types == defect_type)

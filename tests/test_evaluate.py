@@ -36,7 +36,8 @@ def synthetic_inference(n_good: int = 4, n_bad: int = 4, size: int = 32) -> Infe
     masks[n_good:, 8:16, 8:16] = True
     maps = (rng.random((n, size, size)) * 0.3 + masks * 0.6).astype(np.float32)
     labels = np.arange(n) >= n_good
-    return Inference(maps=maps, labels=labels, masks=masks, seconds=0.5)
+    return Inference(maps=maps, labels=labels, masks=masks, defect_types=np.where(labels, "square", "good"),
+                     seconds=0.5)
 
 
 def metrics_of(inference: Inference) -> dict[str, object]:
@@ -48,13 +49,15 @@ def test_metrics_of_a_perfect_detector() -> None:
     result = metrics_of(synthetic_inference())
     for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "pixel_f1_max", "image_ap", "pixel_ap"):
         assert result[key] == pytest.approx(1.0), key
+    assert result["per_defect_image_auroc"] == {"square": 1.0}
     assert 0.3 <= result["pixel_f1_threshold"] < 0.6
 
 
 def test_undefined_metrics_are_none_for_good_only_sets() -> None:
     inference = synthetic_inference(n_bad=0)
     result = metrics_of(inference)
-    assert all(result[k] is None for k in ("image_auroc", "pixel_auroc", "aupro", "pixel_f1_max"))
+    assert all(result[k] is None for k in ("image_auroc", "pixel_auroc", "aupro", "pixel_f1_max",
+                                           "per_defect_image_auroc"))
 
 
 def test_table_and_steps() -> None:

@@ -7,6 +7,7 @@ import argparse
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ from calibration.evaluate import METRIC_COLUMNS, evaluate, format_defect_table, 
 from calibration.thresholds import load_calibration
 from engines.data import file_list_hash, open_dataset
 from engines.manifest import RECONSTRUCTIONS, SkuManifest, read_manifest
-from engines.runtime import Engine, create_engine, engine_class, engine_settings
+from engines.runtime import Engine, EngineSettings, create_engine, engine_class, engine_settings
 from foundation.errors import ConfigError
 from foundation.log import get_logger
 from inspector.commands.common import SkuTarget, add_engine_arguments, sku_target
@@ -71,12 +72,16 @@ def schedule_variants(args: argparse.Namespace, target: SkuTarget) -> list[Varia
         if pair is not None:
             override.update(steps1=pair[0], steps2=pair[1])
         label = "trained" if pair is None else f"{pair[0]}+{pair[1]}"
-        variants.append(Variant(
-            {"schedule": label},
-            lambda override=override: create_engine(target.engine, target.sku_dir, schedule_override=override or None),
-            "montage.png" if pair is None else f"montage_{label}.png",
-        ))
+        engine = partial(create_engine, target.engine, target.sku_dir, schedule_override=override or None)
+        variants.append(Variant({"schedule": label}, engine, "montage.png" if pair is None else f"montage_{label}.png"))
     return variants
+
+
+def torch_engine(settings: EngineSettings, sku_dir: Path, override: dict[str, int], mode: str) -> Engine:
+    """A loaded torch engine running the SKU's segmenter on reconstruction `mode`."""
+    engine = engine_class("torch")(settings, schedule_override=override or None, reconstruction=mode)
+    engine.load(sku_dir)
+    return engine
 
 
 def ablation_variants(args: argparse.Namespace, target: SkuTarget, manifest: SkuManifest) -> list[Variant]:
@@ -99,14 +104,9 @@ def ablation_variants(args: argparse.Namespace, target: SkuTarget, manifest: Sku
         name = sku_dir.name if names.count(sku_dir.name) == 1 else str(sku_dir)
         override = target.schedule_override if sku_dir == target.sku_dir else {}
         for mode in RECONSTRUCTIONS[: RECONSTRUCTIONS.index(other.reconstruction) + 1]:
-
-            def make(sku_dir: Path = sku_dir, override: dict[str, int] = override, mode: str = mode) -> Engine:
-                engine = engine_class("torch")(settings, schedule_override=override or None, reconstruction=mode)
-                engine.load(sku_dir)
-                return engine
-
             labels = {"sku": name, "reconstruction": mode, "trained_on": other.reconstruction}
-            variants.append(Variant(labels, make, f"montage_{name.replace('/', '_')}_{mode}.png"))
+            variants.append(Variant(labels, partial(torch_engine, settings, sku_dir, override, mode),
+                                    f"montage_{name.replace('/', '_')}_{mode}.png"))
     return variants
 
 

@@ -29,7 +29,7 @@ import onnx
 
 from engines.manifest import DerivedGraphsRecord, read_manifest, with_derived, write_manifest
 from engines.precision import META_PRECISION, META_SOURCE, META_SOURCE_SHA256, check_graph, graph_file
-from engines.preprocess import preprocess
+from engines.preprocess import ResizeMode, preprocess
 from engines.runtime.config import OnnxRuntimeSettings
 from engines.runtime.onnx_backend import OnnxEngine
 from engines.runtime.staged import PART_NAMES, UNROLLED_NAME, check_export, file_sha256, read_sku_manifest, run_parts
@@ -111,13 +111,14 @@ def derive_fp16(sku_dir: Path) -> list[Path]:
 # ----------------------------------------------------------------------------- int8
 
 
-def calibration_images(calib_dir: Path, image_size: int, limit: int) -> np.ndarray:
-    """Up to `limit` good images of the folder, evenly spread over its sorted listing, as uint8 N x S x S x 3."""
+def calibration_images(calib_dir: Path, image_size: int, limit: int, resize: ResizeMode = "stretch") -> np.ndarray:
+    """Up to `limit` good images of the folder, evenly spread over its sorted listing, as uint8 N x S x S x 3
+    resized the SKU's way (`resize`), as the daemon feeds them."""
     from engines.data import FolderDataset
 
     if limit < 1:
         raise DataError(f"--calib-images {limit}: use at least 1")
-    dataset = FolderDataset(Path(calib_dir), image_size)
+    dataset = FolderDataset(Path(calib_dir), image_size, resize=resize)
     picks = np.unique(np.linspace(0, len(dataset) - 1, min(limit, len(dataset))).round().astype(int))
     return np.stack([np.asarray(dataset[int(i)].image) for i in picks])
 
@@ -215,8 +216,8 @@ def quantize_int8(sku_dir: Path, calib_dir: Path, limit: int = DEFAULT_CALIB_IMA
     """Q/DQ int8 graphs of every exported graph, calibrated on up to `limit` good images of `calib_dir`."""
     sku_dir = Path(sku_dir)
     names = _exported_names(sku_dir)
-    image_size = read_manifest(sku_dir).image_size
-    images = calibration_images(calib_dir, image_size, limit)
+    manifest = read_manifest(sku_dir)
+    images = calibration_images(calib_dir, manifest.image_size, limit, manifest.preprocess.resize)
     feeds = calibration_feeds(sku_dir, images, threads)
     calibration = f"{len(images)} images of {Path(calib_dir).resolve()}"
     paths = []

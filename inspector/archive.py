@@ -41,17 +41,22 @@ class ArchiveItem:
     verdict: dict[str, Any]
     image_u8_hwc: np.ndarray | None
     map_f32_hw: np.ndarray | None
-    roi: tuple[int, int, int, int] | None = None
+    map_rect: tuple[int, int, int, int] | None = None
 
 
 def heatmap_overlay(image_u8_hwc: np.ndarray, map_f32_hw: np.ndarray,
-                    roi: tuple[int, int, int, int] | None) -> np.ndarray:
-    """JET-coloured anomaly map blended over the inspected region of the RGB frame (returned as BGR)."""
+                    map_rect: tuple[int, int, int, int] | None) -> np.ndarray:
+    """JET-coloured anomaly map blended over the frame rectangle it covers (x, y, w, h; None = the whole frame),
+    clipped to the frame (a letterboxed map's padding lies outside it); returned as BGR."""
     bgr = cv2.cvtColor(image_u8_hwc, cv2.COLOR_RGB2BGR)
-    x, y, w, h = roi if roi is not None else (0, 0, bgr.shape[1], bgr.shape[0])
+    x, y, w, h = map_rect if map_rect is not None else (0, 0, bgr.shape[1], bgr.shape[0])
     heat_u8 = np.clip(cv2.resize(map_f32_hw, (w, h), interpolation=cv2.INTER_LINEAR) * 255.0, 0, 255)
     coloured = cv2.applyColorMap(heat_u8.astype(np.uint8), cv2.COLORMAP_JET)
-    bgr[y:y + h, x:x + w] = cv2.addWeighted(bgr[y:y + h, x:x + w], 0.5, coloured, 0.5, 0.0)
+    x0, y0 = max(x, 0), max(y, 0)
+    x1, y1 = min(x + w, bgr.shape[1]), min(y + h, bgr.shape[0])
+    if x1 > x0 and y1 > y0:
+        inside = coloured[y0 - y:y1 - y, x0 - x:x1 - x]
+        bgr[y0:y1, x0:x1] = cv2.addWeighted(bgr[y0:y1, x0:x1], 0.5, inside, 0.5, 0.0)
     return bgr
 
 
@@ -138,7 +143,7 @@ class Archive:
             bgr = cv2.cvtColor(item.image_u8_hwc, cv2.COLOR_RGB2BGR)
             written.append(self._write_bytes(folder / f"{stem}.png", _png(bgr)))
             if item.map_f32_hw is not None:
-                heat = heatmap_overlay(item.image_u8_hwc, item.map_f32_hw, item.roi)
+                heat = heatmap_overlay(item.image_u8_hwc, item.map_f32_hw, item.map_rect)
                 written.append(self._write_bytes(folder / f"{stem}_heat.png", _png(heat)))
         for path, size in written:
             self._files.append((path, size))

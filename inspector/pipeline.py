@@ -97,6 +97,13 @@ def preprocess(image_u8_hwc: Any, roi: tuple[int, int, int, int] | None, size: i
     return crop, Placement(origin_xy=(x + origin_x, y + origin_y), scale_xy=geometry.frame_scale_xy(rh, rw))
 
 
+def map_rect(placement: Placement, map_hw: tuple[int, ...]) -> tuple[int, int, int, int]:
+    """The frame rectangle (x, y, w, h) an anomaly map covers: the ROI when stretched, a part of it when cropped,
+    more than it (padding) when letterboxed; what overlays draw the map onto."""
+    (x, y), (sx, sy) = placement.origin_xy, placement.scale_xy
+    return round(x), round(y), max(1, round(map_hw[1] * sx)), max(1, round(map_hw[0] * sy))
+
+
 class Stats:
     """Thread-safe counters and latency/fps windows for status messages and the final summary."""
 
@@ -176,7 +183,7 @@ class _Out:
     mask_png: bytes | None
     frame: Frame
     map_f32_hw: np.ndarray | None = None
-    roi: tuple[int, int, int, int] | None = None
+    map_rect: tuple[int, int, int, int] | None = None
     pixel_threshold: float | None = None
 
 
@@ -190,7 +197,7 @@ class Published:
     verdict: Verdict
     image_u8_hwc: np.ndarray | None
     map_f32_hw: np.ndarray | None
-    roi: tuple[int, int, int, int] | None
+    map_rect: tuple[int, int, int, int] | None  # x, y, w, h in frame px that the map covers (see map_rect())
     pixel_threshold: float | None
 
 
@@ -462,7 +469,7 @@ class Pipeline:
                 decision = sku.decider.decide(maps[k], placement)
                 job.timings_ms["decide"] = (time.perf_counter() - t0) * 1000.0
                 outs[i] = _Out(self._verdict(job, sku, decision, None), decision.mask_png, job.frame, maps[k],
-                               sku.roi, float(sku.decider.calibration.pixel_threshold))
+                               map_rect(placement, maps[k].shape), float(sku.decider.calibration.pixel_threshold))
             self._in_flight = []
         return [outs[i] for i in range(len(jobs))]
 
@@ -510,11 +517,11 @@ class Pipeline:
                 sku=out.verdict.sku, frame_id=out.verdict.frame_id, t_acquired=out.frame.t_acquired,
                 ok=out.verdict.ok, verdict=out.verdict.model_dump(mode="json"),
                 image_u8_hwc=out.frame.image if isinstance(out.frame.image, np.ndarray) else None,
-                map_f32_hw=out.map_f32_hw, roi=out.roi,
+                map_f32_hw=out.map_f32_hw, map_rect=out.map_rect,
             ))
         if self.on_published is not None:
             image = out.frame.image if isinstance(out.frame.image, np.ndarray) else None
             try:
-                self.on_published(Published(out.verdict, image, out.map_f32_hw, out.roi, out.pixel_threshold))
+                self.on_published(Published(out.verdict, image, out.map_f32_hw, out.map_rect, out.pixel_threshold))
             except Exception:
                 log.exception("on_published_failed", frame_id=out.verdict.frame_id)

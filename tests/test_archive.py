@@ -19,7 +19,7 @@ def item(frame_id: int, ok: bool = False, size: int = 64, image: bool = True) ->
         verdict={"frame_id": frame_id, "ok": ok},
         image_u8_hwc=rng.integers(0, 256, (size, size, 3), dtype=np.uint8) if image else None,
         map_f32_hw=rng.random((16, 16), dtype=np.float32),
-        roi=(8, 8, 32, 32),
+        map_rect=(8, 8, 32, 32),
     )
 
 

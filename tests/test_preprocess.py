@@ -15,7 +15,9 @@ from engines.runtime.staged import preprocess_frames
 from engines.schedule import Schedule
 from engines.train import StepBatches, TrainConfig
 from inspector.acquisition.folder import FolderSource
+from inspector.archive import heatmap_overlay
 from inspector.config import FolderCamera
+from inspector.pipeline import map_rect
 from inspector.pipeline import preprocess as pipeline_preprocess
 
 S = 64
@@ -104,3 +106,16 @@ def test_served_regions_map_back_to_frame_pixels(mode: str) -> None:
     ys, xs = np.nonzero(out[..., 0] > 127)
     (ox, oy), (sx, sy) = placement.origin_xy, placement.scale_xy
     assert abs(xs.mean() * sx + ox - 153.5) <= sx and abs(ys.mean() * sy + oy - 113.5) <= sy
+
+
+@pytest.mark.parametrize("mode", RESIZE_MODES)
+def test_overlays_draw_the_map_where_it_came_from(mode: str) -> None:
+    """The page's and the archive's heat map lands on the frame spot the hot model pixels saw, in every mode."""
+    frame = np.zeros((300, 400, 3), dtype=np.uint8)
+    roi = (40, 30, 240, 160)
+    frame[110:118, 150:158] = 255
+    out, placement = pipeline_preprocess(frame, roi, 64, None, mode)  # type: ignore[arg-type]
+    anomaly = (out[..., 0] > 127).astype(np.float32)  # a map that is hot exactly where the spot is
+    overlay = heatmap_overlay(np.zeros_like(frame), anomaly, map_rect(placement, anomaly.shape))
+    ys, xs = np.nonzero(overlay[..., 2] > 100)  # JET's hot end is red (BGR channel 2)
+    assert abs(xs.mean() - 153.5) <= 4 and abs(ys.mean() - 113.5) <= 4

@@ -67,9 +67,9 @@ def render_overlay(item: Published) -> tuple[bytes, tuple[int, int]] | None:
     image = item.image_u8_hwc
     if image is None:
         return None
-    roi = item.roi
+    rect = item.map_rect
     if item.map_f32_hw is not None:
-        bgr = heatmap_overlay(image, item.map_f32_hw, roi)
+        bgr = heatmap_overlay(image, item.map_f32_hw, rect)
     else:
         bgr = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
     h, w = bgr.shape[:2]
@@ -80,7 +80,7 @@ def render_overlay(item: Published) -> tuple[bytes, tuple[int, int]] | None:
         bgr = cv2.resize(bgr, (round(w * scale), round(h * scale)), interpolation=interp)
     thickness = max(2, round(bgr.shape[0] / 240))
     if item.map_f32_hw is not None and item.pixel_threshold is not None:
-        x, y, rw, rh = roi if roi is not None else (0, 0, w, h)
+        x, y, rw, rh = rect if rect is not None else (0, 0, w, h)
         mask = (item.map_f32_hw > item.pixel_threshold).astype(np.uint8)
         mask = cv2.resize(mask, (max(1, round(rw * scale)), max(1, round(rh * scale))),
                           interpolation=cv2.INTER_NEAREST)

@@ -118,6 +118,13 @@ class DecodeCache:
                     self.nbytes -= self._items.popitem(last=False)[1].nbytes
         return array
 
+    def __getstate__(self) -> dict[str, int]:
+        """A copy sent to another process (DataLoader workers under spawn) starts empty: arrays stay here."""
+        return {"max_bytes": self.max_bytes}
+
+    def __setstate__(self, state: dict[str, int]) -> None:
+        self.__init__(state["max_bytes"])  # type: ignore[misc]
+
     def clear(self) -> None:
         """Drop every cached array and reset the counters."""
         with self._lock:

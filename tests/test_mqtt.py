@@ -473,14 +473,21 @@ def test_spool_survives_a_killed_daemon(tmp_path: Path) -> None:
         broker.stop()
 
 
-@pytest.mark.integration
-def test_full_spool_drops_ok_keeps_ng_and_reports_it(tmp_path: Path) -> None:
+def subscribed_broker_gone_down(tmp_path: Path) -> tuple[MosquittoProcess, Subscriber]:
+    """A persistent broker and a persistent-session subscriber (subscribed, so it outlives the outage), then the
+    broker stopped: what the publisher sends after `broker.start()` reaches the subscriber, none of it raced."""
     store = tmp_path / "broker-db"
     store.mkdir()
     broker = start_mosquitto(tmp_path, extra_conf=f"persistence true\npersistence_location {store}/\n")
-    sub = Subscriber(broker.port, client_id="line-plc", persistent=True)  # subscribed before the publisher returns
+    sub = Subscriber(broker.port, client_id="line-plc", persistent=True)
     sub.wait(sub.subscribed.is_set)
     broker.stop()
+    return broker, sub
+
+
+@pytest.mark.integration
+def test_full_spool_drops_ok_keeps_ng_and_reports_it(tmp_path: Path) -> None:
+    broker, sub = subscribed_broker_gone_down(tmp_path)
     publisher = Publisher(mqtt_cfg(broker.port, tmp_path / "spool", spool_max_mb=0.01), ROOT)
     publisher.start()
     try:
@@ -505,12 +512,7 @@ def test_full_spool_drops_ok_keeps_ng_and_reports_it(tmp_path: Path) -> None:
 
 @pytest.mark.integration
 def test_spool_filling_its_filesystem_with_the_broker_down_loses_no_ng_verdict(tmp_path: Path) -> None:
-    store = tmp_path / "broker-db"
-    store.mkdir()
-    broker = start_mosquitto(tmp_path, extra_conf=f"persistence true\npersistence_location {store}/\n")
-    sub = Subscriber(broker.port, client_id="line-plc", persistent=True)  # its session outlives the outage
-    sub.wait(sub.subscribed.is_set)
-    broker.stop()
+    broker, sub = subscribed_broker_gone_down(tmp_path)
     total, ng = 3000, {f for f in range(1, 3001) if f % 10 == 0}
     with small_fs(tmp_path / "fs", 768) as fs:
         publisher = Publisher(mqtt_cfg(broker.port, fs / "spool", spool_max_mb=1.0), ROOT)

@@ -95,4 +95,6 @@ def preprocess(images_u8_nhwc: np.ndarray) -> np.ndarray:
     """uint8 N x S x S x 3 RGB -> float32 N x 3 x S x S in [0, 1]: the one input transform of every backend."""
     if images_u8_nhwc.ndim != 4 or images_u8_nhwc.shape[-1] != 3 or images_u8_nhwc.dtype != np.uint8:
         raise ValueError(f"expected uint8 N x S x S x 3 images, got {images_u8_nhwc.dtype} {images_u8_nhwc.shape}")
-    return np.ascontiguousarray(images_u8_nhwc.transpose(0, 3, 1, 2), dtype=np.float32) * np.float32(1.0 / 255.0)
+    x = np.ascontiguousarray(images_u8_nhwc.transpose(0, 3, 1, 2), dtype=np.float32)  # a new array: uint8 in
+    x *= np.float32(1.0 / 255.0)  # in place, so the per-frame path allocates one batch, not two
+    return x

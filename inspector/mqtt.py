@@ -71,6 +71,8 @@ class Publisher:
         self._spool = Spool(Path(cfg.spool_dir), int(cfg.spool_max_mb * 2**20))
         self._qos = cfg.qos
         self._cond = threading.Condition()
+        # status documents are built and handed to paho under one lock: the last one sent is the newest
+        self._status_lock = threading.Lock()
         self._acked_mids: deque[int] = deque()
         self._mid_seq: dict[int, int] = {}
         self._seq_remaining: dict[int, int] = {}
@@ -149,9 +151,10 @@ class Publisher:
 
     def publish_status(self, status: dict[str, Any]) -> None:
         """Retain `status` (active SKU, engine, fps, ...) on /status now, and re-send it on every reconnect."""
-        self._status = dict(status)
-        if self._connected:
-            self._client.publish(f"{self.root}/status", self._status_payload("online"), qos=1, retain=True)
+        with self._status_lock:
+            self._status = dict(status)
+            if self._connected:
+                self._client.publish(f"{self.root}/status", self._status_payload("online"), qos=1, retain=True)
 
     def reply(self, payload: dict[str, Any]) -> None:
         """Publish a command reply on /cmd/reply (not spooled: the requester is online by definition)."""
@@ -186,11 +189,12 @@ class Publisher:
         if self._sender.is_alive():
             self._sender.join(timeout=max(0.05, flush_until - time.monotonic()))
         self._commands.put(None)
-        if final_status is not None:
-            self._status = dict(final_status)
-        if self._connected:
-            offline = self._status_payload("offline", reason="stopped")
-            info = self._client.publish(f"{self.root}/status", offline, qos=1, retain=True)
+        with self._status_lock:
+            if final_status is not None:
+                self._status = dict(final_status)
+            info = (self._client.publish(f"{self.root}/status", self._status_payload("offline", reason="stopped"),
+                                         qos=1, retain=True) if self._connected else None)
+        if info is not None:
             try:
                 info.wait_for_publish(timeout=max(0.05, deadline - time.monotonic() - 0.2))
             except (RuntimeError, ValueError) as exc:
@@ -223,11 +227,13 @@ class Publisher:
             log.error("mqtt_connect_refused", reason=str(reason), host=self.cfg.host, port=self.cfg.port)
             return
         with self._cond:
-            self._connected = True  # before reading _status: a concurrent publish_status is never lost
+            self._connected = True
         client.subscribe(f"{self.root}/cmd", qos=1)
         # paho re-sends the messages it held only after this callback returns; the sender waits for the
         # PUBACK of this status (read after that re-send) so that no new record overtakes an old one
-        self._online_mid = client.publish(f"{self.root}/status", self._status_payload("online"), qos=1, retain=True).mid
+        with self._status_lock:  # a publish_status racing this connect is either sent after it or read by it
+            self._online_mid = client.publish(f"{self.root}/status", self._status_payload("online"), qos=1,
+                                              retain=True).mid
         log.info("mqtt_connected", host=self.cfg.host, port=self.cfg.port, backlog=self.pending())
 
     def _handle_disconnect(self, _c: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any) -> None:

@@ -23,7 +23,7 @@ from engines.manifest import score_top_k
 from engines.scoring import image_scores, top_k_for
 from foundation.errors import ConfigError, DataError
 from inspector.cli import main
-from inspector.commands.evaluate import parse_steps
+from inspector.commands.evaluate import parse_steps, parse_timesteps
 from tests.fixtures_data import make_good_folder, make_mvtec_tree
 from tests.fixtures_engines import copy_sku
 
@@ -74,6 +74,10 @@ def test_table_and_steps() -> None:
     for bad in ("1", "1+x", "0+1"):
         with pytest.raises(ConfigError, match="--steps"):
             parse_steps(bad)
+    assert parse_timesteps("--t2", "250, 350") == [250, 350]
+    for bad in ("x", "0", "1000"):
+        with pytest.raises(ConfigError, match="--t1"):
+            parse_timesteps("--t1", bad)
 
 
 def test_montage_indices_pick_good_then_defective() -> None:
@@ -205,6 +209,8 @@ def test_calibrate_then_eval_cli(tiny_sku: Path, tmp_path: Path, capsys: pytest.
             "brick",
             "--steps",
             "1+1,2+2",
+            "--t2",
+            "200,300",
             "--threads",
             "1",
             "--out",
@@ -213,12 +219,13 @@ def test_calibrate_then_eval_cli(tiny_sku: Path, tmp_path: Path, capsys: pytest.
     )
     assert code == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
-    assert [row["schedule"] for row in report["rows"]] == ["1+1", "2+2"]
-    assert report["rows"][0]["engine"]["schedule"]["steps1"] == 1
+    assert [row["schedule"] for row in report["rows"]] == ["t2=200 1+1", "t2=200 2+2", "t2=300 1+1", "t2=300 2+2"]
+    assert [(row["engine"]["schedule"]["t2"], row["engine"]["schedule"]["steps1"]) for row in report["rows"]] == [
+        (200, 1), (200, 2), (300, 1), (300, 2)]
     assert report["calibration"]["n_good"] == 9
     assert report["rows"][0]["montage_threshold"] == pytest.approx(cal.pixel_threshold)
-    assert (out / "montage_1+1.png").is_file() and (out / "montage_2+2.png").is_file()
-    assert "| 2+2 |" in (out / "report.md").read_text()
+    assert (out / "montage_t2=200_1+1.png").is_file() and (out / "montage_t2=300_2+2.png").is_file()
+    assert "| t2=300 2+2 |" in (out / "report.md").read_text()
     assert sorted(report["rows"][0]["per_defect_image_auroc"]) == ["blob", "scratch", "spot"]
     assert "AUPRO@0.3" in capsys.readouterr().out
 

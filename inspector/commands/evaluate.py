@@ -46,6 +46,17 @@ def parse_steps(text: str) -> list[tuple[int, int]]:
     return pairs
 
 
+def parse_timesteps(flag: str, text: str) -> list[int]:
+    """'80,120,200' -> [80, 120, 200]; ConfigError naming the flag on anything else."""
+    try:
+        values = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"{flag} {text!r}: expected comma-separated timesteps like 80,120,200") from None
+    if any(not 0 < v < 1000 for v in values):
+        raise ConfigError(f"{flag} {text!r}: timesteps must be in 1..999")
+    return values
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `inspector eval`."""
     add_engine_arguments(parser)
@@ -54,6 +65,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--category", help="MVTec AD / VisA category (e.g. bottle)")
     rows = parser.add_mutually_exclusive_group()
     rows.add_argument("--steps", help="schedules to compare as steps1+steps2 pairs, e.g. 1+1,2+2,5+5")
+    parser.add_argument("--t1", help="stage-1 noise levels to compare, e.g. 80,120,200 (rows: every combination "
+                                     "with --t2 and --steps)")
+    parser.add_argument("--t2", help="stage-2 noise levels to compare, e.g. 250,350,500")
     rows.add_argument("--ablation", action="store_true",
                       help="one row per reconstruction the SKU's networks support, on the torch backend: none "
                            "(the segmenter fed the input as its own reconstruction), autoencoder (decode(encode(x)),"
@@ -65,15 +79,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def schedule_variants(args: argparse.Namespace, target: SkuTarget) -> list[Variant]:
-    """The SKU as trained, or once per --steps schedule, on the configured backend."""
+    """The SKU as trained, or once per combination of --t1, --t2 and --steps, on the configured backend."""
+    trained = read_manifest(target.sku_dir).schedule
     variants = []
-    for pair in parse_steps(args.steps) if args.steps else [None]:
-        override = dict(target.schedule_override)
-        if pair is not None:
-            override.update(steps1=pair[0], steps2=pair[1])
-        label = "trained" if pair is None else f"{pair[0]}+{pair[1]}"
-        engine = partial(create_engine, target.engine, target.sku_dir, schedule_override=override or None)
-        variants.append(Variant({"schedule": label}, engine, "montage.png" if pair is None else f"montage_{label}.png"))
+    for t1 in parse_timesteps("--t1", args.t1) if args.t1 else [None]:
+        for t2 in parse_timesteps("--t2", args.t2) if args.t2 else [None]:
+            for pair in parse_steps(args.steps) if args.steps else [None]:
+                override = {**target.schedule_override, **{k: v for k, v in (("t1", t1), ("t2", t2)) if v}}
+                if pair is not None:
+                    override.update(steps1=pair[0], steps2=pair[1])
+                parts = [f"t1={t1}" if t1 else "", f"t2={t2}" if t2 else "", f"{pair[0]}+{pair[1]}" if pair else ""]
+                label = " ".join(p for p in parts if p)
+                try:
+                    trained.with_overrides(**override)
+                except ValueError as exc:
+                    raise ConfigError(f"--t1/--t2/--steps {label}: {exc}") from None
+                engine = partial(create_engine, target.engine, target.sku_dir, schedule_override=override or None)
+                variants.append(Variant({"schedule": label or "trained"}, engine,
+                                        f"montage_{label.replace(' ', '_')}.png" if label else "montage.png"))
     return variants
 
 
@@ -112,6 +135,8 @@ def ablation_variants(args: argparse.Namespace, target: SkuTarget, manifest: Sku
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate the SKU on the test split once per row; print the tables, write the reports and montages."""
+    if args.ablation and (args.t1 or args.t2):
+        raise ConfigError("--t1/--t2 sweep the product's schedule: drop them or --ablation")
     if args.compare_sku and not args.ablation:
         raise ConfigError("--compare-sku adds rows to the ablation table: pass --ablation too")
     target = sku_target(args)

@@ -57,11 +57,27 @@ class ModelConfig:
     cond_channels: int = 8
     fusion_channels: int = 32
     seg_channels: tuple[int, int, int, int] = (16, 32, 48, 64)  # decoder at strides 2, 4, 8, 16
+    memory_size: int = 0  # normal patch descriptors the segmenter compares with (0 = no memory prior)
 
     def __post_init__(self) -> None:
         """Image sizes must divide by 32 (8x latent down-sampling, then two more U-Net halvings)."""
         if self.image_size < 32 or self.image_size % 32:
             raise ConfigError(f"image_size={self.image_size}: use a multiple of 32 (e.g. 128 or 256)")
+
+    def widened(self, width: float) -> ModelConfig:
+        """A copy with every network width (autoencoder, denoiser, fusion, segmenter decoder) times `width`,
+        rounded to multiples of 8: the capacity knob between the CPU presets and a GPU-sized model."""
+        if width <= 0:
+            raise ConfigError(f"width={width}: use a positive factor (1 = the CPU default, 2 = twice the channels)")
+
+        def scale(channels: int) -> int:
+            return max(8, round(channels * width / 8) * 8)
+
+        return dataclasses.replace(
+            self, ae_channels=tuple(map(scale, self.ae_channels)),  # type: ignore[arg-type]
+            denoiser_channels=tuple(map(scale, self.denoiser_channels)),  # type: ignore[arg-type]
+            fusion_channels=scale(self.fusion_channels), time_dim=scale(self.time_dim),
+            seg_channels=tuple(map(scale, self.seg_channels)))  # type: ignore[arg-type]
 
     @property
     def latent_size(self) -> int:

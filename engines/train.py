@@ -38,8 +38,9 @@ from engines.data import file_list_hash, open_dataset
 from engines.gpu import torch_cuda_device
 from engines.manifest import RECONSTRUCTIONS, PreprocessRecord, Reconstruction, TrainRecord
 from engines.model import ModelConfig, TDADModel, save_sku
+from engines.nets.segmenter import patch_features
 from engines.preprocess import RESIZE_MODES, ResizeMode, preprocess
-from engines.schedule import Schedule, add_noise, predict_x0
+from engines.schedule import Schedule, add_noise, stage1_reconstruct
 from engines.synthesis import AnomalySynthesizer
 from foundation.errors import ConfigError, DataError, first_line
 from foundation.log import get_logger
@@ -51,10 +52,16 @@ PHASES = ("autoencoder", "diffusion", "segmenter")
 PHASES_FOR = {"none": ("segmenter",), "autoencoder": ("autoencoder", "segmenter"), "stage1": PHASES,
               "two_stage": PHASES}
 STATE_DIR = "train_state"
+# lowest stage-2 training timestep: below it restoring a defect needs an epsilon of 1 / sqrt(1 - alpha_bar) > 10x
+# the latent difference, and stage 2's DDIM steps (t2 / steps2 apart) never go there
+STAGE2_T_MIN = 20
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"image_size": 64, "batch_size": 8, "ae_steps": 300, "diffusion_steps": 600, "seg_steps": 300},
     "small": {"image_size": 128, "batch_size": 8, "ae_steps": 1500, "diffusion_steps": 3000, "seg_steps": 1500},
     "full": {"image_size": 256, "batch_size": 16, "ae_steps": 5000, "diffusion_steps": 20000, "seg_steps": 8000},
+    # twice the channels (four times the compute) and twice the batch: a GPU run of minutes, hours on a CPU
+    "gpu": {"image_size": 256, "batch_size": 32, "width": 2.0, "ae_steps": 8000, "diffusion_steps": 30000,
+            "seg_steps": 12000},
 }
 
 
@@ -67,6 +74,7 @@ class TrainConfig:
     dataset: str = "folder"  # folder | mvtec | visa
     category: str | None = None  # mvtec/visa category
     image_size: int = 128
+    width: float = 1.0  # network widths times this (ModelConfig.widened): capacity, at width^2 the compute
     batch_size: int = 8
     ae_steps: int = 1500
     diffusion_steps: int = 3000
@@ -78,6 +86,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     edge_weight: float = 0.5  # autoencoder: weight of the image-gradient L1 term (keeps edges sharp)
     cond_dropout: float = 0.2  # diffusion: probability of training the conditioned branch with cond = 0
+    restore_from_rec1: float = 0.5  # diffusion: share of stage-2 samples noised from the stage-1 reconstruction
     train_t_max: int = 500  # diffusion: timesteps drawn from [0, train_t_max]; covers t1/t2 overrides
     seg_scale_weights: tuple[float, ...] = (0.125, 0.25, 0.5, 1.0)  # segmenter loss at strides 8, 4, 2, 1
     seed: int = 0
@@ -89,6 +98,7 @@ class TrainConfig:
     num_workers: int = 0  # batch-synthesis worker processes (1 torch + 1 OpenCV thread each)
     resize: ResizeMode = "stretch"  # how non-square images become S x S (engines.preprocess)
     reconstruction: Reconstruction = "two_stage"  # the segmenter's second input (engines.manifest)
+    memory: int = 0  # normal patch descriptors kept for the segmenter's memory prior (0 = none)
     checkpoint_every: int = 500
     stop_after: int | None = None  # stop with a checkpoint after this many steps in total (time-boxed runs)
     progress: bool = True
@@ -141,18 +151,20 @@ class StepBatches(Dataset):
         """The step's batch as numpy arrays (the DataLoader turns them into tensors)."""
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, PHASES.index(self.phase), step])
-        clean = self.images[rng.integers(len(self.images), size=cfg.batch_size)]
+        source = rng.integers(len(self.images), size=cfg.batch_size)
+        clean = self.images[source]
         pairs = [self.synth(image, rng) for image in clean]
         batch = {"clean": preprocess(clean), "anom": preprocess(np.stack([p[0] for p in pairs])),
-                 "mask": np.stack([p[1] for p in pairs])[:, None]}
+                 "mask": np.stack([p[1] for p in pairs])[:, None], "source": source}
         if self.phase == "diffusion":
             n, h = cfg.batch_size, cfg.image_size // 8
             shape = (n, ModelConfig().latent_channels, h, h)
-            for name in ("noise_u", "noise_s1", "noise_c"):
+            for name in ("noise_u", "noise_c"):
                 batch[name] = rng.standard_normal(shape, dtype=np.float32)
             batch["t_u"] = rng.integers(0, cfg.train_t_max + 1, size=n)
-            batch["t_c"] = rng.integers(0, cfg.train_t_max + 1, size=n)
+            batch["t_c"] = rng.integers(STAGE2_T_MIN, cfg.train_t_max + 1, size=n)
             batch["keep_cond"] = (rng.random(n) >= cfg.cond_dropout).astype(np.float32)
+            batch["from_rec1"] = (rng.random(n) < cfg.restore_from_rec1).astype(np.float32).reshape(n, 1, 1, 1)
             batch["alpha_bar_u"] = self.schedule.alpha_bars(batch["t_u"])
             batch["alpha_bar_c"] = self.schedule.alpha_bars(batch["t_c"])
         return batch
@@ -174,22 +186,28 @@ def autoencoder_loss(model: TDADModel, batch: dict[str, torch.Tensor], cfg: Trai
 
 
 def diffusion_loss(model: TDADModel, batch: dict[str, torch.Tensor], cfg: TrainConfig) -> torch.Tensor:
-    """Unconditional eps-MSE on noised clean latents + conditioned eps-MSE restoring the clean latent.
+    """Unconditional eps-MSE on noised clean latents + stage 2 trained the way it runs.
 
-    cond = fusion(z_anom, one-step x0 estimate of z_anom noised to t1), zeroed with p = cond_dropout; the
-    conditioned branch's target is the noise of the CLEAN latent, so stage 2 learns normal appearance.
+    Stage 2 as at run time: z_rec1 is the real stage-1 reconstruction of the ANOMALOUS latent (the schedule's
+    fixed noise, steps1 DDIM steps, the current denoiser) and cond = fusion(z_anom, z_rec1). The conditioned
+    branch sees z_rec1 noised to t_c (or, with p = 1 - restore_from_rec1, the clean latent noised, which is
+    where the DDIM path ends up) and learns to restore the CLEAN latent: an x0-MSE, because the epsilon that
+    maps a noised anomalous latent to a clean one explodes as t -> 0. cond is zeroed with p = cond_dropout.
     """
     schedule = model.schedule
     with torch.no_grad():
         z_clean = model.encode(batch["clean"])
         z_anom = model.encode(batch["anom"])
-        z_s1 = add_noise(z_anom, batch["noise_s1"], schedule.alpha_bar(schedule.t1))
-        z_rec1 = predict_x0(z_s1, model.denoise(z_s1, schedule.t1, model.zero_cond(z_s1)), schedule, schedule.t1)
+        noise1 = torch.from_numpy(schedule.stage_noises(tuple(z_anom.shape[1:]))[0]).to(z_anom)
+        z_rec1 = stage1_reconstruct(z_anom, model.denoise, model.zero_cond, schedule, noise1)
     z_u = add_noise(z_clean, batch["noise_u"], batch["alpha_bar_u"])
     loss_u = F.mse_loss(model.denoiser(z_u, batch["t_u"], model.zero_cond(z_u)), batch["noise_u"])
     cond = model.fusion(z_anom, z_rec1) * batch["keep_cond"][:, None, None, None]
-    z_c = add_noise(z_clean, batch["noise_c"], batch["alpha_bar_c"])
-    loss_c = F.mse_loss(model.denoiser(z_c, batch["t_c"], cond), batch["noise_c"])
+    a_c = batch["alpha_bar_c"]
+    start = torch.lerp(z_clean, z_rec1, batch["from_rec1"])
+    z_c = add_noise(start, batch["noise_c"], a_c)
+    eps = model.denoiser(z_c, batch["t_c"], cond)
+    loss_c = F.mse_loss((z_c - eps * (1.0 - a_c) ** 0.5) / a_c**0.5, z_clean)
     return loss_u + loss_c
 
 
@@ -208,7 +226,9 @@ def segmenter_loss(model: TDADModel, batch: dict[str, torch.Tensor], cfg: TrainC
     with torch.no_grad():
         rec = model.reconstruct(x, mode=cfg.reconstruction)
     loss = x.new_zeros(())
-    for weight, logits in zip(cfg.seg_scale_weights, model.segmenter.logits(x, rec), strict=True):
+    # a training image never matches its own memory entries: served frames are not in the memory either
+    logits_per_scale = model.segmenter.logits(x, rec, exclude=batch["source"])
+    for weight, logits in zip(cfg.seg_scale_weights, logits_per_scale, strict=True):
         mask = F.interpolate(batch["mask"], size=logits.shape[-2:], mode="area")
         loss = loss + weight * (focal_loss(logits, mask) + F.smooth_l1_loss(torch.sigmoid(logits), mask))
     return loss
@@ -262,6 +282,38 @@ def fit_latent_scale(model: TDADModel, images_u8_nhwc: np.ndarray, device: torch
     scale = 1.0 / max(float(torch.cat(zs).std()), 1e-6)
     model.set_latent_scale(scale)
     return scale
+
+
+@torch.no_grad()
+def fill_memory(model: TDADModel, images_u8_nhwc: np.ndarray, device: torch.device, batch: int, seed: int) -> float:
+    """Fill the segmenter's memory with a seeded random sample of the training images' patch descriptors (each
+    tagged with its image) and set memory_scale to the mean leave-one-image-out nearest distance of up to 4096
+    training patches, so a normal patch reads ~1; returns that scale."""
+    seg = model.segmenter
+    feats, owners = [], []
+    for i in range(0, len(images_u8_nhwc), batch):
+        x = torch.from_numpy(preprocess(images_u8_nhwc[i : i + batch])).to(device)
+        f = patch_features(seg.backbone(x))
+        n, d, h, w = f.shape
+        feats.append(f.permute(0, 2, 3, 1).reshape(-1, d))
+        owners.append(torch.arange(i, i + n, device=device).repeat_interleave(h * w))
+    all_feats, all_owners = torch.cat(feats), torch.cat(owners)
+    rng = np.random.default_rng([seed, len(PHASES)])
+    pick = torch.from_numpy(rng.choice(len(all_feats), seg.memory_size, replace=False)).to(device)
+    seg.memory.copy_(all_feats[pick])
+    seg.memory_owner.copy_(all_owners[pick])
+    seg.memory_scale.fill_(1.0)
+    probe = torch.from_numpy(rng.choice(len(all_feats), min(4096, len(all_feats)), replace=False)).to(device)
+    distances = torch.cat([seg.memory_distance(all_feats[p][:, :, None, None], all_owners[p]).flatten()
+                           for p in probe.split(512)])
+    scale = max(float(distances[torch.isfinite(distances)].mean()), 1e-6)
+    seg.memory_scale.fill_(scale)
+    return scale
+
+
+def memory_size_for(cfg: TrainConfig, n_images: int) -> int:
+    """The memory's entry count: cfg.memory, capped at the training set's patch count."""
+    return min(cfg.memory, n_images * (cfg.image_size // 8) ** 2)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -399,7 +451,9 @@ def train_sku(cfg: TrainConfig, resume: bool = False) -> Path:
         torch.backends.cudnn.deterministic = True
     torch.manual_seed(cfg.seed)
     images, data_hash = load_images(cfg)
-    model = TDADModel(ModelConfig(image_size=cfg.image_size), reconstruction=cfg.reconstruction).to(device)
+    config = dataclasses.replace(ModelConfig(image_size=cfg.image_size).widened(cfg.width),
+                                 memory_size=memory_size_for(cfg, len(images)))
+    model = TDADModel(config, reconstruction=cfg.reconstruction).to(device)
     run = Run(cfg, model)
     run.ema.to(device)
     if not resume and (run.state_dir / "state.json").exists():
@@ -419,6 +473,9 @@ def train_sku(cfg: TrainConfig, resume: bool = False) -> Path:
                 continue
             start = run.step if phase_idx == run.phase else 0
             run.phase, run.step = phase_idx, start
+            if phase == "segmenter" and start == 0 and config.memory_size:
+                log.info("memory_filled", entries=config.memory_size,
+                         scale=fill_memory(model, images, device, cfg.batch_size, cfg.seed))
             params = set_phase(model, phase)
             run.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
             if opt_state and start > 0:

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import pytest
 import torch
 
+from engines.manifest import ModelConfig
+from engines.model import TDADModel
 from engines.nets.autoencoder import Decoder, Encoder
 from engines.nets.backbone import Backbone
 from engines.nets.denoiser import Denoiser, timestep_embedding
 from engines.nets.fusion import Fusion
-from engines.nets.segmenter import Segmenter
+from engines.nets.segmenter import Segmenter, patch_features
+from engines.train import fill_memory
 
 torch.set_num_threads(1)
 S = 64
@@ -67,3 +73,20 @@ def test_segmenter_multiscale_logits_and_map(segmenter: Segmenter) -> None:
     assert [tuple(lg.shape) for lg in logits] == [(2, 1, s, s) for s in (8, 16, 32, 64)]
     maps = segmenter(x, rec).detach()
     assert maps.shape == (2, S, S) and float(maps.min()) >= 0.0 and float(maps.max()) <= 1.0
+
+
+def test_memory_prior_distances_exclude_the_source_image_and_read_about_one() -> None:
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (4, S, S, 3), dtype=np.uint8)
+    model = TDADModel(dataclasses.replace(ModelConfig(image_size=S), memory_size=4 * 8 * 8)).eval()  # every patch
+    scale = fill_memory(model, images, torch.device("cpu"), batch=2, seed=0)
+    seg = model.segmenter
+    assert scale > 0 and sorted(set(seg.memory_owner.tolist())) == [0, 1, 2, 3]
+    x = torch.from_numpy(images[:2].transpose(0, 3, 1, 2) / 255.0).float()
+    queries = patch_features(seg.backbone(x))
+    assert float(seg.memory_distance(queries).max()) < 1e-2  # each patch finds itself
+    apart = seg.memory_distance(queries, exclude=torch.tensor([0, 1]))
+    assert 0.3 < float(apart.mean()) < 3.0  # leave-one-image-out distances are what the scale normalises
+    assert seg.fuse[2][0].in_channels == 3 * 40 + 1
+    assert tuple(seg.logits(x, x, exclude=torch.tensor([0, 1]))[0].shape) == (2, 1, 8, 8)

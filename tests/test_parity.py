@@ -70,3 +70,24 @@ def test_onnxruntime_matches_torch_with_a_schedule_override(sku: Path) -> None:
 def test_onnxruntime_matches_torch_on_a_tiny_trained_model(trained_sku: Path) -> None:
     err = assert_parity(trained_sku, part_frames(8, 64, seed=3))
     print(f"tiny trained model: ORT vs torch rel_error = {err:.2e}")
+
+
+def test_onnxruntime_matches_torch_with_the_memory_prior(tmp_path: Path) -> None:
+    """The segmenter's nearest-memory search (matmul form) exports and runs on ONNX Runtime like in torch."""
+    import dataclasses
+
+    import torch
+
+    from engines.export import export_sku
+    from engines.manifest import ModelConfig
+    from engines.model import TDADModel, save_sku
+    from engines.train import fill_memory
+
+    torch.manual_seed(0)
+    model = TDADModel(dataclasses.replace(ModelConfig(image_size=64), memory_size=200)).eval()
+    with torch.no_grad():
+        model.denoiser.conv_out.weight.normal_(0.0, 0.02)
+    fill_memory(model, part_frames(6, 64, seed=5), torch.device("cpu"), batch=3, seed=0)
+    sku = save_sku(model, tmp_path / "sku")
+    export_sku(sku)
+    assert_parity(sku, part_frames(4, 64, seed=6))

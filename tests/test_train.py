@@ -226,3 +226,16 @@ def test_threads_never_exceed_the_cpus_left_by_the_workers(tmp_path: Path) -> No
     finally:
         torch.set_num_threads(before[0])
         cv2.setNumThreads(before[1])
+
+
+def test_width_scales_every_network_and_round_trips(tmp_path: Path) -> None:
+    wide = ModelConfig(image_size=S).widened(2.0)
+    assert wide.denoiser_channels == tuple(2 * c for c in ModelConfig().denoiser_channels)
+    assert wide.seg_channels == tuple(2 * c for c in ModelConfig().seg_channels)
+    assert ModelConfig(image_size=S).widened(0.1).ae_channels == (8, 8, 8)  # never below one GroupNorm group
+    model = TDADModel(wide)
+    narrow = sum(p.numel() for p in TDADModel(ModelConfig(image_size=S)).parameters())
+    assert sum(p.numel() for p in model.parameters()) > 2 * narrow
+    assert load_sku(save_sku(model, tmp_path)).config == wide  # the manifest carries the widths
+    with pytest.raises(ConfigError, match="width=0"):
+        ModelConfig(image_size=S).widened(0)

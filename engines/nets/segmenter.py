@@ -18,16 +18,35 @@ def _conv_act(in_ch: int, out_ch: int, k: int = 3) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(in_ch, out_ch, k, padding=k // 2, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU())
 
 
+def patch_features(feats: list[torch.Tensor]) -> torch.Tensor:
+    """Backbone taps -> N x (40 + 80) x S/8 x S/8 locally averaged patch descriptors (stride 8, plus stride 16
+    upsampled): what the normal-patch memory stores and is searched with, as in PatchCore."""
+    f8 = F.avg_pool2d(feats[2], 3, stride=1, padding=1, count_include_pad=False)
+    f16 = F.avg_pool2d(feats[3], 3, stride=1, padding=1, count_include_pad=False)
+    f16 = F.interpolate(f16, size=f8.shape[-2:], mode="bilinear", align_corners=False)
+    return torch.cat([f8, f16], dim=1)
+
+
 class Segmenter(nn.Module):
     """Per-scale fusion of [f(x), f(x_rec), |f(x) - f(x_rec)|] at strides 2..16, a U-Net decoder with
     skips back to full resolution, plus |x - x_rec| at full resolution; logits at strides 8, 4, 2, 1.
+
+    With memory_size > 0 the stride-8 fusion also gets each patch's distance to the nearest of memory_size
+    patch descriptors of the SKU's good images (a normal-appearance prior that synthetic anomalies alone
+    cannot teach: which real variation, like a tile's streaks, is normal).
     """
 
-    def __init__(self, image_size: int, channels: tuple[int, int, int, int]) -> None:
+    def __init__(self, image_size: int, channels: tuple[int, int, int, int], memory_size: int = 0) -> None:
         super().__init__()
         self.backbone = Backbone(image_size)
         feat = self.backbone.channels
-        self.fuse = nn.ModuleList(_conv_act(3 * f, c, 1) for f, c in zip(feat, channels, strict=True))
+        self.memory_size = memory_size
+        extra = (0, 0, 1, 0) if memory_size else (0, 0, 0, 0)  # the memory distance joins the stride-8 fusion
+        self.fuse = nn.ModuleList(_conv_act(3 * f + e, c, 1) for f, c, e in zip(feat, channels, extra, strict=True))
+        if memory_size:  # filled by training (fill_memory); zeros until then
+            self.register_buffer("memory", torch.zeros(memory_size, feat[2] + feat[3]))
+            self.register_buffer("memory_owner", torch.full((memory_size,), -1, dtype=torch.int64))
+            self.register_buffer("memory_scale", torch.ones(()))
         c2, c4, c8, c16 = channels
         self.bottom = _conv_act(c16, c16)
         self.dec8 = _conv_act(c16 + c8, c8)
@@ -38,12 +57,17 @@ class Segmenter(nn.Module):
         for head in self.heads:  # start from "almost surely normal" (p = 0.05), the focal-loss prior trick
             nn.init.constant_(head.bias, -math.log((1.0 - PRIOR) / PRIOR))
 
-    def logits(self, x: torch.Tensor, x_rec: torch.Tensor) -> list[torch.Tensor]:
-        """x, x_rec: N x 3 x S x S in [0, 1] -> logits N x 1 x s x s at s = S/8, S/4, S/2, S."""
+    def logits(self, x: torch.Tensor, x_rec: torch.Tensor, exclude: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """x, x_rec: N x 3 x S x S in [0, 1] -> logits N x 1 x s x s at s = S/8, S/4, S/2, S.
+
+        exclude (training only): N memory owner ids whose entries x may not match (its own source image)."""
         n = x.shape[0]
         feats = self.backbone(torch.cat([x, x_rec], dim=0))
-        fused = [f(torch.cat([a[:n], a[n:], (a[:n] - a[n:]).abs()], dim=1))
-                 for f, a in zip(self.fuse, feats, strict=True)]
+        extra: list[list[torch.Tensor]] = [[], [], [], []]
+        if self.memory_size:
+            extra[2] = [self.memory_distance(patch_features([a[:n] for a in feats]), exclude)]
+        fused = [f(torch.cat([a[:n], a[n:], (a[:n] - a[n:]).abs(), *e], dim=1))
+                 for f, a, e in zip(self.fuse, feats, extra, strict=True)]
         f2, f4, f8, f16 = fused
         h = self.bottom(f16)
         outs = []
@@ -51,6 +75,16 @@ class Segmenter(nn.Module):
             h = dec(torch.cat([F.interpolate(h, scale_factor=2.0, mode="bilinear", align_corners=False), skip], 1))
             outs.append(h)
         return [head(h) for head, h in zip(self.heads, outs, strict=True)]
+
+    def memory_distance(self, queries: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+        """N x D x h x w patch features -> N x 1 x h x w distance to the nearest memory entry / memory_scale
+        (matmul form, which exports to every backend; entries owned by `exclude` are skipped)."""
+        n, d, h, w = queries.shape
+        q = queries.permute(0, 2, 3, 1).reshape(n, h * w, d)
+        d2 = (q * q).sum(-1, keepdim=True) - 2.0 * q @ self.memory.t() + (self.memory * self.memory).sum(-1)
+        if exclude is not None:
+            d2 = d2.masked_fill(self.memory_owner[None, None, :] == exclude[:, None, None], float("inf"))
+        return (d2.amin(-1).clamp_min(0.0).sqrt() / self.memory_scale).reshape(n, 1, h, w)
 
     def forward(self, x: torch.Tensor, x_rec: torch.Tensor) -> torch.Tensor:
         """x, x_rec: N x 3 x S x S in [0, 1] -> anomaly maps N x S x S in [0, 1]."""

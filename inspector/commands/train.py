@@ -31,9 +31,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", choices=("folder", "mvtec", "visa"), default="folder")
     parser.add_argument("--category", help="mvtec/visa category, e.g. bottle")
     parser.add_argument("--preset", choices=tuple(PRESETS), default="small",
-                        help="image size, batch and steps per phase (tiny: a few CPU minutes at 64 px)")
+                        help="image size, width, batch and steps per phase (tiny: a few CPU minutes at 64 px; "
+                             "small: the CPU default, 128 px; full: 256 px; gpu: 256 px at twice the width, "
+                             "for a CUDA box)")
     parser.add_argument("--image-size", type=int)
+    parser.add_argument("--width", type=float,
+                        help="network widths times this (1 = the CPU default; 2 = twice the channels, about four "
+                             "times the compute), stored in the SKU")
     parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--memory", type=int,
+                        help="normal patch descriptors the segmenter compares each patch with (0 = none; capped at "
+                             "the training set's patches), the prior that tells real normal variation from defects")
     parser.add_argument("--ae-steps", type=int)
     parser.add_argument("--diffusion-steps", type=int)
     parser.add_argument("--seg-steps", type=int)
@@ -78,14 +86,14 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
     if args.data is None:
         raise DataError("inspector train: --data DIR is required (the folder of good images or the data set root)")
     knobs = dict(PRESETS[args.preset])
-    for name in ("image_size", "batch_size", "ae_steps", "diffusion_steps", "seg_steps", "lr"):
+    for name in ("image_size", "width", "batch_size", "memory", "ae_steps", "diffusion_steps", "seg_steps", "lr"):
         if getattr(args, name) is not None:
             knobs[name] = getattr(args, name)
     cfg = TrainConfig(data=args.data, out=out, dataset=args.dataset, category=args.category, seed=args.seed,
                       device=args.device, texture_dir=args.texture_dir, foreground=args.foreground,
                       num_workers=args.num_workers, threads=args.threads, checkpoint_every=args.checkpoint_every,
                       resize=args.resize, reconstruction=args.reconstruction, **knobs)
-    ModelConfig(image_size=cfg.image_size)  # validates the image size before any data is read
+    ModelConfig(image_size=cfg.image_size).widened(cfg.width)  # validates size and width before any data is read
     return cfg, False
 
 

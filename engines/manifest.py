@@ -16,6 +16,9 @@ Schema history:
   3  adds "preprocess" (how frames become the square model input: resize mode) and "reconstruction" (what
      the segmenter was trained to compare the input with); older files get "stretch" and "two_stage", what
      they were. Versioned so an older daemon refuses a letterbox SKU instead of stretching its frames.
+  4  adds "tiling" (null: the whole frame becomes one model input, as before; a record: the frame is scaled
+     and cut into overlapping model-size tiles, engines/tiling.py); older files get null. Versioned so an
+     older daemon refuses a tiled SKU instead of squashing a whole line frame into one tile.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from foundation.errors import ConfigError, DataError, first_line
 
 MANIFEST_FILE = "meta.json"
 WEIGHTS_FILE = "model.safetensors"
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # The segmenter's second input, from least to most of the model: the input itself, autoencoder round trip,
 # stage 1 only, the full two-stage diffusion. A mode needs the networks of every mode before it.
@@ -111,6 +114,15 @@ class PreprocessRecord(BaseModel):
     resize: ResizeMode = "stretch"
 
 
+class TilingRecord(BaseModel):
+    """Tiled inspection (engines/tiling.py): the ROI is scaled once, then cut into overlapping S x S tiles."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    scale: float = Field(gt=0, le=4, description="model px per source px after the ROI crop; 1.0 = native")
+    overlap: float = Field(0.0, ge=0, lt=0.5, description="share of a tile its neighbours overlap at least")
+
+
 class TrainRecord(BaseModel):
     """What training left behind: the final loss per phase and the TrainConfig it ran with."""
 
@@ -161,6 +173,7 @@ class SkuManifest(BaseModel):
     score: ScoreRecord = Field(default_factory=ScoreRecord)
     preprocess: PreprocessRecord = Field(default_factory=PreprocessRecord)
     reconstruction: Reconstruction = "two_stage"
+    tiling: TilingRecord | None = None
     code_version: str = "unknown"
     train_hash: str = ""
     data_hash: str = ""
@@ -192,7 +205,7 @@ def code_version() -> str:
 
 def new_manifest(model: ModelConfig, schedule: Schedule, latent_scale: float, **records: Any) -> SkuManifest:
     """The manifest of a freshly trained (or random-init) SKU; records: train_hash, data_hash, train, note,
-    preprocess, reconstruction (score defaults to top-k as a share of the map, engines.scoring.top_k_for)."""
+    preprocess, reconstruction, tiling (score defaults to top-k as a share of the map, engines.scoring.top_k_for)."""
     records.setdefault("score", ScoreRecord(top_k=top_k_for(model.image_size)))
     return SkuManifest(model=model, schedule=schedule, latent_scale=latent_scale, code_version=code_version(),
                        created=datetime.now(UTC).isoformat(timespec="seconds"), **records)
@@ -210,6 +223,8 @@ def upgrade(data: dict[str, Any]) -> dict[str, Any]:
     if found < 3:
         data.setdefault("preprocess", {"resize": "stretch"})
         data.setdefault("reconstruction", "two_stage")
+    if found < 4:
+        data.setdefault("tiling", None)
     data["schema_version"] = SCHEMA_VERSION
     data.pop("image_size", None)  # copies of model.*, recomputed on write
     data.pop("latent_channels", None)

@@ -1,4 +1,4 @@
-"""The typed SKU manifest: round trip, upgrade of schema-1 and -2 files, the export record's derived-graph
+"""The typed SKU manifest: round trip, upgrade of schema-1, -2 and -3 files, the tiling record, the export record's derived-graph
 records, refusal of newer or malformed ones, the score's top-k as a share of the map."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from engines.manifest import (
     SCHEMA_VERSION,
     DerivedGraphsRecord,
     ModelConfig,
+    TilingRecord,
     new_manifest,
     read_manifest,
     score_top_k,
@@ -85,7 +86,7 @@ def test_a_new_skus_top_k_is_a_share_of_its_map_and_older_skus_keep_theirs(tmp_p
     manifest = read_manifest(tmp_path)  # a 64 px SKU trained with the fixed 100 px keeps scoring with 100 px
     assert manifest.score.top_k == 100 and manifest.image_size == 64
     assert manifest.preprocess.resize == "stretch" and manifest.reconstruction == "two_stage"
-    assert manifest.schema_version == SCHEMA_VERSION == 3
+    assert manifest.tiling is None and manifest.schema_version == SCHEMA_VERSION == 4
 
 
 @pytest.mark.parametrize(("change", "message"), [
@@ -94,5 +95,25 @@ def test_a_new_skus_top_k_is_a_share_of_its_map_and_older_skus_keep_theirs(tmp_p
 ])
 def test_unknown_resize_or_reconstruction_modes_are_refused(tmp_path: Path, change: dict, message: str) -> None:
     (tmp_path / MANIFEST_FILE).write_text(json.dumps(SCHEMA_1 | {"schema_version": 3} | change))
+    with pytest.raises(DataError, match=rf"meta\.json.*{message}"):
+        read_manifest(tmp_path)
+
+
+def test_a_schema_3_file_reads_as_untiled_and_a_tiling_record_round_trips(tmp_path: Path) -> None:
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(SCHEMA_1 | {"schema_version": 3}))
+    assert read_manifest(tmp_path).tiling is None  # SKUs trained before tiling inspect the whole frame
+    tiled = new_manifest(ModelConfig(image_size=64), Schedule(), 1.0, tiling=TilingRecord(scale=0.25, overlap=0.125))
+    write_manifest(tmp_path, tiled)
+    assert json.loads((tmp_path / MANIFEST_FILE).read_text())["tiling"] == {"scale": 0.25, "overlap": 0.125}
+    assert read_manifest(tmp_path).tiling == TilingRecord(scale=0.25, overlap=0.125)
+
+
+@pytest.mark.parametrize(("tiling", "message"), [
+    ({"scale": 0}, "tiling.scale"),
+    ({"scale": 1.0, "overlap": 0.5}, "tiling.overlap"),
+    ({"scale": 1.0, "stride": 3}, "tiling.stride"),
+])
+def test_bad_tiling_records_are_refused_naming_the_key(tmp_path: Path, tiling: dict, message: str) -> None:
+    (tmp_path / MANIFEST_FILE).write_text(json.dumps(SCHEMA_1 | {"schema_version": 4, "tiling": tiling}))
     with pytest.raises(DataError, match=rf"meta\.json.*{message}"):
         read_manifest(tmp_path)

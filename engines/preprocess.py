@@ -68,7 +68,7 @@ class Geometry:
         return out
 
 
-def _resize(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
+def resize_image(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
     """Resize to h x w: INTER_AREA when shrinking both sides (no aliasing), INTER_LINEAR otherwise."""
     h, w = image.shape[:2]
     if (h, w) == hw:
@@ -80,7 +80,7 @@ def _resize(image: np.ndarray, hw: tuple[int, int]) -> np.ndarray:
 def resize_to_model(image_u8_hwc: np.ndarray, size: int, mode: ResizeMode = "stretch") -> np.ndarray:
     """An H x W x 3 image as the S x S x 3 model input, by the SKU's resize mode."""
     geometry = Geometry.fit(*image_u8_hwc.shape[:2], size, mode)
-    return geometry.place(_resize(image_u8_hwc, geometry.resized_hw))
+    return geometry.place(resize_image(image_u8_hwc, geometry.resized_hw))
 
 
 def resize_mask_to_model(mask_hw: np.ndarray, size: int, mode: ResizeMode = "stretch") -> np.ndarray:

@@ -22,8 +22,10 @@ from calibration import metrics
 from calibration.montage import MontageRow, write_montage
 from calibration.thresholds import Calibration
 from engines.data import Item
+from engines.manifest import TilingRecord
 from engines.runtime import Engine
 from engines.scoring import DEFAULT_TOP_K, image_scores
+from engines.tiling import infer_tiled
 from foundation.log import get_logger
 
 log = get_logger(__name__)
@@ -52,11 +54,12 @@ MONTAGE_DEFECTIVE = 4
 @dataclass(frozen=True)
 class Inference:
     """An engine's output over a data set: float32 N x S x S maps, bool N labels, bool N x S x S masks and
-    str N defect types (the MVTec test sub-folder, "good" for good items)."""
+    str N defect types (the MVTec test sub-folder, "good" for good items); for a tiled SKU, maps and masks are
+    lists of each scaled image's h x w stitched map and mask (images may differ in size)."""
 
-    maps: np.ndarray
+    maps: np.ndarray | list[np.ndarray]
     labels: np.ndarray
-    masks: np.ndarray
+    masks: np.ndarray | list[np.ndarray]
     defect_types: np.ndarray
     seconds: float
 
@@ -66,31 +69,45 @@ class Inference:
         return len(self.maps) / self.seconds if self.seconds > 0 else float("inf")
 
 
-def infer_dataset(engine: Engine, dataset: Sequence[Item], batch_size: int = 8, desc: str = "infer") -> Inference:
-    """Run the engine over every item in order, in batches, into preallocated arrays (tqdm on stderr).
+def infer_dataset(engine: Engine, dataset: Sequence[Item], batch_size: int = 8, desc: str = "infer",
+                  tiling: TilingRecord | None = None) -> Inference:
+    """Run the engine over every item in order, in batches, into preallocated arrays (tqdm on stderr); with
+    `tiling` (items scaled by the SKU's scale), each item tiled and stitched as the daemon does it.
 
     Items without a mask (folder layout, good parts) get an all-false mask.
     """
     n, size = len(dataset), engine.image_size
-    maps = np.empty((n, size, size), dtype=np.float32)
-    masks = np.zeros((n, size, size), dtype=bool)
+    maps: np.ndarray | list[np.ndarray] = np.empty((n, size, size), dtype=np.float32) if tiling is None else []
+    masks: np.ndarray | list[np.ndarray] = np.zeros((n, size, size), dtype=bool) if tiling is None else []
     labels = np.zeros(n, dtype=bool)
     types = np.empty(n, dtype=object)
     seconds = 0.0
     with tqdm(total=n, desc=desc, unit="img", file=sys.stderr, leave=False) as bar:
         for start in range(0, n, batch_size):
             items = [dataset[i] for i in range(start, min(start + batch_size, n))]
-            batch = np.stack([item.image for item in items])
             t0 = time.perf_counter()
-            maps[start : start + len(items)] = engine.infer(batch)
+            if isinstance(maps, np.ndarray):
+                maps[start : start + len(items)] = engine.infer(np.stack([item.image for item in items]))
+            else:
+                assert tiling is not None
+                maps += infer_tiled(engine, [item.image for item in items], tiling, batch_size)
             seconds += time.perf_counter() - t0
             for offset, item in enumerate(items):
                 labels[start + offset] = item.label != 0
                 types[start + offset] = item.defect_type
-                if item.mask is not None:
+                if isinstance(masks, list):
+                    masks.append(item.mask if item.mask is not None else np.zeros(item.image.shape[:2], dtype=bool))
+                elif item.mask is not None:
                     masks[start + offset] = item.mask
             bar.update(len(items))
     return Inference(maps=maps, labels=labels, masks=masks, defect_types=types.astype(str), seconds=seconds)
+
+
+def map_scores(maps: np.ndarray | Sequence[np.ndarray], top_k: int) -> np.ndarray:
+    """Image scores (engines.scoring) of N x H x W maps, or of a list of maps of different sizes one by one."""
+    if isinstance(maps, np.ndarray):
+        return image_scores(maps, top_k=top_k)
+    return np.asarray([image_scores(m[None], top_k=top_k)[0] for m in maps], dtype=np.float32)
 
 
 def _defined(name: str, fn: Any, *args: Any) -> Any:
@@ -109,7 +126,8 @@ def compute_metrics(inference: Inference, scores: np.ndarray, fpr_limit: float =
     `scores` are the float N image scores of the maps (engines.scoring.image_scores).
     """
     labels, masks, maps = inference.labels, inference.masks, inference.maps
-    pixel_f1, pixel_f1_threshold = _defined("pixel_f1_max", metrics.f1_max_threshold, masks, maps) or (None, None)
+    pixels = metrics.flat_pixels(masks, maps, "pixel metrics")
+    pixel_f1, pixel_f1_threshold = _defined("pixel_f1_max", metrics.f1_max_threshold, *pixels) or (None, None)
     per_type = _defined("per_defect_image_auroc", metrics.image_auroc_per_type, labels, scores,
                         inference.defect_types)
     return {
@@ -119,7 +137,7 @@ def compute_metrics(inference: Inference, scores: np.ndarray, fpr_limit: float =
         "image_f1_max": _defined("image_f1_max", metrics.f1_max, labels, scores),
         "pixel_f1_max": pixel_f1,
         "image_ap": _defined("image_ap", metrics.average_precision, labels, scores),
-        "pixel_ap": _defined("pixel_ap", metrics.average_precision, masks, maps),
+        "pixel_ap": _defined("pixel_ap", metrics.average_precision, *pixels),
         "pixel_f1_threshold": pixel_f1_threshold,
         "per_defect_image_auroc": per_type,
     }
@@ -145,14 +163,16 @@ def evaluate(
     calibration: Calibration | None = None,
     montage_path: Path | None = None,
     fpr_limit: float = 0.3,
+    tiling: TilingRecord | None = None,
 ) -> dict[str, Any]:
-    """Metrics, speed and (optionally) a montage PNG for one engine over one labelled data set.
+    """Metrics, speed and (optionally) a montage PNG for one engine over one labelled data set; a tiled SKU's
+    items (scaled by `tiling.scale`) are tiled and stitched, and its pixel metrics are at that resolution.
 
     The montage binarises maps at the calibration's pixel threshold when given, else at the F1-optimal
     pixel threshold of this data set.
     """
-    inference = infer_dataset(engine, dataset, batch_size, desc=f"eval {engine.backend}")
-    scores = image_scores(inference.maps, top_k=top_k)
+    inference = infer_dataset(engine, dataset, batch_size, desc=f"eval {engine.backend}", tiling=tiling)
+    scores = map_scores(inference.maps, top_k)
     result = compute_metrics(inference, scores, fpr_limit)
     result.update(
         n_images=len(inference.maps),
@@ -163,7 +183,8 @@ def evaluate(
     )
     if montage_path is not None:
         threshold = calibration.pixel_threshold if calibration else result["pixel_f1_threshold"]
-        threshold = float(np.quantile(inference.maps, 0.999)) if threshold is None else threshold
+        if threshold is None:
+            threshold = float(np.quantile(metrics.flat_pixels(inference.masks, inference.maps, "montage")[1], 0.999))
         rows = []
         for i in montage_indices(inference.labels):
             item = dataset[i]

@@ -1,7 +1,8 @@
 """Anomaly-detection metrics as the MVTec AD evaluation code defines them: AUROC, AUPRO, F1-max, AP.
 
 Image-level inputs are `labels` (bool N, True = defective) and `scores` (float N); pixel-level inputs are
-`masks` (bool N x H x W, True = defect pixel) and `maps` (float N x H x W). Every metric depends only on
+`masks` (bool N x H x W, True = defect pixel) and `maps` (float N x H x W), or lists of N H_i x W_i arrays for
+images of different sizes (a tiled SKU's stitched maps, engines/tiling.py). Every metric depends only on
 the ranking of the scores, so it is invariant to strictly increasing rescaling of them. A metric that needs
 both classes raises ValueError when the data hold only one.
 
@@ -17,12 +18,16 @@ so memory is O(pixels) (about 40 bytes per pixel at peak) and never pixels x thr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 # 8-connectivity, the structuring element of the MVTec AD evaluation code.
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
+# Pixel-level data: an N x H x W array, or N arrays of H_i x W_i (images of different sizes).
+Pixels = np.ndarray | Sequence[np.ndarray]
 
 
 def _binary_pair(labels: np.ndarray, scores: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -51,6 +56,38 @@ def _check_ndim(array: np.ndarray, ndim: int, name: str) -> np.ndarray:
     return array
 
 
+def _check_stack(masks: Pixels, maps: Pixels, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """N x H x W masks and maps of one shape, as arrays; ValueError otherwise."""
+    masks, maps = _check_ndim(masks, 3, "masks"), _check_ndim(maps, 3, "maps")
+    if masks.shape != maps.shape:
+        raise ValueError(f"{what}: masks shape {masks.shape} differs from maps shape {maps.shape}")
+    return masks, maps
+
+
+def pixel_pairs(masks: Pixels, maps: Pixels, what: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(mask, map) of each image; ValueError unless every pair is H x W of one shape (and arrays are N x H x W)."""
+    if isinstance(masks, np.ndarray) or isinstance(maps, np.ndarray):
+        masks, maps = _check_stack(masks, maps, what)
+    if len(masks) != len(maps):
+        raise ValueError(f"{what}: {len(masks)} masks for {len(maps)} maps")
+    pairs = [(np.asarray(mask), np.asarray(map_hw)) for mask, map_hw in zip(masks, maps, strict=True)]
+    for i, (mask, map_hw) in enumerate(pairs):
+        if mask.ndim != 2 or mask.shape != map_hw.shape:
+            raise ValueError(f"{what}: image {i} has a mask of shape {mask.shape} and a map of shape {map_hw.shape}")
+    return pairs
+
+
+def flat_pixels(masks: Pixels, maps: Pixels, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Every pixel's label and score as two flat vectors (views of N x H x W arrays, copies of lists)."""
+    if isinstance(masks, np.ndarray) and isinstance(maps, np.ndarray):
+        masks, maps = _check_stack(masks, maps, what)
+        return masks.reshape(-1), maps.reshape(-1)
+    pairs = pixel_pairs(masks, maps, what)
+    if not pairs:
+        return np.zeros(0, dtype=bool), np.zeros(0, dtype=np.float32)
+    return np.concatenate([m.reshape(-1) for m, _ in pairs]), np.concatenate([s.reshape(-1) for _, s in pairs])
+
+
 def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     """Area under the ROC curve of per-image scores (bool N labels, float N scores)."""
     labels, scores = _binary_pair(_check_ndim(labels, 1, "labels"), _check_ndim(scores, 1, "scores"), "image_auroc")
@@ -73,9 +110,9 @@ def image_auroc_per_type(labels: np.ndarray, scores: np.ndarray, types: np.ndarr
     return per_type
 
 
-def pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float:
-    """Area under the ROC curve over all test pixels (bool N x H x W masks, float N x H x W maps)."""
-    labels, scores = _binary_pair(_check_ndim(masks, 3, "masks"), _check_ndim(maps, 3, "maps"), "pixel_auroc")
+def pixel_auroc(masks: Pixels, maps: Pixels) -> float:
+    """Area under the ROC curve over all test pixels (bool masks, float maps; N x H x W or per-image lists)."""
+    labels, scores = _binary_pair(*flat_pixels(masks, maps, "pixel_auroc"), "pixel_auroc")
     return float(roc_auc_score(labels, scores))
 
 
@@ -112,26 +149,22 @@ def f1_max(labels: np.ndarray, scores: np.ndarray) -> float:
     return f1_max_threshold(labels, scores)[0]
 
 
-def pro_curve(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def pro_curve(masks: Pixels, maps: Pixels) -> tuple[np.ndarray, np.ndarray]:
     """(FPR, PRO) points at every distinct score, descending threshold, from (0, 0) to (1, 1) (float64)."""
-    masks = _check_ndim(masks, 3, "masks").astype(bool, copy=False)
-    maps = _check_ndim(maps, 3, "maps")
-    if masks.shape != maps.shape:
-        raise ValueError(f"aupro: masks shape {masks.shape} differs from maps shape {maps.shape}")
-    scores = maps.reshape(-1)
+    pairs = pixel_pairs(masks, maps, "aupro")
+    _, scores = flat_pixels(masks, maps, "aupro")
     if not np.issubdtype(scores.dtype, np.floating):
         scores = scores.astype(np.float64)
     if not np.isfinite(scores).all():
         raise ValueError("aupro: maps contain NaN or infinity")
 
     # Region id per pixel: 0 = defect-free, 1..R = connected GT components numbered across all images.
-    region = np.zeros(masks.shape, dtype=np.int32)
-    n_regions = 0
-    for i, mask in enumerate(masks):
-        labelled, n = ndimage.label(mask, structure=_EIGHT_CONNECTED, output=np.int32)
-        region[i] = np.where(labelled > 0, labelled + n_regions, 0)
-        n_regions += n
-    region = region.reshape(-1)
+    region = np.zeros(scores.size, dtype=np.int32)
+    n_regions = start = 0
+    for mask, _ in pairs:
+        labelled, n = ndimage.label(mask.astype(bool, copy=False), structure=_EIGHT_CONNECTED, output=np.int32)
+        region[start : start + mask.size] = np.where(labelled > 0, labelled + n_regions, 0).reshape(-1)
+        n_regions, start = n_regions + n, start + mask.size
     n_ok = int(np.count_nonzero(region == 0))
     if n_regions == 0 or n_ok == 0:
         raise ValueError(
@@ -166,7 +199,7 @@ def area_to_limit(x: np.ndarray, y: np.ndarray, x_max: float) -> float:
     return area
 
 
-def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = 0.3) -> float:
+def aupro(masks: Pixels, maps: Pixels, fpr_limit: float = 0.3) -> float:
     """Area under the per-region-overlap curve up to FPR `fpr_limit`, normalised to [0, 1] (MVTec AUPRO)."""
     if not 0.0 < fpr_limit <= 1.0:
         raise ValueError(f"aupro: fpr_limit must be in (0, 1], got {fpr_limit}")

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from calibration.metrics import f1_max_threshold
+from calibration.metrics import Pixels, f1_max_threshold, flat_pixels
 from foundation.errors import DataError
 
 CALIBRATION_FILE = "calibration.json"
@@ -111,7 +111,7 @@ def order_statistic_threshold(good_scores: np.ndarray, target_frr: float) -> tup
     return float(scores[k - 1]), k
 
 
-def largest_component_area(maps_f32_nhw: np.ndarray, pixel_threshold: float) -> int:
+def largest_component_area(maps_f32_nhw: Pixels, pixel_threshold: float) -> int:
     """Area (px) of the largest 8-connected component of map > pixel_threshold over all maps (0 if none)."""
     largest = 0
     for map_hw in maps_f32_nhw:
@@ -124,16 +124,17 @@ def largest_component_area(maps_f32_nhw: np.ndarray, pixel_threshold: float) -> 
 
 def fit_thresholds(
     good_scores: np.ndarray,
-    good_maps: np.ndarray,
+    good_maps: Pixels,
     target_frr: float = 0.005,
     ng_scores: np.ndarray | None = None,
-    ng_maps: np.ndarray | None = None,
-    ng_masks: np.ndarray | None = None,
+    ng_maps: Pixels | None = None,
+    ng_masks: Pixels | None = None,
     *,
     score_top_k: int | None = None,
     data_hash: str = "",
 ) -> Calibration:
-    """Fit a SKU's thresholds from good image scores (N) and maps (N x H x W), optionally NG ones.
+    """Fit a SKU's thresholds from good image scores (N) and maps (N x H x W, or a list of a tiled SKU's stitched
+    maps of different sizes), optionally NG ones.
 
     image_threshold: the k-th largest good score (see `order_statistic_threshold`): with n good parts the
       expected false-reject rate is k/(n+1) <= target_frr, which needs n >= ceil(1/frr) - 1 (199 for 0.5 %).
@@ -147,9 +148,10 @@ def fit_thresholds(
       pixel_threshold) + 1, so no region seen on a good calibration part would be reported.
     """
     good_scores = np.asarray(good_scores, dtype=np.float64).reshape(-1)
-    good_maps = np.asarray(good_maps, dtype=np.float32)
-    if good_maps.ndim != 3 or len(good_maps) != len(good_scores):
-        raise ValueError(f"good_maps must be N x H x W for {len(good_scores)} scores, got {good_maps.shape}")
+    if (isinstance(good_maps, np.ndarray) and good_maps.ndim != 3) or len(good_maps) != len(good_scores):
+        raise ValueError(f"good_maps must be N x H x W for {len(good_scores)} scores, got "
+                         f"{getattr(good_maps, 'shape', len(good_maps))}")
+    _, good_pixels = flat_pixels(good_maps, good_maps, "good_maps")
     image_threshold, k = order_statistic_threshold(good_scores, target_frr)
     n = good_scores.size
 
@@ -167,16 +169,14 @@ def fit_thresholds(
                 "f1_at_optimal_threshold": f1,
             }
 
-    if ng_maps is not None and ng_masks is not None and np.asarray(ng_masks).any():
-        ng_maps = np.asarray(ng_maps, dtype=np.float32)
-        ng_masks = np.asarray(ng_masks, dtype=bool)
-        if ng_maps.shape != ng_masks.shape or ng_maps.shape[1:] != good_maps.shape[1:]:
-            raise ValueError(f"ng_maps {ng_maps.shape} and ng_masks {ng_masks.shape} must match good maps")
-        pixel_labels = np.concatenate([np.zeros(good_maps.shape, dtype=bool), ng_masks])
-        _, pixel_threshold = f1_max_threshold(pixel_labels, np.concatenate([good_maps, ng_maps]))
+    ng_labels, ng_pixels = flat_pixels(ng_masks, ng_maps, "ng_maps and ng_masks") if (
+        ng_maps is not None and ng_masks is not None) else (np.zeros(0, dtype=bool), None)
+    if ng_pixels is not None and ng_labels.any():
+        pixel_labels = np.concatenate([np.zeros(good_pixels.size, dtype=bool), ng_labels.astype(bool)])
+        _, pixel_threshold = f1_max_threshold(pixel_labels, np.concatenate([good_pixels, ng_pixels]))
         method = "f1_optimal_on_ng_masks"
     else:
-        pixel_threshold = float(np.quantile(good_maps, GOOD_PIXEL_QUANTILE))
+        pixel_threshold = float(np.quantile(good_pixels, GOOD_PIXEL_QUANTILE))
         method = f"good_pixel_quantile_{GOOD_PIXEL_QUANTILE}"
     pixel_threshold = min(pixel_threshold, image_threshold)
     largest = largest_component_area(good_maps, pixel_threshold)

@@ -22,8 +22,9 @@ A truncated JPEG still decodes (libjpeg fills the missing rows with grey) and is
 
 Decoding once
 -------------
-Items are decoded and resized to the model input on first access and kept in a process-wide, bounded
-DecodeCache keyed by (file, mtime, byte size, model size, resize mode): eval's passes (one per schedule or
+Items are decoded and resized to the model input (or, for a tiled SKU, scaled by its tile scale,
+engines.tiling) on first access and kept in a process-wide, bounded DecodeCache keyed by (file, mtime, byte
+size, model size, resize mode, tile scale): eval's passes (one per schedule or
 ablation row, plus the montage) and every data set opened again on the same files decode each file once.
 Cached arrays are read-only and shared; copy before changing them. Training decodes its whole set once at
 start (engines.train.load_images) and never per step.
@@ -45,6 +46,7 @@ import cv2
 import numpy as np
 
 from engines.preprocess import ResizeMode, resize_mask_to_model, resize_to_model
+from engines.tiling import scale_image, scale_mask
 from foundation.errors import DataError
 from foundation.images import load_image_rgb
 from foundation.log import get_logger
@@ -79,7 +81,7 @@ class Record:
     empty_mask: bool
 
 
-CacheKey = tuple[str, int, int, int, str]
+CacheKey = tuple[str, int, int, int, str, float | None]
 
 
 class DecodeCache:
@@ -94,10 +96,10 @@ class DecodeCache:
         self._lock = threading.Lock()
 
     @staticmethod
-    def key(path: Path, image_size: int, resize: ResizeMode) -> CacheKey:
+    def key(path: Path, image_size: int, resize: ResizeMode, tile_scale: float | None = None) -> CacheKey:
         """What makes a cached array valid: the file's identity and content stamp, and the target geometry."""
         stat = path.stat()
-        return str(path.resolve()), stat.st_mtime_ns, stat.st_size, image_size, resize
+        return str(path.resolve()), stat.st_mtime_ns, stat.st_size, image_size, resize, tile_scale
 
     def get(self, key: CacheKey, load: Callable[[], np.ndarray]) -> np.ndarray:
         """The cached array for key, else load() (made read-only and cached unless it alone exceeds the budget)."""
@@ -167,17 +169,21 @@ def _has_reader(path: Path) -> bool:
 
 class ImageDataset(Sequence[Item]):
     """A scanned list of Records decoded on access and resized to image_size x image_size by the SKU's resize
-    mode (engines.preprocess), through `cache` (None: decode on every access)."""
+    mode (engines.preprocess), or with `tile_scale` scaled by it for a tiled SKU (engines.tiling; the images
+    keep their aspect and vary in size), through `cache` (None: decode on every access)."""
 
     layout = ""
 
     def __init__(self, root: Path, image_size: int, records: list[Record], resize: ResizeMode = "stretch",
-                 cache: DecodeCache | None = DECODE_CACHE) -> None:
+                 cache: DecodeCache | None = DECODE_CACHE, tile_scale: float | None = None) -> None:
         if image_size <= 0:
             raise DataError(f"image_size must be a positive number of pixels, got {image_size}")
+        if tile_scale is not None and tile_scale <= 0:
+            raise DataError(f"tile scale must be a positive factor, got {tile_scale}")
         self.root = Path(root)
         self.image_size = image_size
         self.resize: ResizeMode = resize
+        self.tile_scale = tile_scale
         self.cache = cache
         self.skipped: list[Path] = []
         self.records = [r for r in records if self._readable(r)]
@@ -231,22 +237,28 @@ class ImageDataset(Sequence[Item]):
         if self.cache is None:
             return load()
         try:
-            key = DecodeCache.key(path, self.image_size, self.resize)
+            key = DecodeCache.key(path, self.image_size, self.resize, self.tile_scale)
         except OSError as exc:
             raise DataError(f"cannot read {path}: {exc.strerror}") from None
         return self.cache.get(key, load)
 
     def _load(self, record: Record) -> Item:
         """Decode and resize one record (the model's resize for the image, the same geometry with nearest
-        sampling for the mask)."""
-        size, mode = self.image_size, self.resize
-        image = self._cached(record.path, lambda: resize_to_model(load_image_rgb(record.path), size, mode))
+        sampling for the mask; or both scaled by the tile scale, the mask so that thin defects survive)."""
+        size, mode, scale = self.image_size, self.resize, self.tile_scale
+        if scale is None:
+            image = self._cached(record.path, lambda: resize_to_model(load_image_rgb(record.path), size, mode))
+        else:
+            image = self._cached(record.path, lambda: scale_image(load_image_rgb(record.path), scale))
         mask: np.ndarray | None = None
         if record.mask_path is not None:
             mask_path = record.mask_path
-            mask = self._cached(mask_path, lambda: resize_mask_to_model(load_mask(mask_path), size, mode))
+            if scale is None:
+                mask = self._cached(mask_path, lambda: resize_mask_to_model(load_mask(mask_path), size, mode))
+            else:
+                mask = self._cached(mask_path, lambda: scale_mask(load_mask(mask_path), scale))
         elif record.empty_mask:
-            mask = np.zeros((size, size), dtype=bool)
+            mask = np.zeros(image.shape[:2], dtype=bool)
         return Item(image=image, mask=mask, label=record.label, path=record.path, defect_type=record.defect_type)
 
     def relative_files(self) -> list[Path]:
@@ -263,7 +275,7 @@ class FolderDataset(ImageDataset):
     layout = "folder"
 
     def __init__(self, root: Path, image_size: int, mask_dir: Path | None = None,
-                 resize: ResizeMode = "stretch") -> None:
+                 resize: ResizeMode = "stretch", tile_scale: float | None = None) -> None:
         root = Path(root)
         paths = list_images(root)
         if not paths:
@@ -274,7 +286,7 @@ class FolderDataset(ImageDataset):
             records = [Record(p, None, 0, "good", False) for p in paths]
         else:
             records = [Record(p, _mask_for(p, Path(mask_dir)), 1, "defect", False) for p in paths]
-        super().__init__(root, image_size, records, resize)
+        super().__init__(root, image_size, records, resize, tile_scale=tile_scale)
 
 
 def _mask_for(image: Path, mask_dir: Path) -> Path:
@@ -292,7 +304,7 @@ class MVTecDataset(ImageDataset):
     layout = "mvtec"
 
     def __init__(self, root: Path, category: str, split: Split, image_size: int,
-                 resize: ResizeMode = "stretch") -> None:
+                 resize: ResizeMode = "stretch", tile_scale: float | None = None) -> None:
         root = Path(root)
         base = root / category
         if split == "train":
@@ -306,7 +318,7 @@ class MVTecDataset(ImageDataset):
             records = self._scan_test(base)
         else:
             raise DataError(f"unknown split {split!r} for {base}: use 'train' or 'test'")
-        super().__init__(root, image_size, records, resize)
+        super().__init__(root, image_size, records, resize, tile_scale=tile_scale)
 
     @staticmethod
     def _scan_test(base: Path) -> list[Record]:
@@ -344,7 +356,7 @@ class VisADataset(ImageDataset):
     columns = ("object", "split", "label", "image", "mask")
 
     def __init__(self, root: Path, category: str, split: Split, image_size: int,
-                 resize: ResizeMode = "stretch") -> None:
+                 resize: ResizeMode = "stretch", tile_scale: float | None = None) -> None:
         root = Path(root)
         if split not in ("train", "test"):
             raise DataError(f"unknown split {split!r} for {root / category}: use 'train' or 'test'")
@@ -355,7 +367,7 @@ class VisADataset(ImageDataset):
                 f"no {split} rows for object {category!r} in {root / self.csv_name}: expected VisA layout with "
                 f"<root>/{category}/Data/Images/{{Normal,Anomaly}}/*.JPG listed in split_csv/1cls.csv"
             )
-        super().__init__(root, image_size, records, resize)
+        super().__init__(root, image_size, records, resize, tile_scale=tile_scale)
 
     @classmethod
     def _read_split_csv(cls, root: Path) -> list[dict[str, str]]:
@@ -386,16 +398,16 @@ class VisADataset(ImageDataset):
 
 
 def open_dataset(kind: DatasetKind, root: Path, category: str | None, split: str, image_size: int,
-                 resize: ResizeMode = "stretch") -> ImageDataset:
+                 resize: ResizeMode = "stretch", tile_scale: float | None = None) -> ImageDataset:
     """Open a data set by layout name; the one entry point for train, eval and calibrate."""
     if kind == "folder":
-        return FolderDataset(root, image_size, resize=resize)
+        return FolderDataset(root, image_size, resize=resize, tile_scale=tile_scale)
     if kind not in ("mvtec", "visa"):
         raise DataError(f"unknown data set kind {kind!r} for {root}: use folder, mvtec or visa")
     if not category:
         raise DataError(f"a {kind} data set at {root} needs a category (e.g. --category bottle)")
     cls = MVTecDataset if kind == "mvtec" else VisADataset
-    return cls(root, category, split, image_size, resize)
+    return cls(root, category, split, image_size, resize, tile_scale)
 
 
 def file_list_hash(dataset: ImageDataset) -> str:

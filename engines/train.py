@@ -36,12 +36,13 @@ from tqdm import tqdm
 
 from engines.data import file_list_hash, open_dataset
 from engines.gpu import torch_cuda_device
-from engines.manifest import RECONSTRUCTIONS, PreprocessRecord, Reconstruction, TrainRecord
+from engines.manifest import RECONSTRUCTIONS, PreprocessRecord, Reconstruction, TilingRecord, TrainRecord
 from engines.model import ModelConfig, TDADModel, save_sku
 from engines.nets.segmenter import patch_features
 from engines.preprocess import RESIZE_MODES, ResizeMode, preprocess
 from engines.schedule import Schedule, add_noise, stage1_reconstruct
 from engines.synthesis import AnomalySynthesizer
+from engines.tiling import random_crop
 from foundation.errors import ConfigError, DataError, first_line
 from foundation.log import get_logger
 
@@ -99,16 +100,32 @@ class TrainConfig:
     resize: ResizeMode = "stretch"  # how non-square images become S x S (engines.preprocess)
     reconstruction: Reconstruction = "two_stage"  # the segmenter's second input (engines.manifest)
     memory: int = 0  # normal patch descriptors kept for the segmenter's memory prior (0 = none)
+    tile_scale: float | None = None  # tiled SKU: model px per source px; each image is scaled, then cropped
+    tile_overlap: float = 0.0  # tiled SKU: share of a tile its neighbours overlap at inspection time
     checkpoint_every: int = 500
     stop_after: int | None = None  # stop with a checkpoint after this many steps in total (time-boxed runs)
     progress: bool = True
 
     def __post_init__(self) -> None:
-        """Refuse unknown resize or reconstruction modes before any data is read."""
+        """Refuse unknown resize or reconstruction modes and bad tiling before any data is read."""
         if self.resize not in RESIZE_MODES:
             raise ConfigError(f"resize={self.resize!r}: use one of {', '.join(RESIZE_MODES)}")
         if self.reconstruction not in RECONSTRUCTIONS:
             raise ConfigError(f"reconstruction={self.reconstruction!r}: use one of {', '.join(RECONSTRUCTIONS)}")
+        if self.tile_scale is not None and self.resize != "stretch":
+            raise ConfigError(f"resize={self.resize!r} does not apply to a tiled SKU (tile_scale={self.tile_scale}): "
+                              "tiles keep the image's aspect; drop one of them")
+        self.tiling()  # validates tile_scale and tile_overlap
+
+    def tiling(self) -> TilingRecord | None:
+        """The SKU's tiling record (None: whole images); ConfigError naming the flag when out of range."""
+        if self.tile_scale is None:
+            return None
+        if not 0 < self.tile_scale <= 4:
+            raise ConfigError(f"tile_scale={self.tile_scale}: use a factor in (0, 4], e.g. 0.25 or 1.0")
+        if not 0 <= self.tile_overlap < 0.5:
+            raise ConfigError(f"tile_overlap={self.tile_overlap}: use a share of the tile in [0, 0.5), e.g. 0.125")
+        return TilingRecord(scale=self.tile_scale, overlap=self.tile_overlap)
 
     def steps(self, phase: str) -> int:
         """Number of optimisation steps of a phase (0 for a phase the reconstruction mode does not need)."""
@@ -136,11 +153,30 @@ class TrainConfig:
 # ----------------------------------------------------------------------------- batches
 
 
-class StepBatches(Dataset):
-    """batch = f(seed, phase, step): good images and their synthetic-anomaly versions (preprocessed, float32
-    N x 3 x S x S), masks and, for diffusion, the noise, timesteps and their alpha_bar."""
+TrainImages = np.ndarray | list[np.ndarray]  # N x S x S x 3, or a tiled SKU's scaled images of any size
 
-    def __init__(self, cfg: TrainConfig, images_u8_nhwc: np.ndarray, phase: str, schedule: Schedule) -> None:
+
+def draw_images(images: TrainImages, indices: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """uint8 N x S x S x 3 training inputs: the images at `indices`, or for a tiled SKU a random S x S crop
+    of each (engines.tiling.random_crop), so the model learns at the scale it inspects."""
+    if isinstance(images, np.ndarray):
+        return images[indices]
+    return np.stack([random_crop(images[i], size, rng) for i in indices])
+
+
+def square_images(images: TrainImages, size: int, seed: int) -> np.ndarray:
+    """One S x S input per training image: the images themselves, or for a tiled SKU a seeded random crop of
+    each; what the latent scale and the segmenter's memory prior are fitted on."""
+    if isinstance(images, np.ndarray):
+        return images
+    return draw_images(images, np.arange(len(images)), size, np.random.default_rng([seed, len(PHASES)]))
+
+
+class StepBatches(Dataset):
+    """batch = f(seed, phase, step): good images (or crops of them) and their synthetic-anomaly versions
+    (preprocessed, float32 N x 3 x S x S), masks and, for diffusion, the noise, timesteps and their alpha_bar."""
+
+    def __init__(self, cfg: TrainConfig, images_u8_nhwc: TrainImages, phase: str, schedule: Schedule) -> None:
         self.cfg, self.images, self.phase, self.schedule = cfg, images_u8_nhwc, phase, schedule
         self.synth = AnomalySynthesizer(cfg.image_size, cfg.texture_dir, cfg.foreground, seed=cfg.seed)  # type: ignore[arg-type]
 
@@ -152,7 +188,7 @@ class StepBatches(Dataset):
         cfg = self.cfg
         rng = np.random.default_rng([cfg.seed, PHASES.index(self.phase), step])
         source = rng.integers(len(self.images), size=cfg.batch_size)
-        clean = self.images[source]
+        clean = draw_images(self.images, source, cfg.image_size, rng)
         pairs = [self.synth(image, rng) for image in clean]
         batch = {"clean": preprocess(clean), "anom": preprocess(np.stack([p[0] for p in pairs])),
                  "mask": np.stack([p[1] for p in pairs])[:, None], "source": source}
@@ -401,12 +437,13 @@ class StopFlag:
 # ----------------------------------------------------------------------------- the loop
 
 
-def load_images(cfg: TrainConfig) -> tuple[np.ndarray, str]:
-    """All training images, decoded and resized once, as uint8 N x S x S x 3 plus the data set's file-list hash."""
+def load_images(cfg: TrainConfig) -> tuple[TrainImages, str]:
+    """All training images, decoded and resized once, as uint8 N x S x S x 3 (for a tiled SKU, a list of the
+    images scaled by tile_scale, cropped per step) plus the data set's file-list hash."""
     dataset = open_dataset(cfg.dataset, cfg.data, cfg.category, "train", cfg.image_size,  # type: ignore[arg-type]
-                           cfg.resize)
-    images = np.stack([item.image for item in dataset])
-    return images, file_list_hash(dataset)
+                           cfg.resize, tile_scale=cfg.tile_scale)
+    images = [item.image for item in dataset]
+    return (images if cfg.tile_scale is not None else np.stack(images)), file_list_hash(dataset)
 
 
 def available_cpus() -> int:
@@ -451,6 +488,7 @@ def train_sku(cfg: TrainConfig, resume: bool = False) -> Path:
         torch.backends.cudnn.deterministic = True
     torch.manual_seed(cfg.seed)
     images, data_hash = load_images(cfg)
+    squares = square_images(images, cfg.image_size, cfg.seed)
     config = dataclasses.replace(ModelConfig(image_size=cfg.image_size).widened(cfg.width),
                                  memory_size=memory_size_for(cfg, len(images)))
     model = TDADModel(config, reconstruction=cfg.reconstruction).to(device)
@@ -463,7 +501,7 @@ def train_sku(cfg: TrainConfig, resume: bool = False) -> Path:
     done_steps = sum(cfg.steps(p) for p in PHASES[: run.phase]) + run.step
     log.info("train_start", out=str(cfg.out), images=len(images), device=str(device), resume=resume,
              phase=PHASES[min(run.phase, 2)], step=run.step, threads=threads, workers=cfg.num_workers,
-             reconstruction=cfg.reconstruction, resize=cfg.resize)
+             reconstruction=cfg.reconstruction, resize=cfg.resize, tile_scale=cfg.tile_scale)
 
     with StopFlag() as stop:
         for phase_idx in range(run.phase, len(PHASES)):
@@ -475,7 +513,7 @@ def train_sku(cfg: TrainConfig, resume: bool = False) -> Path:
             run.phase, run.step = phase_idx, start
             if phase == "segmenter" and start == 0 and config.memory_size:
                 log.info("memory_filled", entries=config.memory_size,
-                         scale=fill_memory(model, images, device, cfg.batch_size, cfg.seed))
+                         scale=fill_memory(model, squares, device, cfg.batch_size, cfg.seed))
             params = set_phase(model, phase)
             run.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
             if opt_state and start > 0:
@@ -520,7 +558,7 @@ def train_sku(cfg: TrainConfig, resume: bool = False) -> Path:
             log.info("phase_done", phase=phase, steps=total, loss=round(loss_value, 5), seconds=round(seconds, 1),
                      images_per_s=round((total - start) * cfg.batch_size / max(seconds, 1e-9), 1))
             if phase == "autoencoder":
-                log.info("latent_scale", value=fit_latent_scale(model, images, device, cfg.batch_size))
+                log.info("latent_scale", value=fit_latent_scale(model, squares, device, cfg.batch_size))
             elif phase == "diffusion":
                 model.denoiser.load_state_dict(run.ema["denoiser"].state_dict())
                 model.fusion.load_state_dict(run.ema["fusion"].state_dict())
@@ -532,6 +570,6 @@ def train_sku(cfg: TrainConfig, resume: bool = False) -> Path:
     model.eval()
     save_sku(model, cfg.out, train_hash=train_hash(cfg, data_hash), data_hash=data_hash,
              train=TrainRecord(losses=run.losses, config=cfg.to_dict()),
-             preprocess=PreprocessRecord(resize=cfg.resize))
+             preprocess=PreprocessRecord(resize=cfg.resize), tiling=cfg.tiling())
     log.info("train_done", sku_dir=str(cfg.out), losses=run.losses)
     return cfg.out

@@ -32,8 +32,10 @@ from typing import Any
 
 import numpy as np
 
+from engines.manifest import TilingRecord
 from engines.preprocess import Geometry, ResizeMode, resize_to_model
 from engines.runtime.base import Engine
+from engines.tiling import infer_tiled, scale_image
 from foundation.log import get_logger
 from inspector.acquisition import Frame, Source
 from inspector.archive import Archive, ArchiveItem
@@ -65,19 +67,22 @@ class FrameRejected(Exception):
 
 @dataclass
 class ActiveSku:
-    """Everything one SKU needs at inspection time: name, ROI, loaded engine, its decider and resize mode."""
+    """Everything one SKU needs at inspection time: name, ROI, loaded engine, its decider, resize mode and
+    tiling (None: the whole ROI becomes one model input)."""
 
     name: str
     engine: Engine
     decider: Decider
     roi: tuple[int, int, int, int] | None = None
     resize: ResizeMode = "stretch"
+    tiling: TilingRecord | None = None
 
 
 def preprocess(image_u8_hwc: Any, roi: tuple[int, int, int, int] | None, size: int,
-               expected_hw: tuple[int, int] | None, resize: ResizeMode = "stretch") -> tuple[np.ndarray, Placement]:
-    """Validate, crop the ROI (x, y, w, h) and resize to size x size RGB uint8 by the SKU's resize mode;
-    raise FrameRejected if unusable."""
+               expected_hw: tuple[int, int] | None, resize: ResizeMode = "stretch",
+               tiling: TilingRecord | None = None) -> tuple[np.ndarray, Placement]:
+    """Validate, crop the ROI (x, y, w, h) and resize to size x size RGB uint8 by the SKU's resize mode, or for
+    a tiled SKU scale it by the SKU's scale (engines.tiling, tiled later); raise FrameRejected if unusable."""
     if image_u8_hwc is None:
         raise FrameRejected(CORRUPT_FRAME, "source delivered no image (unreadable or truncated)")
     if not isinstance(image_u8_hwc, np.ndarray) or image_u8_hwc.dtype != np.uint8 or image_u8_hwc.ndim != 3 \
@@ -91,6 +96,9 @@ def preprocess(image_u8_hwc: Any, roi: tuple[int, int, int, int] | None, size: i
     x, y, rw, rh = roi if roi is not None else (0, 0, w, h)
     if x < 0 or y < 0 or rw < 1 or rh < 1 or x + rw > w or y + rh > h:
         raise FrameRejected(WRONG_SIZE, f"ROI {(x, y, rw, rh)} does not fit a {w}x{h} frame")
+    if tiling is not None:
+        scaled = scale_image(image_u8_hwc[y:y + rh, x:x + rw], tiling.scale)
+        return scaled, Placement(origin_xy=(x, y), scale_xy=(rw / scaled.shape[1], rh / scaled.shape[0]))
     crop = resize_to_model(image_u8_hwc[y:y + rh, x:x + rw], size, resize)
     geometry = Geometry.fit(rh, rw, size, resize)
     origin_x, origin_y = geometry.frame_origin_xy(rh, rw)
@@ -440,7 +448,7 @@ class Pipeline:
             t0 = time.perf_counter()
             try:
                 image, placement = preprocess(job.frame.image, sku.roi, sku.engine.image_size, self._expected_hw,
-                                              sku.resize)
+                                              sku.resize, sku.tiling)
             except FrameRejected as exc:
                 detail = job.frame.meta.get("error") if exc.reason == CORRUPT_FRAME else None
                 outs[i] = self._fail(job, exc.reason, str(detail or exc))
@@ -453,9 +461,7 @@ class Pipeline:
             self._in_flight = [jobs[i] for i, _, _ in ready]
             t0 = time.perf_counter()
             try:
-                maps = np.asarray(sku.engine.infer(np.stack([img for _, img, _ in ready])), dtype=np.float32)
-                if maps.shape[0] != len(ready) or maps.ndim != 3 or not np.isfinite(maps).all():
-                    raise ValueError(f"engine returned maps of shape {maps.shape} (non-finite or wrong count)")
+                maps = self._maps(sku, [img for _, img, _ in ready])
             except Exception as exc:
                 log.exception("engine_failed", sku=sku.name, batch=len(ready))
                 for i, _, _ in ready:
@@ -472,6 +478,19 @@ class Pipeline:
                                map_rect(placement, maps[k].shape), float(sku.decider.calibration.pixel_threshold))
             self._in_flight = []
         return [outs[i] for i in range(len(jobs))]
+
+    def _maps(self, sku: ActiveSku, images: list[np.ndarray]) -> list[np.ndarray]:
+        """One float32 map per image: one engine call on the batch, or for a tiled SKU every image's tiles in
+        chunks of at most the engine batch, stitched (engines.tiling.infer_tiled); ValueError on a bad output."""
+        if sku.tiling is not None:
+            maps = infer_tiled(sku.engine, images, sku.tiling, self.batch)
+        else:
+            maps = list(np.asarray(sku.engine.infer(np.stack(images)), dtype=np.float32))
+        if len(maps) != len(images) or any(m.ndim != 2 or not np.isfinite(m).all() for m in maps):
+            shapes = sorted({m.shape for m in maps})
+            raise ValueError(f"engine returned {len(maps)} maps of shapes {shapes} for {len(images)} frames "
+                             "(non-finite or wrong count)")
+        return maps
 
     def _abandon_in_flight(self) -> None:
         """Shutdown with a stuck engine: fail-safe the batch inside the engine and everything still queued."""

@@ -82,7 +82,8 @@ def load_sku(config: InspectorConfig, name: str) -> ActiveSku:
                           f"takes {engine.image_size} px; fix input_size or retrain")
     engine.warmup()
     decider = Decider(calibration, top_k=top_k, publish_mask=sku_cfg.publish_mask)
-    return ActiveSku(name=name, engine=engine, decider=decider, roi=sku_cfg.roi, resize=manifest.preprocess.resize)
+    return ActiveSku(name=name, engine=engine, decider=decider, roi=sku_cfg.roi, resize=manifest.preprocess.resize,
+                     tiling=manifest.tiling)
 
 
 def watchdog_interval_s(default_s: float = 5.0) -> float:

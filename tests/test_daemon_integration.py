@@ -410,3 +410,33 @@ def test_a_camera_that_appears_after_start_is_used_without_a_restart(
     assert "viky.cti does not exist" in waits()[0]["error"]
     assert daemon.source.describe()["reconnects"] == 0 and daemon.pipeline is not None
     assert daemon.pipeline.source_error is None
+
+
+def test_a_tiled_sku_localises_a_defect_in_a_far_tile_of_a_large_frame_in_frame_coordinates(
+        tmp_path: Path, trained: Path) -> None:
+    from engines.manifest import TilingRecord, read_manifest, write_manifest
+    from inspector.pipeline import Pipeline
+    from inspector.service import load_sku
+    from tests.fixtures_engines import copy_sku
+    from tests.test_pipeline import ListSource
+
+    sku_dir = copy_sku(trained, tmp_path / "tiled")  # the demo model (64 px, trained on 128 px parts) at scale 0.5
+    write_manifest(sku_dir, read_manifest(sku_dir).model_copy(update={"tiling": TilingRecord(scale=0.5)}))
+    sku = load_sku(load_config(write_config(tmp_path, sku_dir, 1883, 'type = "synthetic"')), "brick")
+    rng = np.random.default_rng(11)
+    cells = [[render_part("brick", 128, rng) for _ in range(3)] for _ in range(2)]  # a 384 x 256 frame of 6 parts
+    good = np.concatenate([np.concatenate(row, axis=1) for row in cells], axis=0)
+    cells[1][2], mask = draw_defect(cells[1][2], rng, "scratch")
+    bad = np.concatenate([np.concatenate(row, axis=1) for row in cells], axis=0)
+    published: list[Any] = []
+    pipeline = Pipeline(ListSource([bad, good]), sku, lambda v, m: published.append(v), batch=4)
+    pipeline.start()
+    assert pipeline.wait(120)
+    ng, ok = published
+    assert ng.reason is None and not ng.ok and ng.score > ok.score
+    ys, xs = np.nonzero(mask)
+    truth = (256 + xs.min(), 128 + ys.min(), 256 + xs.max() + 1, 128 + ys.max() + 1)  # frame px of the scratch
+    biggest = max(ng.regions, key=lambda r: r.w * r.h)
+    assert biggest.x < truth[2] and biggest.x + biggest.w > truth[0] and biggest.y < truth[3] \
+        and biggest.y + biggest.h > truth[1]  # the reported region overlaps the painted defect
+    assert all(r.x + r.w > 256 - 4 and r.y + r.h > 128 - 4 for r in ng.regions)  # nothing in the other parts

@@ -199,6 +199,24 @@ def test_decoded_items_are_cached_identical_read_only_and_hit(tmp_path: Path) ->
     assert DECODE_CACHE.misses == 8 + 2 * files
 
 
+def test_a_tiled_skus_data_set_scales_images_and_masks_once_keeping_their_aspect(tmp_path: Path) -> None:
+    make_mvtec_tree(tmp_path, n_train=1, n_test_good=1, n_test_bad=2, size=40)
+    DECODE_CACHE.clear()
+    whole = [i.image for i in MVTecDataset(tmp_path, "brick", "test", 32)]
+    tiled = open_dataset("mvtec", tmp_path, "brick", "test", 32, tile_scale=0.5)
+    assert tiled.tile_scale == 0.5 and DECODE_CACHE.misses == 3 + 2
+    for item, image in zip(tiled, whole, strict=True):
+        assert item.image.shape == (20, 20, 3) and image.shape == (32, 32, 3)  # a scale is another cache entry
+        assert item.mask is not None and item.mask.shape == (20, 20) and item.mask.any() == bool(item.label)
+        raw = load_image_rgb(item.path)
+        np.testing.assert_allclose(item.image, cv2.resize(raw, (20, 20), interpolation=cv2.INTER_AREA), atol=0)
+    assert DECODE_CACHE.misses == 2 * (3 + 2)
+    list(open_dataset("mvtec", tmp_path, "brick", "test", 32, tile_scale=0.5))
+    assert DECODE_CACHE.misses == 2 * (3 + 2)  # decoded and scaled once
+    with pytest.raises(DataError, match="tile scale"):
+        FolderDataset(tmp_path / "brick" / "train", 32, tile_scale=0.0)
+
+
 def test_a_changed_file_is_decoded_again(tmp_path: Path) -> None:
     make_good_folder(tmp_path, n=1, size=24)
     path = tmp_path / "good_000.png"
@@ -211,7 +229,7 @@ def test_a_changed_file_is_decoded_again(tmp_path: Path) -> None:
 
 def test_the_cache_evicts_least_recently_used_arrays_beyond_its_budget() -> None:
     cache = DecodeCache(max_bytes=3 * 100)
-    keys = [(f"/f{i}", 0, 0, 10, "stretch") for i in range(4)]
+    keys = [(f"/f{i}", 0, 0, 10, "stretch", None) for i in range(4)]
     for key in keys[:3]:
         cache.get(key, lambda: np.zeros(100, np.uint8))
     cache.get(keys[0], lambda: np.ones(100, np.uint8))  # a hit: keys[0] becomes the most recent

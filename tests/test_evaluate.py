@@ -264,3 +264,33 @@ def test_trained_model_finds_painted_defects(
         montage_path=tmp_path / "montage.png",
     )
     assert result["image_auroc"] > 0.8 and result["pixel_auroc"] > 0.8 and result["aupro"] > 0.6, result
+
+
+def test_a_tiled_sku_calibrates_and_evaluates_images_of_different_sizes_at_its_scale(
+    tiny_sku: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from engines.manifest import TilingRecord, read_manifest, write_manifest
+
+    sku = copy_sku(tiny_sku, tmp_path / "tiled")
+    write_manifest(sku, read_manifest(sku).model_copy(update={"tiling": TilingRecord(scale=0.5, overlap=0.25)}))
+    root = make_mvtec_tree(tmp_path / "mvtec", n_test_good=3, n_test_bad=3, size=64)
+    for i, path in enumerate(sorted((root / "brick" / "test").rglob("*.png"))):  # frames of different sizes
+        size = (64 + 24 * (i % 3), 64 + 40 * (i % 2))
+        cv2.imwrite(str(path), cv2.resize(cv2.imread(str(path)), size))
+        mask = root / "brick" / "ground_truth" / path.parent.name / f"{path.stem}_mask.png"
+        if mask.is_file():
+            cv2.imwrite(str(mask), cv2.resize(cv2.imread(str(mask)), size, interpolation=cv2.INTER_NEAREST))
+    good = make_good_folder(tmp_path / "good", n=9, size=80)
+    ng, masks = root / "brick" / "test" / "scratch", root / "brick" / "ground_truth" / "scratch"
+    args = ["calibrate", "--sku-dir", str(sku), "--good", str(good), "--ng", str(ng), "--ng-masks", str(masks),
+            "--frr", "0.1", "--threads", "1"]
+    assert main(args) == 0, capsys.readouterr().err
+    assert load_calibration(sku / "calibration.json").pixel_threshold_method == "f1_optimal_on_ng_masks"
+    out = tmp_path / "report"
+    assert main(["eval", "--sku-dir", str(sku), "--dataset", "mvtec", "--root", str(root), "--category", "brick",
+                 "--threads", "1", "--batch", "3", "--out", str(out)]) == 0, capsys.readouterr().err
+    report = json.loads((out / "report.json").read_text())
+    assert report["tiling"] == {"scale": 0.5, "overlap": 0.25} and "tiles of 32 px" in report["resolution"]
+    row = report["rows"][0]
+    assert all(0.0 <= row[k] <= 1.0 for k in ("image_auroc", "pixel_auroc", "aupro"))
+    assert "at scale 0.5" in (out / "report.md").read_text() and "resolution: tiles" in capsys.readouterr().out

@@ -1,5 +1,5 @@
-"""The typed SKU manifest: round trip, upgrade of schema-1, -2 and -3 files, the tiling record, the export record's derived-graph
-records, refusal of newer or malformed ones, the score's top-k as a share of the map."""
+"""The typed SKU manifest: round trip, upgrade of schema-1, -2 and -3 files, the tiling record, the export
+record's derived-graph records, refusal of newer or malformed ones, the score's top-k as a share of the map."""
 
 from __future__ import annotations
 

@@ -15,6 +15,7 @@ from calibration.metrics import (
     average_precision,
     f1_max,
     f1_max_threshold,
+    flat_pixels,
     image_auroc,
     image_auroc_per_type,
     pixel_auroc,
@@ -197,3 +198,22 @@ def test_image_auroc_per_defect_type_ranks_each_type_against_all_good_images() -
     assert image_auroc(labels[types != "stain"], scores[types != "stain"]) == pytest.approx(10 / 12)  # pooled
     with pytest.raises(ValueError, match="both anomalous and normal"):
         image_auroc_per_type(labels[labels], scores[labels], types[labels])
+
+
+def test_pixel_metrics_take_per_image_lists_of_different_sizes() -> None:
+    rng = np.random.default_rng(0)
+    masks = np.zeros((3, 16, 16), dtype=bool)
+    masks[0, 2:5, 3:9] = masks[2, 10:12, 1:3] = True
+    maps = rng.random((3, 16, 16)) + masks * 0.5
+    as_list = [pixel_auroc(list(masks), list(maps)), aupro(list(masks), list(maps))]
+    assert as_list == [pixel_auroc(masks, maps), aupro(masks, maps)]  # the same numbers as the stack
+    sizes = [(16, 16), (7, 30), (40, 3)]  # a tiled SKU's stitched maps of frames of different sizes
+    ragged_masks = [np.zeros(s, dtype=bool) for s in sizes]
+    ragged_masks[1][2:4, 10:20] = True
+    ragged_masks[2][30:, :] = True
+    ragged_maps = [m.astype(np.float64) + rng.random(m.shape) * 0.1 for m in ragged_masks]
+    assert aupro(ragged_masks, ragged_maps) == 1.0 and pixel_auroc(ragged_masks, ragged_maps) == 1.0
+    labels, scores = flat_pixels(ragged_masks, ragged_maps, "test")
+    assert labels.size == scores.size == sum(h * w for h, w in sizes)
+    with pytest.raises(ValueError, match="image 1 has a mask of shape"):
+        aupro(ragged_masks, [ragged_maps[0], ragged_maps[2], ragged_maps[1]])

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from engines.manifest import TilingRecord
 from inspector.acquisition import Frame
 from inspector.config import LineConfig, ServiceConfig
 from inspector.decider import Decider
@@ -181,6 +182,20 @@ def test_roi_offsets_regions_back_to_frame_coordinates() -> None:
     (verdict, _), = published
     assert not verdict.ok
     assert [(r.x, r.y, r.w, r.h) for r in verdict.regions] == [(120, 40, 20, 10)]
+
+
+def test_a_tiled_sku_inspects_a_large_frame_in_batch_sized_tile_chunks_with_regions_in_frame_pixels() -> None:
+    engine = BrightnessEngine(image_size=32)
+    sku = active(engine, roi=(8, 4, 400, 200))
+    sku.tiling = TilingRecord(scale=0.5, overlap=0.25)  # 400 x 200 ROI -> 200 x 100 -> 4 x 8 tiles of 32
+    image = part(220, 420, defect_xywh=(360, 150, 24, 12))  # in the far bottom-right tile
+    published, _ = run_pipeline([image, part(220, 420)], engine, sku=sku, batch=4)
+    (ng, _), (ok, _) = published
+    assert not ng.ok and ok.ok and ok.score == 0.0
+    assert [(r.x, r.y, r.w, r.h) for r in ng.regions] == [(360, 150, 24, 12)]
+    assert max(engine.batches) <= 4 and sum(engine.batches) == 2 * 32  # chunks never exceed the engine batch
+    scaled, placement = preprocess(image, sku.roi, 32, None, tiling=sku.tiling)
+    assert scaled.shape == (100, 200, 3) and placement.origin_xy == (8, 4) and placement.scale_xy == (2.0, 2.0)
 
 
 def test_micro_batching_takes_what_is_queued_up_to_batch_and_never_waits() -> None:

@@ -15,7 +15,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engines.manifest import ModelConfig, read_manifest
+from engines.manifest import ModelConfig, TilingRecord, read_manifest
 from engines.model import TDADModel, load_sku, save_sku
 from engines.sample_data import write_good_folder
 from engines.schedule import Schedule
@@ -28,6 +28,7 @@ from engines.train import (
     TrainConfig,
     available_cpus,
     configure_threads,
+    load_images,
     set_phase,
     train_sku,
     worker_threads,
@@ -194,6 +195,38 @@ def test_cli_reconstruction_and_resize_reach_the_config(tmp_path: Path) -> None:
     assert cfg.steps("autoencoder") == cfg.steps("diffusion") == 0 and cfg.steps("segmenter") == cfg.seg_steps
     with pytest.raises(ConfigError, match="resize='square'"):
         tiny_config(Path("d"), tmp_path, resize="square")
+
+
+def test_cli_tile_scale_and_overlap_reach_the_config_and_bad_ones_name_the_flag(tmp_path: Path) -> None:
+    base = ("--out", str(tmp_path), "--data", "d", "--device", "cpu")
+    cfg, _ = config_from_args(_parse(*base, "--tile-scale", "0.25", "--tile-overlap", "0.125"))
+    assert cfg.tiling() == TilingRecord(scale=0.25, overlap=0.125)
+    assert config_from_args(_parse(*base))[0].tiling() is None  # whole images, as before
+    with pytest.raises(ConfigError, match="--tile-overlap needs --tile-scale"):
+        config_from_args(_parse(*base, "--tile-overlap", "0.1"))
+    with pytest.raises(ConfigError, match="resize='letterbox' does not apply to a tiled SKU"):
+        config_from_args(_parse(*base, "--tile-scale", "0.5", "--resize", "letterbox"))
+    for bad, match in ((("--tile-scale", "0"), "tile_scale=0.0"), (("--tile-scale", "1", "--tile-overlap", "0.5"),
+                                                                     "tile_overlap=0.5")):
+        with pytest.raises(ConfigError, match=match):
+            config_from_args(_parse(*base, *bad))
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert "native resolution" in " ".join(parser.format_help().split())
+
+
+def test_a_tiled_sku_trains_on_random_crops_of_images_scaled_once(tmp_path: Path) -> None:
+    data = write_good_folder(tmp_path / "big", 3, 160, "brick", seed=1)  # 160 px parts at scale 0.5: 80 px
+    cfg = tiny_config(data, tmp_path / "sku", tile_scale=0.5, tile_overlap=0.25)
+    images, _ = load_images(cfg)
+    assert [im.shape for im in images] == [(80, 80, 3)] * 3
+    batches = StepBatches(cfg, images, "segmenter", Schedule())
+    first = batches[0]
+    assert first["clean"].shape == (cfg.batch_size, 3, S, S) and first["mask"].shape == (cfg.batch_size, 1, S, S)
+    assert np.array_equal(batches[0]["clean"], first["clean"])  # crops are a function of (seed, phase, step)
+    assert not np.array_equal(batches[1]["clean"], first["clean"])
+    meta = read_manifest(train_sku(cfg))
+    assert meta.tiling == TilingRecord(scale=0.5, overlap=0.25) and meta.image_size == S
 
 
 @pytest.mark.slow

@@ -5,12 +5,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from calibration.evaluate import infer_dataset
+from calibration.evaluate import infer_dataset, map_scores
 from calibration.thresholds import fit_thresholds, format_table, save_calibration
 from engines.data import FolderDataset, file_list_hash
 from engines.manifest import read_manifest
 from engines.runtime import create_engine
-from engines.scoring import image_scores
 from foundation.errors import ConfigError
 from inspector.commands.common import add_engine_arguments, sku_target
 
@@ -29,26 +28,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the SKU's engine over the good (and NG) folders, fit thresholds, write calibration.json."""
+    """Run the SKU's engine over the good (and NG) folders, fit thresholds, write calibration.json; a tiled SKU's
+    images are scaled, tiled, stitched and scored as the daemon does it (engines.tiling.infer_tiled)."""
     target = sku_target(args)
     engine = create_engine(target.engine, target.sku_dir, schedule_override=target.schedule_override or None)
     manifest = read_manifest(target.sku_dir)
-    top_k, resize = manifest.score.top_k, manifest.preprocess.resize
-    good = FolderDataset(args.good, engine.image_size, resize=resize)
-    good_maps = infer_dataset(engine, good, args.batch, desc="good").maps
+    top_k, resize, tiling = manifest.score.top_k, manifest.preprocess.resize, manifest.tiling
+    scale = tiling.scale if tiling else None
+    good = FolderDataset(args.good, engine.image_size, resize=resize, tile_scale=scale)
+    good_maps = infer_dataset(engine, good, args.batch, desc="good", tiling=tiling).maps
     hashes = [file_list_hash(good)]
     if args.ng_masks is not None and args.ng is None:
         raise ConfigError("--ng-masks needs --ng (the defective images the masks belong to)")
     ng_scores = ng_maps = ng_masks = None
     if args.ng is not None:
-        ng = FolderDataset(args.ng, engine.image_size, mask_dir=args.ng_masks, resize=resize)
-        inference = infer_dataset(engine, ng, args.batch, desc="ng")
-        ng_scores = image_scores(inference.maps, top_k=top_k)
+        ng = FolderDataset(args.ng, engine.image_size, mask_dir=args.ng_masks, resize=resize, tile_scale=scale)
+        inference = infer_dataset(engine, ng, args.batch, desc="ng", tiling=tiling)
+        ng_scores = map_scores(inference.maps, top_k)
         if args.ng_masks is not None:
             ng_maps, ng_masks = inference.maps, inference.masks
         hashes.append(file_list_hash(ng))
     calibration = fit_thresholds(
-        image_scores(good_maps, top_k=top_k),
+        map_scores(good_maps, top_k),
         good_maps,
         args.frr,
         ng_scores=ng_scores,

@@ -120,10 +120,9 @@ def ablation_variants(args: argparse.Namespace, target: SkuTarget, manifest: Sku
     variants = []
     for sku_dir in sku_dirs:
         other = read_manifest(sku_dir)
-        if (other.image_size, other.preprocess.resize) != (manifest.image_size, manifest.preprocess.resize):
-            raise ConfigError(f"--compare-sku {sku_dir}: takes {other.image_size} px ({other.preprocess.resize}), "
-                              f"{target.sku_dir} takes {manifest.image_size} px ({manifest.preprocess.resize}); "
-                              "ablation rows must see the same inputs")
+        if resolution(other) != resolution(manifest):
+            raise ConfigError(f"--compare-sku {sku_dir}: takes {resolution(other)}, {target.sku_dir} takes "
+                              f"{resolution(manifest)}; ablation rows must see the same inputs")
         name = sku_dir.name if names.count(sku_dir.name) == 1 else str(sku_dir)
         override = target.schedule_override if sku_dir == target.sku_dir else {}
         for mode in RECONSTRUCTIONS[: RECONSTRUCTIONS.index(other.reconstruction) + 1]:
@@ -131,6 +130,15 @@ def ablation_variants(args: argparse.Namespace, target: SkuTarget, manifest: Sku
             variants.append(Variant(labels, partial(torch_engine, settings, sku_dir, override, mode),
                                     f"montage_{name.replace('/', '_')}_{mode}.png"))
     return variants
+
+
+def resolution(manifest: SkuManifest) -> str:
+    """What the model sees of each image and the resolution of the pixel metrics, for the report and checks."""
+    size, tiling = manifest.image_size, manifest.tiling
+    if tiling is None:
+        return f"the whole image as {size} x {size} px ({manifest.preprocess.resize}); pixel metrics at {size} px"
+    return (f"tiles of {size} px (overlap {tiling.overlap:g}) at scale {tiling.scale:g} model px per image px; "
+            f"pixel metrics on the stitched maps at that scale")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -146,13 +154,14 @@ def run(args: argparse.Namespace) -> int:
     top_k = manifest.score.top_k
     calibration = load_calibration(target.calibration_path) if target.calibration_path.is_file() else None
     variants = ablation_variants(args, target, manifest) if args.ablation else schedule_variants(args, target)
+    tiling = manifest.tiling
     dataset = open_dataset(args.dataset, args.root, args.category, "test", manifest.image_size,
-                           manifest.preprocess.resize)
+                           manifest.preprocess.resize, tile_scale=tiling.scale if tiling else None)
     rows: list[dict[str, Any]] = []
     for variant in variants:
         engine = variant.engine()
         result = evaluate(engine, dataset, batch_size=args.batch, top_k=top_k, calibration=calibration,
-                          montage_path=out / variant.montage)
+                          montage_path=out / variant.montage, tiling=tiling)
         rows.append({**variant.labels, "engine": engine.describe(), **result})
         log.info("eval_row_done", **variant.labels, **{k: result[k] for k in METRIC_COLUMNS})
     counts = rows[0]["defect_counts"] if rows else {}
@@ -170,6 +179,8 @@ def run(args: argparse.Namespace) -> int:
             "data_hash": file_list_hash(dataset),
         },
         "score_top_k": top_k,
+        "resolution": resolution(manifest),
+        "tiling": tiling.model_dump() if tiling else None,
         "calibration": calibration.model_dump(mode="json") if calibration else None,
         "rows": rows,
     }
@@ -177,10 +188,11 @@ def run(args: argparse.Namespace) -> int:
     title = f"# Evaluation of {target.sku_dir.name} on {args.dataset} {args.category or ''}".rstrip()
     montages = "\n".join(f"![{' '.join(v.labels.values())}]({v.montage})" for v in variants)
     (out / "report.md").write_text(
-        f"{title}\n\n{format_table(rows, markdown=True)}\n\n"
+        f"{title}\n\nResolution: {resolution(manifest)}.\n\n{format_table(rows, markdown=True)}\n\n"
         f"Image AUROC per defect type (each type against all good images; images per type in brackets):\n\n"
         f"{format_defect_table(rows, counts, markdown=True)}\n\n{montages}\n"
     )
+    print(f"resolution: {resolution(manifest)}")
     print(format_table(rows))
     print("\nimage AUROC per defect type (vs all good images)")
     print(format_defect_table(rows, counts))

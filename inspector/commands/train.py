@@ -10,7 +10,7 @@ from pathlib import Path
 from engines.manifest import RECONSTRUCTIONS, ModelConfig
 from engines.preprocess import RESIZE_MODES
 from engines.train import PRESETS, TrainConfig, read_checkpoint_config, train_sku
-from foundation.errors import DataError
+from foundation.errors import ConfigError, DataError
 
 
 def _device_arg(text: str) -> str:
@@ -55,6 +55,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="how non-square images become the square model input, stored in the SKU so eval, "
                              "calibrate and the daemon do the same: stretch (default, aspect not kept), letterbox "
                              "(longer side fits, black bars) or crop (shorter side fits, centre cut)")
+    parser.add_argument("--tile-scale", type=float, metavar="F",
+                        help="inspect in tiles at this scale instead of squashing the whole image into one model "
+                             "input: model px per camera px after the ROI crop. 1.0 = inspect at the camera's native "
+                             "resolution; 0.25 = a 2448x2048 frame becomes 612x512 and 5x4 tiles of 128. Smaller "
+                             "defects need a larger scale, more tiles cost more time per frame. Training learns on "
+                             "random tile-size crops of images scaled the same way; stored in the SKU")
+    parser.add_argument("--tile-overlap", type=float, default=0.0, metavar="F",
+                        help="with --tile-scale: share of a tile its neighbours overlap at least, in [0, 0.5) "
+                             "(default 0; e.g. 0.125 so a defect on a tile border is seen whole by one tile)")
     recon = parser.add_mutually_exclusive_group()
     recon.add_argument("--reconstruction", choices=RECONSTRUCTIONS, default="two_stage",
                        help="what the segmenter compares the input with (default two_stage, the product); others "
@@ -85,6 +94,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
         return dataclasses.replace(cfg, **runtime), True
     if args.data is None:
         raise DataError("inspector train: --data DIR is required (the folder of good images or the data set root)")
+    if args.tile_overlap and args.tile_scale is None:
+        raise ConfigError("--tile-overlap needs --tile-scale (the overlap of the tiles a tiled SKU is inspected in)")
     knobs = dict(PRESETS[args.preset])
     for name in ("image_size", "width", "batch_size", "memory", "ae_steps", "diffusion_steps", "seg_steps", "lr"):
         if getattr(args, name) is not None:
@@ -92,7 +103,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
     cfg = TrainConfig(data=args.data, out=out, dataset=args.dataset, category=args.category, seed=args.seed,
                       device=args.device, texture_dir=args.texture_dir, foreground=args.foreground,
                       num_workers=args.num_workers, threads=args.threads, checkpoint_every=args.checkpoint_every,
-                      resize=args.resize, reconstruction=args.reconstruction, **knobs)
+                      resize=args.resize, reconstruction=args.reconstruction, tile_scale=args.tile_scale,
+                      tile_overlap=args.tile_overlap, **knobs)
     ModelConfig(image_size=cfg.image_size).widened(cfg.width)  # validates size and width before any data is read
     return cfg, False
 

@@ -3,6 +3,7 @@
     .venv/bin/python bench/daemon.py --batches 1,2,4,8 --frames 200 [--fps 0] [--workdir var/demo]
     .venv/bin/python bench/daemon.py --batches 4 --frames 1200 --fps 0 --queue-depth 2000 --frame-timeout-ms 120000 \
         --pages 0,2s,2 --repeat 4
+    .venv/bin/python bench/daemon.py --batches 8 --frames 30 --fps 1 --frame-size 2448x2048 --tile-scale 0.25
 
 Builds (or reuses) the demo SKU like `inspector demo`, then runs the in-process daemon once per batch size
 and prints throughput, camera-to-publish latency p50/p99 and detection counts as a markdown table.
@@ -12,7 +13,10 @@ chromium pages open on the live view (Debian's chromium and chromedriver, the [d
 event streams read by plain HTTP clients, so the daemon does all the work of N open pages while no browser
 renders on this box. Pages and streams are connected before the first frame is taken. --page-nice raises
 the browsers' niceness, the closest this one box comes to panel PCs being other machines. --repeat runs
-the whole set that many times, interleaved.
+the whole set that many times, interleaved. --frame-size sets the camera's frame (default --part-size square);
+--tile-scale inspects with a copy of the demo SKU tiled at that scale (engines/tiling.py: the frame scaled once,
+cut into tiles of the SKU's size, run through the engine in chunks of at most --batches, stitched). The copy keeps
+the demo's calibration, fitted on whole 128 px parts: its latency is the measurement, its verdicts are not.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -29,6 +34,8 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+from engines.manifest import TilingRecord, read_manifest, write_manifest
+from engines.tiling import TilePlan, scaled_hw
 from foundation.log import configure_logging
 from inspector.demo import Recipe, add_arguments, build_demo_sku, demo_config, run_demo
 
@@ -108,6 +115,24 @@ def _pages_open(url: str) -> int:
         return int(json.load(response)["pages"])
 
 
+def tiled_copy(sku_dir: Path, dest: Path, tiling: TilingRecord) -> Path:
+    """A copy of a SKU (weights, graphs, calibration) whose manifest inspects in tiles."""
+    shutil.copytree(sku_dir, dest, dirs_exist_ok=True, ignore=shutil.ignore_patterns("train_state"))
+    write_manifest(dest, read_manifest(dest).model_copy(update={"tiling": tiling}))
+    return dest
+
+
+def input_label(width: int, height: int, sku_dir: Path) -> str:
+    """What the engine sees of one frame: the whole frame at the model size, or the tile plan."""
+    manifest = read_manifest(sku_dir)
+    size, tiling = manifest.image_size, manifest.tiling
+    if tiling is None:
+        return f"{width}x{height} as one {size} px input"
+    h, w = scaled_hw(height, width, tiling.scale)
+    plan = TilePlan.fit(h, w, size, tiling.overlap)
+    return f"{width}x{height} at {tiling.scale:g}: {w}x{h}, {len(plan.xs)}x{len(plan.ys)} tiles of {size}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the daemon once per batch size (and page setting) and print one table row each."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -117,6 +142,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="comma-separated station page settings: off, or the number of open pages (0 = served)")
     parser.add_argument("--repeat", type=int, default=1, help="run the whole set this many times, interleaved")
     parser.add_argument("--page-nice", type=int, default=0, help="niceness of the browsers (0 = as the daemon)")
+    parser.add_argument("--frame-size", help="camera frame as WxH, e.g. 2448x2048 (default: --part-size square)")
+    parser.add_argument("--tile-scale", type=float, help="inspect with a copy of the demo SKU tiled at this scale")
+    parser.add_argument("--tile-overlap", type=float, default=0.0, help="with --tile-scale: overlap of the tiles")
     args = parser.parse_args(argv)
     args.config = None
     args.web_port = 0
@@ -124,8 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(args.workdir).resolve()
     sku_dir = build_demo_sku(workdir, Recipe(backend=args.backend, seed=args.seed, part_size=args.part_size,
                                              train_scale=args.train_scale), threads=args.threads)
-    print(f"| batch | page | {' | '.join(COLUMNS)} |")
-    print(f"|---:|---|{'---:|' * len(COLUMNS)}")
+    if args.tile_scale is not None:
+        tiling = TilingRecord(scale=args.tile_scale, overlap=args.tile_overlap)
+        sku_dir = tiled_copy(sku_dir, workdir / f"sku-tiled-{args.tile_scale:g}-{args.tile_overlap:g}", tiling)
+    width, height = (int(v) for v in args.frame_size.lower().split("x")) if args.frame_size else (args.part_size,) * 2
+    label = input_label(width, height, sku_dir)
+    print(f"| input | batch | page | {' | '.join(COLUMNS)} |")
+    print(f"|---|---:|---|{'---:|' * len(COLUMNS)}")
     for _ in range(args.repeat):
         for batch in (int(b) for b in args.batches.split(",")):
             for pages in args.pages.split(","):
@@ -136,10 +169,12 @@ def main(argv: list[str] | None = None) -> int:
                     attach = lambda url, n=int(pages[:-1]): open_streams(url, n)  # noqa: E731
                 elif pages not in ("off", "0"):
                     attach = lambda url, n=int(pages): open_pages(url, n, args.page_nice)  # noqa: E731
-                summary = run_demo(demo_config(args, sku_dir, workdir), workdir, quiet=True, attach=attach)
+                config = demo_config(args, sku_dir, workdir)
+                camera = config.camera.model_copy(update={"width": width, "height": height})
+                summary = run_demo(config.model_copy(update={"camera": camera}), workdir, quiet=True, attach=attach)
                 streams = f"{pages[:-1]} streams" if pages.endswith("s") else f"{pages} pages in chromium"
-                label = {"off": "off", "0": "served, closed"}.get(pages, streams)
-                print(f"| {batch} | {label} | {' | '.join(str(summary[c]) for c in COLUMNS)} |", flush=True)
+                page = {"off": "off", "0": "served, closed"}.get(pages, streams)
+                print(f"| {label} | {batch} | {page} | {' | '.join(str(summary[c]) for c in COLUMNS)} |", flush=True)
     return 0
 
 

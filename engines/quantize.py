@@ -27,12 +27,13 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
-from engines.manifest import DerivedGraphsRecord, read_manifest, with_derived, write_manifest
+from engines.manifest import DerivedGraphsRecord, TilingRecord, read_manifest, with_derived, write_manifest
 from engines.precision import META_PRECISION, META_SOURCE, META_SOURCE_SHA256, check_graph, graph_file
 from engines.preprocess import ResizeMode, preprocess
 from engines.runtime.config import OnnxRuntimeSettings
 from engines.runtime.onnx_backend import OnnxEngine
 from engines.runtime.staged import PART_NAMES, UNROLLED_NAME, check_export, file_sha256, read_sku_manifest, run_parts
+from engines.tiling import TilePlan
 from foundation.errors import DataError, EngineError
 from foundation.log import get_logger
 
@@ -111,16 +112,26 @@ def derive_fp16(sku_dir: Path) -> list[Path]:
 # ----------------------------------------------------------------------------- int8
 
 
-def calibration_images(calib_dir: Path, image_size: int, limit: int, resize: ResizeMode = "stretch") -> np.ndarray:
+def _spread(n: int, limit: int) -> np.ndarray:
+    """Up to `limit` indices evenly spread over range(n)."""
+    return np.unique(np.linspace(0, n - 1, min(limit, n)).round().astype(int))
+
+
+def calibration_images(calib_dir: Path, image_size: int, limit: int, resize: ResizeMode = "stretch",
+                       tiling: TilingRecord | None = None) -> np.ndarray:
     """Up to `limit` good images of the folder, evenly spread over its sorted listing, as uint8 N x S x S x 3
-    resized the SKU's way (`resize`), as the daemon feeds them."""
+    resized the SKU's way (`resize`), as the daemon feeds them; for a tiled SKU, up to `limit` of their tiles
+    at its scale, evenly spread."""
     from engines.data import FolderDataset
 
     if limit < 1:
         raise DataError(f"--calib-images {limit}: use at least 1")
-    dataset = FolderDataset(Path(calib_dir), image_size, resize=resize)
-    picks = np.unique(np.linspace(0, len(dataset) - 1, min(limit, len(dataset))).round().astype(int))
-    return np.stack([np.asarray(dataset[int(i)].image) for i in picks])
+    dataset = FolderDataset(Path(calib_dir), image_size, resize=resize, tile_scale=tiling.scale if tiling else None)
+    images = [np.asarray(dataset[int(i)].image) for i in _spread(len(dataset), limit)]
+    if tiling is None:
+        return np.stack(images)
+    tiles = np.concatenate([TilePlan.fit(*im.shape[:2], image_size, tiling.overlap).tile(im) for im in images])
+    return tiles[_spread(len(tiles), limit)]
 
 
 class _RecordingParts:
@@ -217,7 +228,7 @@ def quantize_int8(sku_dir: Path, calib_dir: Path, limit: int = DEFAULT_CALIB_IMA
     sku_dir = Path(sku_dir)
     names = _exported_names(sku_dir)
     manifest = read_manifest(sku_dir)
-    images = calibration_images(calib_dir, manifest.image_size, limit, manifest.preprocess.resize)
+    images = calibration_images(calib_dir, manifest.image_size, limit, manifest.preprocess.resize, manifest.tiling)
     feeds = calibration_feeds(sku_dir, images, threads)
     calibration = f"{len(images)} images of {Path(calib_dir).resolve()}"
     paths = []

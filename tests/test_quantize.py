@@ -136,3 +136,14 @@ def test_int8_keeps_the_trained_skus_image_auroc(trained_sku: Path, tmp_path: Pa
                                                                                precision=p), sku).infer(frames)))
              for p in ("fp32", "int8")}
     assert abs(auroc["int8"] - auroc["fp32"]) * 100 <= INT8_AUROC_POINTS, auroc
+
+
+def test_a_tiled_skus_int8_calibration_images_are_tiles_at_its_scale(tmp_path: Path) -> None:
+    from engines.manifest import TilingRecord
+    from engines.quantize import calibration_images
+
+    folder = write_good_folder(tmp_path / "good", 3, 160, "brick", seed=2)  # 160 px at 0.5: 80 px, 2 x 2 tiles
+    tiles = calibration_images(folder, 64, 100, tiling=TilingRecord(scale=0.5))
+    assert tiles.shape == (3 * 4, 64, 64, 3) and tiles.dtype == np.uint8
+    assert calibration_images(folder, 64, 5, tiling=TilingRecord(scale=0.5)).shape == (5, 64, 64, 3)
+    assert calibration_images(folder, 64, 100).shape == (3, 64, 64, 3)  # untiled: whole images, as before

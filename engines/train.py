@@ -27,6 +27,7 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
+from pydantic import ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -118,14 +119,14 @@ class TrainConfig:
         self.tiling()  # validates tile_scale and tile_overlap
 
     def tiling(self) -> TilingRecord | None:
-        """The SKU's tiling record (None: whole images); ConfigError naming the flag when out of range."""
+        """The SKU's tiling record (None: whole images); ConfigError naming the knob when out of range."""
         if self.tile_scale is None:
             return None
-        if not 0 < self.tile_scale <= 4:
-            raise ConfigError(f"tile_scale={self.tile_scale}: use a factor in (0, 4], e.g. 0.25 or 1.0")
-        if not 0 <= self.tile_overlap < 0.5:
-            raise ConfigError(f"tile_overlap={self.tile_overlap}: use a share of the tile in [0, 0.5), e.g. 0.125")
-        return TilingRecord(scale=self.tile_scale, overlap=self.tile_overlap)
+        try:
+            return TilingRecord(scale=self.tile_scale, overlap=self.tile_overlap)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            raise ConfigError(f"tile_{first['loc'][0]}={first['input']}: {first['msg'].lower()}") from None
 
     def steps(self, phase: str) -> int:
         """Number of optimisation steps of a phase (0 for a phase the reconstruction mode does not need)."""

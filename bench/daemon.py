@@ -3,7 +3,8 @@
     .venv/bin/python bench/daemon.py --batches 1,2,4,8 --frames 200 [--fps 0] [--workdir var/demo]
     .venv/bin/python bench/daemon.py --batches 4 --frames 1200 --fps 0 --queue-depth 2000 --frame-timeout-ms 120000 \
         --pages 0,2s,2 --repeat 4
-    .venv/bin/python bench/daemon.py --batches 8 --frames 30 --fps 1 --frame-size 2448x2048 --tile-scale 0.25
+    .venv/bin/python bench/daemon.py --batches 8 --frames 30 --fps 0.5 --frame-size 2448x2048 --tile-scale 0.25 \
+        --no-archive --threads 1
 
 Builds (or reuses) the demo SKU like `inspector demo`, then runs the in-process daemon once per batch size
 and prints throughput, camera-to-publish latency p50/p99 and detection counts as a markdown table.
@@ -145,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--frame-size", help="camera frame as WxH, e.g. 2448x2048 (default: --part-size square)")
     parser.add_argument("--tile-scale", type=float, help="inspect with a copy of the demo SKU tiled at this scale")
     parser.add_argument("--tile-overlap", type=float, default=0.0, help="with --tile-scale: overlap of the tiles")
+    parser.add_argument("--no-archive", action="store_true",
+                        help="keep no NG frames (an uncalibrated tiled copy rejects and archives every large frame)")
     args = parser.parse_args(argv)
     args.config = None
     args.web_port = 0
@@ -171,7 +174,9 @@ def main(argv: list[str] | None = None) -> int:
                     attach = lambda url, n=int(pages): open_pages(url, n, args.page_nice)  # noqa: E731
                 config = demo_config(args, sku_dir, workdir)
                 camera = config.camera.model_copy(update={"width": width, "height": height})
-                summary = run_demo(config.model_copy(update={"camera": camera}), workdir, quiet=True, attach=attach)
+                archive = config.archive.model_copy(update={"enabled": not args.no_archive})
+                summary = run_demo(config.model_copy(update={"camera": camera, "archive": archive}), workdir,
+                                   quiet=True, attach=attach)
                 streams = f"{pages[:-1]} streams" if pages.endswith("s") else f"{pages} pages in chromium"
                 page = {"off": "off", "0": "served, closed"}.get(pages, streams)
                 print(f"| {label} | {batch} | {page} | {' | '.join(str(summary[c]) for c in COLUMNS)} |", flush=True)

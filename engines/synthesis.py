@@ -5,8 +5,10 @@ One call turns a good uint8 HxWx3 image into (augmented image, float32 HxW mask 
 mask     multi-scale Perlin noise (random power-of-two lattice per axis and octave, summed, rotated,
          thresholded) or, with probability ``region_prob``, 1-3 large irregular regions (polygons and
          ellipses whose border is roughened with noise); intersected with the object's foreground.
-texture  a random image from ``texture_dir`` (DTD-style, any folder of images), the image itself cut
-         into shuffled, turned patches, or a plain colour ramp; then a random per-channel tone curve.
+texture  a random image of a texture bank: ``texture_dir`` (DTD-style, any folder of images) when given,
+         else the built-in offline bank (engines.textures.BuiltinTextures: procedural textures and
+         scikit-image's bundled photos) unless ``textures="self"``; or the image itself cut into shuffled,
+         turned patches; or a plain colour ramp; then a random per-channel tone curve.
 blend    ``out = (1 - beta) * image + beta * texture`` inside the mask, opacity beta ~ U(beta_range);
          outside the mask the output is the input bit for bit, so the mask is exactly where pixels
          may differ, and it is all zero when no anomaly was drawn (probability ``1 - anomaly_prob``).
@@ -28,80 +30,20 @@ of it and would repeat each other, so training passes a per-item generator, e.g.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import cv2
 import numpy as np
 
-from engines.textures import TextureBank
+from engines.noise import fractal_perlin, perlin_noise
+from engines.textures import BuiltinTextures, TextureBank
 from foundation.errors import ConfigError
 
 Foreground = Literal["otsu", "none"] | np.ndarray
 TextureSource = Literal["texture", "self", "plain"]
-
-_SQRT2 = np.float32(np.sqrt(2.0))
-
-
-def _fade(t: np.ndarray) -> np.ndarray:
-    """Perlin's quintic fade curve 6t^5 - 15t^4 + 10t^3."""
-    return t * t * t * (t * (t * 6 - 15) + 10)
-
-
-def perlin_noise(shape: tuple[int, int], res: tuple[int, int], rng: np.random.Generator) -> np.ndarray:
-    """2-D gradient (Perlin) noise, float32 HxW in [-1, 1], with res[0] x res[1] lattice cells over the image.
-
-    Vectorised by computing whole lattice rows at once: the image is tiled into ceil(H/ry) x ceil(W/rx)
-    cells, every cell shares the same local coordinates, and the four corner gradients are repeated
-    along x so each numpy op runs over full image rows.
-    """
-    h, w = shape
-    ry, rx = res
-    cy, cx = -(-h // ry), -(-w // rx)
-    width = rx * cx
-    angles = rng.uniform(0.0, 2.0 * np.pi, (ry + 1, rx + 1))
-    grad_y = np.repeat(np.sin(angles).astype(np.float32), cx, axis=1)
-    grad_x = np.repeat(np.cos(angles).astype(np.float32), cx, axis=1)
-    fy = (np.arange(cy, dtype=np.float32) / cy)[None, :, None]
-    fx = np.tile(np.arange(cx, dtype=np.float32) / cx, rx)[None, None, :]
-
-    def corner(oy: int, ox: int) -> np.ndarray:
-        gy = grad_y[oy : oy + ry, ox * cx : ox * cx + width][:, None, :]
-        gx = grad_x[oy : oy + ry, ox * cx : ox * cx + width][:, None, :]
-        return gy * (fy - oy) + gx * (fx - ox)
-
-    sx = _fade(fx)
-    top = corner(0, 0)
-    top += sx * (corner(0, 1) - top)
-    bottom = corner(1, 0)
-    bottom += sx * (corner(1, 1) - bottom)
-    top += _fade(fy) * (bottom - top)
-    return np.clip(top.reshape(ry * cy, width)[:h, :w] * _SQRT2, -1.0, 1.0)
-
-
-def fractal_perlin(
-    size: int, rng: np.random.Generator, min_exp: int = 0, max_exp: int = 6, max_octaves: int = 3
-) -> np.ndarray:
-    """Sum of 1..max_octaves Perlin octaves (lattice doubling, amplitude halving), float32 size x size.
-
-    The base lattice is 2**a x 2**b cells with a, b ~ U{min_exp..max_exp} independently per axis; no
-    lattice is finer than 8 px per cell, so the highest octaves never degenerate into pixel noise.
-    Coarse octaves are computed at 8 px per cell and upsampled bilinearly (the noise is smooth at that
-    scale), which keeps the cost of a 256 px mask near one full-resolution octave.
-    """
-    finest = max(0, int(np.log2(max(size // 8, 1))))
-    exps = rng.integers(min_exp, max_exp + 1, 2).clip(0, finest)
-    noise = np.zeros((size, size), np.float32)
-    amplitude = np.float32(1.0)
-    for octave in range(int(rng.integers(1, max_octaves + 1))):
-        ry, rx = (int(2 ** min(int(e) + octave, finest)) for e in exps)
-        shape = (min(size, 8 * ry), min(size, 8 * rx))
-        layer = perlin_noise(shape, (ry, rx), rng)
-        if shape != (size, size):
-            layer = cv2.resize(layer, (size, size), interpolation=cv2.INTER_LINEAR)
-        noise += amplitude * layer
-        amplitude *= np.float32(0.5)
-    return noise
-
+# the texture bank without a texture_dir: the built-in offline bank, or none (self-patches and plain only)
+TextureMix = Literal["builtin", "self"]
+TEXTURE_MIXES: tuple[str, ...] = get_args(TextureMix)
 
 def rotate(field: np.ndarray, angle_deg: float) -> np.ndarray:
     """Rotate a 2-D field about its centre, reflecting at the border so no empty corners appear."""
@@ -198,6 +140,14 @@ def random_tone_curve(rng: np.random.Generator) -> np.ndarray:
     return x.astype(np.uint8)
 
 
+def check_textures(textures: str, texture_dir: Path | None) -> None:
+    """ConfigError for an unknown texture mix, or for a texture_dir with textures='self' (which excludes banks)."""
+    if textures not in TEXTURE_MIXES:
+        raise ConfigError(f"textures={textures!r}: use one of {', '.join(TEXTURE_MIXES)}")
+    if textures == "self" and texture_dir is not None:
+        raise ConfigError(f"textures='self' uses no texture bank, but texture_dir={texture_dir} was given: drop one")
+
+
 class AnomalySynthesizer:
     """Turns good image_size x image_size RGB images into (pseudo-anomalous image, mask) training pairs."""
 
@@ -214,9 +164,11 @@ class AnomalySynthesizer:
         perlin_exp_range: tuple[int, int] = (0, 6),
         min_area_frac: float = 0.002,
         max_tries: int = 3,
+        textures: TextureMix = "builtin",
     ) -> None:
         if not 0.0 <= anomaly_prob <= 1.0:
             raise ConfigError(f"anomaly_prob must be in [0, 1], got {anomaly_prob}")
+        check_textures(textures, texture_dir)
         self.image_size = image_size
         self.anomaly_prob = anomaly_prob
         self.region_prob = region_prob
@@ -224,7 +176,11 @@ class AnomalySynthesizer:
         self.perlin_exp_range = perlin_exp_range
         self.min_area = max(4, int(min_area_frac * image_size * image_size))
         self.max_tries = max_tries
-        self.textures = TextureBank(texture_dir, image_size) if texture_dir is not None else None
+        self.textures: TextureBank | BuiltinTextures | None = None
+        if texture_dir is not None:
+            self.textures = TextureBank(texture_dir, image_size)
+        elif textures == "builtin":
+            self.textures = BuiltinTextures(image_size)
         weights = source_weights or {"texture": 0.5, "self": 0.35, "plain": 0.15}
         if self.textures is None:
             weights = {k: v for k, v in weights.items() if k != "texture"}
@@ -232,7 +188,7 @@ class AnomalySynthesizer:
         if total <= 0:
             raise ConfigError(
                 f"source_weights need a positive weight for an available source, got {weights} "
-                "(the 'texture' source needs texture_dir)"
+                "(the 'texture' source needs texture_dir or textures='builtin')"
             )
         self.sources: tuple[TextureSource, ...] = tuple(weights)
         self.source_p = np.asarray([weights[s] for s in self.sources], np.float64) / total

@@ -42,7 +42,7 @@ from engines.model import ModelConfig, TDADModel, save_sku
 from engines.nets.segmenter import patch_features
 from engines.preprocess import RESIZE_MODES, ResizeMode, preprocess
 from engines.schedule import Schedule, add_noise, stage1_reconstruct
-from engines.synthesis import AnomalySynthesizer
+from engines.synthesis import AnomalySynthesizer, TextureMix, check_textures
 from engines.tiling import random_crop
 from foundation.errors import ConfigError, DataError, first_line
 from foundation.log import get_logger
@@ -95,7 +95,8 @@ class TrainConfig:
     device: str = "cpu"
     threads: int = 0  # torch intra-op and OpenCV threads of the main process (0 = CPUs left by the workers)
     amp: bool = True  # bf16 autocast, CUDA only
-    texture_dir: Path | None = None  # anomaly textures (e.g. DTD); None = self/plain textures only
+    texture_dir: Path | None = None  # anomaly textures (e.g. DTD), replacing the built-in bank
+    textures: TextureMix = "builtin"  # without texture_dir: built-in offline bank, or "self" (own patches + plain)
     foreground: str = "otsu"  # where synthetic anomalies go: otsu | none
     num_workers: int = 0  # batch-synthesis worker processes (1 torch + 1 OpenCV thread each)
     resize: ResizeMode = "stretch"  # how non-square images become S x S (engines.preprocess)
@@ -108,7 +109,7 @@ class TrainConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        """Refuse unknown resize or reconstruction modes and bad tiling before any data is read."""
+        """Refuse unknown resize, reconstruction or texture modes and bad tiling before any data is read."""
         if self.resize not in RESIZE_MODES:
             raise ConfigError(f"resize={self.resize!r}: use one of {', '.join(RESIZE_MODES)}")
         if self.reconstruction not in RECONSTRUCTIONS:
@@ -117,6 +118,7 @@ class TrainConfig:
             raise ConfigError(f"resize={self.resize!r} does not apply to a tiled SKU (tile_scale={self.tile_scale}): "
                               "tiles keep the image's aspect; drop one of them")
         self.tiling()  # validates tile_scale and tile_overlap
+        check_textures(self.textures, self.texture_dir)
 
     def tiling(self) -> TilingRecord | None:
         """The SKU's tiling record (None: whole images); ConfigError naming the knob when out of range."""
@@ -143,6 +145,7 @@ class TrainConfig:
         """Rebuild from `to_dict` output."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in fields}
+        kwargs.setdefault("textures", "self")  # checkpoints from before the built-in bank trained without one
         for key in ("data", "out", "texture_dir"):
             if kwargs.get(key) is not None:
                 kwargs[key] = Path(kwargs[key])
@@ -179,7 +182,8 @@ class StepBatches(Dataset):
 
     def __init__(self, cfg: TrainConfig, images_u8_nhwc: TrainImages, phase: str, schedule: Schedule) -> None:
         self.cfg, self.images, self.phase, self.schedule = cfg, images_u8_nhwc, phase, schedule
-        self.synth = AnomalySynthesizer(cfg.image_size, cfg.texture_dir, cfg.foreground, seed=cfg.seed)  # type: ignore[arg-type]
+        self.synth = AnomalySynthesizer(cfg.image_size, cfg.texture_dir, cfg.foreground, seed=cfg.seed,  # type: ignore[arg-type]
+                                        textures=cfg.textures)
 
     def __len__(self) -> int:
         return self.cfg.steps(self.phase)

@@ -1,4 +1,5 @@
-"""Anomaly synthesis: exact masks, foreground restriction, determinism, Perlin noise, texture sources."""
+"""Anomaly synthesis: exact masks, foreground restriction, determinism, Perlin noise, texture sources and the
+built-in offline texture bank."""
 
 from __future__ import annotations
 
@@ -10,17 +11,10 @@ import numpy as np
 import pytest
 
 from engines.data import FolderDataset
+from engines.noise import fractal_perlin, perlin_noise
 from engines.sample_data import render_part
-from engines.synthesis import (
-    AnomalySynthesizer,
-    fractal_perlin,
-    otsu_foreground,
-    perlin_mask,
-    perlin_noise,
-    region_mask,
-    shuffled_patches,
-)
-from engines.textures import TextureBank
+from engines.synthesis import AnomalySynthesizer, otsu_foreground, perlin_mask, region_mask, shuffled_patches
+from engines.textures import BUILTIN_KINDS, BUNDLED_PHOTOS, BuiltinTextures, TextureBank, bundled_photos
 from foundation.errors import ConfigError, DataError
 from tests.fixtures_data import make_good_folder
 
@@ -130,7 +124,11 @@ def test_bad_settings_are_config_errors() -> None:
     with pytest.raises(ConfigError, match="anomaly_prob"):
         AnomalySynthesizer(SIZE, anomaly_prob=1.5)
     with pytest.raises(ConfigError, match="needs texture_dir"):
-        AnomalySynthesizer(SIZE, source_weights={"texture": 1.0})
+        AnomalySynthesizer(SIZE, source_weights={"texture": 1.0}, textures="self")
+    with pytest.raises(ConfigError, match="textures='dtd'"):
+        AnomalySynthesizer(SIZE, textures="dtd")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="drop one"):
+        AnomalySynthesizer(SIZE, texture_dir=Path("textures"), textures="self")
 
 
 def test_deterministic_for_a_seed() -> None:
@@ -170,8 +168,54 @@ def test_texture_folder_is_the_source_when_given(tmp_path: Path) -> None:
         assert all(len(np.unique(painted[:, c])) <= 2 for c in range(3))
 
 
-def test_without_texture_dir_only_image_and_plain_sources() -> None:
-    assert set(AnomalySynthesizer(SIZE).sources) == {"self", "plain"}
+def test_without_texture_dir_the_builtin_bank_is_the_default_and_self_opts_out() -> None:
+    synth = AnomalySynthesizer(SIZE)
+    assert isinstance(synth.textures, BuiltinTextures) and set(synth.sources) == {"texture", "self", "plain"}
+    old = AnomalySynthesizer(SIZE, textures="self")
+    assert old.textures is None and set(old.sources) == {"self", "plain"}
+
+
+def test_builtin_textures_are_the_same_in_every_bank_and_read_only() -> None:
+    first, again, other = BuiltinTextures(SIZE), BuiltinTextures(SIZE), BuiltinTextures(SIZE, seed=1)
+    for i in range(2 * len(BUILTIN_KINDS)):
+        assert np.array_equal(first.get(i), again.get(i)) and first.get(i) is first.get(i)
+        assert not first.get(i).flags.writeable
+    assert any(not np.array_equal(first.get(i), other.get(i)) for i in range(len(BUILTIN_KINDS)))
+    assert np.array_equal(first.sample(np.random.default_rng(4)), again.sample(np.random.default_rng(4)))
+
+
+@pytest.mark.parametrize("size", [8, 33, SIZE, 128])
+def test_builtin_textures_are_varied_uint8_images_of_every_kind(size: int) -> None:
+    bank = BuiltinTextures(size, n=3 * len(BUILTIN_KINDS))
+    textures = [bank.get(i) for i in range(len(bank))]
+    assert {bank.kind(i) for i in range(len(bank))} == set(BUILTIN_KINDS)
+    assert all(t.shape == (size, size, 3) and t.dtype == np.uint8 for t in textures)
+    flat = np.stack([t.reshape(-1).astype(np.float32) for t in textures])
+    distances = np.abs(flat[:, None] - flat[None]).mean(axis=2)[np.triu_indices(len(textures), 1)]
+    assert distances.min() > 1.0  # no two textures of the bank alike
+    means = flat.reshape(len(textures), -1, 3).mean(axis=1)
+    assert means.min() < 96 and means.max() > 160 and (means.std(axis=0) > 20).all()  # dark, bright, all hues
+    if size >= SIZE:
+        assert sum(float(t.std()) > 5.0 for t in textures) >= 0.8 * len(textures)  # textured, not flat colour
+
+
+def test_bundled_photos_come_from_the_installed_scikit_image() -> None:
+    photos = bundled_photos()
+    assert len(photos) == len(BUNDLED_PHOTOS)  # every file ships in the wheel, so none is ever fetched
+    assert all(p.dtype == np.uint8 and p.ndim == 3 and p.shape[2] == 3 and min(p.shape[:2]) >= 64 for p in photos)
+
+
+def test_builtin_bank_fills_anomalies_with_foreign_texture() -> None:
+    synth = AnomalySynthesizer(SIZE, anomaly_prob=1.0, foreground="none", beta_range=(1.0, 1.0),
+                               source_weights={"texture": 1.0})
+    rng = np.random.default_rng(9)
+    changed = []
+    for image in _parts(12):
+        out, mask = synth(image, rng)
+        inside = mask.astype(bool)
+        assert np.array_equal(out[~inside], image[~inside])
+        changed.append(float(np.abs(out[inside].astype(np.int16) - image[inside]).mean()))
+    assert np.median(changed) > 20.0
 
 
 def test_texture_bank_errors_and_skips_corrupt_files(tmp_path: Path) -> None:

@@ -229,6 +229,19 @@ def test_a_tiled_sku_trains_on_random_crops_of_images_scaled_once(tmp_path: Path
     assert meta.tiling == TilingRecord(scale=0.5, overlap=0.25) and meta.image_size == S
 
 
+def test_cli_texture_source_reaches_the_config_and_old_checkpoints_keep_theirs(tmp_path: Path) -> None:
+    base = ("--out", str(tmp_path), "--data", "d", "--device", "cpu")
+    cfg, _ = config_from_args(_parse(*base))
+    assert (cfg.textures, cfg.texture_dir) == ("builtin", None)
+    assert config_from_args(_parse(*base, "--textures", "self"))[0].textures == "self"
+    assert config_from_args(_parse(*base, "--texture-dir", "dtd"))[0].texture_dir == Path("dtd")
+    with pytest.raises(ConfigError, match="drop one"):
+        config_from_args(_parse(*base, "--textures", "self", "--texture-dir", "dtd"))
+    assert TrainConfig.from_dict(cfg.to_dict()) == cfg
+    before_the_bank = {k: v for k, v in cfg.to_dict().items() if k != "textures"}
+    assert TrainConfig.from_dict(before_the_bank).textures == "self"  # a resumed run replays what it started with
+
+
 @pytest.mark.slow
 def test_no_reconstruction_trains_the_segmenter_alone_and_cannot_be_exported(good_dir: Path, tmp_path: Path) -> None:
     from engines.export import export_sku

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from engines.manifest import RECONSTRUCTIONS, ModelConfig
 from engines.preprocess import RESIZE_MODES
+from engines.synthesis import TEXTURE_MIXES
 from engines.train import PRESETS, TrainConfig, read_checkpoint_config, train_sku
 from foundation.errors import ConfigError, DataError
 
@@ -49,7 +50,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", type=_device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N (default: cuda when torch sees a GPU)")
-    parser.add_argument("--texture-dir", type=Path, help="folder of anomaly source textures (e.g. DTD)")
+    parser.add_argument("--textures", choices=TEXTURE_MIXES, default="builtin",
+                        help="what synthetic anomalies are filled with, besides the image's own shuffled patches and "
+                             "plain colour: builtin (default) = an offline bank of procedural textures and "
+                             "scikit-image's bundled photos, nothing downloaded; self = own patches and plain colour "
+                             "only (the behaviour before the built-in bank); recorded in the SKU's meta.json")
+    parser.add_argument("--texture-dir", type=Path,
+                        help="folder of anomaly source textures (e.g. DTD), used instead of the built-in bank")
     parser.add_argument("--foreground", choices=("otsu", "none"), default="otsu")
     parser.add_argument("--resize", choices=RESIZE_MODES, default="stretch",
                         help="how non-square images become the square model input, stored in the SKU so eval, "
@@ -101,7 +108,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
         if getattr(args, name) is not None:
             knobs[name] = getattr(args, name)
     cfg = TrainConfig(data=args.data, out=out, dataset=args.dataset, category=args.category, seed=args.seed,
-                      device=args.device, texture_dir=args.texture_dir, foreground=args.foreground,
+                      device=args.device, texture_dir=args.texture_dir, textures=args.textures,
+                      foreground=args.foreground,
                       num_workers=args.num_workers, threads=args.threads, checkpoint_every=args.checkpoint_every,
                       resize=args.resize, reconstruction=args.reconstruction, tile_scale=args.tile_scale,
                       tile_overlap=args.tile_overlap, **knobs)

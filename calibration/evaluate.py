@@ -10,7 +10,7 @@ from __future__ import annotations
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from calibration.thresholds import Calibration
 from engines.data import Item
 from engines.manifest import TilingRecord
 from engines.runtime import Engine
-from engines.scoring import DEFAULT_TOP_K, image_scores
+from engines.scoring import DEFAULT_TOP_K, image_scores, smoothed_max_scores
 from engines.tiling import infer_tiled
 from foundation.log import get_logger
 
@@ -47,6 +47,9 @@ METRIC_COLUMNS = {
     "image_ap": "image AP",
     "pixel_ap": "pixel AP",
 }
+# score definitions `score_sweep` compares on the same maps: top-k as a share of the map, smoothed maxima (sigma px)
+SWEEP_TOP_K_FRACTIONS = (0.0005, 0.0015, 0.005, 0.01)
+SWEEP_SIGMAS = (2.0, 4.0, 8.0)
 MONTAGE_GOOD = 2
 MONTAGE_DEFECTIVE = 4
 
@@ -143,6 +146,22 @@ def compute_metrics(inference: Inference, scores: np.ndarray, fpr_limit: float =
     }
 
 
+def score_sweep(maps: np.ndarray | Sequence[np.ndarray], labels: np.ndarray) -> dict[str, float | None]:
+    """Image AUROC of each sweep score definition on the same maps (a stack, or a tiled SKU's maps of different
+    sizes): "top X %" (k = X % of each map, at least 1), "max" and "blur-max sN" (maximum after a Gaussian blur
+    of sigma N px); None where undefined."""
+    def per_map(score: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
+        return np.concatenate([score(m[None]) for m in maps])
+
+    scores: dict[str, np.ndarray] = {}
+    for fraction in SWEEP_TOP_K_FRACTIONS:
+        scores[f"top {100 * fraction:g} %"] = per_map(lambda m, f=fraction: image_scores(m, max(1, round(f * m.size))))
+    scores["max"] = per_map(lambda m: image_scores(m, top_k=1))
+    for sigma in SWEEP_SIGMAS:
+        scores[f"blur-max s{sigma:g}"] = per_map(lambda m, s=sigma: smoothed_max_scores(m, s))
+    return {name: _defined(f"score_sweep {name}", metrics.image_auroc, labels, s) for name, s in scores.items()}
+
+
 def montage_indices(labels: np.ndarray, n_good: int = MONTAGE_GOOD, n_defective: int = MONTAGE_DEFECTIVE) -> list[int]:
     """Evenly spaced sample of good then defective item indices (deterministic)."""
     chosen: list[int] = []
@@ -164,9 +183,11 @@ def evaluate(
     montage_path: Path | None = None,
     fpr_limit: float = 0.3,
     tiling: TilingRecord | None = None,
+    sweep: bool = False,
 ) -> dict[str, Any]:
-    """Metrics, speed and (optionally) a montage PNG for one engine over one labelled data set; a tiled SKU's
-    items (scaled by `tiling.scale`) are tiled and stitched, and its pixel metrics are at that resolution.
+    """Metrics, speed, (optionally) a montage PNG and the image AUROC of each score definition ("score_sweep",
+    from the same maps) for one engine over one labelled data set; a tiled SKU's items (scaled by
+    `tiling.scale`) are tiled and stitched, and its pixel metrics are at that resolution.
 
     The montage binarises maps at the calibration's pixel threshold when given, else at the F1-optimal
     pixel threshold of this data set.
@@ -181,6 +202,8 @@ def evaluate(
         images_per_s=inference.images_per_s,
         ms_per_image=1000.0 * inference.seconds / max(len(inference.maps), 1),
     )
+    if sweep:
+        result["score_sweep"] = score_sweep(inference.maps, inference.labels)
     if montage_path is not None:
         threshold = calibration.pixel_threshold if calibration else result["pixel_f1_threshold"]
         if threshold is None:
@@ -231,6 +254,15 @@ def format_defect_table(rows: list[dict[str, Any]], counts: dict[str, int], mark
     headers = [*(ROW_COLUMNS[k] for k in leading), *(f"{t} ({counts.get(t, 0)})" for t in types)]
     cells = [[*(str(row[k]) for k in leading), *(_fmt((row.get("per_defect_image_auroc") or {}).get(t))
                                                   for t in types)] for row in rows]
+    return _render(headers, cells, markdown)
+
+
+def format_sweep_table(rows: list[dict[str, Any]], markdown: bool = False) -> str:
+    """Image AUROC per score definition (columns) per row, from each row's "score_sweep"."""
+    leading = _leading(rows)
+    names = list(rows[0]["score_sweep"]) if rows else []
+    headers = [*(ROW_COLUMNS[k] for k in leading), *names]
+    cells = [[*(str(row[k]) for k in leading), *(_fmt(row["score_sweep"][n]) for n in names)] for row in rows]
     return _render(headers, cells, markdown)
 
 

@@ -1,7 +1,9 @@
-"""The image anomaly score: mean of the top-k pixels of an anomaly map (the ONE definition)."""
+"""The image anomaly score: mean of the top-k pixels of an anomaly map (the ONE definition), and the smoothed
+maximum that `inspector eval --score-sweep` measures against it."""
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 
 DEFAULT_TOP_K = 100  # pixels averaged per map of SKUs trained before top-k followed the map size
@@ -24,3 +26,14 @@ def image_scores(maps_f32_nhw: np.ndarray, top_k: int = DEFAULT_TOP_K) -> np.nda
     k = min(top_k, flat.shape[1])
     top = np.partition(flat, flat.shape[1] - k, axis=1)[:, flat.shape[1] - k:]
     return top.mean(axis=1, dtype=np.float64).astype(np.float32)
+
+
+def smoothed_max_scores(maps_f32_nhw: np.ndarray, sigma: float) -> np.ndarray:
+    """N x H x W anomaly maps -> float32 N scores: the maximum of each map after a Gaussian blur of sigma pixels."""
+    if maps_f32_nhw.ndim != 3:
+        raise ValueError(f"maps must be N x H x W, got shape {maps_f32_nhw.shape}")
+    if sigma <= 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    maps = maps_f32_nhw.astype(np.float32, copy=False)
+    return np.asarray([cv2.GaussianBlur(m, (0, 0), sigma, borderType=cv2.BORDER_REFLECT).max() for m in maps],
+                      np.float32)

@@ -13,14 +13,16 @@ from calibration.evaluate import (
     Inference,
     compute_metrics,
     evaluate,
+    format_sweep_table,
     format_table,
     montage_indices,
+    score_sweep,
 )
 from calibration.montage import COLUMNS, MontageRow, render_montage, write_montage
 from calibration.thresholds import load_calibration
 from engines.data import open_dataset
 from engines.manifest import score_top_k
-from engines.scoring import image_scores, top_k_for
+from engines.scoring import image_scores, smoothed_max_scores, top_k_for
 from foundation.errors import ConfigError, DataError
 from inspector.cli import main
 from inspector.commands.evaluate import parse_steps, parse_timesteps
@@ -78,6 +80,29 @@ def test_table_and_steps() -> None:
     for bad in ("x", "0", "1000"):
         with pytest.raises(ConfigError, match="--t1"):
             parse_timesteps("--t1", bad)
+
+
+def test_smoothed_max_is_the_peak_of_the_blurred_map() -> None:
+    maps = np.zeros((2, 32, 32), np.float32)
+    maps[0, 10, 10] = 1.0  # one hot pixel: blurred away
+    maps[1, 8:16, 8:16] = 0.5  # a hot region: kept
+    scores = smoothed_max_scores(maps, 2.0)
+    assert scores.dtype == np.float32 and scores[0] < 0.05 < 0.4 < scores[1] <= 0.5
+    assert image_scores(maps, top_k=1)[0] > image_scores(maps, top_k=1)[1]  # the plain max ranks them the other way
+    with pytest.raises(ValueError, match="sigma"):
+        smoothed_max_scores(maps, 0.0)
+
+
+def test_score_sweep_rates_every_definition_on_the_same_maps() -> None:
+    inference = synthetic_inference()
+    sweep = score_sweep(inference.maps, inference.labels)
+    assert list(sweep) == ["top 0.05 %", "top 0.15 %", "top 0.5 %", "top 1 %", "max",
+                           "blur-max s2", "blur-max s4", "blur-max s8"]
+    assert all(v == pytest.approx(1.0) for v in sweep.values())
+    assert score_sweep(list(inference.maps), inference.labels) == sweep  # a tiled SKU's maps come as a list
+    assert all(v is None for v in score_sweep(inference.maps[:4], inference.labels[:4]).values())
+    table = format_sweep_table([{"schedule": "trained", "score_sweep": sweep}])
+    assert "blur-max s4" in table.splitlines()[0] and "1.0000" in table.splitlines()[1]
 
 
 def test_montage_indices_pick_good_then_defective() -> None:
@@ -215,6 +240,7 @@ def test_calibrate_then_eval_cli(tiny_sku: Path, tmp_path: Path, capsys: pytest.
             "1",
             "--out",
             str(out),
+            "--score-sweep",
         ]
     )
     assert code == 0, capsys.readouterr().err
@@ -227,7 +253,9 @@ def test_calibrate_then_eval_cli(tiny_sku: Path, tmp_path: Path, capsys: pytest.
     assert (out / "montage_t2=200_1+1.png").is_file() and (out / "montage_t2=300_2+2.png").is_file()
     assert "| t2=300 2+2 |" in (out / "report.md").read_text()
     assert sorted(report["rows"][0]["per_defect_image_auroc"]) == ["blob", "scratch", "spot"]
-    assert "AUPRO@0.3" in capsys.readouterr().out
+    assert set(report["rows"][1]["score_sweep"]) >= {"max", "blur-max s2"}
+    printed = capsys.readouterr().out
+    assert "AUPRO@0.3" in printed and "image AUROC per image-score definition" in printed
 
 
 @pytest.mark.slow

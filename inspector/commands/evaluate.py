@@ -11,7 +11,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from calibration.evaluate import METRIC_COLUMNS, evaluate, format_defect_table, format_table
+from calibration.evaluate import METRIC_COLUMNS, evaluate, format_defect_table, format_sweep_table, format_table
 from calibration.thresholds import load_calibration
 from engines.data import file_list_hash, open_dataset
 from engines.manifest import RECONSTRUCTIONS, SkuManifest, read_manifest
@@ -75,6 +75,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare-sku", type=Path, action="append", default=[], metavar="DIR",
                         help="with --ablation: another SKU of the same size and resize mode (e.g. trained with "
                              "inspector train --no-reconstruction) whose rows join the table; repeatable")
+    parser.add_argument("--score-sweep", action="store_true",
+                        help="also print the image AUROC of other image-score definitions on the same maps: mean of "
+                             "the top 0.05/0.15/0.5/1 %% of the map, its maximum, and its maximum after a Gaussian "
+                             "blur of 2/4/8 model pixels")
     parser.add_argument("--out", type=Path, help="report folder (default var/eval/<sku dir name>)")
 
 
@@ -161,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
     for variant in variants:
         engine = variant.engine()
         result = evaluate(engine, dataset, batch_size=args.batch, top_k=top_k, calibration=calibration,
-                          montage_path=out / variant.montage, tiling=tiling)
+                          montage_path=out / variant.montage, tiling=tiling, sweep=args.score_sweep)
         rows.append({**variant.labels, "engine": engine.describe(), **result})
         log.info("eval_row_done", **variant.labels, **{k: result[k] for k in METRIC_COLUMNS})
     counts = rows[0]["defect_counts"] if rows else {}
@@ -187,14 +191,19 @@ def run(args: argparse.Namespace) -> int:
     (out / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     title = f"# Evaluation of {target.sku_dir.name} on {args.dataset} {args.category or ''}".rstrip()
     montages = "\n".join(f"![{' '.join(v.labels.values())}]({v.montage})" for v in variants)
+    sweep_title = f"image AUROC per image-score definition (the SKU's: top-k {top_k} px)"
+    sweep = f"{sweep_title[0].upper()}{sweep_title[1:]}:\n\n{format_sweep_table(rows, markdown=True)}\n\n"
     (out / "report.md").write_text(
         f"{title}\n\nResolution: {resolution(manifest)}.\n\n{format_table(rows, markdown=True)}\n\n"
         f"Image AUROC per defect type (each type against all good images; images per type in brackets):\n\n"
-        f"{format_defect_table(rows, counts, markdown=True)}\n\n{montages}\n"
+        f"{format_defect_table(rows, counts, markdown=True)}\n\n{sweep if args.score_sweep else ''}{montages}\n"
     )
     print(f"resolution: {resolution(manifest)}")
     print(format_table(rows))
     print("\nimage AUROC per defect type (vs all good images)")
     print(format_defect_table(rows, counts))
+    if args.score_sweep:
+        print(f"\n{sweep_title}")
+        print(format_sweep_table(rows))
     print(f"wrote {out / 'report.json'}, {out / 'report.md'} and montages")
     return 0

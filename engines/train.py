@@ -506,7 +506,8 @@ def train_sku(cfg: TrainConfig, resume: bool = False) -> Path:
     done_steps = sum(cfg.steps(p) for p in PHASES[: run.phase]) + run.step
     log.info("train_start", out=str(cfg.out), images=len(images), device=str(device), resume=resume,
              phase=PHASES[min(run.phase, 2)], step=run.step, threads=threads, workers=cfg.num_workers,
-             reconstruction=cfg.reconstruction, resize=cfg.resize, tile_scale=cfg.tile_scale)
+             reconstruction=cfg.reconstruction, resize=cfg.resize, tile_scale=cfg.tile_scale,
+             textures=str(cfg.texture_dir) if cfg.texture_dir is not None else cfg.textures)
 
     with StopFlag() as stop:
         for phase_idx in range(run.phase, len(PHASES)):

@@ -192,11 +192,12 @@ def run(args: argparse.Namespace) -> int:
     title = f"# Evaluation of {target.sku_dir.name} on {args.dataset} {args.category or ''}".rstrip()
     montages = "\n".join(f"![{' '.join(v.labels.values())}]({v.montage})" for v in variants)
     sweep_title = f"image AUROC per image-score definition (the SKU's: top-k {top_k} px)"
-    sweep = f"{sweep_title[0].upper()}{sweep_title[1:]}:\n\n{format_sweep_table(rows, markdown=True)}\n\n"
+    sweep = (f"{sweep_title[0].upper()}{sweep_title[1:]}:\n\n{format_sweep_table(rows, markdown=True)}\n\n"
+             if args.score_sweep else "")
     (out / "report.md").write_text(
         f"{title}\n\nResolution: {resolution(manifest)}.\n\n{format_table(rows, markdown=True)}\n\n"
         f"Image AUROC per defect type (each type against all good images; images per type in brackets):\n\n"
-        f"{format_defect_table(rows, counts, markdown=True)}\n\n{sweep if args.score_sweep else ''}{montages}\n"
+        f"{format_defect_table(rows, counts, markdown=True)}\n\n{sweep}{montages}\n"
     )
     print(f"resolution: {resolution(manifest)}")
     print(format_table(rows))

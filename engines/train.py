@@ -59,11 +59,13 @@ STATE_DIR = "train_state"
 STAGE2_T_MIN = 20
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"image_size": 64, "batch_size": 8, "ae_steps": 300, "diffusion_steps": 600, "seg_steps": 300},
-    "small": {"image_size": 128, "batch_size": 8, "ae_steps": 1500, "diffusion_steps": 3000, "seg_steps": 1500},
-    "full": {"image_size": 256, "batch_size": 16, "ae_steps": 5000, "diffusion_steps": 20000, "seg_steps": 8000},
+    "small": {"image_size": 128, "batch_size": 8, "memory": 16384, "ae_steps": 1500, "diffusion_steps": 3000,
+              "seg_steps": 1500},
+    "full": {"image_size": 256, "batch_size": 16, "memory": 16384, "ae_steps": 5000, "diffusion_steps": 20000,
+             "seg_steps": 8000},
     # twice the channels (four times the compute) and twice the batch: a GPU run of minutes, hours on a CPU
-    "gpu": {"image_size": 256, "batch_size": 32, "width": 2.0, "ae_steps": 8000, "diffusion_steps": 30000,
-            "seg_steps": 12000},
+    "gpu": {"image_size": 256, "batch_size": 32, "width": 2.0, "memory": 32768, "ae_steps": 8000,
+            "diffusion_steps": 30000, "seg_steps": 12000},
 }
 
 

@@ -89,4 +89,12 @@ def test_memory_prior_distances_exclude_the_source_image_and_read_about_one() ->
     apart = seg.memory_distance(queries, exclude=torch.tensor([0, 1]))
     assert 0.3 < float(apart.mean()) < 3.0  # leave-one-image-out distances are what the scale normalises
     assert seg.fuse[2][0].in_channels == 3 * 40 + 1
-    assert tuple(seg.logits(x, x, exclude=torch.tensor([0, 1]))[0].shape) == (2, 1, 8, 8)
+    own = seg.logits(x, x)
+    assert tuple(own[0].shape) == (2, 1, 8, 8)
+    with torch.no_grad():  # the prior alone: gain * (distance - 1) on every scale's logits
+        seg.memory_gain.fill_(0.0)
+        without = seg.logits(x, x, exclude=torch.tensor([0, 1]))
+        seg.memory_gain.fill_(2.0)
+        prior = [a - b for a, b in zip(seg.logits(x, x, exclude=torch.tensor([0, 1])), without, strict=True)]
+    assert torch.allclose(prior[0], 2.0 * (apart - 1.0), atol=1e-4)
+    assert all(p.shape[-1] == s for p, s in zip(prior, (8, 16, 32, 64), strict=True))

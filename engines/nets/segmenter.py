@@ -11,6 +11,7 @@ from torch.nn import functional as F
 from engines.nets.backbone import Backbone
 
 PRIOR = 0.05  # initial anomaly probability of every pixel
+MEMORY_GAIN = 2.0  # initial logit per unit of normalised memory distance above a normal patch's
 
 
 def _conv_act(in_ch: int, out_ch: int, k: int = 3) -> nn.Sequential:
@@ -47,6 +48,9 @@ class Segmenter(nn.Module):
             self.register_buffer("memory", torch.zeros(memory_size, feat[2] + feat[3]))
             self.register_buffer("memory_owner", torch.full((memory_size,), -1, dtype=torch.int64))
             self.register_buffer("memory_scale", torch.ones(()))
+            # every scale's logit starts from gain * (distance - 1): a patch unlike any good one is suspect from
+            # the first step, and the decoder learns where reconstruction evidence overrules the prior
+            self.memory_gain = nn.Parameter(torch.tensor(MEMORY_GAIN))
         c2, c4, c8, c16 = channels
         self.bottom = _conv_act(c16, c16)
         self.dec8 = _conv_act(c16 + c8, c8)
@@ -64,8 +68,10 @@ class Segmenter(nn.Module):
         n = x.shape[0]
         feats = self.backbone(torch.cat([x, x_rec], dim=0))
         extra: list[list[torch.Tensor]] = [[], [], [], []]
+        distance = None
         if self.memory_size:
-            extra[2] = [self.memory_distance(patch_features([a[:n] for a in feats]), exclude)]
+            distance = self.memory_distance(patch_features([a[:n] for a in feats]), exclude)
+            extra[2] = [distance]
         fused = [f(torch.cat([a[:n], a[n:], (a[:n] - a[n:]).abs(), *e], dim=1))
                  for f, a, e in zip(self.fuse, feats, extra, strict=True)]
         f2, f4, f8, f16 = fused
@@ -74,7 +80,11 @@ class Segmenter(nn.Module):
         for dec, skip in ((self.dec8, f8), (self.dec4, f4), (self.dec2, f2), (self.dec1, (x - x_rec).abs())):
             h = dec(torch.cat([F.interpolate(h, scale_factor=2.0, mode="bilinear", align_corners=False), skip], 1))
             outs.append(h)
-        return [head(h) for head, h in zip(self.heads, outs, strict=True)]
+        logits = [head(h) for head, h in zip(self.heads, outs, strict=True)]
+        if distance is None:
+            return logits
+        return [lg + self.memory_gain * (F.interpolate(distance, size=lg.shape[-2:], mode="bilinear",
+                                                       align_corners=False) - 1.0) for lg in logits]
 
     def memory_distance(self, queries: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
         """N x D x h x w patch features -> N x 1 x h x w distance to the nearest memory entry / memory_scale

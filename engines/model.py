@@ -83,6 +83,15 @@ class TDADModel(nn.Module):
             noises = tuple(torch.from_numpy(n).to(z0) for n in schedule.stage_noises(tuple(z0.shape[1:])))
         return two_stage_reconstruct(z0, self.denoise, self.fusion, self.zero_cond, schedule, *noises)
 
+    def stage1_latents(self, z0: torch.Tensor, schedule: Schedule | None = None,
+                       noise1: torch.Tensor | None = None) -> torch.Tensor:
+        """Stage 1 alone on scaled latents, with the schedule's fixed stage-1 noise (or `noise1`): what stage 2
+        is conditioned on, at run time and in training."""
+        schedule = schedule or self.schedule
+        if noise1 is None:
+            noise1 = torch.from_numpy(schedule.stage_noises(tuple(z0.shape[1:]))[0]).to(z0)
+        return stage1_reconstruct(z0, self.denoise, self.zero_cond, schedule, noise1)
+
     def reconstruct(self, x: torch.Tensor, schedule: Schedule | None = None,
                     mode: Reconstruction = "two_stage",
                     noises: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -95,10 +104,7 @@ class TDADModel(nn.Module):
             raise ValueError(f"unknown reconstruction {mode!r}: use one of {', '.join(RECONSTRUCTIONS)}")
         z0 = self.encode(x)
         if mode == "stage1":
-            schedule = schedule or self.schedule
-            noise1 = (noises[0] if noises is not None
-                      else torch.from_numpy(schedule.stage_noises(tuple(z0.shape[1:]))[0]).to(z0))
-            z0 = stage1_reconstruct(z0, self.denoise, self.zero_cond, schedule, noise1)
+            z0 = self.stage1_latents(z0, schedule, noises[0] if noises is not None else None)
         elif mode == "two_stage":
             z0 = self.reconstruct_latents(z0, schedule, noises)
         return self.decode(z0)

@@ -100,10 +100,12 @@ def add_noise(z0: A, noise: A, alpha_bar: float | A) -> A:
     return z0 * alpha_bar**0.5 + noise * (1.0 - alpha_bar) ** 0.5
 
 
-def predict_x0(z_t: A, eps: A, schedule: Schedule, t: int) -> A:
-    """The clean latent implied by an epsilon prediction at timestep t."""
-    a = schedule.alpha_bar(t)
-    return (z_t - eps * float(np.sqrt(1.0 - a))) * float(1.0 / np.sqrt(a))
+def predict_x0(z_t: A, eps: A, alpha_bar: float | A) -> A:
+    """The clean latent implied by an epsilon prediction: add_noise solved for z0. alpha_bar: one float
+    (`Schedule.alpha_bar(t)`) or one per sample, N x 1 x 1 x 1 of z_t's array type (training)."""
+    if isinstance(alpha_bar, float):
+        return (z_t - eps * float(np.sqrt(1.0 - alpha_bar))) * float(1.0 / np.sqrt(alpha_bar))
+    return (z_t - eps * (1.0 - alpha_bar) ** 0.5) / alpha_bar**0.5
 
 
 def ddim_sample(z_t: A, denoise: Callable[[A, int, A], A], cond: A, schedule: Schedule, t_start: int,
@@ -112,7 +114,7 @@ def ddim_sample(z_t: A, denoise: Callable[[A, int, A], A], cond: A, schedule: Sc
     timesteps = schedule.ddim_timesteps(t_start, steps)
     for t, t_prev in zip(timesteps, [*timesteps[1:], -1], strict=True):
         eps = denoise(z_t, t, cond)
-        x0 = predict_x0(z_t, eps, schedule, t)
+        x0 = predict_x0(z_t, eps, schedule.alpha_bar(t))
         a_prev = schedule.alpha_bar(t_prev)
         z_t = x0 * float(np.sqrt(a_prev)) + eps * float(np.sqrt(1.0 - a_prev))
     return z_t

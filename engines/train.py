@@ -41,7 +41,7 @@ from engines.manifest import RECONSTRUCTIONS, PreprocessRecord, Reconstruction, 
 from engines.model import ModelConfig, TDADModel, save_sku
 from engines.nets.segmenter import patch_features
 from engines.preprocess import RESIZE_MODES, ResizeMode, preprocess
-from engines.schedule import Schedule, add_noise, stage1_reconstruct
+from engines.schedule import Schedule, add_noise, predict_x0
 from engines.synthesis import AnomalySynthesizer, TextureMix, check_textures
 from engines.tiling import random_crop
 from foundation.errors import ConfigError, DataError, first_line
@@ -237,20 +237,15 @@ def diffusion_loss(model: TDADModel, batch: dict[str, torch.Tensor], cfg: TrainC
     where the DDIM path ends up) and learns to restore the CLEAN latent: an x0-MSE, because the epsilon that
     maps a noised anomalous latent to a clean one explodes as t -> 0. cond is zeroed with p = cond_dropout.
     """
-    schedule = model.schedule
     with torch.no_grad():
         z_clean = model.encode(batch["clean"])
         z_anom = model.encode(batch["anom"])
-        noise1 = torch.from_numpy(schedule.stage_noises(tuple(z_anom.shape[1:]))[0]).to(z_anom)
-        z_rec1 = stage1_reconstruct(z_anom, model.denoise, model.zero_cond, schedule, noise1)
+        z_rec1 = model.stage1_latents(z_anom)
     z_u = add_noise(z_clean, batch["noise_u"], batch["alpha_bar_u"])
     loss_u = F.mse_loss(model.denoiser(z_u, batch["t_u"], model.zero_cond(z_u)), batch["noise_u"])
     cond = model.fusion(z_anom, z_rec1) * batch["keep_cond"][:, None, None, None]
-    a_c = batch["alpha_bar_c"]
-    start = torch.lerp(z_clean, z_rec1, batch["from_rec1"])
-    z_c = add_noise(start, batch["noise_c"], a_c)
-    eps = model.denoiser(z_c, batch["t_c"], cond)
-    loss_c = F.mse_loss((z_c - eps * (1.0 - a_c) ** 0.5) / a_c**0.5, z_clean)
+    z_c = add_noise(torch.lerp(z_clean, z_rec1, batch["from_rec1"]), batch["noise_c"], batch["alpha_bar_c"])
+    loss_c = F.mse_loss(predict_x0(z_c, model.denoiser(z_c, batch["t_c"], cond), batch["alpha_bar_c"]), z_clean)
     return loss_u + loss_c
 
 

@@ -89,7 +89,7 @@ def test_oracle_denoiser_recovers_z0() -> None:
 def test_add_noise_and_predict_x0_invert() -> None:
     s = Schedule()
     z0, eps = np.ones((1, 4, 2, 2)), np.full((1, 4, 2, 2), 0.5)
-    np.testing.assert_allclose(predict_x0(add_noise(z0, eps, s.alpha_bar(200)), eps, s, 200), z0)
+    np.testing.assert_allclose(predict_x0(add_noise(z0, eps, s.alpha_bar(200)), eps, s.alpha_bar(200)), z0)
 
 
 def test_per_sample_noising_is_the_scalar_formula_per_sample() -> None:

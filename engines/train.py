@@ -237,10 +237,10 @@ def diffusion_loss(model: TDADModel, batch: dict[str, torch.Tensor], cfg: TrainC
     where the DDIM path ends up) and learns to restore the CLEAN latent: an x0-MSE, because the epsilon that
     maps a noised anomalous latent to a clean one explodes as t -> 0. cond is zeroed with p = cond_dropout.
     """
-    with torch.no_grad():
-        z_clean = model.encode(batch["clean"])
-        z_anom = model.encode(batch["anom"])
-        z_rec1 = model.stage1_latents(z_anom)
+    with torch.no_grad():  # float32 latents: under CUDA's bf16 autocast the encoder and denoiser return bf16
+        z_clean = model.encode(batch["clean"]).float()
+        z_anom = model.encode(batch["anom"]).float()
+        z_rec1 = model.stage1_latents(z_anom).float()
     z_u = add_noise(z_clean, batch["noise_u"], batch["alpha_bar_u"])
     loss_u = F.mse_loss(model.denoiser(z_u, batch["t_u"], model.zero_cond(z_u)), batch["noise_u"])
     cond = model.fusion(z_anom, z_rec1) * batch["keep_cond"][:, None, None, None]

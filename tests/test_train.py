@@ -285,3 +285,26 @@ def test_width_scales_every_network_and_round_trips(tmp_path: Path) -> None:
     assert load_sku(save_sku(model, tmp_path)).config == wide  # the manifest carries the widths
     with pytest.raises(ConfigError, match="width=0"):
         ModelConfig(image_size=S).widened(0)
+
+
+@pytest.mark.parametrize("phase", PHASES)
+def test_every_phase_trains_under_bf16_autocast_as_on_cuda(phase: str, good_dir: Path, tmp_path: Path) -> None:
+    """CUDA training runs each loss under bf16 autocast; CPU autocast is the same dtype machinery, so a mixed-dtype
+    op (bf16 latents lerped with a float weight) or a memory distance left in bf16 is caught without a GPU."""
+    torch.manual_seed(0)
+    cfg = tiny_config(good_dir, tmp_path, batch_size=2)
+    model = TDADModel(ModelConfig(image_size=S, memory_size=64))
+    model.segmenter.memory.normal_()
+    images = np.stack([np.asarray(torch.randint(0, 256, (S, S, 3), dtype=torch.uint8)) for _ in range(2)])
+    batch = {k: torch.from_numpy(np.asarray(v)) for k, v in StepBatches(cfg, images, phase, model.schedule)[0].items()}
+    params = set_phase(model, phase)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = LOSSES[phase](model, batch, cfg)
+        if phase == "segmenter":
+            queries = torch.randn(1, model.segmenter.memory.shape[1], 4, 4)
+            distance = model.segmenter.memory_distance(queries)
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in params if p.requires_grad)
+    if phase == "segmenter":
+        assert distance.dtype == torch.float32
+        torch.testing.assert_close(distance, model.segmenter.memory_distance(queries))

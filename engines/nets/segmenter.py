@@ -90,11 +90,13 @@ class Segmenter(nn.Module):
         """N x D x h x w patch features -> N x 1 x h x w distance to the nearest memory entry / memory_scale
         (matmul form, which exports to every backend; entries owned by `exclude` are skipped)."""
         n, d, h, w = queries.shape
-        q = queries.permute(0, 2, 3, 1).reshape(n, h * w, d)
-        d2 = (q * q).sum(-1, keepdim=True) - 2.0 * q @ self.memory.t() + (self.memory * self.memory).sum(-1)
-        if exclude is not None:
-            d2 = d2.masked_fill(self.memory_owner[None, None, :] == exclude[:, None, None], float("inf"))
-        return (d2.amin(-1).clamp_min(0.0).sqrt() / self.memory_scale).reshape(n, 1, h, w)
+        # float32 even under autocast: |q|^2 - 2 q.m + |m|^2 cancels, and bf16/fp16 would leave noise for distance
+        with torch.autocast(queries.device.type, enabled=False):
+            q = queries.float().permute(0, 2, 3, 1).reshape(n, h * w, d)
+            d2 = (q * q).sum(-1, keepdim=True) - 2.0 * q @ self.memory.t() + (self.memory * self.memory).sum(-1)
+            if exclude is not None:
+                d2 = d2.masked_fill(self.memory_owner[None, None, :] == exclude[:, None, None], float("inf"))
+            return (d2.amin(-1).clamp_min(0.0).sqrt() / self.memory_scale).reshape(n, 1, h, w)
 
     def forward(self, x: torch.Tensor, x_rec: torch.Tensor) -> torch.Tensor:
         """x, x_rec: N x 3 x S x S in [0, 1] -> anomaly maps N x S x S in [0, 1]."""

@@ -100,3 +100,15 @@ def test_cli_parser_takes_sku_or_sku_dir() -> None:
     assert args.sku_dir == Path("x") and args.steps1 == 3
     with pytest.raises(SystemExit):
         parser.parse_args([])
+
+
+def test_device_flag_moves_the_torch_engine_and_refuses_what_cannot_move(sku: Path) -> None:
+    """--device reaches the engine settings of --sku-dir runs (the config is not read there), one line otherwise."""
+    on_gpu = sku_target(_args(sku_dir=sku, backend="torch", threads=0, device="cuda:1")).engine
+    assert (on_gpu.backend, on_gpu.device, on_gpu.device_id) == ("torch", "cuda", 1)
+    assert sku_target(_args(sku_dir=sku, backend="tensorrt", threads=0, device="cuda:2")).engine.device_id == 2
+    assert sku_target(_args(sku_dir=sku, backend="torch", threads=2, device="cpu")).engine.threads == 2
+    with pytest.raises(EngineError, match=r"^--device cuda: the onnxruntime backend runs on the CPU; drop --device"):
+        sku_target(_args(sku_dir=sku, backend=None, threads=0, device="cuda"))
+    with pytest.raises(EngineError, match=r"^--device 'gpu0': use cpu, cuda or cuda:N"):
+        sku_target(_args(sku_dir=sku, backend="torch", threads=0, device="gpu0"))

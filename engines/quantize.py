@@ -6,7 +6,10 @@ of 0.5 would scramble the phases.
 
 int8: static post-training quantization by ONNX Runtime (`quantize_static`, QDQ format, symmetric signed int8,
 per-channel weights, float biases, min/max ranges) of the weighted ops (Conv, Gemm, MatMul), the placement TensorRT's
-explicit quantization builds INT8 kernels from; the same graph runs on ONNX Runtime's CPU provider. The
+explicit quantization builds INT8 kernels from; the same graph runs on ONNX Runtime's CPU provider. The segmenter's
+frozen EfficientNet backbone stays fp32: the memory prior compares its features with entries stored in fp32, and
+int8 features moved every patch's distance (magnetic_tile image / pixel AUROC / AUPRO 0.911 / 0.789 / 0.681 in
+fp32, 0.841 / 0.685 / 0.530 all-int8, 0.909 / 0.796 / 0.683 with the backbone kept fp32). The
 calibration inputs are the SKU's good images through the daemon's preprocessing; the latent-input part graphs
 (denoiser, fusion, decoder, segmenter) are calibrated on the tensors the fp32 pipeline feeds them for those
 images, so every graph sees the value ranges it meets in service.
@@ -41,6 +44,7 @@ log = get_logger(__name__)
 
 GRAPH_NAMES = (*PART_NAMES, UNROLLED_NAME)
 QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
+FP32_SCOPE = "/backbone/"  # ONNX node names of the frozen feature extractor (segmenter graph and unrolled graph)
 DEFAULT_CALIB_IMAGES = 32
 
 
@@ -200,9 +204,11 @@ def _reader(samples: list[dict[str, np.ndarray]]) -> Any:
 
 
 def quantize_graph(source: Path, out: Path, samples: list[dict[str, np.ndarray]], calibration: str) -> Path:
-    """Static QDQ int8 quantization of one fp32 graph over `samples`, stamped with its source."""
+    """Static QDQ int8 quantization of one fp32 graph over `samples` (the backbone's nodes left fp32), stamped with
+    its source."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
+    fp32_nodes = [n.name for n in onnx.load(str(source), load_external_data=False).graph.node if FP32_SCOPE in n.name]
     root_logger = logging.getLogger()
     level = root_logger.level
     root_logger.setLevel(logging.ERROR)  # the quantizer's notes on the root logger ("consider pre-processing")
@@ -212,7 +218,8 @@ def quantize_graph(source: Path, out: Path, samples: list[dict[str, np.ndarray]]
             quantize_static(
                 str(source), str(staged), _reader(samples), quant_format=QuantFormat.QDQ,
                 activation_type=QuantType.QInt8, weight_type=QuantType.QInt8, per_channel=True,
-                op_types_to_quantize=list(QUANTIZED_OPS), calibrate_method=CalibrationMethod.MinMax,
+                op_types_to_quantize=list(QUANTIZED_OPS), nodes_to_exclude=fp32_nodes,
+                calibrate_method=CalibrationMethod.MinMax,
                 extra_options={"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False},
             )
             model = onnx.load(str(staged))
@@ -240,7 +247,7 @@ def quantize_int8(sku_dir: Path, calib_dir: Path, limit: int = DEFAULT_CALIB_IMA
         log.info("int8_graph_written", graph=paths[-1].name, samples=len(feeds[name]))
     _record(sku_dir, "int8", DerivedGraphsRecord(
         files=[p.name for p in paths], calibration=calibration, ops=list(QUANTIZED_OPS), tool=_version("onnxruntime"),
-        method="onnxruntime quantize_static QDQ, symmetric int8, per-channel, minmax"))
+        method="onnxruntime quantize_static QDQ, symmetric int8, per-channel, minmax; frozen backbone fp32"))
     return paths
 
 

@@ -12,9 +12,9 @@ import pytest
 
 from engines.manifest import read_manifest
 from engines.precision import META_PRECISION, META_SOURCE_SHA256, check_graph, graph_file
-from engines.quantize import GRAPH_NAMES, QUANTIZED_OPS, derive_fp16, quantize_int8
+from engines.quantize import FP32_SCOPE, GRAPH_NAMES, QUANTIZED_OPS, derive_fp16, quantize_int8
 from engines.runtime import create_engine, engine_settings
-from engines.runtime.staged import file_sha256
+from engines.runtime.staged import UNROLLED_NAME, file_sha256
 from engines.sample_data import write_good_folder
 from foundation.errors import EngineError
 from inspector.cli import main
@@ -58,6 +58,10 @@ def test_int8_graphs_hold_symmetric_qdq_and_their_source(derived_sku: Path) -> N
         assert meta[META_PRECISION] == "int8"
         assert meta[META_SOURCE_SHA256] == file_sha256(graph_file(derived_sku, name, "fp32"))
         assert check_graph(derived_sku, name, "int8") == path
+        dequantized = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
+        backbone = [n for n in model.graph.node if n.op_type == "Conv" and FP32_SCOPE in n.name]
+        assert bool(backbone) == (name in ("segmenter", UNROLLED_NAME)), name
+        assert not any(set(n.input) & dequantized for n in backbone), f"{name}: the frozen backbone must stay fp32"
 
 
 def test_derived_graphs_are_noted_in_the_manifests_export_record(derived_sku: Path) -> None:

@@ -90,20 +90,21 @@ if [[ "$mode" == train ]]; then
             "${steps[@]}")
     pids=()
     for category in "$@"; do  # every training at once: one GPU, 16 cores, each run 1 thread + WORKERS workers
-        $py -m inspector.cli train --out "$skus/$category" --category "$category" "${common[@]}" \
-            >"$out/train_$category.log" 2>&1 &
-        pids+=($!)
-        $py -m inspector.cli train --out "$skus/$category-none" --category "$category" --no-reconstruction \
-            "${common[@]}" >"$out/train_$category-none.log" 2>&1 &
-        pids+=($!)
+        for recon in two_stage none; do  # the product, and its no-reconstruction twin <category>-none
+            sku="$category"
+            [[ "$recon" == none ]] && sku="$category-none"
+            "$py" -m inspector.cli train --out "$skus/$sku" --category "$category" --reconstruction "$recon" \
+                "${common[@]}" >"$out/train_$sku.log" 2>&1 &
+            pids+=($!)
+        done
     done
     echo "== training ${#pids[@]} SKUs at once ($(date +%T))"
     for pid in "${pids[@]}"; do wait "$pid" || failed+=("train:$pid"); done
-    grep -h '"phase_done"\|phase_done\|train_done\|Error\|error' "$out"/train_*.log | cut -c1-300
+    grep -h 'phase_done\|train_done\|Error\|error' "$out"/train_*.log | cut -c1-300
     for category in "$@"; do
         step "eval_$category" "$py" -m inspector.cli eval --sku-dir "$skus/$category" --dataset mvtec \
-            --root "$PACK/data" --category "$category" --device "$device" --batch 32 --ablation --compare-sku "$skus/$category-none" \
-            --score-sweep --out "$out/eval_$category"
+            --root "$PACK/data" --category "$category" --device "$device" --batch 32 --ablation \
+            --compare-sku "$skus/$category-none" --score-sweep --out "$out/eval_$category"
     done
     # the two-stage SKUs themselves (for ONNX export and CPU measurements elsewhere), in pieces of 15 MB
     [[ "${SKUS_BACK:-1}" == 1 ]] && tar -czf - -C "$skus" --exclude train_state "$@" | split -b 15M - "$dest/skus.tar.gz."

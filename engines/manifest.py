@@ -19,6 +19,9 @@ Schema history:
   4  adds "tiling" (null: the whole frame becomes one model input, as before; a record: the frame is scaled
      and cut into overlapping model-size tiles, engines/tiling.py); older files get null. Versioned so an
      older daemon refuses a tiled SKU instead of squashing a whole line frame into one tile.
+  5  adds model.memory_boost (the memory prior's extra logit weight at inference, engines/nets/segmenter.py);
+     older files get 0, what they computed. Versioned so an older daemon's torch engine refuses such a SKU
+     instead of computing its maps without the boost its thresholds were calibrated with.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from foundation.errors import ConfigError, DataError, first_line
 
 MANIFEST_FILE = "meta.json"
 WEIGHTS_FILE = "model.safetensors"
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # The segmenter's second input, from least to most of the model: the input itself, autoencoder round trip,
 # stage 1 only, the full two-stage diffusion. A mode needs the networks of every mode before it.
@@ -61,6 +64,7 @@ class ModelConfig:
     fusion_channels: int = 32
     seg_channels: tuple[int, int, int, int] = (16, 32, 48, 64)  # decoder at strides 2, 4, 8, 16
     memory_size: int = 0  # normal patch descriptors the segmenter compares with (0 = no memory prior)
+    memory_boost: float = 0.0  # logit per unit of memory distance added at inference only (Segmenter.forward)
 
     def __post_init__(self) -> None:
         """Image sizes must divide by 32 (8x latent down-sampling, then two more U-Net halvings)."""

@@ -39,7 +39,7 @@ from engines.data import file_list_hash, open_dataset
 from engines.gpu import torch_cuda_device
 from engines.manifest import RECONSTRUCTIONS, PreprocessRecord, Reconstruction, TilingRecord, TrainRecord
 from engines.model import ModelConfig, TDADModel, save_sku
-from engines.nets.segmenter import patch_features
+from engines.nets.segmenter import MEMORY_BOOST, patch_features
 from engines.preprocess import RESIZE_MODES, ResizeMode, preprocess
 from engines.schedule import Schedule, add_noise, predict_x0
 from engines.synthesis import AnomalySynthesizer, TextureMix, check_textures
@@ -491,8 +491,9 @@ def train_sku(cfg: TrainConfig, resume: bool = False) -> Path:
     torch.manual_seed(cfg.seed)
     images, data_hash = load_images(cfg)
     squares = square_images(images, cfg.image_size, cfg.seed)
-    config = dataclasses.replace(ModelConfig(image_size=cfg.image_size).widened(cfg.width),
-                                 memory_size=memory_size_for(cfg, len(images)))
+    memory_size = memory_size_for(cfg, len(images))
+    config = dataclasses.replace(ModelConfig(image_size=cfg.image_size).widened(cfg.width), memory_size=memory_size,
+                                 memory_boost=MEMORY_BOOST if memory_size else 0.0)
     model = TDADModel(config, reconstruction=cfg.reconstruction).to(device)
     run = Run(cfg, model)
     run.ema.to(device)

@@ -7,6 +7,7 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from torch.nn import functional as F
 
 from engines.manifest import ModelConfig
 from engines.model import TDADModel
@@ -98,3 +99,9 @@ def test_memory_prior_distances_exclude_the_source_image_and_read_about_one() ->
         prior = [a - b for a, b in zip(seg.logits(x, x, exclude=torch.tensor([0, 1])), without, strict=True)]
     assert torch.allclose(prior[0], 2.0 * (apart - 1.0), atol=1e-4)
     assert all(p.shape[-1] == s for p, s in zip(prior, (8, 16, 32, 64), strict=True))
+    with torch.no_grad():  # inference (forward, so every exported graph) adds memory_boost to the learnt gain
+        seg.memory_boost = 1.5
+        boosted = torch.logit(seg(x, x).double()).float()
+        unboosted = seg.logits(x, x)[-1][:, 0]
+    here = F.interpolate(seg.memory_distance(queries), size=(S, S), mode="bilinear", align_corners=False)[:, 0]
+    assert torch.allclose(boosted - unboosted, 1.5 * (here - 1.0), atol=1e-3)

@@ -73,7 +73,8 @@ def test_onnxruntime_matches_torch_on_a_tiny_trained_model(trained_sku: Path) ->
 
 
 def test_onnxruntime_matches_torch_with_the_memory_prior(tmp_path: Path) -> None:
-    """The segmenter's nearest-memory search (matmul form) exports and runs on ONNX Runtime like in torch."""
+    """The segmenter's nearest-memory search (matmul form) and its inference boost export and run on ONNX
+    Runtime like in torch."""
     import dataclasses
 
     import torch
@@ -84,7 +85,7 @@ def test_onnxruntime_matches_torch_with_the_memory_prior(tmp_path: Path) -> None
     from engines.train import fill_memory
 
     torch.manual_seed(0)
-    model = TDADModel(dataclasses.replace(ModelConfig(image_size=64), memory_size=200)).eval()
+    model = TDADModel(dataclasses.replace(ModelConfig(image_size=64), memory_size=200, memory_boost=2.0)).eval()
     with torch.no_grad():
         model.denoiser.conv_out.weight.normal_(0.0, 0.02)
     fill_memory(model, part_frames(6, 64, seed=5), torch.device("cpu"), batch=3, seed=0)

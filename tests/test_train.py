@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from engines.manifest import ModelConfig, TilingRecord, read_manifest
 from engines.model import TDADModel, load_sku, save_sku
+from engines.nets.segmenter import MEMORY_BOOST
 from engines.sample_data import write_good_folder
 from engines.schedule import Schedule
 from engines.train import (
@@ -123,7 +124,7 @@ def straight_run(good_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 def test_train_writes_a_loadable_sku(straight_run: Path) -> None:
     meta = read_manifest(straight_run)
     assert meta.train is not None and set(meta.train.losses) == set(PHASES) and len(meta.train_hash) == 64
-    assert meta.latent_scale > 0
+    assert meta.latent_scale > 0 and meta.model.memory_size == 0 and meta.model.memory_boost == 0.0
     model = load_sku(straight_run)
     with torch.inference_mode():
         maps = model.anomaly_maps(torch.rand(1, 3, S, S))
@@ -246,9 +247,10 @@ def test_cli_texture_source_reaches_the_config_and_old_checkpoints_keep_theirs(t
 def test_no_reconstruction_trains_the_segmenter_alone_and_cannot_be_exported(good_dir: Path, tmp_path: Path) -> None:
     from engines.export import export_sku
 
-    sku = train_sku(tiny_config(good_dir, tmp_path, reconstruction="none", resize="crop"))
+    sku = train_sku(tiny_config(good_dir, tmp_path, reconstruction="none", resize="crop", memory=64))
     meta = read_manifest(sku)
     assert meta.reconstruction == "none" and meta.preprocess.resize == "crop"
+    assert meta.model.memory_size == 64 and meta.model.memory_boost == MEMORY_BOOST  # a memory SKU infers boosted
     assert meta.train is not None and set(meta.train.losses) == {"segmenter"}
     model = load_sku(sku)
     x = torch.rand(1, 3, S, S)

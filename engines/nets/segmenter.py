@@ -12,6 +12,9 @@ from engines.nets.backbone import Backbone
 
 PRIOR = 0.05  # initial anomaly probability of every pixel
 MEMORY_GAIN = 2.0  # initial logit per unit of normalised memory distance above a normal patch's
+# logit per unit of memory distance that inference adds to the learnt gain: synthetic anomalies teach the decoder
+# to lean on reconstruction evidence, real defects need the prior more (measured on both real sets: README)
+MEMORY_BOOST = 2.0
 
 
 def _conv_act(in_ch: int, out_ch: int, k: int = 3) -> nn.Sequential:
@@ -34,14 +37,17 @@ class Segmenter(nn.Module):
 
     With memory_size > 0 the stride-8 fusion also gets each patch's distance to the nearest of memory_size
     patch descriptors of the SKU's good images (a normal-appearance prior that synthetic anomalies alone
-    cannot teach: which real variation, like a tile's streaks, is normal).
+    cannot teach: which real variation, like a tile's streaks, is normal). forward (inference, every exported
+    graph) weights that prior by memory_boost more than training does; training's loss calls logits unboosted.
     """
 
-    def __init__(self, image_size: int, channels: tuple[int, int, int, int], memory_size: int = 0) -> None:
+    def __init__(self, image_size: int, channels: tuple[int, int, int, int], memory_size: int = 0,
+                 memory_boost: float = 0.0) -> None:
         super().__init__()
         self.backbone = Backbone(image_size)
         feat = self.backbone.channels
         self.memory_size = memory_size
+        self.memory_boost = float(memory_boost)
         extra = (0, 0, 1, 0) if memory_size else (0, 0, 0, 0)  # the memory distance joins the stride-8 fusion
         self.fuse = nn.ModuleList(_conv_act(3 * f + e, c, 1) for f, c, e in zip(feat, channels, extra, strict=True))
         if memory_size:  # filled by training (fill_memory); zeros until then
@@ -61,10 +67,12 @@ class Segmenter(nn.Module):
         for head in self.heads:  # start from "almost surely normal" (p = 0.05), the focal-loss prior trick
             nn.init.constant_(head.bias, -math.log((1.0 - PRIOR) / PRIOR))
 
-    def logits(self, x: torch.Tensor, x_rec: torch.Tensor, exclude: torch.Tensor | None = None) -> list[torch.Tensor]:
+    def logits(self, x: torch.Tensor, x_rec: torch.Tensor, exclude: torch.Tensor | None = None,
+               boost: float = 0.0) -> list[torch.Tensor]:
         """x, x_rec: N x 3 x S x S in [0, 1] -> logits N x 1 x s x s at s = S/8, S/4, S/2, S.
 
-        exclude (training only): N memory owner ids whose entries x may not match (its own source image)."""
+        exclude (training only): N memory owner ids whose entries x may not match (its own source image);
+        boost: logit per unit of memory distance added to the learnt gain (forward passes memory_boost)."""
         n = x.shape[0]
         feats = self.backbone(torch.cat([x, x_rec], dim=0))
         extra: list[list[torch.Tensor]] = [[], [], [], []]
@@ -83,8 +91,9 @@ class Segmenter(nn.Module):
         logits = [head(h) for head, h in zip(self.heads, outs, strict=True)]
         if distance is None:
             return logits
-        return [lg + self.memory_gain * (F.interpolate(distance, size=lg.shape[-2:], mode="bilinear",
-                                                       align_corners=False) - 1.0) for lg in logits]
+        gain = self.memory_gain + boost
+        return [lg + gain * (F.interpolate(distance, size=lg.shape[-2:], mode="bilinear", align_corners=False) - 1.0)
+                for lg in logits]
 
     def memory_distance(self, queries: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
         """N x D x h x w patch features -> N x 1 x h x w distance to the nearest memory entry / memory_scale
@@ -100,4 +109,4 @@ class Segmenter(nn.Module):
 
     def forward(self, x: torch.Tensor, x_rec: torch.Tensor) -> torch.Tensor:
         """x, x_rec: N x 3 x S x S in [0, 1] -> anomaly maps N x S x S in [0, 1]."""
-        return torch.sigmoid(self.logits(x, x_rec)[-1][:, 0])
+        return torch.sigmoid(self.logits(x, x_rec, boost=self.memory_boost)[-1][:, 0])

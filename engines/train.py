@@ -43,7 +43,7 @@ from engines.nets.segmenter import MEMORY_BOOST, patch_features
 from engines.preprocess import RESIZE_MODES, ResizeMode, preprocess
 from engines.schedule import Schedule, add_noise, predict_x0
 from engines.synthesis import AnomalySynthesizer, TextureMix, check_textures
-from engines.tiling import random_crop
+from engines.tiling import TilePlan, random_crop
 from foundation.errors import ConfigError, DataError, first_line
 from foundation.log import get_logger
 
@@ -322,20 +322,32 @@ def fit_latent_scale(model: TDADModel, images_u8_nhwc: np.ndarray, device: torch
     return scale
 
 
+def memory_images(images: TrainImages, size: int, overlap: float) -> tuple[np.ndarray, np.ndarray]:
+    """What the memory prior samples patches from, and each row's source image: the S x S training images, or
+    for a tiled SKU every tile inspection cuts from each scaled image (all of a good part is remembered, not
+    one random crop of it)."""
+    if isinstance(images, np.ndarray):
+        return images, np.arange(len(images))
+    tiles = [TilePlan.fit(*image.shape[:2], size, overlap).tile(image) for image in images]
+    return np.concatenate(tiles), np.repeat(np.arange(len(images)), [len(t) for t in tiles])
+
+
 @torch.no_grad()
-def fill_memory(model: TDADModel, images_u8_nhwc: np.ndarray, device: torch.device, batch: int, seed: int) -> float:
-    """Fill the segmenter's memory with a seeded random sample of the training images' patch descriptors (each
-    tagged with its image) and set memory_scale to the mean leave-one-image-out nearest distance of up to 4096
-    training patches, so a normal patch reads ~1; returns that scale."""
+def fill_memory(model: TDADModel, images_u8_nhwc: np.ndarray, device: torch.device, batch: int, seed: int,
+                owners: np.ndarray | None = None) -> float:
+    """Fill the segmenter's memory with a seeded random sample of the images' patch descriptors, each tagged
+    with its source image (`owners`, one per row; default: each row its own), and set memory_scale to the mean
+    leave-one-image-out nearest distance of up to 4096 of those patches, so a normal patch reads ~1; returns
+    that scale."""
     seg = model.segmenter
-    feats, owners = [], []
+    sources = torch.from_numpy(np.arange(len(images_u8_nhwc)) if owners is None else np.asarray(owners)).to(device)
+    feats = []
     for i in range(0, len(images_u8_nhwc), batch):
         x = torch.from_numpy(preprocess(images_u8_nhwc[i : i + batch])).to(device)
         f = patch_features(seg.backbone(x))
-        n, d, h, w = f.shape
-        feats.append(f.permute(0, 2, 3, 1).reshape(-1, d))
-        owners.append(torch.arange(i, i + n, device=device).repeat_interleave(h * w))
-    all_feats, all_owners = torch.cat(feats), torch.cat(owners)
+        feats.append(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]))
+    h, w = f.shape[-2:]
+    all_feats, all_owners = torch.cat(feats), sources.repeat_interleave(h * w)
     rng = np.random.default_rng([seed, len(PHASES)])
     pick = torch.from_numpy(rng.choice(len(all_feats), seg.memory_size, replace=False)).to(device)
     seg.memory.copy_(all_feats[pick])
@@ -349,9 +361,9 @@ def fill_memory(model: TDADModel, images_u8_nhwc: np.ndarray, device: torch.devi
     return scale
 
 
-def memory_size_for(cfg: TrainConfig, n_images: int) -> int:
-    """The memory's entry count: cfg.memory, capped at the training set's patch count."""
-    return min(cfg.memory, n_images * (cfg.image_size // 8) ** 2)
+def memory_size_for(cfg: TrainConfig, n_rows: int) -> int:
+    """The memory's entry count: cfg.memory, capped at the patch count of the n_rows S x S images it samples."""
+    return min(cfg.memory, n_rows * (cfg.image_size // 8) ** 2)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -491,7 +503,8 @@ def train_sku(cfg: TrainConfig, resume: bool = False) -> Path:
     torch.manual_seed(cfg.seed)
     images, data_hash = load_images(cfg)
     squares = square_images(images, cfg.image_size, cfg.seed)
-    memory_size = memory_size_for(cfg, len(images))
+    remembered, owners = memory_images(images, cfg.image_size, cfg.tile_overlap) if cfg.memory else (squares, None)
+    memory_size = memory_size_for(cfg, len(remembered))
     config = dataclasses.replace(ModelConfig(image_size=cfg.image_size).widened(cfg.width), memory_size=memory_size,
                                  memory_boost=MEMORY_BOOST if memory_size else 0.0)
     model = TDADModel(config, reconstruction=cfg.reconstruction).to(device)
@@ -517,7 +530,7 @@ def train_sku(cfg: TrainConfig, resume: bool = False) -> Path:
             run.phase, run.step = phase_idx, start
             if phase == "segmenter" and start == 0 and config.memory_size:
                 log.info("memory_filled", entries=config.memory_size,
-                         scale=fill_memory(model, squares, device, cfg.batch_size, cfg.seed))
+                         scale=fill_memory(model, remembered, device, cfg.batch_size, cfg.seed, owners))
             params = set_phase(model, phase)
             run.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
             if opt_state and start > 0:

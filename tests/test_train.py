@@ -216,9 +216,9 @@ def test_cli_tile_scale_and_overlap_reach_the_config_and_bad_ones_name_the_flag(
     assert "native resolution" in " ".join(parser.format_help().split())
 
 
-def test_a_tiled_sku_trains_on_random_crops_of_images_scaled_once(tmp_path: Path) -> None:
+def test_a_tiled_sku_trains_on_random_crops_of_images_scaled_once_and_remembers_every_tile(tmp_path: Path) -> None:
     data = write_good_folder(tmp_path / "big", 3, 160, "brick", seed=1)  # 160 px parts at scale 0.5: 80 px
-    cfg = tiny_config(data, tmp_path / "sku", tile_scale=0.5, tile_overlap=0.25)
+    cfg = tiny_config(data, tmp_path / "sku", tile_scale=0.5, tile_overlap=0.25, memory=10_000)
     images, _ = load_images(cfg)
     assert [im.shape for im in images] == [(80, 80, 3)] * 3
     batches = StepBatches(cfg, images, "segmenter", Schedule())
@@ -226,8 +226,13 @@ def test_a_tiled_sku_trains_on_random_crops_of_images_scaled_once(tmp_path: Path
     assert first["clean"].shape == (cfg.batch_size, 3, S, S) and first["mask"].shape == (cfg.batch_size, 1, S, S)
     assert np.array_equal(batches[0]["clean"], first["clean"])  # crops are a function of (seed, phase, step)
     assert not np.array_equal(batches[1]["clean"], first["clean"])
-    meta = read_manifest(train_sku(cfg))
+    sku = train_sku(cfg)
+    meta = read_manifest(sku)
     assert meta.tiling == TilingRecord(scale=0.5, overlap=0.25) and meta.image_size == S
+    # the memory samples the 2 x 2 tiles inspection cuts from each 80 px image, every patch of them here, each
+    # tagged with its source image (what a training crop of that image may not match)
+    assert meta.model.memory_size == 3 * 4 * (S // 8) ** 2
+    assert torch.bincount(_weights(sku)["segmenter.memory_owner"]).tolist() == [4 * (S // 8) ** 2] * 3
 
 
 def test_cli_texture_source_reaches_the_config_and_old_checkpoints_keep_theirs(tmp_path: Path) -> None:

@@ -338,24 +338,31 @@ def fill_memory(model: TDADModel, images_u8_nhwc: np.ndarray, device: torch.devi
     """Fill the segmenter's memory with a seeded random sample of the images' patch descriptors, each tagged
     with its source image (`owners`, one per row; default: each row its own), and set memory_scale to the mean
     leave-one-image-out nearest distance of up to 4096 of those patches, so a normal patch reads ~1; returns
-    that scale."""
+    that scale. The sample is drawn before any feature is computed, so only the chosen patches are kept
+    (a tiled SKU's tiles have millions of patches)."""
     seg = model.segmenter
-    sources = torch.from_numpy(np.arange(len(images_u8_nhwc)) if owners is None else np.asarray(owners)).to(device)
-    feats = []
+    per_row = (images_u8_nhwc.shape[1] // 8) * (images_u8_nhwc.shape[2] // 8)  # stride-8 patches of one image
+    total = len(images_u8_nhwc) * per_row
+    rng = np.random.default_rng([seed, len(PHASES)])
+    pick = rng.choice(total, seg.memory_size, replace=False)
+    probe = rng.choice(total, min(4096, total), replace=False)
+    wanted = np.union1d(pick, probe)  # sorted: the order the loop below meets them in
+    kept = []
     for i in range(0, len(images_u8_nhwc), batch):
         x = torch.from_numpy(preprocess(images_u8_nhwc[i : i + batch])).to(device)
         f = patch_features(seg.backbone(x))
-        feats.append(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1]))
-    h, w = f.shape[-2:]
-    all_feats, all_owners = torch.cat(feats), sources.repeat_interleave(h * w)
-    rng = np.random.default_rng([seed, len(PHASES)])
-    pick = torch.from_numpy(rng.choice(len(all_feats), seg.memory_size, replace=False)).to(device)
-    seg.memory.copy_(all_feats[pick])
-    seg.memory_owner.copy_(all_owners[pick])
+        rows = wanted[(wanted >= i * per_row) & (wanted < (i + len(x)) * per_row)] - i * per_row
+        kept.append(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])[torch.from_numpy(rows).to(device)])
+    feats = torch.cat(kept)
+    sources = np.arange(len(images_u8_nhwc)) if owners is None else np.asarray(owners)
+    feat_owners = torch.from_numpy(sources[wanted // per_row]).to(device)
+    at_pick = torch.from_numpy(np.searchsorted(wanted, pick)).to(device)
+    seg.memory.copy_(feats[at_pick])
+    seg.memory_owner.copy_(feat_owners[at_pick])
     seg.memory_scale.fill_(1.0)
-    probe = torch.from_numpy(rng.choice(len(all_feats), min(4096, len(all_feats)), replace=False)).to(device)
-    distances = torch.cat([seg.memory_distance(all_feats[p][:, :, None, None], all_owners[p]).flatten()
-                           for p in probe.split(512)])
+    at_probe = torch.from_numpy(np.searchsorted(wanted, probe)).to(device)
+    distances = torch.cat([seg.memory_distance(feats[p][:, :, None, None], feat_owners[p]).flatten()
+                           for p in at_probe.split(512)])
     scale = max(float(distances[torch.isfinite(distances)].mean()), 1e-6)
     seg.memory_scale.fill_(scale)
     return scale

@@ -48,7 +48,7 @@ METRIC_COLUMNS = {
     "pixel_ap": "pixel AP",
 }
 # score definitions `score_sweep` compares on the same maps: top-k as a share of the map, smoothed maxima (sigma px)
-SWEEP_TOP_K_FRACTIONS = (0.0005, 0.0015, 0.005, 0.01)
+SWEEP_TOP_K_FRACTIONS = (0.0005, 0.0015, 0.005, 0.01, 0.05, 0.25, 1.0)  # 1.0: the map's mean
 SWEEP_SIGMAS = (2.0, 4.0, 8.0)
 MONTAGE_GOOD = 2
 MONTAGE_DEFECTIVE = 4
@@ -128,19 +128,27 @@ def compute_metrics(inference: Inference, scores: np.ndarray, fpr_limit: float =
 
     `scores` are the float N image scores of the maps (engines.scoring.image_scores).
     """
-    labels, masks, maps = inference.labels, inference.masks, inference.maps
-    pixels = metrics.flat_pixels(masks, maps, "pixel metrics")
-    pixel_f1, pixel_f1_threshold = _defined("pixel_f1_max", metrics.f1_max_threshold, *pixels) or (None, None)
+    labels = inference.labels
+    metrics.check_fpr_limit(fpr_limit)
+    images = _defined("image metrics", metrics.rank_scores, labels, scores, "image metrics")
+    pixels = _defined("pixel metrics", metrics.rank_pixels, inference.masks, inference.maps)  # one sort, four metrics
+
+    def read(name: str, ranking: metrics.Ranking | None, metric: Callable[[metrics.Ranking], Any]) -> Any:
+        return None if ranking is None else _defined(name, metric, ranking)
+
+    pixel_f1, pixel_f1_threshold = read("pixel_f1_max", pixels, lambda r: r.f1_max_threshold("pixel_f1_max")) or (
+        None, None)
+    image_f1 = read("image_f1_max", images, lambda r: r.f1_max_threshold("image_f1_max")[0])
     per_type = _defined("per_defect_image_auroc", metrics.image_auroc_per_type, labels, scores,
                         inference.defect_types)
     return {
-        "image_auroc": _defined("image_auroc", metrics.image_auroc, labels, scores),
-        "pixel_auroc": _defined("pixel_auroc", metrics.pixel_auroc, masks, maps),
-        "aupro": _defined("aupro", metrics.aupro, masks, maps, fpr_limit),
-        "image_f1_max": _defined("image_f1_max", metrics.f1_max, labels, scores),
+        "image_auroc": read("image_auroc", images, lambda r: r.auroc("image_auroc")),
+        "pixel_auroc": read("pixel_auroc", pixels, lambda r: r.auroc("pixel_auroc")),
+        "aupro": read("aupro", pixels, lambda r: r.aupro(fpr_limit)),
+        "image_f1_max": image_f1,
         "pixel_f1_max": pixel_f1,
-        "image_ap": _defined("image_ap", metrics.average_precision, labels, scores),
-        "pixel_ap": _defined("pixel_ap", metrics.average_precision, *pixels),
+        "image_ap": read("image_ap", images, lambda r: r.average_precision("image_ap")),
+        "pixel_ap": read("pixel_ap", pixels, lambda r: r.average_precision("pixel_ap")),
         "pixel_f1_threshold": pixel_f1_threshold,
         "per_defect_image_auroc": per_type,
     }

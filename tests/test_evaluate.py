@@ -96,7 +96,8 @@ def test_smoothed_max_is_the_peak_of_the_blurred_map() -> None:
 def test_score_sweep_rates_every_definition_on_the_same_maps() -> None:
     inference = synthetic_inference()
     sweep = score_sweep(inference.maps, inference.labels)
-    assert list(sweep) == ["top 0.05 %", "top 0.15 %", "top 0.5 %", "top 1 %", "max",
+    assert list(sweep) == ["top 0.05 %", "top 0.15 %", "top 0.5 %", "top 1 %", "top 5 %", "top 25 %",
+                           "top 100 %", "max",
                            "blur-max s2", "blur-max s4", "blur-max s8"]
     assert all(v == pytest.approx(1.0) for v in sweep.values())
     assert score_sweep(list(inference.maps), inference.labels) == sweep  # a tiled SKU's maps come as a list

@@ -8,6 +8,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy import ndimage
+from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
 from calibration.metrics import (
     area_to_limit,
@@ -20,6 +21,8 @@ from calibration.metrics import (
     image_auroc_per_type,
     pixel_auroc,
     pro_curve,
+    rank_pixels,
+    rank_scores,
 )
 
 
@@ -138,6 +141,34 @@ def test_matches_slow_reference_on_random_data() -> None:
         maps = np.round(rng.random(masks.shape) + 0.5 * masks, 2 if trial % 2 else 6).astype(np.float32)
         for limit in (0.05, 0.3, 1.0):
             assert aupro(masks, maps, limit) == pytest.approx(slow_aupro(masks, maps, limit), abs=1e-9)
+
+
+def sklearn_f1_max_threshold(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float]:
+    """F1-max and its midpoint threshold from scikit-learn's precision_recall_curve (the first best, ascending)."""
+    precision, recall, cuts = precision_recall_curve(labels, scores)
+    denom = precision[:-1] + recall[:-1]
+    f1 = np.divide(2 * precision[:-1] * recall[:-1], denom, out=np.zeros_like(denom), where=denom > 0)
+    best = int(np.argmax(f1))
+    below = scores[scores < cuts[best]]
+    threshold = (cuts[best] + below.max()) / 2 if below.size else np.nextafter(cuts[best], -np.inf)
+    return float(f1[best]), float(threshold)
+
+
+def test_one_sort_gives_scikit_learns_numbers_ties_and_all() -> None:
+    """AUROC, AP and F1-max (with its threshold) read off one Ranking equal scikit-learn's own functions, on
+    scores with many ties and none; the pixel ranking's AUROC equals the flat one's."""
+    rng = np.random.default_rng(3)
+    for decimals in (1, 2, 8):
+        labels = rng.random(4000) < 0.3
+        scores = np.round(rng.random(4000) + 0.4 * labels, decimals).astype(np.float32)
+        ranking = rank_scores(labels, scores)
+        assert ranking.auroc() == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+        assert ranking.average_precision() == pytest.approx(average_precision_score(labels, scores), abs=1e-12)
+        assert ranking.f1_max_threshold() == pytest.approx(sklearn_f1_max_threshold(labels, scores), abs=1e-7)
+        masks, maps = labels.reshape(4, 25, 40), scores.reshape(4, 25, 40)
+        assert rank_pixels(masks, maps).auroc() == pytest.approx(ranking.auroc(), abs=1e-12)
+    with pytest.raises(ValueError, match="pixel ranking"):
+        ranking.aupro()
 
 
 def test_one_class_is_a_clear_error() -> None:

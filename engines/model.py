@@ -24,7 +24,7 @@ from engines.nets.autoencoder import Decoder, Encoder
 from engines.nets.denoiser import Denoiser
 from engines.nets.fusion import Fusion
 from engines.nets.segmenter import Segmenter
-from engines.schedule import Schedule, stage1_reconstruct, two_stage_reconstruct
+from engines.schedule import Schedule, residual_reconstruction, stage1_reconstruct, two_stage_reconstruct
 from foundation.errors import DataError, first_line
 
 
@@ -96,18 +96,24 @@ class TDADModel(nn.Module):
                     mode: Reconstruction = "two_stage",
                     noises: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x_f32_nchw in [0, 1] -> its reconstruction by `mode` (same shape): "two_stage" (the product),
-        "stage1" (decode of stage 1 alone), "autoencoder" (decode(encode(x)), no diffusion), "none" (x).
-        `noises`: the two stages' fixed noises already on x's device (for CUDA graph capture)."""
+        "stage1" (stage 1 alone), "autoencoder" (decode(encode(x)), no diffusion), "none" (x). A residual SKU
+        (config.residual) returns x + decode(z_rec) - decode(z0) instead of decode(z_rec), so its
+        "autoencoder" mode is x itself. `noises`: the two stages' fixed noises already on x's device (for CUDA
+        graph capture)."""
         if mode == "none":
             return x
         if mode not in RECONSTRUCTIONS:
             raise ValueError(f"unknown reconstruction {mode!r}: use one of {', '.join(RECONSTRUCTIONS)}")
         z0 = self.encode(x)
+        z = z0
         if mode == "stage1":
-            z0 = self.stage1_latents(z0, schedule, noises[0] if noises is not None else None)
+            z = self.stage1_latents(z0, schedule, noises[0] if noises is not None else None)
         elif mode == "two_stage":
-            z0 = self.reconstruct_latents(z0, schedule, noises)
-        return self.decode(z0)
+            z = self.reconstruct_latents(z0, schedule, noises)
+        if not self.config.residual:
+            return self.decode(z)
+        decoded, decoded_input = self.decode(torch.cat([z, z0])).chunk(2)  # one decoder call for both
+        return residual_reconstruction(x, decoded, decoded_input)
 
     def anomaly_maps(self, images_f32_nchw: torch.Tensor, schedule: Schedule | None = None,
                      mode: Reconstruction | None = None,

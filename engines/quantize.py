@@ -183,7 +183,7 @@ def calibration_feeds(sku_dir: Path, images_u8: np.ndarray, threads: int = 0) ->
     for frame in images_u8:
         x = preprocess(frame[None])
         recorder.feeds[UNROLLED_NAME].append({"image": x})
-        run_parts(recorder, x, engine.schedule, *engine._noises)
+        run_parts(recorder, x, engine.schedule, *engine._noises, residual=engine._residual)
     return dict(recorder.feeds)
 
 

@@ -103,6 +103,7 @@ class TrainConfig:
     num_workers: int = 0  # batch-synthesis worker processes (1 torch + 1 OpenCV thread each)
     resize: ResizeMode = "stretch"  # how non-square images become S x S (engines.preprocess)
     reconstruction: Reconstruction = "two_stage"  # the segmenter's second input (engines.manifest)
+    residual: bool = True  # that input as x + decode(z_rec) - decode(z0), not decode(z_rec) (README: measured)
     memory: int = 0  # normal patch descriptors kept for the segmenter's memory prior (0 = none)
     tile_scale: float | None = None  # tiled SKU: model px per source px; each image is scaled, then cropped
     tile_overlap: float = 0.0  # tiled SKU: share of a tile its neighbours overlap at inspection time
@@ -148,6 +149,7 @@ class TrainConfig:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in data.items() if k in fields}
         kwargs.setdefault("textures", "self")  # checkpoints from before the built-in bank trained without one
+        kwargs.setdefault("residual", False)  # checkpoints from before the residual reconstruction decoded plainly
         for key in ("data", "out", "texture_dir"):
             if kwargs.get(key) is not None:
                 kwargs[key] = Path(kwargs[key])
@@ -513,7 +515,7 @@ def train_sku(cfg: TrainConfig, resume: bool = False) -> Path:
     remembered, owners = memory_images(images, cfg.image_size, cfg.tile_overlap) if cfg.memory else (squares, None)
     memory_size = memory_size_for(cfg, len(remembered))
     config = dataclasses.replace(ModelConfig(image_size=cfg.image_size).widened(cfg.width), memory_size=memory_size,
-                                 memory_boost=MEMORY_BOOST if memory_size else 0.0)
+                                 memory_boost=MEMORY_BOOST if memory_size else 0.0, residual=cfg.residual)
     model = TDADModel(config, reconstruction=cfg.reconstruction).to(device)
     run = Run(cfg, model)
     run.ema.to(device)
@@ -524,7 +526,7 @@ def train_sku(cfg: TrainConfig, resume: bool = False) -> Path:
     done_steps = sum(cfg.steps(p) for p in PHASES[: run.phase]) + run.step
     log.info("train_start", out=str(cfg.out), images=len(images), device=str(device), resume=resume,
              phase=PHASES[min(run.phase, 2)], step=run.step, threads=threads, workers=cfg.num_workers,
-             reconstruction=cfg.reconstruction, resize=cfg.resize, tile_scale=cfg.tile_scale,
+             reconstruction=cfg.reconstruction, residual=cfg.residual, resize=cfg.resize, tile_scale=cfg.tile_scale,
              textures=str(cfg.texture_dir) if cfg.texture_dir is not None else cfg.textures)
 
     with StopFlag() as stop:

@@ -52,6 +52,25 @@ def test_each_reconstruction_mode_is_its_own_variant() -> None:
         model.reconstruct(x, mode="stage2")  # type: ignore[arg-type]
 
 
+def test_a_residual_model_moves_the_diffusions_edit_onto_the_input() -> None:
+    """x + decode(z_rec) - decode(z0): the autoencoder's round trip cancels (its mode is the input itself), and
+    the two-stage mode differs from x by exactly what the diffusion changed in the decoded image."""
+    import dataclasses
+
+    torch.manual_seed(0)
+    model = TDADModel(dataclasses.replace(TINY, residual=True)).eval()
+    x = torch.rand(2, 3, S, S)
+    with torch.no_grad():
+        z0 = model.encode(x)
+        edit = model.decode(model.reconstruct_latents(z0)) - model.decode(z0)
+        assert torch.allclose(model.reconstruct(x, mode="autoencoder"), x, atol=1e-6)
+        assert torch.allclose(model.reconstruct(x), (x + edit).clamp(0, 1), atol=1e-6)
+        assert edit.abs().max() > 1e-3  # the diffusion did change something, so the check above can fail
+        plain = TDADModel(TINY).eval()
+        plain.load_state_dict(model.state_dict())
+        assert torch.allclose(plain.reconstruct(x), model.decode(model.reconstruct_latents(z0)), atol=1e-6)
+
+
 def test_a_no_reconstruction_sku_runs_its_segmenter_on_the_input(skus: tuple[Path, Path]) -> None:
     from engines.model import load_sku
 

@@ -125,6 +125,7 @@ def test_train_writes_a_loadable_sku(straight_run: Path) -> None:
     meta = read_manifest(straight_run)
     assert meta.train is not None and set(meta.train.losses) == set(PHASES) and len(meta.train_hash) == 64
     assert meta.latent_scale > 0 and meta.model.memory_size == 0 and meta.model.memory_boost == 0.0
+    assert meta.model.residual  # new SKUs compare x with x + decode(z_rec) - decode(z0)
     model = load_sku(straight_run)
     with torch.inference_mode():
         maps = model.anomaly_maps(torch.rand(1, 3, S, S))
@@ -193,6 +194,7 @@ def test_cli_reconstruction_and_resize_reach_the_config(tmp_path: Path) -> None:
     cfg, _ = config_from_args(_parse(*base, "--no-reconstruction", "--resize", "letterbox"))
     assert (cfg.reconstruction, cfg.resize) == ("none", "letterbox")
     assert config_from_args(_parse(*base, "--reconstruction", "stage1"))[0].reconstruction == "stage1"
+    assert cfg.residual and not config_from_args(_parse(*base, "--decoded-reconstruction"))[0].residual
     assert cfg.steps("autoencoder") == cfg.steps("diffusion") == 0 and cfg.steps("segmenter") == cfg.seg_steps
     with pytest.raises(ConfigError, match="resize='square'"):
         tiny_config(Path("d"), tmp_path, resize="square")

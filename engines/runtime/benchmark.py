@@ -28,7 +28,8 @@ STAGE_ORDER = ("preprocess", "encode", "stage1", "fusion", "stage2", "decode", "
 
 
 def make_random_sku(sku_dir: Path, image_size: int = 256, seed: int = 0, export: bool = True) -> Path:
-    """A randomly initialised (untrained) SKU of the default architecture, saved and exported to ONNX.
+    """A randomly initialised (untrained) SKU of the default architecture with the residual reconstruction (as
+    training writes it, so its graphs cost what a trained SKU's do), saved and exported to ONNX.
 
     The denoiser's zero-initialised output conv is given small random weights so every graph computes
     something non-trivial (parity tests compare real numbers, not zeros).
@@ -38,7 +39,7 @@ def make_random_sku(sku_dir: Path, image_size: int = 256, seed: int = 0, export:
     from engines.model import ModelConfig, TDADModel, save_sku
 
     torch.manual_seed(seed)
-    model = TDADModel(ModelConfig(image_size=image_size)).eval()
+    model = TDADModel(ModelConfig(image_size=image_size, residual=True)).eval()
     with torch.no_grad():
         model.denoiser.conv_out.weight.normal_(0.0, 0.02)
     save_sku(model, Path(sku_dir), train_hash="random-init", note="untrained: for benchmarks and tests")

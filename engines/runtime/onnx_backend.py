@@ -113,6 +113,7 @@ class OnnxEngine:
         self.sku_dir = Path(sku_dir)
         sku = open_exported_sku(self.sku_dir, self.schedule_override)
         self.image_size, self.schedule, self._noises = sku.image_size, sku.schedule, sku.noises
+        self._residual = sku.residual
         self._parts = _SessionParts({name: self._session(name) for name in PART_NAMES})
         if self.use_unrolled and sku.export.unrolled_schedule == self.schedule:
             self._unrolled = self._session(UNROLLED_NAME)
@@ -124,14 +125,15 @@ class OnnxEngine:
         x = preprocess_frames(images_u8_nhwc, self.image_size)
         if self._unrolled is not None:
             return self._unrolled.run(None, {"image": x})[0]
-        return run_parts(self._parts, x, self.schedule, *self._noises)
+        return run_parts(self._parts, x, self.schedule, *self._noises, residual=self._residual)
 
     def infer_timed(self, images_u8_nhwc: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
         """`infer` through the part graphs, with wall milliseconds per stage."""
         t0 = time.perf_counter()
         x = preprocess_frames(images_u8_nhwc, self.image_size)
         pre_ms = (time.perf_counter() - t0) * 1e3
-        maps, ms = run_parts_timed(self._parts, x, self.schedule, *self._noises)
+        maps, ms = run_parts_timed(self._parts, x, self.schedule, *self._noises,
+                                    residual=self._residual)
         return maps, {"preprocess": pre_ms, **ms}
 
     def warmup(self) -> None:

@@ -14,7 +14,7 @@ import numpy as np
 
 from engines.manifest import MANIFEST_FILE, WEIGHTS_FILE, ExportRecord, SkuManifest, read_manifest
 from engines.preprocess import preprocess
-from engines.schedule import Schedule, two_stage_reconstruct
+from engines.schedule import Schedule, residual_reconstruction, two_stage_reconstruct
 from foundation.errors import DataError, EngineError
 
 # the exported graphs of a SKU: one per part, and the whole reconstruction unrolled (when its schedule matches)
@@ -100,6 +100,7 @@ class ExportedSku:
     image_size: int
     schedule: Schedule
     noises: tuple[np.ndarray, np.ndarray]
+    residual: bool  # the segmenter compares x with x + decode(z_rec) - decode(z0) (manifest model.residual)
 
 
 def open_exported_sku(sku_dir: Path, override: dict[str, Any]) -> ExportedSku:
@@ -109,7 +110,7 @@ def open_exported_sku(sku_dir: Path, override: dict[str, Any]) -> ExportedSku:
     schedule = load_schedule(manifest, override)
     latent_hw = manifest.model.latent_size
     noises = schedule.stage_noises((manifest.model.latent_channels, latent_hw, latent_hw))
-    return ExportedSku(manifest, export, manifest.image_size, schedule, noises)
+    return ExportedSku(manifest, export, manifest.image_size, schedule, noises, manifest.model.residual)
 
 
 def file_sha256(path: Path) -> str:
@@ -121,14 +122,22 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def run_parts(parts: Parts, x: Any, schedule: Schedule, noise1: Any, noise2: Any) -> Any:
+def reconstruction(parts: Parts, x: Any, z0: Any, z: Any, residual: bool) -> Any:
+    """The segmenter's second input from the reconstructed latents z: decode(z), or for a residual SKU
+    (manifest model.residual) x + decode(z) - decode(z0) (engines.schedule.residual_reconstruction)."""
+    decoded = parts.decode(z)
+    return residual_reconstruction(x, decoded, parts.decode(z0)) if residual else decoded
+
+
+def run_parts(parts: Parts, x: Any, schedule: Schedule, noise1: Any, noise2: Any, *, residual: bool) -> Any:
     """Anomaly maps for preprocessed images x via the shared two-stage loop."""
     z0 = parts.encode(x)
     z = two_stage_reconstruct(z0, parts.denoise, parts.fuse, parts.zero_cond, schedule, noise1, noise2)
-    return parts.segment(x, parts.decode(z))
+    return parts.segment(x, reconstruction(parts, x, z0, z, residual))
 
 
-def run_parts_timed(parts: Parts, x: Any, schedule: Schedule, noise1: Any, noise2: Any) -> tuple[Any, dict[str, float]]:
+def run_parts_timed(parts: Parts, x: Any, schedule: Schedule, noise1: Any, noise2: Any, *,
+                    residual: bool) -> tuple[Any, dict[str, float]]:
     """`run_parts` plus wall milliseconds per stage; stage 1/2 include their DDIM arithmetic.
 
     Stage boundaries come from timestamps taken around the fusion call, which the loop makes exactly once
@@ -151,7 +160,7 @@ def run_parts_timed(parts: Parts, x: Any, schedule: Schedule, noise1: Any, noise
     z = two_stage_reconstruct(z0, parts.denoise, fuse, parts.zero_cond, schedule, noise1, noise2)
     parts.sync()
     t2 = time.perf_counter()
-    x_rec = parts.decode(z)
+    x_rec = reconstruction(parts, x, z0, z, residual)
     parts.sync()
     t3 = time.perf_counter()
     maps = parts.segment(x, x_rec)

@@ -240,6 +240,7 @@ class TensorRTEngine:
         self.sku_dir = Path(sku_dir)
         sku = open_exported_sku(self.sku_dir, self.schedule_override)
         self.image_size, self.schedule, self._noises = sku.image_size, sku.schedule, sku.noises
+        self._residual = sku.residual
         self.gpu = cuda_device(self.device_id)
         tag = plan_tag(self.gpu.name, trt.__version__, self.precision)
         identity = {"gpu": self.gpu.name, "tensorrt": trt.__version__}
@@ -303,7 +304,7 @@ class TensorRTEngine:
         check_cuda(self.rt.cudaSetDevice(self.device_id), "cudaSetDevice")  # the daemon calls from its worker thread
         if self._unrolled is not None:
             return self._run_unrolled(self._unrolled, x)
-        return run_parts(self._parts, x, self.schedule, *self._noises)
+        return run_parts(self._parts, x, self.schedule, *self._noises, residual=self._residual)
 
     def infer_timed(self, images_u8_nhwc: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
         """`infer` through the per-part plans with wall milliseconds per stage (host round trips included)."""
@@ -311,7 +312,8 @@ class TensorRTEngine:
         x = preprocess_frames(images_u8_nhwc, self.image_size)
         pre_ms = (time.perf_counter() - t0) * 1e3
         check_cuda(self.rt.cudaSetDevice(self.device_id), "cudaSetDevice")
-        maps, ms = run_parts_timed(self._parts, x, self.schedule, *self._noises)
+        maps, ms = run_parts_timed(self._parts, x, self.schedule, *self._noises,
+                                    residual=self._residual)
         return maps, {"preprocess": pre_ms, **ms}
 
     def warmup(self) -> None:

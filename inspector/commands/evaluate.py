@@ -71,7 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rows.add_argument("--ablation", action="store_true",
                       help="one row per reconstruction the SKU's networks support, on the torch backend: none "
                            "(the segmenter fed the input as its own reconstruction), autoencoder (decode(encode(x)),"
-                           " no diffusion), stage1 (stage 1 only), two_stage (the product); same test set and score")
+                           " no diffusion; the input itself for a residual SKU), stage1 (stage 1 only), two_stage "
+                           "(the product); same test set and score")
     parser.add_argument("--compare-sku", type=Path, action="append", default=[], metavar="DIR",
                         help="with --ablation: another SKU of the same size and resize mode (e.g. trained with "
                              "inspector train --no-reconstruction) whose rows join the table; repeatable")

@@ -71,6 +71,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     recon.add_argument("--no-reconstruction", dest="reconstruction", action="store_const", const="none",
                        help="same as --reconstruction none: train only the segmenter, fed the input as its own "
                             "reconstruction (the ablation baseline of inspector eval --ablation --compare-sku)")
+    parser.add_argument("--decoded-reconstruction", dest="residual", action="store_false",
+                        help="feed the segmenter decode(z_rec) itself, as before the residual reconstruction (an "
+                             "ablation): by default it gets x + decode(z_rec) - decode(z0), the diffusion's edit on "
+                             "the sharp input, so the autoencoder's blur does not read as a defect")
     parser.add_argument("--num-workers", type=int, default=0,
                         help="batch-synthesis worker processes, one torch and one OpenCV thread each")
     parser.add_argument("--threads", type=int, default=0,
@@ -104,7 +108,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
                       device=args.device, texture_dir=args.texture_dir, textures=args.textures,
                       foreground=args.foreground,
                       num_workers=args.num_workers, threads=args.threads, checkpoint_every=args.checkpoint_every,
-                      resize=args.resize, reconstruction=args.reconstruction, tile_scale=args.tile_scale,
+                      resize=args.resize, reconstruction=args.reconstruction, residual=args.residual,
+                      tile_scale=args.tile_scale,
                       tile_overlap=args.tile_overlap, **knobs)
     ModelConfig(image_size=cfg.image_size).widened(cfg.width)  # validates size and width before any data is read
     return cfg, False

@@ -5,7 +5,8 @@ Part graphs (dynamic batch axis "batch"; the schedule is applied at run time, so
   denoiser.onnx   z_t, t (int64 N), cond                    -> eps
   fusion.onnx     z, z_rec1                                 -> cond
   decoder.onnx    z                                         -> reconstruction (N x 3 x S x S)
-  segmenter.onnx  image, reconstruction                     -> map (N x S x S, [0, 1])
+  segmenter.onnx  image, reconstruction                     -> map (N x S x S, [0, 1]); for a residual SKU
+                  (meta.json model.residual) the runtime feeds it image + decoder(z_rec) - decoder(z0)
 Unrolled graph:
   tdad.onnx       image -> map, all steps1 + steps2 denoiser calls of the SKU's schedule traced through
                   the shared two-stage loop, with its DDIM coefficients, timestep embeddings and fixed noise

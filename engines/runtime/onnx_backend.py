@@ -113,7 +113,7 @@ class OnnxEngine:
         self.sku_dir = Path(sku_dir)
         sku = open_exported_sku(self.sku_dir, self.schedule_override)
         self.image_size, self.schedule, self._noises = sku.image_size, sku.schedule, sku.noises
-        self._residual = sku.residual
+        self._residual = sku.manifest.model.residual  # segmenter input x + decode(z_rec) - decode(z0)
         self._parts = _SessionParts({name: self._session(name) for name in PART_NAMES})
         if self.use_unrolled and sku.export.unrolled_schedule == self.schedule:
             self._unrolled = self._session(UNROLLED_NAME)

@@ -100,7 +100,6 @@ class ExportedSku:
     image_size: int
     schedule: Schedule
     noises: tuple[np.ndarray, np.ndarray]
-    residual: bool  # the segmenter compares x with x + decode(z_rec) - decode(z0) (manifest model.residual)
 
 
 def open_exported_sku(sku_dir: Path, override: dict[str, Any]) -> ExportedSku:
@@ -110,7 +109,7 @@ def open_exported_sku(sku_dir: Path, override: dict[str, Any]) -> ExportedSku:
     schedule = load_schedule(manifest, override)
     latent_hw = manifest.model.latent_size
     noises = schedule.stage_noises((manifest.model.latent_channels, latent_hw, latent_hw))
-    return ExportedSku(manifest, export, manifest.image_size, schedule, noises, manifest.model.residual)
+    return ExportedSku(manifest, export, manifest.image_size, schedule, noises)
 
 
 def file_sha256(path: Path) -> str:

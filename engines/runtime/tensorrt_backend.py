@@ -240,7 +240,7 @@ class TensorRTEngine:
         self.sku_dir = Path(sku_dir)
         sku = open_exported_sku(self.sku_dir, self.schedule_override)
         self.image_size, self.schedule, self._noises = sku.image_size, sku.schedule, sku.noises
-        self._residual = sku.residual
+        self._residual = sku.manifest.model.residual  # segmenter input x + decode(z_rec) - decode(z0)
         self.gpu = cuda_device(self.device_id)
         tag = plan_tag(self.gpu.name, trt.__version__, self.precision)
         identity = {"gpu": self.gpu.name, "tensorrt": trt.__version__}

@@ -16,7 +16,7 @@ import pytest
 from engines.runtime import OnnxRuntimeSettings, TorchSettings, create_engine
 from engines.sample_data import draw_defect, render_part
 from engines.scoring import image_scores
-from tests.fixtures_engines import random_frames
+from tests.fixtures_engines import IMAGE_SIZE, random_frames
 
 FP32_BOUND = 1e-3
 
@@ -95,25 +95,19 @@ def test_onnxruntime_matches_torch_with_the_memory_prior(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("override", [None, {"steps1": 2, "steps2": 3}], ids=["unrolled", "parts"])
-def test_onnxruntime_matches_torch_with_the_residual_reconstruction(tmp_path: Path, override: dict | None) -> None:
-    """A residual SKU's x + decode(z_rec) - decode(z0) runs the same in the unrolled graph and in the part
-    graphs' shared loop as in torch; the plain decode gives other maps, so the bound tells the two apart."""
-    import dataclasses
+def test_onnxruntime_matches_torch_with_the_residual_reconstruction(sku: Path, tmp_path: Path,
+                                                                    override: dict | None) -> None:
+    """The random SKU is residual, as training writes it: x + decode(z_rec) - decode(z0) runs the same in the
+    unrolled graph and in the part graphs' shared loop as in torch; the plain decode gives other maps, so the
+    bound tells the two apart."""
     import json
+    import shutil
 
-    import torch
+    from engines.manifest import MANIFEST_FILE, read_manifest
 
-    from engines.export import export_sku
-    from engines.manifest import MANIFEST_FILE, ModelConfig
-    from engines.model import TDADModel, save_sku
-
-    torch.manual_seed(0)
-    model = TDADModel(dataclasses.replace(ModelConfig(image_size=64), residual=True)).eval()
-    with torch.no_grad():
-        model.denoiser.conv_out.weight.normal_(0.0, 0.02)
-    sku = save_sku(model, tmp_path / "sku")
-    export_sku(sku)
-    frames = part_frames(4, 64, seed=7)
+    assert read_manifest(sku).model.residual
+    sku = Path(shutil.copytree(sku, tmp_path / "sku"))  # the session fixture is read-only
+    frames = part_frames(4, IMAGE_SIZE, seed=7)
     kw = {"schedule_override": override} if override else {}
     assert_parity(sku, frames, **kw)
     residual_maps = create_engine(OnnxRuntimeSettings(threads=1), sku, **kw).infer(frames)  # type: ignore[arg-type]

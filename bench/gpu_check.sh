@@ -3,13 +3,15 @@
 #
 #   bench/gpu_check.sh prepare [DATA_ROOT]   # HERE (PyPI reachable): .gpu/ = wheels the GPU image lacks, the fp16
 #                                            # EfficientNet weights, and (with DATA_ROOT) magnetic_tile and cookies
-#                                            # pre-resized to 256 px; carry .gpu (under the 64 MiB limit)
+#                                            # pre-resized to 256 px plus this box's training fingerprint
+#                                            # (bench/train_fingerprint.py); carry .gpu (under the 64 MiB limit)
 #   bench/gpu_check.sh check [OUTDIR]        # THERE: pytest -m gpu, torch CUDA latency (CUDA graphs on, off),
 #                                            # TensorRT builds + bench only if TensorRT's libraries import
 #   bench/gpu_check.sh train OUTDIR CAT...   # THERE: per category, the gpu preset (two-stage) and its
 #                                            # no-reconstruction twin trained at once on the one GPU, then
 #                                            # inspector eval --ablation --compare-sku on CUDA; CAT@SIZE trains
-#                                            # that category at SIZE px instead of the preset's 256
+#                                            # that category at SIZE px instead of the preset's 256; first
+#                                            # compares the box's training fingerprint with prepare's
 #
 # train takes from the environment: AE_STEPS, DIFFUSION_STEPS, SEG_STEPS (default: the gpu preset's), WORKERS
 # (synthesis processes per training, default 3), TWINS (0: no no-reconstruction twins), SKUS_BACK (0: leave the
@@ -51,6 +53,9 @@ if [[ "$mode" == prepare ]]; then
     data=()
     [[ -n "${2:-}" ]] && data=(--data "$2" --categories magnetic_tile cookies)
     .venv/bin/python bench/gpu_pack.py --out "$PACK" --weights "${data[@]}" || exit 1
+    # the first training batches as this box synthesises and scores them: train compares its own against these
+    [[ -n "${2:-}" ]] && { .venv/bin/python bench/train_fingerprint.py --data "$PACK/data" --category magnetic_tile \
+        --image-size 128 --json "$PACK/fingerprint.json" || exit 1; }
     du -sh "$PACK"
     exit 0
 fi
@@ -96,6 +101,9 @@ if [[ "$mode" == train ]]; then
     steps=(--ae-steps "${AE_STEPS:-8000}" --diffusion-steps "${DIFFUSION_STEPS:-30000}" --seg-steps "${SEG_STEPS:-12000}")
     common=(--dataset mvtec --data "$PACK/data" --preset gpu --device "$device" --threads 1 --num-workers "${WORKERS:-3}"
             "${steps[@]}")
+    # a box whose libraries synthesise other batches, or whose device scores them otherwise, is named before training
+    [[ -f "$PACK/fingerprint.json" ]] && step fingerprint "$py" bench/train_fingerprint.py --data "$PACK/data" \
+        --category magnetic_tile --image-size 128 --device "$device" --compare "$PACK/fingerprint.json"
     pids=()
     categories=()
     for spec in "$@"; do  # every training at once: one GPU, 16 cores, each run 1 thread + WORKERS workers

@@ -496,6 +496,17 @@ def train_hash(cfg: TrainConfig, data_hash: str) -> str:
     return hashlib.sha256((data_hash + json.dumps(knobs, sort_keys=True)).encode()).hexdigest()
 
 
+def untrained_model(cfg: TrainConfig, images: TrainImages,
+                    squares: np.ndarray) -> tuple[TDADModel, np.ndarray, np.ndarray | None]:
+    """The CPU model train_sku starts from (seeded by the caller's torch.manual_seed), and the images its memory
+    prior samples patches from with each row's source image (None: each row its own)."""
+    remembered, owners = memory_images(images, cfg.image_size, cfg.tile_overlap) if cfg.memory else (squares, None)
+    memory_size = memory_size_for(cfg, len(remembered))
+    config = dataclasses.replace(ModelConfig(image_size=cfg.image_size).widened(cfg.width), memory_size=memory_size,
+                                 memory_boost=MEMORY_BOOST if memory_size else 0.0, residual=cfg.residual)
+    return TDADModel(config, reconstruction=cfg.reconstruction), remembered, owners
+
+
 def train_sku(cfg: TrainConfig, resume: bool = False) -> Path:
     """Run (or resume) the three training phases and write the SKU directory; returns cfg.out.
 
@@ -512,11 +523,8 @@ def train_sku(cfg: TrainConfig, resume: bool = False) -> Path:
     torch.manual_seed(cfg.seed)
     images, data_hash = load_images(cfg)
     squares = square_images(images, cfg.image_size, cfg.seed)
-    remembered, owners = memory_images(images, cfg.image_size, cfg.tile_overlap) if cfg.memory else (squares, None)
-    memory_size = memory_size_for(cfg, len(remembered))
-    config = dataclasses.replace(ModelConfig(image_size=cfg.image_size).widened(cfg.width), memory_size=memory_size,
-                                 memory_boost=MEMORY_BOOST if memory_size else 0.0, residual=cfg.residual)
-    model = TDADModel(config, reconstruction=cfg.reconstruction).to(device)
+    model, remembered, owners = untrained_model(cfg, images, squares)
+    model.to(device)
     run = Run(cfg, model)
     run.ema.to(device)
     if not resume and (run.state_dir / "state.json").exists():
@@ -537,8 +545,8 @@ def train_sku(cfg: TrainConfig, resume: bool = False) -> Path:
                 continue
             start = run.step if phase_idx == run.phase else 0
             run.phase, run.step = phase_idx, start
-            if phase == "segmenter" and start == 0 and config.memory_size:
-                log.info("memory_filled", entries=config.memory_size,
+            if phase == "segmenter" and start == 0 and model.config.memory_size:
+                log.info("memory_filled", entries=model.config.memory_size,
                          scale=fill_memory(model, remembered, device, cfg.batch_size, cfg.seed, owners))
             params = set_phase(model, phase)
             run.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

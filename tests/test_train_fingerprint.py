@@ -1,0 +1,42 @@
+"""bench/train_fingerprint.py: the first segmenter batches' numbers as train_sku starts them, and the gap report
+that tells a box's libraries (the CPU columns) from its device (the device columns)."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from engines.sample_data import write_mvtec_tree
+from engines.train import PRESETS, TrainConfig
+
+SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "train_fingerprint.py"
+
+
+@pytest.fixture(scope="module")
+def script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("train_fingerprint", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_fingerprint_is_reproducible_and_a_gap_is_named(script: ModuleType, tmp_path: Path) -> None:
+    root = write_mvtec_tree(tmp_path / "data", "brick", n_train=6, n_test_good=1, n_test_bad=1, size=64)
+    cfg = TrainConfig(data=root, out=tmp_path / "unused", dataset="mvtec", category="brick", reconstruction="none",
+                      **(dict(PRESETS["small"]) | {"image_size": 64}))
+    rows = script.fingerprint(cfg, script.torch.device("cpu"), steps=2)
+    assert rows == script.fingerprint(cfg, script.torch.device("cpu"), steps=2)  # seeded like train_sku
+    for row in rows:
+        assert 0 < row["mask_area"] < 1 and row["contrast"] > 0 and row["loss_cpu"] > 0
+        assert row["loss_device"] == row["loss_cpu"]  # the device is the CPU here
+        assert row["loss_device_bf16"] == pytest.approx(row["loss_cpu"], rel=script.TOLERANCE)
+    assert script.gaps(rows, rows) == []
+    other_batches = [dict(r, loss_cpu=r["loss_cpu"] * 1.4) for r in rows]
+    assert script.gaps(rows, other_batches)[0].startswith("step 0 loss_cpu: ")
+    other_device = [dict(rows[0], loss_device_bf16=rows[0]["loss_cpu"] * 1.36)]
+    assert script.gaps(other_device, rows[:1]) == [
+        f"step 0 loss_device_bf16: {rows[0]['loss_cpu'] * 1.36:.4f}, the CPU's {rows[0]['loss_cpu']:.4f}"]

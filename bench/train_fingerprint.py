@@ -7,46 +7,70 @@ libraries synthesise other batches, and the device columns agree with the CPU un
 loss. Why: the segmenters trained on an H100 (2026-11-26, gpu preset) started at a loss of 0.53 where this CPU's
 run of the same configuration starts at 0.39, and they fit held-out synthetic batches 5x worse.
 
-    .venv/bin/python bench/train_fingerprint.py --data .gpu/data --category magnetic_tile --image-size 128 \\
-        --json .gpu/fingerprint.json                       # here
-    python3 bench/train_fingerprint.py ... --device cuda --compare .gpu/fingerprint.json   # there: exit 1 on a gap
+--train-steps K then trains the segmenter K steps from that model per column as train_sku does (its memory filled
+on that column's device, train_step, the same batches) and scores each on held-out batches of seed + 1: CPU fp32,
+then on a device fp32 as torch runs it (TF32 convolutions), fp32 without TF32, and bf16 autocast. The box's own CPU
+against its device holds the libraries fixed; the box's CPU against the reference's holds the device out.
+
+    .venv/bin/python bench/train_fingerprint.py --data .gpu/data --category magnetic_tile --image-size 128 \
+        --train-steps 100 --json .gpu/fingerprint.json                               # here
+    python3 bench/train_fingerprint.py ... --device cuda --dump var/batch0.npz \
+        --compare .gpu/fingerprint.json                                             # there: exit 1 on a gap
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
+from engines.model import TDADModel
 from engines.train import (
     PRESETS,
     StepBatches,
     TrainConfig,
     fill_memory,
     load_images,
+    lr_at,
     segmenter_loss,
     set_phase,
     square_images,
+    train_step,
+    training_device,
     untrained_model,
 )
 
 TOLERANCE = 0.05  # relative: bf16 autocast moves the loss ~1.5 % on the CPU; the H100 run started 36 % off
+TRAIN_TOLERANCE = 0.15  # relative, after --train-steps: rounding differences compound over the steps
 
 
-def fingerprint(cfg: TrainConfig, device: torch.device, steps: int) -> list[dict[str, float]]:
-    """Per step: mask area, mean |anomalous - clean| inside the mask, and the untrained segmenter's loss."""
+def tensors(batches: StepBatches, steps: range) -> list[dict[str, torch.Tensor]]:
+    """The batches of those steps as CPU tensors."""
+    return [{k: torch.from_numpy(np.asarray(v)) for k, v in batches[step].items()} for step in steps]
+
+
+def fingerprint(cfg: TrainConfig, device: torch.device, steps: int,
+                dump: Path | None = None) -> list[dict[str, float]]:
+    """Per step: mask area, mean |anomalous - clean| inside the mask, and the untrained segmenter's loss
+    (dump: the first batch's images as uint8 and its masks, to diff two boxes' synthesis pixel by pixel)."""
     torch.manual_seed(cfg.seed)  # as train_sku: the model's init is the seed's
     images, _ = load_images(cfg)
     model, remembered, owners = untrained_model(cfg, images, square_images(images, cfg.image_size, cfg.seed))
     if model.config.memory_size:
         fill_memory(model, remembered, torch.device("cpu"), cfg.batch_size, cfg.seed, owners)
     set_phase(model, "segmenter")
-    batches = StepBatches(cfg, images, "segmenter", model.schedule)
-    batches_t = [{k: torch.from_numpy(np.asarray(v)) for k, v in batches[step].items()} for step in range(steps)]
+    batches_t = tensors(StepBatches(cfg, images, "segmenter", model.schedule), range(steps))
+    if dump is not None:
+        first = batches_t[0]
+        np.savez_compressed(dump, mask=first["mask"].numpy().astype(np.float16), source=first["source"].numpy(),
+                            **{k: (first[k].numpy() * 255).round().astype(np.uint8) for k in ("clean", "anom")})
     rows = []
     for step, batch in enumerate(batches_t):
         mask = batch["mask"]
@@ -62,17 +86,64 @@ def fingerprint(cfg: TrainConfig, device: torch.device, steps: int) -> list[dict
     return rows
 
 
-def gaps(rows: list[dict[str, float]], reference: list[dict[str, float]]) -> list[str]:
-    """Each value more than TOLERANCE off the reference's same step and column; the device's losses are also
-    held to this run's own CPU loss."""
+def train_ab(cfg: TrainConfig, device: torch.device, steps: int, held_out: int = 4) -> list[dict[str, Any]]:
+    """Per column (CPU fp32; then, on another device, fp32, fp32 without TF32, bf16): the memory scale fill_memory
+    sets on that device, the first and last of `steps` training losses, and the mean fp32 loss on `held_out`
+    batches of seed + 1."""
+    torch.manual_seed(cfg.seed)
+    images, _ = load_images(cfg)
+    base, remembered, owners = untrained_model(cfg, images, square_images(images, cfg.image_size, cfg.seed))
+    train = tensors(StepBatches(cfg, images, "segmenter", base.schedule), range(steps))
+    held = tensors(StepBatches(dataclasses.replace(cfg, seed=cfg.seed + 1), images, "segmenter", base.schedule),
+                   range(held_out))
+    columns = [("cpu fp32", torch.device("cpu"), False)]
+    if device.type != "cpu":  # fp32 as torch runs it on CUDA (TF32 convolutions), IEEE fp32, bf16 autocast
+        columns += [("device fp32", device, False), ("device ieee", device, False), ("device bf16", device, True)]
+    rows = []
+    for name, where, amp in columns:
+        torch.backends.cudnn.allow_tf32 = name != "device ieee"
+        model: TDADModel = copy.deepcopy(base).to(where)
+        scale = (fill_memory(model, remembered, where, cfg.batch_size, cfg.seed, owners)
+                 if model.config.memory_size else 0.0)
+        params = set_phase(model, "segmenter")
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        losses = [train_step(model, "segmenter", params, optimizer, {k: v.to(where) for k, v in batch.items()},
+                             lr_at(step, cfg.seg_steps, cfg), cfg, amp).item() for step, batch in enumerate(train)]
+        model.eval()
+        with torch.no_grad():
+            held_loss = np.mean([segmenter_loss(model, {k: v.to(where) for k, v in b.items()}, cfg).item()
+                                 for b in held])
+        rows.append({"column": name, "memory_scale": scale, "first": losses[0], "last": losses[-1],
+                     "held_out": float(held_loss)})
+    torch.backends.cudnn.allow_tf32 = True
+    return rows
+
+
+def gaps(run: dict[str, list[dict[str, Any]]], reference: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Each value more than TOLERANCE (TRAIN_TOLERANCE after training) off the reference's same step or column;
+    the device's are also held to this run's own CPU. Each line starts with the column it names."""
     found = []
-    for row, ref in zip(rows, reference, strict=False):
+    for row, ref in zip(run["steps"], reference["steps"], strict=False):
         for key in ("mask_area", "contrast", "loss_cpu"):
             if abs(row[key] - ref[key]) > TOLERANCE * abs(ref[key]):
-                found.append(f"step {row['step']} {key}: {row[key]:.4f} here, {ref[key]:.4f} in the reference")
+                found.append(f"{key} step {row['step']}: {row[key]:.4f} here, {ref[key]:.4f} in the reference")
         for key in ("loss_device", "loss_device_bf16"):
             if abs(row[key] - row["loss_cpu"]) > TOLERANCE * abs(row["loss_cpu"]):
-                found.append(f"step {row['step']} {key}: {row[key]:.4f}, the CPU's {row['loss_cpu']:.4f}")
+                found.append(f"{key} step {row['step']}: {row[key]:.4f}, the CPU's {row['loss_cpu']:.4f}")
+    trained = {r["column"]: r for r in run.get("train", [])}
+    for ref in reference.get("train", []):
+        if ref["column"] == "cpu fp32" and ref["column"] in trained:
+            here = trained["cpu fp32"]
+            for key in ("memory_scale", "held_out"):
+                if abs(here[key] - ref[key]) > TRAIN_TOLERANCE * abs(ref[key]):
+                    found.append(f"train cpu fp32 {key}: {here[key]:.4f} here, {ref[key]:.4f} in the reference")
+    cpu = trained.get("cpu fp32")
+    for name in ("device fp32", "device ieee", "device bf16"):
+        if cpu is None or name not in trained:
+            continue
+        for key in ("memory_scale", "held_out"):
+            if abs(trained[name][key] - cpu[key]) > TRAIN_TOLERANCE * abs(cpu[key]):
+                found.append(f"train {name} {key}: {trained[name][key]:.4f}, the CPU's {cpu[key]:.4f}")
     return found
 
 
@@ -88,23 +159,33 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="write the rows here")
     parser.add_argument("--compare", type=Path, help="a reference run's --json: exit 1 where they differ")
+    parser.add_argument("--dump", type=Path, help="write the first batch here (.npz) to diff two boxes' synthesis")
+    parser.add_argument("--train-steps", type=int, default=0,
+                        help="then train K steps per column and score held-out batches (0: no training)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     knobs = dict(PRESETS[args.preset]) | ({"image_size": args.image_size} if args.image_size else {})
     cfg = TrainConfig(data=args.data, out=Path("unused"), dataset=args.dataset, category=args.category,
                       reconstruction="none", **knobs)
-    rows = fingerprint(cfg, torch.device(args.device), args.steps)
+    device = training_device(args.device)  # as train_sku sets it up
+    run: dict[str, list[dict[str, Any]]] = {"steps": fingerprint(cfg, device, args.steps, args.dump)}
     print("step  mask area  contrast  loss CPU  loss device  loss device bf16")
-    for r in rows:
+    for r in run["steps"]:
         print(f"{r['step']:>4}  {r['mask_area']:9.4f}  {r['contrast']:8.4f}  {r['loss_cpu']:8.4f}  "
               f"{r['loss_device']:11.4f}  {r['loss_device_bf16']:16.4f}")
+    if args.train_steps:
+        run["train"] = train_ab(cfg, device, args.train_steps)
+        print(f"\n{args.train_steps} training steps  memory scale  first loss  last loss  held-out loss")
+        for r in run["train"]:
+            print(f"{r['column']:<18}  {r['memory_scale']:12.4f}  {r['first']:10.4f}  {r['last']:9.4f}  "
+                  f"{r['held_out']:13.4f}")
     if args.json:
-        args.json.write_text(json.dumps(rows, indent=1))
-    if args.compare:
-        found = gaps(rows, json.loads(args.compare.read_text()))
-        print("\n".join(found) if found else f"fingerprint: matches {args.compare} within {TOLERANCE:.0%}")
-        return 1 if found else 0
-    return 0
+        args.json.write_text(json.dumps(run, indent=1))
+    if not args.compare:
+        return 0
+    found = gaps(run, json.loads(args.compare.read_text()))
+    print("\n".join(found) if found else f"fingerprint: matches {args.compare}")
+    return 1 if found else 0
 
 
 if __name__ == "__main__":

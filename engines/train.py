@@ -303,6 +303,20 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
 
 
+def train_step(model: TDADModel, phase: str, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
+               batch: dict[str, torch.Tensor], lr: float, cfg: TrainConfig, amp: bool) -> torch.Tensor:
+    """One optimisation step of a phase at learning rate lr (bf16 autocast when amp); returns the loss."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    with torch.autocast(batch["anom"].device.type, dtype=torch.bfloat16, enabled=amp):
+        loss = LOSSES[phase](model, batch, cfg)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+    optimizer.step()
+    return loss
+
+
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * model, parameters and buffers."""
@@ -496,6 +510,17 @@ def train_hash(cfg: TrainConfig, data_hash: str) -> str:
     return hashlib.sha256((data_hash + json.dumps(knobs, sort_keys=True)).encode()).hexdigest()
 
 
+def training_device(name: str) -> torch.device:
+    """The device a run trains on; CUDA checked first (a CPU-only torch, no driver or a bad index: one line with
+    the fix, before any work) and its convolutions made deterministic."""
+    device = torch.device(name)
+    if device.type == "cuda":
+        device = torch_cuda_device(device.index or 0, key="--device")
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    return device
+
+
 def untrained_model(cfg: TrainConfig, images: TrainImages,
                     squares: np.ndarray) -> tuple[TDADModel, np.ndarray, np.ndarray | None]:
     """The CPU model train_sku starts from (seeded by the caller's torch.manual_seed), and the images its memory
@@ -513,13 +538,8 @@ def train_sku(cfg: TrainConfig, resume: bool = False) -> Path:
     Raises KeyboardInterrupt after writing a checkpoint when interrupted (resume with resume=True);
     returns early with a checkpoint (no SKU files) when cfg.stop_after is reached.
     """
-    device = torch.device(cfg.device)
-    if device.type == "cuda":  # a CPU-only torch, no driver or a bad index: one line with the fix, before any work
-        device = torch_cuda_device(device.index or 0, key="--device")
+    device = training_device(cfg.device)
     threads = configure_threads(cfg)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = False
-        torch.backends.cudnn.deterministic = True
     torch.manual_seed(cfg.seed)
     images, data_hash = load_images(cfg)
     squares = square_images(images, cfg.image_size, cfg.seed)
@@ -561,14 +581,7 @@ def train_sku(cfg: TrainConfig, resume: bool = False) -> Path:
             t0, loss_value = time.perf_counter(), float("nan")
             for step, batch_np in zip(range(start, total), loader, strict=True):
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch_np.items()}
-                for group in run.optimizer.param_groups:
-                    group["lr"] = lr_at(step, total, cfg)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-                    loss = LOSSES[phase](model, batch, cfg)
-                run.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                run.optimizer.step()
+                loss = train_step(model, phase, params, run.optimizer, batch, lr_at(step, total, cfg), cfg, use_amp)
                 if phase == "diffusion":
                     decay = min(cfg.ema_decay, (1 + step) / (10 + step))
                     ema_update(run.ema["denoiser"], model.denoiser, decay)

@@ -32,6 +32,7 @@ from engines.train import (
     load_images,
     set_phase,
     train_sku,
+    train_step,
     worker_threads,
 )
 from foundation.errors import ConfigError, DataError
@@ -61,10 +62,7 @@ def test_one_step_lowers_the_loss_on_a_fixed_batch(phase: str, good_dir: Path, t
     batch = {k: torch.from_numpy(np.asarray(v)) for k, v in StepBatches(cfg, images, phase, model.schedule)[0].items()}
     params = set_phase(model, phase)
     optimizer = torch.optim.Adam(params, lr=1e-3)
-    before = LOSSES[phase](model, batch, cfg)
-    optimizer.zero_grad()
-    before.backward()
-    optimizer.step()
+    before = train_step(model, phase, params, optimizer, batch, 1e-3, cfg, amp=False)
     with torch.no_grad():
         after = LOSSES[phase](model, batch, cfg)
     assert after.item() < before.item()
@@ -195,6 +193,7 @@ def test_cli_reconstruction_and_resize_reach_the_config(tmp_path: Path) -> None:
     assert (cfg.reconstruction, cfg.resize) == ("none", "letterbox")
     assert config_from_args(_parse(*base, "--reconstruction", "stage1"))[0].reconstruction == "stage1"
     assert cfg.residual and not config_from_args(_parse(*base, "--decoded-reconstruction"))[0].residual
+    assert cfg.amp and not config_from_args(_parse(*base, "--no-amp"))[0].amp
     assert cfg.steps("autoencoder") == cfg.steps("diffusion") == 0 and cfg.steps("segmenter") == cfg.seg_steps
     with pytest.raises(ConfigError, match="resize='square'"):
         tiny_config(Path("d"), tmp_path, resize="square")

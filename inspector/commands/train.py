@@ -75,6 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="feed the segmenter decode(z_rec) itself, as before the residual reconstruction (an "
                              "ablation): by default it gets x + decode(z_rec) - decode(z0), the diffusion's edit on "
                              "the sharp input, so the autoencoder's blur does not read as a defect")
+    parser.add_argument("--no-amp", dest="amp", action="store_false",
+                        help="train in float32 on CUDA instead of under bf16 autocast (no effect on the CPU)")
     parser.add_argument("--num-workers", type=int, default=0,
                         help="batch-synthesis worker processes, one torch and one OpenCV thread each")
     parser.add_argument("--threads", type=int, default=0,
@@ -108,7 +110,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
                       device=args.device, texture_dir=args.texture_dir, textures=args.textures,
                       foreground=args.foreground,
                       num_workers=args.num_workers, threads=args.threads, checkpoint_every=args.checkpoint_every,
-                      resize=args.resize, reconstruction=args.reconstruction, residual=args.residual,
+                      resize=args.resize, reconstruction=args.reconstruction, residual=args.residual, amp=args.amp,
                       tile_scale=args.tile_scale,
                       tile_overlap=args.tile_overlap, **knobs)
     ModelConfig(image_size=cfg.image_size).widened(cfg.width)  # validates size and width before any data is read

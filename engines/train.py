@@ -259,6 +259,14 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0) -
     return ((1.0 - p_t) ** gamma * bce).mean()
 
 
+def downsample_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
+    """N x 1 x S x S soft mask -> N x 1 x size x size, each cell the mean of its block (S a multiple of size).
+    avg_pool2d, not interpolate(mode="area"): CUDA torch 2.11 returns zeros for the latter on these masks, which
+    trained every GPU segmenter against all-normal targets at strides 8, 4 and 2 (2026-11-26, H100)."""
+    factor = mask.shape[-1] // size
+    return mask if factor == 1 else F.avg_pool2d(mask, factor)
+
+
 def segmenter_loss(model: TDADModel, batch: dict[str, torch.Tensor], cfg: TrainConfig) -> torch.Tensor:
     """Focal + smooth-L1 against the synthetic mask at strides 8, 4, 2, 1, comparing the input with its
     reconstruction by cfg.reconstruction ("none": the input itself, so the segmenter learns from x alone)."""
@@ -269,7 +277,7 @@ def segmenter_loss(model: TDADModel, batch: dict[str, torch.Tensor], cfg: TrainC
     # a training image never matches its own memory entries: served frames are not in the memory either
     logits_per_scale = model.segmenter.logits(x, rec, exclude=batch["source"])
     for weight, logits in zip(cfg.seg_scale_weights, logits_per_scale, strict=True):
-        mask = F.interpolate(batch["mask"], size=logits.shape[-2:], mode="area")
+        mask = downsample_mask(batch["mask"], logits.shape[-1])
         loss = loss + weight * (focal_loss(logits, mask) + F.smooth_l1_loss(torch.sigmoid(logits), mask))
     return loss
 

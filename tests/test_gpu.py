@@ -1,5 +1,6 @@
 """The CUDA path without TensorRT: the stack imports, the torch CUDA engine (fp32/fp16/bf16, CUDA graphs on and
-off) against the CPU reference, training on the GPU end to end, and a bad device id (GPU only: these fail,
+off) against the CPU reference, training on the GPU end to end, the segmenter loss on CUDA against the
+CPU's for a real batch, and a bad device id (GPU only: these fail,
 never skip, on a machine where nvidia-smi sees a GPU)."""
 
 from __future__ import annotations
@@ -71,3 +72,27 @@ def test_training_on_cuda_writes_a_sku_that_every_cpu_engine_loads(tmp_path: Pat
     cpu = create_engine(engine_settings("onnxruntime", threads=1), sku).infer(frames)
     gpu = create_engine(engine_settings("torch", device="cuda"), sku).infer(frames)
     assert np.isfinite(cpu).all() and rel_error(gpu, cpu) < BOUNDS["fp32"]
+
+
+def test_the_segmenter_loss_on_cuda_is_the_cpus_for_a_real_training_batch(tmp_path: Path) -> None:
+    """The batches' masks carry a stride-0 channel axis (numpy's [:, None]); CUDA torch 2.11 pooled such masks to
+    zeros under interpolate(mode="area"), and every GPU-trained segmenter learnt all-normal targets."""
+    import torch
+
+    from engines.sample_data import write_good_folder
+    from engines.train import PRESETS, StepBatches, TrainConfig, load_images, segmenter_loss, set_phase, untrained_model
+
+    good = write_good_folder(tmp_path / "good", 8, 64)
+    cfg = TrainConfig(data=good, out=tmp_path / "sku", reconstruction="none", **{**PRESETS["tiny"], "memory": 0})
+    torch.manual_seed(0)
+    images, _ = load_images(cfg)
+    model, _, _ = untrained_model(cfg, images, images)
+    set_phase(model, "segmenter")
+    batches = StepBatches(cfg, images, "segmenter", model.schedule)
+    batch = {k: torch.from_numpy(np.asarray(v)) for k, v in batches[0].items()}
+    assert batch["mask"].stride()[1] == 0 and batch["mask"].sum() > 0  # what the DataLoader hands train_sku
+    with torch.no_grad():
+        cpu = segmenter_loss(model, batch, cfg).item()
+        model.to("cuda")
+        cuda = segmenter_loss(model, {k: v.to("cuda") for k, v in batch.items()}, cfg).item()
+    assert cuda == pytest.approx(cpu, rel=1e-3)

@@ -29,6 +29,7 @@ from engines.train import (
     TrainConfig,
     available_cpus,
     configure_threads,
+    downsample_mask,
     load_images,
     set_phase,
     train_sku,
@@ -316,3 +317,15 @@ def test_every_phase_trains_under_bf16_autocast_as_on_cuda(phase: str, good_dir:
     if phase == "segmenter":
         assert distance.dtype == torch.float32
         torch.testing.assert_close(distance, model.segmenter.memory_distance(queries))
+
+
+def test_masks_downsample_to_block_means_as_area_interpolation_did() -> None:
+    """The segmenter's targets at strides 8, 4, 2: bit-identical on the CPU to the interpolate(mode="area") they
+    replace (CUDA pooled the batches' stride-0 masks to zeros with it), so CPU training is unchanged."""
+    masks = (np.random.default_rng(0).random((3, 64, 64)) > 0.8).astype(np.float32)[:, None]  # stride 0, as batched
+    mask = torch.from_numpy(masks)
+    assert mask.stride()[1] == 0
+    for size in (8, 16, 32, 64):
+        blocks = masks.reshape(3, 1, size, 64 // size, size, 64 // size).mean(axis=(3, 5))
+        np.testing.assert_allclose(downsample_mask(mask, size).numpy(), blocks, rtol=1e-6)
+        assert torch.equal(downsample_mask(mask, size), torch.nn.functional.interpolate(mask, size=size, mode="area"))

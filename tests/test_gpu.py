@@ -1,7 +1,6 @@
 """The CUDA path without TensorRT: the stack imports, the torch CUDA engine (fp32/fp16/bf16, CUDA graphs on and
-off) against the CPU reference, training on the GPU end to end, the segmenter loss on CUDA against the
-CPU's for a real batch, and a bad device id (GPU only: these fail,
-never skip, on a machine where nvidia-smi sees a GPU)."""
+off) against the CPU reference, training on the GPU end to end, the segmenter loss of a real batch on CUDA against
+the CPU's, and a bad device id (GPU only: these fail, never skip, on a machine where nvidia-smi sees a GPU)."""
 
 from __future__ import annotations
 

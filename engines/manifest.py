@@ -75,20 +75,24 @@ class ModelConfig:
         if self.image_size < 32 or self.image_size % 32:
             raise ConfigError(f"image_size={self.image_size}: use a multiple of 32 (e.g. 128 or 256)")
 
-    def widened(self, width: float) -> ModelConfig:
-        """A copy with every network width (autoencoder, denoiser, fusion, segmenter decoder) times `width`,
-        rounded to multiples of 8: the capacity knob between the CPU presets and a GPU-sized model."""
-        if width <= 0:
-            raise ConfigError(f"width={width}: use a positive factor (1 = the CPU default, 2 = twice the channels)")
+    def widened(self, width: float, seg_width: float | None = None) -> ModelConfig:
+        """A copy with every network width (autoencoder, denoiser, fusion, segmenter decoder) times `width`, the
+        segmenter decoder's times `seg_width` instead where given, rounded to multiples of 8: the capacity knobs
+        between the CPU presets and a GPU-sized model."""
+        seg = width if seg_width is None else seg_width
+        for name, factor in (("width", width), ("seg_width", seg)):
+            if factor <= 0:
+                raise ConfigError(f"{name}={factor}: use a positive factor (1 = the CPU default, 2 = twice the "
+                                  "channels)")
 
-        def scale(channels: int) -> int:
-            return max(8, round(channels * width / 8) * 8)
+        def scale(channels: int, factor: float = width) -> int:
+            return max(8, round(channels * factor / 8) * 8)
 
         return dataclasses.replace(
             self, ae_channels=tuple(map(scale, self.ae_channels)),  # type: ignore[arg-type]
             denoiser_channels=tuple(map(scale, self.denoiser_channels)),  # type: ignore[arg-type]
             fusion_channels=scale(self.fusion_channels), time_dim=scale(self.time_dim),
-            seg_channels=tuple(map(scale, self.seg_channels)))  # type: ignore[arg-type]
+            seg_channels=tuple(scale(c, seg) for c in self.seg_channels))  # type: ignore[arg-type]
 
     @property
     def latent_size(self) -> int:

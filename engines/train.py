@@ -79,6 +79,7 @@ class TrainConfig:
     category: str | None = None  # mvtec/visa category
     image_size: int = 128
     width: float = 1.0  # network widths times this (ModelConfig.widened): capacity, at width^2 the compute
+    seg_width: float | None = None  # the segmenter decoder's widths times this instead (None: width)
     batch_size: int = 8
     ae_steps: int = 1500
     diffusion_steps: int = 3000
@@ -535,8 +536,9 @@ def untrained_model(cfg: TrainConfig, images: TrainImages,
     prior samples patches from with each row's source image (None: each row its own)."""
     remembered, owners = memory_images(images, cfg.image_size, cfg.tile_overlap) if cfg.memory else (squares, None)
     memory_size = memory_size_for(cfg, len(remembered))
-    config = dataclasses.replace(ModelConfig(image_size=cfg.image_size).widened(cfg.width), memory_size=memory_size,
-                                 memory_boost=MEMORY_BOOST if memory_size else 0.0, residual=cfg.residual)
+    widened = ModelConfig(image_size=cfg.image_size).widened(cfg.width, cfg.seg_width)
+    config = dataclasses.replace(widened, memory_size=memory_size, memory_boost=MEMORY_BOOST if memory_size else 0.0,
+                                 residual=cfg.residual)
     return TDADModel(config, reconstruction=cfg.reconstruction), remembered, owners
 
 

@@ -195,6 +195,7 @@ def test_cli_reconstruction_and_resize_reach_the_config(tmp_path: Path) -> None:
     assert config_from_args(_parse(*base, "--reconstruction", "stage1"))[0].reconstruction == "stage1"
     assert cfg.residual and not config_from_args(_parse(*base, "--decoded-reconstruction"))[0].residual
     assert cfg.amp and not config_from_args(_parse(*base, "--no-amp"))[0].amp
+    assert config_from_args(_parse(*base, "--seg-width", "3"))[0].seg_width == 3.0
     assert cfg.steps("autoencoder") == cfg.steps("diffusion") == 0 and cfg.steps("segmenter") == cfg.seg_steps
     with pytest.raises(ConfigError, match="resize='square'"):
         tiny_config(Path("d"), tmp_path, resize="square")
@@ -294,6 +295,11 @@ def test_width_scales_every_network_and_round_trips(tmp_path: Path) -> None:
     assert load_sku(save_sku(model, tmp_path)).config == wide  # the manifest carries the widths
     with pytest.raises(ConfigError, match="width=0"):
         ModelConfig(image_size=S).widened(0)
+    seg_only = ModelConfig(image_size=S).widened(1.0, seg_width=2.0)  # the small preset's: the segmenter alone
+    assert seg_only.seg_channels == wide.seg_channels
+    assert dataclasses.replace(seg_only, seg_channels=ModelConfig().seg_channels) == ModelConfig(image_size=S)
+    with pytest.raises(ConfigError, match="seg_width=-1"):
+        ModelConfig(image_size=S).widened(1.0, seg_width=-1)
 
 
 @pytest.mark.parametrize("phase", PHASES)

@@ -32,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--width", type=float,
                         help="network widths times this (1 = the CPU default; 2 = twice the channels, about four "
                              "times the compute), stored in the SKU")
+    parser.add_argument("--seg-width", type=float,
+                        help="the segmenter decoder's widths times this instead of --width (the small preset: 2, "
+                             "where the segmenter's capacity pays and the diffusion's compute would not)")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--memory", type=int,
                         help="normal patch descriptors the segmenter compares each patch with (0 = none; capped at "
@@ -103,7 +106,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
     if args.tile_overlap and args.tile_scale is None:
         raise ConfigError("--tile-overlap needs --tile-scale (the overlap of the tiles a tiled SKU is inspected in)")
     knobs = dict(PRESETS[args.preset])
-    for name in ("image_size", "width", "batch_size", "memory", "ae_steps", "diffusion_steps", "seg_steps", "lr"):
+    for name in ("image_size", "width", "seg_width", "batch_size", "memory", "ae_steps", "diffusion_steps",
+                 "seg_steps", "lr"):
         if getattr(args, name) is not None:
             knobs[name] = getattr(args, name)
     cfg = TrainConfig(data=args.data, out=out, dataset=args.dataset, category=args.category, seed=args.seed,
@@ -113,7 +117,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
                       resize=args.resize, reconstruction=args.reconstruction, residual=args.residual, amp=args.amp,
                       tile_scale=args.tile_scale,
                       tile_overlap=args.tile_overlap, **knobs)
-    ModelConfig(image_size=cfg.image_size).widened(cfg.width)  # validates size and width before any data is read
+    ModelConfig(image_size=cfg.image_size).widened(cfg.width, cfg.seg_width)  # validates size and widths first
     return cfg, False
 
 

@@ -59,3 +59,7 @@ def test_short_training_is_held_to_the_reference_and_the_device_to_the_cpu(scrip
     broken_device = {"steps": [], "train": [row, dict(row, column="device bf16", memory_scale=row["memory_scale"] * 3)]}
     assert script.gaps(broken_device, run) == [
         f"train device bf16 memory_scale: {row['memory_scale'] * 3:.4f}, the CPU's {row['memory_scale']:.4f}"]
+    device_only = {"steps": [], "train": [dict(row, column="device fp32", held_out=row["held_out"] * 6)]}
+    assert script.gaps(device_only, run) == [  # no CPU column here: held to the reference's
+        f"train device fp32 held_out: {row['held_out'] * 6:.4f}, the CPU's {row['held_out']:.4f}"]
+    assert script.train_ab(cfg, script.torch.device("cpu"), steps=1, held_out=1, cpu=False)[0]["column"] == "cpu fp32"

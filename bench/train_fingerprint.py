@@ -5,7 +5,8 @@ untrained segmenter's loss (the model train_sku starts from, memory filled) on t
 in float32 and under bf16 autocast. Run on two machines with the same data, the CPU columns agree unless their
 libraries synthesise other batches, and the device columns agree with the CPU unless the device computes another
 loss. Why: the segmenters trained on an H100 (2026-11-26, gpu preset) started at a loss of 0.53 where this CPU's
-run of the same configuration starts at 0.39, and they fit held-out synthetic batches 5x worse.
+run of the same configuration starts at 0.39, and they fit held-out synthetic batches 5x worse. The cause it then
+pinned: CUDA's area interpolation pooled the batches' stride-0 masks to zeros (engines.train.downsample_mask).
 
 --train-steps K then trains the segmenter K steps from that model per column as train_sku does (its memory filled
 on that column's device, train_step, the same batches) and scores each on held-out batches of seed + 1: CPU fp32,
@@ -27,6 +28,7 @@ import copy
 import dataclasses
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,7 @@ from engines.train import (
     PRESETS,
     StepBatches,
     TrainConfig,
+    TrainImages,
     fill_memory,
     load_images,
     lr_at,
@@ -58,17 +61,38 @@ def tensors(batches: StepBatches, steps: range) -> list[dict[str, torch.Tensor]]
     return [{k: torch.from_numpy(np.asarray(v)) for k, v in batches[step].items()} for step in steps]
 
 
-def fingerprint(cfg: TrainConfig, device: torch.device, steps: int,
+@dataclass
+class Start:
+    """What train_sku starts the segmenter from: the training images, the untrained model (its memory empty) and
+    what that memory samples from, with each row's source image."""
+
+    images: TrainImages
+    model: TDADModel
+    remembered: np.ndarray
+    owners: np.ndarray | None
+
+    @classmethod
+    def of(cls, cfg: TrainConfig) -> Start:
+        """Load the images and build the model as train_sku does (its init is the seed's)."""
+        torch.manual_seed(cfg.seed)
+        images, _ = load_images(cfg)
+        return cls(images, *untrained_model(cfg, images, square_images(images, cfg.image_size, cfg.seed)))
+
+    def model_on(self, cfg: TrainConfig, where: torch.device) -> TDADModel:
+        """A copy of the model on `where`, its memory filled there, set up for the segmenter phase."""
+        model = copy.deepcopy(self.model).to(where)
+        if model.config.memory_size:
+            fill_memory(model, self.remembered, where, cfg.batch_size, cfg.seed, self.owners)
+        return model
+
+
+def fingerprint(cfg: TrainConfig, start: Start, device: torch.device, steps: int,
                 dump: Path | None = None) -> list[dict[str, float]]:
     """Per step: mask area, mean |anomalous - clean| inside the mask, and the untrained segmenter's loss
     (dump: the first batch's images as uint8 and its masks, to diff two boxes' synthesis pixel by pixel)."""
-    torch.manual_seed(cfg.seed)  # as train_sku: the model's init is the seed's
-    images, _ = load_images(cfg)
-    model, remembered, owners = untrained_model(cfg, images, square_images(images, cfg.image_size, cfg.seed))
-    if model.config.memory_size:
-        fill_memory(model, remembered, torch.device("cpu"), cfg.batch_size, cfg.seed, owners)
+    model = start.model_on(cfg, torch.device("cpu"))
     set_phase(model, "segmenter")
-    batches_t = tensors(StepBatches(cfg, images, "segmenter", model.schedule), range(steps))
+    batches_t = tensors(StepBatches(cfg, start.images, "segmenter", model.schedule), range(steps))
     if dump is not None:
         first = batches_t[0]
         np.savez_compressed(dump, mask=first["mask"].numpy().astype(np.float16), source=first["source"].numpy(),
@@ -88,16 +112,14 @@ def fingerprint(cfg: TrainConfig, device: torch.device, steps: int,
     return rows
 
 
-def train_ab(cfg: TrainConfig, device: torch.device, steps: int, held_out: int = 4,
+def train_ab(cfg: TrainConfig, start: Start, device: torch.device, steps: int, held_out: int = 4,
              cpu: bool = True) -> list[dict[str, Any]]:
     """Per column (CPU fp32 unless not cpu; then, on another device, fp32, fp32 without TF32, bf16): the memory
     scale fill_memory sets on that device, the first and last of `steps` training losses, and the mean fp32 loss
     on `held_out` batches of seed + 1."""
-    torch.manual_seed(cfg.seed)
-    images, _ = load_images(cfg)
-    base, remembered, owners = untrained_model(cfg, images, square_images(images, cfg.image_size, cfg.seed))
-    train = tensors(StepBatches(cfg, images, "segmenter", base.schedule), range(steps))
-    held = tensors(StepBatches(dataclasses.replace(cfg, seed=cfg.seed + 1), images, "segmenter", base.schedule),
+    schedule = start.model.schedule
+    train = tensors(StepBatches(cfg, start.images, "segmenter", schedule), range(steps))
+    held = tensors(StepBatches(dataclasses.replace(cfg, seed=cfg.seed + 1), start.images, "segmenter", schedule),
                    range(held_out))
     columns = [("cpu fp32", torch.device("cpu"), False)] if cpu or device.type == "cpu" else []
     if device.type != "cpu":  # fp32 as torch runs it on CUDA (TF32 convolutions), IEEE fp32, bf16 autocast
@@ -105,9 +127,8 @@ def train_ab(cfg: TrainConfig, device: torch.device, steps: int, held_out: int =
     rows = []
     for name, where, amp in columns:
         torch.backends.cudnn.allow_tf32 = name != "device ieee"
-        model: TDADModel = copy.deepcopy(base).to(where)
-        scale = (fill_memory(model, remembered, where, cfg.batch_size, cfg.seed, owners)
-                 if model.config.memory_size else 0.0)
+        model = start.model_on(cfg, where)
+        scale = float(model.segmenter.memory_scale) if model.config.memory_size else 0.0
         params = set_phase(model, "segmenter")
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         losses = [train_step(model, "segmenter", params, optimizer, {k: v.to(where) for k, v in batch.items()},
@@ -124,7 +145,8 @@ def train_ab(cfg: TrainConfig, device: torch.device, steps: int, held_out: int =
 
 def gaps(run: dict[str, list[dict[str, Any]]], reference: dict[str, list[dict[str, Any]]]) -> list[str]:
     """Each value more than TOLERANCE (TRAIN_TOLERANCE after training) off the reference's same step or column;
-    the device's are also held to this run's own CPU. Each line starts with the column it names."""
+    the device's are also held to this run's own CPU (its training, where this run has none, to the reference's
+    CPU training). Each line starts with the column it names."""
     found = []
     for row, ref in zip(run["steps"], reference["steps"], strict=False):
         for key in ("mask_area", "contrast", "loss_cpu"):
@@ -175,7 +197,8 @@ def main() -> int:
     cfg = TrainConfig(data=args.data, out=Path("unused"), dataset=args.dataset, category=args.category,
                       reconstruction="none", **knobs)
     device = training_device(args.device)  # as train_sku sets it up
-    run: dict[str, list[dict[str, Any]]] = {"steps": fingerprint(cfg, device, args.steps, args.dump)}
+    start = Start.of(cfg)
+    run: dict[str, list[dict[str, Any]]] = {"steps": fingerprint(cfg, start, device, args.steps, args.dump)}
     print("step  mask area  contrast  loss CPU  loss device  loss device bf16")
     for r in run["steps"]:
         print(f"{r['step']:>4}  {r['mask_area']:9.4f}  {r['contrast']:8.4f}  {r['loss_cpu']:8.4f}  "
@@ -183,7 +206,7 @@ def main() -> int:
     if args.train_steps:
         # with a reference, the first batches' CPU columns already hold the box's libraries to it: the device's
         # training is held to the reference's CPU training, and the box's CPU (minutes of device time) is spared
-        run["train"] = train_ab(cfg, device, args.train_steps, cpu=args.compare is None or args.cpu_training)
+        run["train"] = train_ab(cfg, start, device, args.train_steps, cpu=args.compare is None or args.cpu_training)
         print(f"\n{args.train_steps} training steps  memory scale  first loss  last loss  held-out loss")
         for r in run["train"]:
             print(f"{r['column']:<18}  {r['memory_scale']:12.4f}  {r['first']:10.4f}  {r['last']:9.4f}  "

@@ -4,6 +4,7 @@ that tells a box's libraries (the CPU columns) from its device (the device colum
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -20,6 +21,7 @@ def script() -> ModuleType:
     spec = importlib.util.spec_from_file_location("train_fingerprint", SCRIPT)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up there
     spec.loader.exec_module(module)
     return module
 
@@ -28,8 +30,8 @@ def test_fingerprint_is_reproducible_and_a_gap_is_named(script: ModuleType, tmp_
     root = write_mvtec_tree(tmp_path / "data", "brick", n_train=6, n_test_good=1, n_test_bad=1, size=64)
     cfg = TrainConfig(data=root, out=tmp_path / "unused", dataset="mvtec", category="brick", reconstruction="none",
                       **(dict(PRESETS["small"]) | {"image_size": 64}))
-    rows = script.fingerprint(cfg, script.torch.device("cpu"), steps=2)
-    assert rows == script.fingerprint(cfg, script.torch.device("cpu"), steps=2)  # seeded like train_sku
+    rows = script.fingerprint(cfg, script.Start.of(cfg), script.torch.device("cpu"), steps=2)
+    assert rows == script.fingerprint(cfg, script.Start.of(cfg), script.torch.device("cpu"), steps=2)  # seeded
     for row in rows:
         assert 0 < row["mask_area"] < 1 and row["contrast"] > 0 and row["loss_cpu"] > 0
         assert row["loss_device"] == row["loss_cpu"]  # the device is the CPU here
@@ -47,7 +49,8 @@ def test_short_training_is_held_to_the_reference_and_the_device_to_the_cpu(scrip
     root = write_mvtec_tree(tmp_path / "data", "brick", n_train=6, n_test_good=1, n_test_bad=1, size=64)
     cfg = TrainConfig(data=root, out=tmp_path / "unused", dataset="mvtec", category="brick", reconstruction="none",
                       **(dict(PRESETS["small"]) | {"image_size": 64, "batch_size": 2}))
-    trained = script.train_ab(cfg, script.torch.device("cpu"), steps=3, held_out=2)
+    start = script.Start.of(cfg)
+    trained = script.train_ab(cfg, start, script.torch.device("cpu"), steps=3, held_out=2)
     assert [r["column"] for r in trained] == ["cpu fp32"]  # no device columns on a CPU-only run
     row = trained[0]
     assert row["memory_scale"] > 0 and row["held_out"] > 0 and row["last"] != row["first"]
@@ -62,4 +65,5 @@ def test_short_training_is_held_to_the_reference_and_the_device_to_the_cpu(scrip
     device_only = {"steps": [], "train": [dict(row, column="device fp32", held_out=row["held_out"] * 6)]}
     assert script.gaps(device_only, run) == [  # no CPU column here: held to the reference's
         f"train device fp32 held_out: {row['held_out'] * 6:.4f}, the CPU's {row['held_out']:.4f}"]
-    assert script.train_ab(cfg, script.torch.device("cpu"), steps=1, held_out=1, cpu=False)[0]["column"] == "cpu fp32"
+    assert script.train_ab(cfg, start, script.torch.device("cpu"), steps=1, held_out=1, cpu=False)[0]["column"] == \
+        "cpu fp32"  # the CPU is the device here

@@ -295,7 +295,7 @@ def test_width_scales_every_network_and_round_trips(tmp_path: Path) -> None:
     assert load_sku(save_sku(model, tmp_path)).config == wide  # the manifest carries the widths
     with pytest.raises(ConfigError, match="width=0"):
         ModelConfig(image_size=S).widened(0)
-    seg_only = ModelConfig(image_size=S).widened(1.0, seg_width=2.0)  # the small preset's: the segmenter alone
+    seg_only = ModelConfig(image_size=S).widened(1.0, seg_width=2.0)  # the segmenter decoder alone
     assert seg_only.seg_channels == wide.seg_channels
     assert dataclasses.replace(seg_only, seg_channels=ModelConfig().seg_channels) == ModelConfig(image_size=S)
     with pytest.raises(ConfigError, match="seg_width=-1"):

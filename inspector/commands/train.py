@@ -33,8 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="network widths times this (1 = the CPU default; 2 = twice the channels, about four "
                              "times the compute), stored in the SKU")
     parser.add_argument("--seg-width", type=float,
-                        help="the segmenter decoder's widths times this instead of --width (the small preset: 2, "
-                             "where the segmenter's capacity pays and the diffusion's compute would not)")
+                        help="the segmenter decoder's widths times this instead of --width (default: --width): "
+                             "segmenter capacity without the autoencoder's and denoiser's compute (2 on the small "
+                             "preset: README, 'Tried and not adopted')")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--memory", type=int,
                         help="normal patch descriptors the segmenter compares each patch with (0 = none; capped at "

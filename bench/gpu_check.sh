@@ -17,7 +17,8 @@
 #
 # train takes from the environment: AE_STEPS, DIFFUSION_STEPS, SEG_STEPS (default: the gpu preset's), WORKERS
 # (synthesis processes per training, default 3), TWINS (0: no no-reconstruction twins), SKUS_BACK (0: leave the
-# trained SKUs there), EVAL_TIMEOUT (seconds per category's eval, default 150, 0: no eval there: a late eval is cut,
+# trained SKUs there; they come back with their twins), TRAIN_ARGS (more `inspector train` options for every
+# training, e.g. "--tile-scale 0.333 --tile-overlap 0.25" on a category packed with gpu_pack.py --originals), EVAL_TIMEOUT (seconds per category's eval, default 150, 0: no eval there: a late eval is cut,
 # the logs and SKUs still come back), DEVICE (default cuda).
 # PY=.venv/bin/python DEVICE=cpu with a few steps rehearses it here (PY set: no wheels are installed).
 # Sizing (measured, four trainings at once, batch 32): per training 18.7 autoencoder, 12.2 diffusion and 7.1
@@ -107,8 +108,9 @@ if [[ "$mode" == train ]]; then
     shift 2
     skus=var/gpu-skus
     steps=(--ae-steps "${AE_STEPS:-8000}" --diffusion-steps "${DIFFUSION_STEPS:-30000}" --seg-steps "${SEG_STEPS:-12000}")
+    read -ra extra <<<"${TRAIN_ARGS:-}"
     common=(--dataset mvtec --data "$PACK/data" --preset gpu --device "$device" --threads 1 --num-workers "${WORKERS:-3}"
-            "${steps[@]}")
+            "${steps[@]}" "${extra[@]}")
     # a box whose libraries synthesise other batches, or whose device trains otherwise, is named before training:
     # gaps in bf16 alone train with --no-amp; in TF32 fp32 too (IEEE fp32 clean), with TF32 off as well
     # (NVIDIA_TF32_OVERRIDE=0); any other gap trains nothing, since it would be broken too
@@ -131,6 +133,7 @@ if [[ "$mode" == train ]]; then
     fi
     pids=()
     categories=()
+    trained=()
     for spec in "$@"; do  # every training at once: one GPU, 16 cores, each run 1 thread + WORKERS workers
         category="${spec%@*}"
         categories+=("$category")
@@ -141,6 +144,7 @@ if [[ "$mode" == train ]]; then
         for recon in "${recons[@]}"; do
             sku="$category"
             [[ "$recon" == none ]] && sku="$category-none"
+            trained+=("$sku")
             "$py" -m inspector.cli train --out "$skus/$sku" --category "$category" --reconstruction "$recon" \
                 "${common[@]}" "${size[@]}" "${amp[@]}" >"$out/train_$sku.log" 2>&1 &
             pids+=($!)
@@ -157,8 +161,8 @@ if [[ "$mode" == train ]]; then
             --root "$PACK/data" --category "$category" --device "$device" --batch 32 --ablation \
             "${compare[@]}" --score-sweep --out "$out/eval_$category"
     done
-    # the two-stage SKUs themselves (for ONNX export and CPU measurements elsewhere), in pieces of 15 MB
-    [[ "${SKUS_BACK:-1}" == 1 ]] && ((${#categories[@]})) && tar -czf - -C "$skus" --exclude train_state "${categories[@]}" | split -b 15M - "$dest/skus.tar.gz."
+    # the SKUs themselves, twins too (for ONNX export and CPU measurements elsewhere), in pieces of 15 MB
+    [[ "${SKUS_BACK:-1}" == 1 ]] && ((${#trained[@]})) && tar -czf - -C "$skus" --exclude train_state "${trained[@]}" | split -b 15M - "$dest/skus.tar.gz."
     finish
 fi
 

@@ -26,7 +26,7 @@
 # SEG_STEPS=1200 took 6 min 12 s. Two at once (TWINS=0 WORKERS=6, H100, AE_STEPS=1000 DIFFUSION_STEPS=2000
 # SEG_STEPS=1500, `train $OUT magnetic_tile@128 cookies`): 5 min 39 s; per training 34 / 15 / 9.2 steps/s at 256²
 # and 52 / 17 / 13.5 at 128²; a segmenter-only twin alone runs 27 steps/s at 128². The fingerprint step took 3 min
-# when the box's CPU trained its 100 steps too (now skipped: it is held to prepare's CPU training; not yet timed);
+# when the box's CPU trained its 100 steps too (now skipped: it is held to prepare's CPU training; 38 s on an H100);
 # with it, `train $OUT magnetic_tile@128 cookies@128` at those steps ran 8 min 15 s (48 / 14.5 / 12 steps/s per
 # training). The preset's 8k / 30k / 12k
 # steps take ~75 min with four at once. Each eval row of magnetic_tile (582 images) is ~2 s on the GPU plus the

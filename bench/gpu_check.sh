@@ -18,8 +18,9 @@
 # train takes from the environment: AE_STEPS, DIFFUSION_STEPS, SEG_STEPS (default: the gpu preset's), WORKERS
 # (synthesis processes per training, default 3), TWINS (0: no no-reconstruction twins), SKUS_BACK (0: leave the
 # trained SKUs there; they come back with their twins), TRAIN_ARGS (more `inspector train` options for every
-# training, e.g. "--tile-scale 0.333 --tile-overlap 0.25" on a category packed with gpu_pack.py --originals), EVAL_TIMEOUT (seconds per category's eval, default 150, 0: no eval there: a late eval is cut,
-# the logs and SKUs still come back), DEVICE (default cuda).
+# training, e.g. "--tile-scale 0.333 --tile-overlap 0.25" on a category packed with gpu_pack.py --originals),
+# EVAL_TIMEOUT (seconds per category's eval, default 150, 0: no eval there: a late eval is cut, the logs and SKUs
+# still come back), DEVICE (default cuda).
 # PY=.venv/bin/python DEVICE=cpu with a few steps rehearses it here (PY set: no wheels are installed).
 # Sizing (measured, four trainings at once, batch 32): per training 18.7 autoencoder, 12.2 diffusion and 7.1
 # segmenter steps/s on an H200; 20, 11.4 and 5.5-6.4 on an H100, where AE_STEPS=600 DIFFUSION_STEPS=1500

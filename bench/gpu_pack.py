@@ -64,7 +64,7 @@ def pack_category(root: Path, category: str, out: Path, size: int, splits: tuple
     count = 0
     for src in sorted(p for p in base.rglob("*") if p.is_file()):
         rel = src.relative_to(base)
-        if rel.parts[0] not in splits and not (rel.parts[0] == "ground_truth" and "test" in splits):
+        if ("test" if rel.parts[0] == "ground_truth" else rel.parts[0]) not in splits:  # masks go with test
             continue
         if rel.parts[0] == "ground_truth":
             mask = resize_mask_to_model(load_mask(src), size)

@@ -59,8 +59,8 @@ STATE_DIR = "train_state"
 STAGE2_T_MIN = 20
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"image_size": 64, "batch_size": 8, "ae_steps": 300, "diffusion_steps": 600, "seg_steps": 300},
-    "small": {"image_size": 128, "batch_size": 8, "memory": 16384, "ae_steps": 1500, "diffusion_steps": 3000,
-              "seg_steps": 1500},
+    "small": {"image_size": 128, "batch_size": 8, "memory": 16384, "inference_memory": 65536, "ae_steps": 1500,
+              "diffusion_steps": 3000, "seg_steps": 1500},
     "full": {"image_size": 256, "batch_size": 16, "memory": 16384, "ae_steps": 5000, "diffusion_steps": 20000,
              "seg_steps": 8000},
     # twice the channels (four times the compute) and twice the batch: a GPU run of minutes, hours on a CPU
@@ -106,6 +106,9 @@ class TrainConfig:
     reconstruction: Reconstruction = "two_stage"  # the segmenter's second input (engines.manifest)
     residual: bool = True  # that input as x + decode(z_rec) - decode(z0), not decode(z_rec) (README: measured)
     memory: int = 0  # normal patch descriptors kept for the segmenter's memory prior (0 = none)
+    # entries the SKU stores and inference searches (at least memory): a larger fresh sample after training,
+    # whose per-step search cost stays memory-sized (README: measured)
+    inference_memory: int = 0
     tile_scale: float | None = None  # tiled SKU: model px per source px; each image is scaled, then cropped
     tile_overlap: float = 0.0  # tiled SKU: share of a tile its neighbours overlap at inspection time
     checkpoint_every: int = 500
@@ -393,9 +396,24 @@ def fill_memory(model: TDADModel, images_u8_nhwc: np.ndarray, device: torch.devi
     return scale
 
 
-def memory_size_for(cfg: TrainConfig, n_rows: int) -> int:
-    """The memory's entry count: cfg.memory, capped at the patch count of the n_rows S x S images it samples."""
-    return min(cfg.memory, n_rows * (cfg.image_size // 8) ** 2)
+def memory_size_for(cfg: TrainConfig, n_rows: int, inference: bool = False) -> int:
+    """The memory's entry count in training (cfg.memory) or in the SKU (the larger of cfg.inference_memory and
+    cfg.memory), capped at the patch count of the n_rows S x S images it samples."""
+    entries = max(cfg.inference_memory, cfg.memory) if inference else cfg.memory
+    return min(entries, n_rows * (cfg.image_size // 8) ** 2)
+
+
+def store_inference_memory(model: TDADModel, remembered: np.ndarray, owners: np.ndarray | None, cfg: TrainConfig,
+                           device: torch.device) -> None:
+    """Refill a trained memory segmenter with the SKU's inference-sized sample (fill_memory at that size: a new
+    scale, so a normal patch still reads ~1 to the gain it learnt); nothing when the sizes agree."""
+    size = memory_size_for(cfg, len(remembered), inference=True)
+    if not model.config.memory_size or size == model.config.memory_size:
+        return
+    model.segmenter.resize_memory(size)
+    model.config = dataclasses.replace(model.config, memory_size=size)
+    log.info("memory_stored", entries=size, scale=fill_memory(model, remembered, device, cfg.batch_size, cfg.seed,
+                                                                owners))
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -624,6 +642,7 @@ def train_sku(cfg: TrainConfig, resume: bool = False) -> Path:
         run.optimizer = None
         run.save()
 
+    store_inference_memory(model, remembered, owners, cfg, device)
     model.eval()
     save_sku(model, cfg.out, train_hash=train_hash(cfg, data_hash), data_hash=data_hash,
              train=TrainRecord(losses=run.losses, config=cfg.to_dict()),

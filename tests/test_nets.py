@@ -105,3 +105,20 @@ def test_memory_prior_distances_exclude_the_source_image_and_read_about_one() ->
         unboosted = seg.logits(x, x)[-1][:, 0]
     here = F.interpolate(seg.memory_distance(queries), size=(S, S), mode="bilinear", align_corners=False)[:, 0]
     assert torch.allclose(boosted - unboosted, 1.5 * (here - 1.0), atol=1e-3)
+
+
+def test_a_resized_memory_is_refilled_with_its_own_scale() -> None:
+    """What a trained SKU stores for inference: more entries than training searched, normalised afresh."""
+    torch.manual_seed(0)
+    images = np.random.default_rng(1).integers(0, 256, (4, S, S, 3), dtype=np.uint8)
+    model = TDADModel(dataclasses.replace(ModelConfig(image_size=S), memory_size=16)).eval()
+    small = fill_memory(model, images, torch.device("cpu"), batch=2, seed=0)
+    model.segmenter.resize_memory(4 * 8 * 8)
+    seg = model.segmenter
+    assert seg.memory.shape == (256, 120) and seg.memory_size == 256 and int(seg.memory_owner.max()) == -1
+    large = fill_memory(model, images, torch.device("cpu"), batch=2, seed=0)
+    assert 0 < large < small  # more entries: nearer neighbours, so a smaller scale keeps a normal patch at ~1
+    assert sorted(set(seg.memory_owner.tolist())) == [0, 1, 2, 3]
+    assert seg(torch.rand(1, 3, S, S), torch.rand(1, 3, S, S)).shape == (1, S, S)
+    with pytest.raises(ValueError, match="needs a memory"):
+        TDADModel(ModelConfig(image_size=S)).segmenter.resize_memory(8)

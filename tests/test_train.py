@@ -31,6 +31,7 @@ from engines.train import (
     configure_threads,
     downsample_mask,
     load_images,
+    memory_size_for,
     set_phase,
     train_sku,
     train_step,
@@ -184,6 +185,14 @@ def test_cli_preset_and_overrides(tmp_path: Path) -> None:
         config_from_args(_parse("--out", str(tmp_path), "--data", "d", "--image-size", "100"))
     with pytest.raises(DataError, match="--data"):
         config_from_args(_parse("--out", str(tmp_path)))
+    base = ("--out", str(tmp_path), "--data", "d", "--device", "cpu")
+    cfg, _ = config_from_args(_parse(*base))  # the small preset searches 16384 entries, stores 65536
+    assert (cfg.memory, cfg.inference_memory) == (16384, 65536) and memory_size_for(cfg, 10**4, inference=True) == 65536
+    cfg, _ = config_from_args(_parse(*base, "--memory", "100000"))  # a larger --memory is what inference searches
+    assert memory_size_for(cfg, 10**4, inference=True) == 100000 == memory_size_for(cfg, 10**4)
+    assert memory_size_for(cfg, 3) == 3 * (cfg.image_size // 8) ** 2  # capped at the training patches
+    with pytest.raises(ConfigError, match="--inference-memory 100 is below --memory 16384"):
+        config_from_args(_parse(*base, "--inference-memory", "100"))
 
 
 def test_cli_reconstruction_and_resize_reach_the_config(tmp_path: Path) -> None:
@@ -255,10 +264,17 @@ def test_cli_texture_source_reaches_the_config_and_old_checkpoints_keep_theirs(t
 def test_no_reconstruction_trains_the_segmenter_alone_and_cannot_be_exported(good_dir: Path, tmp_path: Path) -> None:
     from engines.export import export_sku
 
-    sku = train_sku(tiny_config(good_dir, tmp_path, reconstruction="none", resize="crop", memory=64))
+    sku = train_sku(tiny_config(good_dir, tmp_path, reconstruction="none", resize="crop", memory=32,
+                                inference_memory=96))
     meta = read_manifest(sku)
     assert meta.reconstruction == "none" and meta.preprocess.resize == "crop"
-    assert meta.model.memory_size == 64 and meta.model.memory_boost == MEMORY_BOOST  # a memory SKU infers boosted
+    assert meta.model.memory_size == 96 and meta.model.memory_boost == MEMORY_BOOST  # a memory SKU infers boosted
+    # training searched 32 entries (the last checkpoint); the SKU stores a fresh 96-entry sample, every image's
+    trained = load_file(str(sku / STATE_DIR / "weights.safetensors"))
+    stored = _weights(sku)
+    assert trained["model.segmenter.memory"].shape[0] == 32 and stored["segmenter.memory"].shape[0] == 96
+    assert set(stored["segmenter.memory_owner"].tolist()) == set(range(6))
+    assert not torch.equal(trained["model.segmenter.memory_scale"], stored["segmenter.memory_scale"])
     assert meta.train is not None and set(meta.train.losses) == {"segmenter"}
     model = load_sku(sku)
     x = torch.rand(1, 3, S, S)

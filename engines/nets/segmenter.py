@@ -95,6 +95,15 @@ class Segmenter(nn.Module):
         return [lg + gain * (F.interpolate(distance, size=lg.shape[-2:], mode="bilinear", align_corners=False) - 1.0)
                 for lg in logits]
 
+    def resize_memory(self, size: int) -> None:
+        """Give a memory segmenter `size` empty entries (to be refilled by fill_memory): a trained SKU stores a
+        larger sample for inference than its training searched, since search cost is per step there."""
+        if not self.memory_size or size < 1:
+            raise ValueError(f"resize_memory({size}): the segmenter needs a memory and at least one entry")
+        self.memory = self.memory.new_zeros(size, self.memory.shape[1])
+        self.memory_owner = self.memory_owner.new_full((size,), -1)
+        self.memory_size = size
+
     def memory_distance(self, queries: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
         """N x D x h x w patch features -> N x 1 x h x w distance to the nearest memory entry / memory_scale
         (matmul form, which exports to every backend; entries owned by `exclude` are skipped)."""

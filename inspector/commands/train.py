@@ -40,6 +40,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--memory", type=int,
                         help="normal patch descriptors the segmenter compares each patch with (0 = none; capped at "
                              "the training set's patches), the prior that tells real normal variation from defects")
+    parser.add_argument("--inference-memory", type=int,
+                        help="entries the SKU stores and inference searches, at least --memory (small preset: "
+                             "65536, capped at the training set's patches): a larger sample drawn after training, "
+                             "whose per-step search stays --memory-sized; costs inference time (README)")
     parser.add_argument("--ae-steps", type=int)
     parser.add_argument("--diffusion-steps", type=int)
     parser.add_argument("--seg-steps", type=int)
@@ -107,8 +111,12 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
     if args.tile_overlap and args.tile_scale is None:
         raise ConfigError("--tile-overlap needs --tile-scale (the overlap of the tiles a tiled SKU is inspected in)")
     knobs = dict(PRESETS[args.preset])
-    for name in ("image_size", "width", "seg_width", "batch_size", "memory", "ae_steps", "diffusion_steps",
-                 "seg_steps", "lr"):
+    memory = args.memory if args.memory is not None else knobs.get("memory", 0)
+    if args.inference_memory is not None and args.inference_memory < memory:
+        raise ConfigError(f"--inference-memory {args.inference_memory} is below --memory {memory}: inference "
+                          "searches at least what training did; raise it or drop it")
+    for name in ("image_size", "width", "seg_width", "batch_size", "memory", "inference_memory", "ae_steps",
+                 "diffusion_steps", "seg_steps", "lr"):
         if getattr(args, name) is not None:
             knobs[name] = getattr(args, name)
     cfg = TrainConfig(data=args.data, out=out, dataset=args.dataset, category=args.category, seed=args.seed,

@@ -188,8 +188,10 @@ def test_cli_preset_and_overrides(tmp_path: Path) -> None:
     base = ("--out", str(tmp_path), "--data", "d", "--device", "cpu")
     cfg, _ = config_from_args(_parse(*base))  # the small preset searches 16384 entries, stores 65536
     assert (cfg.memory, cfg.inference_memory) == (16384, 65536) and memory_size_for(cfg, 10**4, inference=True) == 65536
-    cfg, _ = config_from_args(_parse(*base, "--memory", "100000"))  # a larger --memory is what inference searches
-    assert memory_size_for(cfg, 10**4, inference=True) == 100000 == memory_size_for(cfg, 10**4)
+    cfg, _ = config_from_args(_parse(*base, "--memory", "4096"))  # --memory alone: searched and stored, as before
+    assert memory_size_for(cfg, 10**4, inference=True) == 4096 == memory_size_for(cfg, 10**4)
+    cfg, _ = config_from_args(_parse(*base, "--memory", "4096", "--inference-memory", "8192"))
+    assert (memory_size_for(cfg, 10**4), memory_size_for(cfg, 10**4, inference=True)) == (4096, 8192)
     assert memory_size_for(cfg, 3) == 3 * (cfg.image_size // 8) ** 2  # capped at the training patches
     with pytest.raises(ConfigError, match="--inference-memory 100 is below --memory 16384"):
         config_from_args(_parse(*base, "--inference-memory", "100"))

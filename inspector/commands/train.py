@@ -42,8 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "the training set's patches), the prior that tells real normal variation from defects")
     parser.add_argument("--inference-memory", type=int,
                         help="entries the SKU stores and inference searches, at least --memory (small preset: "
-                             "65536, capped at the training set's patches): a larger sample drawn after training, "
-                             "whose per-step search stays --memory-sized; costs inference time (README)")
+                             "65536, capped at the training set's patches; --memory alone stores --memory): a larger "
+                             "sample drawn after training, whose per-step search stays --memory-sized; costs "
+                             "inference time (README)")
     parser.add_argument("--ae-steps", type=int)
     parser.add_argument("--diffusion-steps", type=int)
     parser.add_argument("--seg-steps", type=int)
@@ -112,6 +113,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
         raise ConfigError("--tile-overlap needs --tile-scale (the overlap of the tiles a tiled SKU is inspected in)")
     knobs = dict(PRESETS[args.preset])
     memory = args.memory if args.memory is not None else knobs.get("memory", 0)
+    if args.memory is not None and args.inference_memory is None:
+        knobs["inference_memory"] = 0  # --memory alone sets the memory searched and stored, as before the split
     if args.inference_memory is not None and args.inference_memory < memory:
         raise ConfigError(f"--inference-memory {args.inference_memory} is below --memory {memory}: inference "
                           "searches at least what training did; raise it or drop it")

@@ -36,6 +36,7 @@ ROW_COLUMNS = {
     "sku": "SKU",
     "reconstruction": "reconstruction",
     "trained_on": "segmenter trained on",
+    "memory_boost": "memory boost",
 }
 # metric key -> table header, in report order
 METRIC_COLUMNS = {

@@ -109,6 +109,9 @@ class TrainConfig:
     # entries the SKU stores and inference searches (at least memory): a larger fresh sample after training,
     # whose per-step search cost stays memory-sized (README: measured)
     inference_memory: int = 0
+    # logit per unit of memory distance inference adds to the learnt gain (the SKU's model.memory_boost): how far
+    # inference trusts the prior over the decoder's reconstruction evidence, per SKU (README: measured)
+    memory_boost: float = MEMORY_BOOST
     tile_scale: float | None = None  # tiled SKU: model px per source px; each image is scaled, then cropped
     tile_overlap: float = 0.0  # tiled SKU: share of a tile its neighbours overlap at inspection time
     checkpoint_every: int = 500
@@ -124,6 +127,8 @@ class TrainConfig:
         if self.tile_scale is not None and self.resize != "stretch":
             raise ConfigError(f"resize={self.resize!r} does not apply to a tiled SKU (tile_scale={self.tile_scale}): "
                               "tiles keep the image's aspect; drop one of them")
+        if not math.isfinite(self.memory_boost) or self.memory_boost < 0:
+            raise ConfigError(f"memory_boost={self.memory_boost}: use a finite value >= 0 (0 = the learnt gain alone)")
         self.tiling()  # validates tile_scale and tile_overlap
         check_textures(self.textures, self.texture_dir)
 
@@ -532,7 +537,8 @@ def worker_threads(worker_id: int) -> None:
 
 def train_hash(cfg: TrainConfig, data_hash: str) -> str:
     """sha256 over the training files and every knob that changes the weights."""
-    runtime_only = ("out", "data", "device", "threads", "num_workers", "checkpoint_every", "stop_after", "progress")
+    runtime_only = ("out", "data", "device", "threads", "num_workers", "checkpoint_every", "stop_after", "progress",
+                    "memory_boost")  # inference-only: the same weights at every boost
     knobs = {k: v for k, v in cfg.to_dict().items() if k not in runtime_only}
     return hashlib.sha256((data_hash + json.dumps(knobs, sort_keys=True)).encode()).hexdigest()
 
@@ -555,8 +561,8 @@ def untrained_model(cfg: TrainConfig, images: TrainImages,
     remembered, owners = memory_images(images, cfg.image_size, cfg.tile_overlap) if cfg.memory else (squares, None)
     memory_size = memory_size_for(cfg, len(remembered))
     widened = ModelConfig(image_size=cfg.image_size).widened(cfg.width, cfg.seg_width)
-    config = dataclasses.replace(widened, memory_size=memory_size, memory_boost=MEMORY_BOOST if memory_size else 0.0,
-                                 residual=cfg.residual)
+    boost = cfg.memory_boost if memory_size else 0.0
+    config = dataclasses.replace(widened, memory_size=memory_size, memory_boost=boost, residual=cfg.residual)
     return TDADModel(config, reconstruction=cfg.reconstruction), remembered, owners
 
 

@@ -137,3 +137,53 @@ def test_defect_table_lists_each_type_with_its_count() -> None:
     row = {"sku": "a", "reconstruction": "none", "trained_on": "none", **metrics, "images_per_s": 1.0,
            "ms_per_image": 1.0}
     assert format_table([row], markdown=True).startswith("| SKU | reconstruction | segmenter trained on | image AUROC")
+
+
+@pytest.fixture(scope="module")
+def memory_sku(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A two-stage SKU whose segmenter has a filled 64-entry memory at boost 2 (random weights: mechanics)."""
+    import dataclasses
+
+    torch.manual_seed(2)
+    model = TDADModel(dataclasses.replace(TINY, memory_size=64, memory_boost=2.0)).eval()
+    model.segmenter.memory.normal_()
+    model.segmenter.memory_scale.fill_(10.0)
+    return save_sku(model, tmp_path_factory.mktemp("memory") / "mem")
+
+
+def test_eval_memory_boost_rows_run_the_sku_at_each_boost(
+    memory_sku: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = make_mvtec_tree(tmp_path / "mvtec", n_test_good=3, n_test_bad=4, size=40)
+    args = ["eval", "--sku-dir", str(memory_sku), "--dataset", "mvtec", "--root", str(root), "--category", "brick",
+            "--threads", "1", "--batch", "4", "--backend", "torch"]
+    assert main([*args, "--out", str(tmp_path / "plain")]) == 0, capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "boosts"), "--memory-boost", "0,2,8"]) == 0, capsys.readouterr().err
+    assert "memory boost" in capsys.readouterr().out
+    plain = json.loads((tmp_path / "plain" / "report.json").read_text())["rows"][0]
+    rows = json.loads((tmp_path / "boosts" / "report.json").read_text())["rows"]
+    assert [(r["memory_boost"], r["engine"]["memory_boost"]) for r in rows] == [("0", 0.0), ("2", 2.0), ("8", 8.0)]
+    assert rows[1]["pixel_ap"] == plain["pixel_ap"] and rows[1]["image_ap"] == plain["image_ap"]  # the SKU's own
+    assert rows[0]["pixel_ap"] != rows[2]["pixel_ap"]  # the boost reaches the maps
+    assert main([*args, "--out", str(tmp_path / "ablation"), "--ablation", "--memory-boost", "1,4"]) == 0
+    report = json.loads((tmp_path / "ablation" / "report.json").read_text())
+    assert [(r["reconstruction"], r["memory_boost"]) for r in report["rows"]] == [
+        (m, b) for m in RECONSTRUCTIONS for b in ("1", "4")]
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--memory-boost", "2"], "has no memory prior (trained with --memory 0)"),
+    (["--memory-boost", "x"], "--memory-boost 'x': expected comma-separated boosts"),
+    (["--memory-boost", "-1"], "boosts must be finite and >= 0"),
+    (["--memory-boost", "2", "--backend", "onnxruntime"], "--memory-boost runs the torch model"),
+    (["--memory-boost", "2", "--t1", "80"], "drop --steps/--t1/--t2 or --memory-boost"),
+])
+def test_eval_memory_boost_mistakes_are_one_line_errors(
+    skus: tuple[Path, Path], memory_sku: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    extra: list[str], message: str
+) -> None:
+    sku = skus[0] if message.startswith("has no memory") else memory_sku
+    args = ["eval", "--sku-dir", str(sku), "--dataset", "mvtec", "--root", str(tmp_path), "--category", "brick"]
+    assert main([*args, *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -33,6 +33,7 @@ from engines.train import (
     load_images,
     memory_size_for,
     set_phase,
+    train_hash,
     train_sku,
     train_step,
     worker_threads,
@@ -195,6 +196,12 @@ def test_cli_preset_and_overrides(tmp_path: Path) -> None:
     assert memory_size_for(cfg, 3) == 3 * (cfg.image_size // 8) ** 2  # capped at the training patches
     with pytest.raises(ConfigError, match="--inference-memory 100 is below --memory 16384"):
         config_from_args(_parse(*base, "--inference-memory", "100"))
+    assert config_from_args(_parse(*base))[0].memory_boost == MEMORY_BOOST
+    boosted, _ = config_from_args(_parse(*base, "--memory-boost", "8"))
+    assert boosted.memory_boost == 8.0  # inference-only: the weights' hash is the default's
+    assert train_hash(boosted, "data") == train_hash(config_from_args(_parse(*base))[0], "data")
+    with pytest.raises(ConfigError, match=r"memory_boost=-1\.0: use a finite value >= 0"):
+        config_from_args(_parse(*base, "--memory-boost", "-1"))
 
 
 def test_cli_reconstruction_and_resize_reach_the_config(tmp_path: Path) -> None:
@@ -267,10 +274,10 @@ def test_no_reconstruction_trains_the_segmenter_alone_and_cannot_be_exported(goo
     from engines.export import export_sku
 
     sku = train_sku(tiny_config(good_dir, tmp_path, reconstruction="none", resize="crop", memory=32,
-                                inference_memory=96))
+                                inference_memory=96, memory_boost=5.0))
     meta = read_manifest(sku)
     assert meta.reconstruction == "none" and meta.preprocess.resize == "crop"
-    assert meta.model.memory_size == 96 and meta.model.memory_boost == MEMORY_BOOST  # a memory SKU infers boosted
+    assert meta.model.memory_size == 96 and meta.model.memory_boost == 5.0  # the SKU infers at its boost
     # training searched 32 entries (the last checkpoint); the SKU stores a fresh 96-entry sample, every image's
     trained = load_file(str(sku / STATE_DIR / "weights.safetensors"))
     stored = _weights(sku)
@@ -284,6 +291,13 @@ def test_no_reconstruction_trains_the_segmenter_alone_and_cannot_be_exported(goo
         assert torch.equal(model.anomaly_maps(x), model.segmenter(x, x))
     with pytest.raises(DataError, match="ablation SKU"):
         export_sku(sku)
+    # the boost is inference-only: --resume --memory-boost on the finished run rewrites the SKU, weights unchanged
+    cfg, resume = config_from_args(_parse("--out", str(sku), "--resume", "--memory-boost", "7", "--device", "cpu",
+                                           "--threads", "1"))
+    assert resume and cfg.memory_boost == 7.0
+    train_sku(cfg, resume=True)
+    assert read_manifest(sku).model.memory_boost == 7.0 and read_manifest(sku).train_hash == meta.train_hash
+    assert [k for k, v in _weights(sku).items() if not torch.equal(stored[k], v)] == []
 
 
 def test_threads_never_exceed_the_cpus_left_by_the_workers(tmp_path: Path) -> None:

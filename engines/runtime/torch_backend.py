@@ -41,9 +41,11 @@ class TorchEngine:
     backend = "torch"
 
     def __init__(self, settings: TorchSettings, *, schedule_override: dict[str, Any] | None = None,
-                 chunk: int = 8, reconstruction: Reconstruction | None = None) -> None:
+                 chunk: int = 8, reconstruction: Reconstruction | None = None,
+                 memory_boost: float | None = None) -> None:
         """chunk: frames per forward pass; larger inputs are split to bound memory. reconstruction: run the
-        segmenter on this reconstruction mode instead of the one it was trained with (eval's ablation)."""
+        segmenter on this reconstruction mode instead of the one it was trained with (eval's ablation);
+        memory_boost: instead of the SKU's (eval's --memory-boost rows; the SKU must have a memory)."""
         self.settings = settings
         self.precision = settings.precision
         if settings.device == "cuda":
@@ -55,6 +57,7 @@ class TorchEngine:
         self.chunk = chunk
         self.cuda_graphs = settings.cuda_graphs and self.device.type == "cuda"
         self.reconstruction = reconstruction
+        self.memory_boost = memory_boost
         self.image_size = 0
         self.model: TDADModel | None = None
         self.sku_dir: Path | None = None
@@ -72,6 +75,11 @@ class TorchEngine:
             raise EngineError(str(exc)) from None
         except (TypeError, ValueError) as exc:
             raise EngineError(f"schedule override {self.schedule_override}: {exc}; fix [skus.*] t1/t2/steps") from None
+        if self.memory_boost is not None:
+            if not model.config.memory_size:
+                raise EngineError(f"{sku_dir}: the SKU has no memory prior (trained with --memory 0), so a memory "
+                                  f"boost does not apply; drop --memory-boost")
+            model.segmenter.memory_boost = self.memory_boost
         self.model, self.sku_dir, self.image_size = model, Path(sku_dir), model.config.image_size
         latent = (model.config.latent_channels, model.config.latent_size, model.config.latent_size)
         self._noises = tuple(torch.from_numpy(n).to(self.device) for n in model.schedule.stage_noises(latent))
@@ -154,6 +162,7 @@ class TorchEngine:
             "image_size": self.image_size,
             "schedule": model.schedule.to_dict() if model else None,
             "reconstruction": self.reconstruction or (model.reconstruction if model else None),
+            "memory_boost": model.segmenter.memory_boost if model else None,
             "sku_dir": str(self.sku_dir) if self.sku_dir else None,
             "torch": torch.__version__,
         }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -57,6 +58,17 @@ def parse_timesteps(flag: str, text: str) -> list[int]:
     return values
 
 
+def parse_boosts(text: str) -> list[float]:
+    """'1,2,4,8' -> [1.0, 2.0, 4.0, 8.0]; ConfigError naming --memory-boost on anything else."""
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--memory-boost {text!r}: expected comma-separated boosts like 1,2,4,8") from None
+    if any(not math.isfinite(v) or v < 0 for v in values):
+        raise ConfigError(f"--memory-boost {text!r}: boosts must be finite and >= 0")
+    return values
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `inspector eval`."""
     add_engine_arguments(parser)
@@ -76,6 +88,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare-sku", type=Path, action="append", default=[], metavar="DIR",
                         help="with --ablation: another SKU of the same size and resize mode (e.g. trained with "
                              "inspector train --no-reconstruction) whose rows join the table; repeatable")
+    parser.add_argument("--memory-boost", metavar="B[,B...]",
+                        help="memory boosts to compare, e.g. 1,2,4,8: rows on the torch backend (per ablation row "
+                             "with --ablation) with this logit per unit of memory distance added to the learnt gain "
+                             "instead of the SKU's; pick a SKU's on labelled parts, then inspector train "
+                             "--memory-boost (README: 'The memory boost, per SKU')")
     parser.add_argument("--score-sweep", action="store_true",
                         help="also print the image AUROC of other image-score definitions on the same maps: mean of "
                              "the top 0.05/0.15/0.5/1/5/25/100 %% of the map, its maximum, and its maximum after a "
@@ -105,21 +122,57 @@ def schedule_variants(args: argparse.Namespace, target: SkuTarget) -> list[Varia
     return variants
 
 
-def torch_engine(settings: EngineSettings, sku_dir: Path, override: dict[str, int], mode: str) -> Engine:
-    """A loaded torch engine running the SKU's segmenter on reconstruction `mode`."""
-    engine = engine_class("torch")(settings, schedule_override=override or None, reconstruction=mode)
+def torch_engine(settings: EngineSettings, sku_dir: Path, override: dict[str, int], mode: str,
+                 boost: float | None = None) -> Engine:
+    """A loaded torch engine running the SKU's segmenter on reconstruction `mode` (at memory boost `boost`, or
+    the SKU's)."""
+    engine = engine_class("torch")(settings, schedule_override=override or None, reconstruction=mode,
+                                   memory_boost=boost)
     engine.load(sku_dir)
     return engine
 
 
+def torch_rows_only(args: argparse.Namespace, flag: str) -> None:
+    """ConfigError unless the backend is torch (or unset): `flag`'s rows run the torch model."""
+    if args.backend not in (None, "torch"):
+        raise ConfigError(f"{flag} runs the torch model (the exported graphs hold the two-stage pipeline at the SKU's "
+                          f"memory boost only); drop --backend {args.backend} or pass --backend torch")
+
+
+def boost_rows(args: argparse.Namespace, sku_dirs: list[Path]) -> list[float | None]:
+    """The memory boosts each torch row runs at ([None]: the SKU's own); ConfigError when --memory-boost cannot
+    apply (a SKU without memory, or a schedule sweep)."""
+    if not args.memory_boost:
+        return [None]
+    if args.steps or args.t1 or args.t2:
+        raise ConfigError("--memory-boost rows run the trained schedule: drop --steps/--t1/--t2 or --memory-boost")
+    torch_rows_only(args, "--memory-boost")
+    for sku_dir in sku_dirs:
+        if not read_manifest(sku_dir).model.memory_size:
+            raise ConfigError(f"--memory-boost: {sku_dir} has no memory prior (trained with --memory 0), so no "
+                              f"boost applies; drop --memory-boost or that SKU")
+    return list(parse_boosts(args.memory_boost))
+
+
+def boost_variants(args: argparse.Namespace, target: SkuTarget, manifest: SkuManifest) -> list[Variant]:
+    """The SKU as trained, once per --memory-boost value, on the torch model."""
+    settings = target.engine
+    variants = []
+    for boost in boost_rows(args, [target.sku_dir]):
+        engine = partial(torch_engine, settings, target.sku_dir, target.schedule_override, manifest.reconstruction,
+                         boost)
+        variants.append(Variant({"memory_boost": f"{boost:g}"}, engine, f"montage_boost_{boost:g}.png"))
+    return variants
+
+
 def ablation_variants(args: argparse.Namespace, target: SkuTarget, manifest: SkuManifest) -> list[Variant]:
     """Every reconstruction mode each SKU's trained networks support (up to the one its segmenter was trained
-    with), run by the torch model: the exported graphs hold the two-stage pipeline only."""
-    if args.backend not in (None, "torch"):
-        raise ConfigError(f"--ablation runs the torch model (the exported graphs hold the two-stage pipeline only); "
-                          f"drop --backend {args.backend} or pass --backend torch")
+    with), run by the torch model (the exported graphs hold the two-stage pipeline only); with --memory-boost,
+    each of those rows once per boost."""
+    torch_rows_only(args, "--ablation")
     settings = target.engine  # torch: run() makes it the default backend of an ablation
     sku_dirs = [target.sku_dir, *args.compare_sku]
+    boosts = boost_rows(args, sku_dirs)
     names = [d.name for d in sku_dirs]
     variants = []
     for sku_dir in sku_dirs:
@@ -130,9 +183,14 @@ def ablation_variants(args: argparse.Namespace, target: SkuTarget, manifest: Sku
         name = sku_dir.name if names.count(sku_dir.name) == 1 else str(sku_dir)
         override = target.schedule_override if sku_dir == target.sku_dir else {}
         for mode in RECONSTRUCTIONS[: RECONSTRUCTIONS.index(other.reconstruction) + 1]:
-            labels = {"sku": name, "reconstruction": mode, "trained_on": other.reconstruction}
-            variants.append(Variant(labels, partial(torch_engine, settings, sku_dir, override, mode),
-                                    f"montage_{name.replace('/', '_')}_{mode}.png"))
+            for boost in boosts:
+                labels = {"sku": name, "reconstruction": mode, "trained_on": other.reconstruction}
+                suffix = ""
+                if boost is not None:
+                    labels["memory_boost"] = f"{boost:g}"
+                    suffix = f"_boost_{boost:g}"
+                variants.append(Variant(labels, partial(torch_engine, settings, sku_dir, override, mode, boost),
+                                        f"montage_{name.replace('/', '_')}_{mode}{suffix}.png"))
     return variants
 
 
@@ -151,7 +209,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError("--t1/--t2 sweep the product's schedule: drop them or --ablation")
     if args.compare_sku and not args.ablation:
         raise ConfigError("--compare-sku adds rows to the ablation table: pass --ablation too")
-    if args.ablation:  # the ablation rows run the torch model (checked, with its message, in ablation_variants)
+    if args.ablation or args.memory_boost:  # torch rows (checked, with their message, in torch_rows_only)
         args.backend = args.backend or "torch"
     target = sku_target(args)
     out = args.out or Path("var") / "eval" / target.sku_dir.name
@@ -159,7 +217,12 @@ def run(args: argparse.Namespace) -> int:
     manifest = read_manifest(target.sku_dir)
     top_k = manifest.score.top_k
     calibration = load_calibration(target.calibration_path) if target.calibration_path.is_file() else None
-    variants = ablation_variants(args, target, manifest) if args.ablation else schedule_variants(args, target)
+    if args.ablation:
+        variants = ablation_variants(args, target, manifest)
+    elif args.memory_boost:
+        variants = boost_variants(args, target, manifest)
+    else:
+        variants = schedule_variants(args, target)
     tiling = manifest.tiling
     dataset = open_dataset(args.dataset, args.root, args.category, "test", manifest.image_size,
                            manifest.preprocess.resize, tile_scale=tiling.scale if tiling else None)
@@ -173,7 +236,7 @@ def run(args: argparse.Namespace) -> int:
     counts = rows[0]["defect_counts"] if rows else {}
     report = {
         "sku_dir": str(target.sku_dir),
-        "backend": "torch" if args.ablation else target.engine.backend,
+        "backend": "torch" if args.ablation or args.memory_boost else target.engine.backend,
         "ablation": args.ablation,
         "dataset": {
             "kind": args.dataset,

@@ -7,6 +7,7 @@ import dataclasses
 from pathlib import Path
 
 from engines.manifest import RECONSTRUCTIONS, ModelConfig
+from engines.nets.segmenter import MEMORY_BOOST
 from engines.preprocess import RESIZE_MODES
 from engines.synthesis import TEXTURE_MIXES
 from engines.train import PRESETS, TrainConfig, read_checkpoint_config, train_sku
@@ -45,6 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "65536, capped at the training set's patches; --memory alone stores --memory): a larger "
                              "sample drawn after training, whose per-step search stays --memory-sized; costs "
                              "inference time (README)")
+    parser.add_argument("--memory-boost", type=float,
+                        help=f"how far inference trusts the memory prior over reconstruction evidence: logit per "
+                             f"unit of memory distance added to the learnt gain (default {MEMORY_BOOST:g}); "
+                             f"inference-only (same weights at every value): measure values on labelled parts with "
+                             f"inspector eval --memory-boost, then --resume --memory-boost B on the finished run "
+                             f"rewrites its SKU in a minute (re-export after; README)")
     parser.add_argument("--ae-steps", type=int)
     parser.add_argument("--diffusion-steps", type=int)
     parser.add_argument("--seg-steps", type=int)
@@ -106,6 +113,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
     if args.resume:
         cfg = read_checkpoint_config(out)
         runtime = {"out": out, "device": args.device, "num_workers": args.num_workers, "threads": args.threads}
+        if args.memory_boost is not None:  # inference-only: a finished run rewrites its SKU at the new boost
+            runtime["memory_boost"] = args.memory_boost
         return dataclasses.replace(cfg, **runtime), True
     if args.data is None:
         raise DataError("inspector train: --data DIR is required (the folder of good images or the data set root)")
@@ -118,8 +127,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
     if args.inference_memory is not None and args.inference_memory < memory:
         raise ConfigError(f"--inference-memory {args.inference_memory} is below --memory {memory}: inference "
                           "searches at least what training did; raise it or drop it")
-    for name in ("image_size", "width", "seg_width", "batch_size", "memory", "inference_memory", "ae_steps",
-                 "diffusion_steps", "seg_steps", "lr"):
+    for name in ("image_size", "width", "seg_width", "batch_size", "memory", "inference_memory", "memory_boost",
+                 "ae_steps", "diffusion_steps", "seg_steps", "lr"):
         if getattr(args, name) is not None:
             knobs[name] = getattr(args, name)
     cfg = TrainConfig(data=args.data, out=out, dataset=args.dataset, category=args.category, seed=args.seed,

@@ -44,6 +44,8 @@ class Calibration(BaseModel):
     data_hash: str = ""
     created: datetime
     score_top_k: int | None = Field(None, description="top-k of the image score the thresholds assume")
+    sku_fingerprint: str = Field("", description="engines.manifest.maps_fingerprint of the SKU the thresholds were "
+                                                 "fit on ('' before it was recorded: not checked)")
     threshold_rank: int | None = Field(None, description="k: image_threshold is the k-th largest good score")
     expected_false_reject_rate: float | None = Field(None, description="k / (n_good + 1)")
     empirical_false_reject_rate: float | None = Field(None, description="good calibration parts rejected")
@@ -132,6 +134,7 @@ def fit_thresholds(
     *,
     score_top_k: int | None = None,
     data_hash: str = "",
+    sku_fingerprint: str = "",
 ) -> Calibration:
     """Fit a SKU's thresholds from good image scores (N) and maps (N x H x W, or a list of a tiled SKU's stitched
     maps of different sizes), optionally NG ones.
@@ -189,6 +192,7 @@ def fit_thresholds(
         n_good=n,
         n_ng=n_ng,
         data_hash=data_hash,
+        sku_fingerprint=sku_fingerprint,
         created=datetime.now(UTC),
         score_top_k=score_top_k,
         threshold_rank=k,

@@ -30,6 +30,7 @@ Schema history:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -256,6 +257,27 @@ def read_manifest(sku_dir: Path) -> SkuManifest:
         raise DataError(f"{path}: malformed SKU metadata ({where}: {first['msg']}); retrain the SKU") from None
     except (json.JSONDecodeError, AttributeError, TypeError, ValueError, ConfigError) as exc:
         raise DataError(f"{path}: malformed SKU metadata ({first_line(exc)}); retrain the SKU") from None
+
+
+def file_sha256(path: Path) -> str:
+    """Hex digest of a file (ties exported graphs to weights, plans to graphs, calibrations to SKUs)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# the manifest records that shape a SKU's anomaly maps (not its export, train or bookkeeping records)
+MAP_SHAPING = {"model", "schedule", "latent_scale", "score", "preprocess", "reconstruction", "tiling"}
+
+
+def maps_fingerprint(sku_dir: Path) -> str:
+    """sha256 over model.safetensors and the meta.json records that shape the SKU's maps (MAP_SHAPING): what a
+    calibration records, so thresholds fit before a retraining or a memory boost change are refused, not used."""
+    shaping = read_manifest(sku_dir).model_dump(mode="json", include=MAP_SHAPING)
+    text = file_sha256(Path(sku_dir) / WEIGHTS_FILE) + json.dumps(shaping, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def write_manifest(sku_dir: Path, manifest: SkuManifest) -> Path:

@@ -89,7 +89,7 @@ def build_demo_sku(workdir: Path, recipe: Recipe = Recipe(), *, threads: int = 0
     from calibration.evaluate import infer_dataset
     from calibration.thresholds import fit_thresholds, format_table, save_calibration
     from engines.data import file_list_hash, open_dataset
-    from engines.manifest import score_top_k
+    from engines.manifest import maps_fingerprint, score_top_k
     from engines.runtime import create_engine
     from engines.sample_data import write_mvtec_tree
     from engines.scoring import image_scores
@@ -131,7 +131,7 @@ def build_demo_sku(workdir: Path, recipe: Recipe = Recipe(), *, threads: int = 0
     calibration = fit_thresholds(
         scores[good], inference.maps[good], recipe.target_frr,
         ng_scores=scores[ng], ng_maps=inference.maps[ng], ng_masks=inference.masks[ng],
-        score_top_k=top_k, data_hash=file_list_hash(test),
+        score_top_k=top_k, data_hash=file_list_hash(test), sku_fingerprint=maps_fingerprint(sku_dir),
     )
     save_calibration(calibration, sku_dir / "calibration.json")
     (sku_dir / RECIPE_FILE).write_text(json.dumps(asdict(recipe), indent=2) + "\n")

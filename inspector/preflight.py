@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from engines.manifest import WEIGHTS_FILE, read_manifest
+from engines.manifest import WEIGHTS_FILE, maps_fingerprint, read_manifest
 from engines.runtime.config import EngineSettings
 from foundation.errors import DataError, InspectorError
 from inspector.config import (
@@ -159,9 +159,14 @@ def check_sku(config: InspectorConfig, name: str, *, engine_files: bool = True) 
                                 f"`inspector calibrate --sku {name}`"))
     else:
         try:
-            load_calibration(calibration)
+            stale = _calibration_is_stale(load_calibration(calibration).sku_fingerprint, sku.model_dir)
         except DataError as exc:
             problems.append(Problem(cal_key, str(exc)))
+        else:
+            if stale:
+                problems.append(Problem(cal_key, f"{calibration} was fit on other weights or settings than "
+                                        f"{sku.model_dir} holds now (retrained, or its memory boost changed); run "
+                                        f"`inspector calibrate --sku {name}` again"))
     if not engine_files:
         return problems
     try:
@@ -173,6 +178,17 @@ def check_sku(config: InspectorConfig, name: str, *, engine_files: bool = True) 
         problems.append(Problem(f"{key}.model_dir", f"{sku.model_dir} lacks {', '.join(missing)} for engine.backend "
                                 f"= {config.engine.backend!r}; {fix}"))
     return problems
+
+
+def _calibration_is_stale(fingerprint: str, sku_dir: Path) -> bool:
+    """Whether a calibration that recorded its SKU's maps fingerprint was fit on another state of sku_dir
+    (unknowable, so not stale, when it recorded none or the weights or manifest cannot be read)."""
+    if not fingerprint or not (sku_dir / WEIGHTS_FILE).is_file():
+        return False
+    try:
+        return fingerprint != maps_fingerprint(sku_dir)
+    except DataError:  # a broken meta.json is reported by the manifest check
+        return False
 
 
 def _engine_files_missing(sku_dir: Path, engine: EngineSettings) -> tuple[list[str], str]:

@@ -21,7 +21,7 @@ from calibration.evaluate import (
 from calibration.montage import COLUMNS, MontageRow, render_montage, write_montage
 from calibration.thresholds import load_calibration
 from engines.data import open_dataset
-from engines.manifest import score_top_k
+from engines.manifest import maps_fingerprint, score_top_k
 from engines.scoring import image_scores, smoothed_max_scores, top_k_for
 from foundation.errors import ConfigError, DataError
 from inspector.cli import main
@@ -177,7 +177,9 @@ def test_calibrate_with_ng_masks_fits_the_pixel_threshold_on_them(
     ng, masks = root / "brick" / "test" / "scratch", root / "brick" / "ground_truth" / "scratch"
     args = ["calibrate", "--sku-dir", str(tiny_sku), "--good", str(good), "--frr", "0.1", "--threads", "1"]
     assert main([*args, "--ng", str(ng), "--ng-masks", str(masks)]) == 0, capsys.readouterr().err
-    assert load_calibration(tiny_sku / "calibration.json").pixel_threshold_method == "f1_optimal_on_ng_masks"
+    calibration = load_calibration(tiny_sku / "calibration.json")
+    assert calibration.pixel_threshold_method == "f1_optimal_on_ng_masks"
+    assert calibration.sku_fingerprint == maps_fingerprint(tiny_sku)  # what the daemon's pre-flight compares
     assert main([*args, "--ng", str(ng)]) == 0
     assert load_calibration(tiny_sku / "calibration.json").pixel_threshold_method != "f1_optimal_on_ng_masks"
 

@@ -3,6 +3,7 @@ each missing or wrong one reported with its fix; real files, a real SKU saved by
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 
 from calibration.thresholds import save_calibration
+from engines.manifest import maps_fingerprint, read_manifest, write_manifest
 from engines.runtime.benchmark import make_random_sku
 from inspector.config import load_config
 from inspector.preflight import Problem, check
@@ -170,3 +172,21 @@ def test_the_station_page_token_is_checked_like_the_broker_password(tmp_path: Pa
     assert problems(path) == []
     token.write_text("short\n")
     assert ["at least 16" in p.message for p in problems(path)] == [True]
+
+
+def test_a_calibration_fit_on_another_state_of_the_sku_is_refused(tmp_path: Path, sku: Path) -> None:
+    """Thresholds carry the fingerprint of the maps they were fit on: a memory boost change (or a retraining)
+    makes them stale, named with the command that refits them; one that recorded none is not judged."""
+    sku_copy = Path(shutil.copytree(sku, tmp_path / "sku"))
+    save_calibration(make_calibration(sku_fingerprint=maps_fingerprint(sku_copy)), sku_copy / "calibration.json")
+    path = station(tmp_path, sku_copy)
+    assert problems(path) == []
+    manifest = read_manifest(sku_copy)
+    boosted = dataclasses.replace(manifest.model, memory_boost=8.0)  # as train --resume --memory-boost 8
+    write_manifest(sku_copy, manifest.model_copy(update={"model": boosted}))
+    (stale,) = problems(path)
+    assert stale.key == "skus.part.model_dir" and stale.fatal
+    assert "was fit on other weights or settings" in stale.message
+    assert "run `inspector calibrate --sku part` again" in stale.message
+    save_calibration(make_calibration(), sku_copy / "calibration.json")  # recorded before fingerprints: accepted
+    assert problems(path) == []

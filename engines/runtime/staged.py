@@ -4,7 +4,6 @@ and TensorRT backends, with an optional stage-by-stage timing that leaves the no
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from engines.manifest import MANIFEST_FILE, WEIGHTS_FILE, ExportRecord, SkuManifest, read_manifest
+from engines.manifest import MANIFEST_FILE, WEIGHTS_FILE, ExportRecord, SkuManifest, file_sha256, read_manifest
 from engines.preprocess import preprocess
 from engines.schedule import Schedule, residual_reconstruction, two_stage_reconstruct
 from foundation.errors import DataError, EngineError
@@ -110,15 +109,6 @@ def open_exported_sku(sku_dir: Path, override: dict[str, Any]) -> ExportedSku:
     latent_hw = manifest.model.latent_size
     noises = schedule.stage_noises((manifest.model.latent_channels, latent_hw, latent_hw))
     return ExportedSku(manifest, export, manifest.image_size, schedule, noises)
-
-
-def file_sha256(path: Path) -> str:
-    """Hex digest of a file (ties exported graphs to weights, and plans to graphs)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def reconstruction(parts: Parts, x: Any, z0: Any, z: Any, residual: bool) -> Any:

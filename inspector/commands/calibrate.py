@@ -8,7 +8,7 @@ from pathlib import Path
 from calibration.evaluate import infer_dataset, map_scores
 from calibration.thresholds import fit_thresholds, format_table, save_calibration
 from engines.data import FolderDataset, file_list_hash
-from engines.manifest import read_manifest
+from engines.manifest import maps_fingerprint, read_manifest
 from engines.runtime import create_engine
 from foundation.errors import ConfigError
 from inspector.commands.common import add_engine_arguments, sku_target
@@ -57,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
         ng_masks=ng_masks,
         score_top_k=top_k,
         data_hash=hashes[0] if len(hashes) == 1 else "+".join(hashes),
+        sku_fingerprint=maps_fingerprint(target.sku_dir),
     )
     save_calibration(calibration, target.calibration_path)
     print(format_table(calibration))

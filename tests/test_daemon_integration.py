@@ -414,7 +414,8 @@ def test_a_camera_that_appears_after_start_is_used_without_a_restart(
 
 def test_a_tiled_sku_localises_a_defect_in_a_far_tile_of_a_large_frame_in_frame_coordinates(
         tmp_path: Path, trained: Path) -> None:
-    from engines.manifest import TilingRecord, read_manifest, write_manifest
+    from calibration.thresholds import load_calibration, save_calibration
+    from engines.manifest import TilingRecord, maps_fingerprint, read_manifest, write_manifest
     from inspector.pipeline import Pipeline
     from inspector.service import load_sku
     from tests.fixtures_engines import copy_sku
@@ -422,6 +423,9 @@ def test_a_tiled_sku_localises_a_defect_in_a_far_tile_of_a_large_frame_in_frame_
 
     sku_dir = copy_sku(trained, tmp_path / "tiled")  # the demo model (64 px, trained on 128 px parts) at scale 0.5
     write_manifest(sku_dir, read_manifest(sku_dir).model_copy(update={"tiling": TilingRecord(scale=0.5)}))
+    calibration = load_calibration(sku_dir / "calibration.json")  # the demo's thresholds, carried over on purpose
+    save_calibration(calibration.model_copy(update={"sku_fingerprint": maps_fingerprint(sku_dir)}),
+                     sku_dir / "calibration.json")
     sku = load_sku(load_config(write_config(tmp_path, sku_dir, 1883, 'type = "synthetic"')), "brick")
     rng = np.random.default_rng(11)
     cells = [[render_part("brick", 128, rng) for _ in range(3)] for _ in range(2)]  # a 384 x 256 frame of 6 parts

@@ -202,6 +202,8 @@ def test_cli_preset_and_overrides(tmp_path: Path) -> None:
     assert train_hash(boosted, "data") == train_hash(config_from_args(_parse(*base))[0], "data")
     with pytest.raises(ConfigError, match=r"memory_boost=-1\.0: use a finite value >= 0"):
         config_from_args(_parse(*base, "--memory-boost", "-1"))
+    with pytest.raises(ConfigError, match="--memory-boost 8: this run has no memory prior"):
+        config_from_args(_parse(*base, "--memory", "0", "--memory-boost", "8"))
 
 
 def test_cli_reconstruction_and_resize_reach_the_config(tmp_path: Path) -> None:

@@ -115,7 +115,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
         runtime = {"out": out, "device": args.device, "num_workers": args.num_workers, "threads": args.threads}
         if args.memory_boost is not None:  # inference-only: a finished run rewrites its SKU at the new boost
             runtime["memory_boost"] = args.memory_boost
-        return dataclasses.replace(cfg, **runtime), True
+        return boost_applies(dataclasses.replace(cfg, **runtime), args), True
     if args.data is None:
         raise DataError("inspector train: --data DIR is required (the folder of good images or the data set root)")
     if args.tile_overlap and args.tile_scale is None:
@@ -139,7 +139,15 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
                       tile_scale=args.tile_scale,
                       tile_overlap=args.tile_overlap, **knobs)
     ModelConfig(image_size=cfg.image_size).widened(cfg.width, cfg.seg_width)  # validates size and widths first
-    return cfg, False
+    return boost_applies(cfg, args), False
+
+
+def boost_applies(cfg: TrainConfig, args: argparse.Namespace) -> TrainConfig:
+    """cfg, or ConfigError when --memory-boost is given to a run without a memory prior (it would do nothing)."""
+    if args.memory_boost is not None and not cfg.memory:
+        raise ConfigError(f"--memory-boost {args.memory_boost:g}: this run has no memory prior (--memory 0), so no "
+                          "boost applies; drop --memory-boost or give it --memory N")
+    return cfg
 
 
 def run(args: argparse.Namespace) -> int:

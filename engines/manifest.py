@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib.metadata import PackageNotFoundError, version
@@ -272,10 +273,15 @@ def file_sha256(path: Path) -> str:
 MAP_SHAPING = {"model", "schedule", "latent_scale", "score", "preprocess", "reconstruction", "tiling"}
 
 
-def maps_fingerprint(sku_dir: Path) -> str:
-    """sha256 over model.safetensors and the meta.json records that shape the SKU's maps (MAP_SHAPING): what a
-    calibration records, so thresholds fit before a retraining or a memory boost change are refused, not used."""
-    shaping = read_manifest(sku_dir).model_dump(mode="json", include=MAP_SHAPING)
+def maps_fingerprint(sku_dir: Path, schedule_override: Mapping[str, int] | None = None) -> str:
+    """sha256 over model.safetensors and the meta.json records that shape the SKU's maps (MAP_SHAPING), with the
+    station's schedule override applied (the schedule that runs is hashed, so an override equal to the trained
+    value changes nothing): what a calibration records, so thresholds fit before a retraining, a memory boost
+    change or another [skus.*] t1/t2/steps are refused, not used. ValueError/TypeError for an invalid override."""
+    manifest = read_manifest(sku_dir)
+    if schedule_override:
+        manifest = manifest.model_copy(update={"schedule": manifest.schedule.with_overrides(**schedule_override)})
+    shaping = manifest.model_dump(mode="json", include=MAP_SHAPING)
     text = file_sha256(Path(sku_dir) / WEIGHTS_FILE) + json.dumps(shaping, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 

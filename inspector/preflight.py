@@ -159,14 +159,16 @@ def check_sku(config: InspectorConfig, name: str, *, engine_files: bool = True) 
                                 f"`inspector calibrate --sku {name}`"))
     else:
         try:
-            stale = _calibration_is_stale(load_calibration(calibration).sku_fingerprint, sku.model_dir)
+            stale = _calibration_is_stale(load_calibration(calibration).sku_fingerprint, sku.model_dir,
+                                          sku.schedule_override())
         except DataError as exc:
             problems.append(Problem(cal_key, str(exc)))
         else:
             if stale:
                 problems.append(Problem(cal_key, f"{calibration} was fit on other weights or settings than "
-                                        f"{sku.model_dir} holds now (retrained, or its memory boost changed); run "
-                                        f"`inspector calibrate --sku {name}` again"))
+                                        f"{sku.model_dir} and [{key}] hold now (retrained, its memory boost "
+                                        f"changed, or t1/t2/steps changed); run `inspector calibrate --sku {name}` "
+                                        f"again"))
     if not engine_files:
         return problems
     try:
@@ -180,14 +182,15 @@ def check_sku(config: InspectorConfig, name: str, *, engine_files: bool = True) 
     return problems
 
 
-def _calibration_is_stale(fingerprint: str, sku_dir: Path) -> bool:
-    """Whether a calibration that recorded its SKU's maps fingerprint was fit on another state of sku_dir
-    (unknowable, so not stale, when it recorded none or the weights or manifest cannot be read)."""
+def _calibration_is_stale(fingerprint: str, sku_dir: Path, schedule_override: dict[str, int]) -> bool:
+    """Whether a calibration that recorded its SKU's maps fingerprint was fit on another state of sku_dir or
+    another schedule override (unknowable, so not stale, when it recorded none or the weights, manifest or
+    override cannot be read)."""
     if not fingerprint or not (sku_dir / WEIGHTS_FILE).is_file():
         return False
     try:
-        return fingerprint != maps_fingerprint(sku_dir)
-    except DataError:  # a broken meta.json is reported by the manifest check
+        return fingerprint != maps_fingerprint(sku_dir, schedule_override)
+    except (DataError, ValueError, TypeError):  # a broken meta.json or override is reported where it is loaded
         return False
 
 

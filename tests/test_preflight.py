@@ -19,8 +19,10 @@ import pytest
 from calibration.thresholds import save_calibration
 from engines.manifest import maps_fingerprint, read_manifest, write_manifest
 from engines.runtime.benchmark import make_random_sku
+from inspector.cli import main
 from inspector.config import load_config
 from inspector.preflight import Problem, check
+from tests.fixtures_data import make_good_folder
 from tests.small_fs import small_fs
 from tests.test_decider import make_calibration
 
@@ -190,3 +192,19 @@ def test_a_calibration_fit_on_another_state_of_the_sku_is_refused(tmp_path: Path
     assert "run `inspector calibrate --sku part` again" in stale.message
     save_calibration(make_calibration(), sku_copy / "calibration.json")  # recorded before fingerprints: accepted
     assert problems(path) == []
+
+
+def test_a_calibration_fit_on_another_schedule_override_is_refused(tmp_path: Path, sku: Path) -> None:
+    """The station's [skus.*] t1/t2/steps change the maps as a retraining does: thresholds fit without the
+    override are refused once it differs from the trained schedule, and accepted again when refit with it."""
+    save_calibration(make_calibration(sku_fingerprint=maps_fingerprint(sku)), tmp_path / "calibration.json")
+    trained_t2 = read_manifest(sku).schedule.t2
+    same = station(tmp_path, sku, extra=f'thresholds_file = "{tmp_path / "calibration.json"}"\nt2 = {trained_t2}')
+    assert problems(same) == []  # the schedule that runs is hashed, not how it was written
+    other = station(tmp_path, sku, extra=f'thresholds_file = "{tmp_path / "calibration.json"}"\nt2 = {trained_t2 - 1}')
+    (stale,) = problems(other)
+    assert "t1/t2/steps changed" in stale.message and "inspector calibrate --sku part" in stale.message
+    good = make_good_folder(tmp_path / "good", n=6, size=64)
+    assert main(["calibrate", "--config", str(other), "--sku", "part", "--good", str(good), "--frr", "0.2",
+                 "--threads", "1"]) == 0  # runs the override and records it
+    assert problems(other) == []

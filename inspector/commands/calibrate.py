@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
         ng_masks=ng_masks,
         score_top_k=top_k,
         data_hash=hashes[0] if len(hashes) == 1 else "+".join(hashes),
-        sku_fingerprint=maps_fingerprint(target.sku_dir),
+        sku_fingerprint=maps_fingerprint(target.sku_dir, target.schedule_override),
     )
     save_calibration(calibration, target.calibration_path)
     print(format_table(calibration))

@@ -25,6 +25,9 @@ Schema history:
   6  adds model.residual (the segmenter's reconstruction is x + decode(z_rec) - decode(z0), engines/schedule.py
      residual_reconstruction); older files get false, what they computed. Versioned so an older daemon refuses
      such a SKU instead of feeding its segmenter the plain decode it was not trained on.
+  7  adds model.fine_memory_size and model.fine_boost (an inference-only memory of patch descriptors on a grid
+     twice as fine, engines/nets/segmenter.py); older files get 0, what they computed. Versioned so an older
+     daemon refuses such a SKU instead of loading weights with tensors it does not know.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from foundation.errors import ConfigError, DataError, first_line
 
 MANIFEST_FILE = "meta.json"
 WEIGHTS_FILE = "model.safetensors"
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 
 # The segmenter's second input, from least to most of the model: the input itself, autoencoder round trip,
 # stage 1 only, the full two-stage diffusion. A mode needs the networks of every mode before it.
@@ -71,6 +74,8 @@ class ModelConfig:
     memory_size: int = 0  # normal patch descriptors the segmenter compares with (0 = no memory prior)
     memory_boost: float = 0.0  # logit per unit of memory distance added at inference only (Segmenter.forward)
     residual: bool = False  # segmenter's reconstruction x + decode(z_rec) - decode(z0) (training writes true)
+    fine_memory_size: int = 0  # normal descriptors on the 2x-finer grid (0 = none; added after training)
+    fine_boost: float = 0.0  # logit per unit of fine-memory distance, inference only (Segmenter.forward)
 
     def __post_init__(self) -> None:
         """Image sizes must divide by 32 (8x latent down-sampling, then two more U-Net halvings)."""

@@ -46,7 +46,8 @@ class TDADModel(nn.Module):
         self.decoder = Decoder(c.ae_channels, c.latent_channels)
         self.denoiser = Denoiser(c.latent_channels, c.cond_channels, c.denoiser_channels, c.time_dim)
         self.fusion = Fusion(c.latent_channels, c.cond_channels, c.fusion_channels)
-        self.segmenter = Segmenter(c.image_size, c.seg_channels, c.memory_size, c.memory_boost)
+        self.segmenter = Segmenter(c.image_size, c.seg_channels, c.memory_size, c.memory_boost, c.fine_memory_size,
+                                   c.fine_boost)
 
     @property
     def latent_scale(self) -> float:

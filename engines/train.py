@@ -39,7 +39,7 @@ from engines.data import file_list_hash, open_dataset
 from engines.gpu import torch_cuda_device
 from engines.manifest import RECONSTRUCTIONS, PreprocessRecord, Reconstruction, TilingRecord, TrainRecord
 from engines.model import ModelConfig, TDADModel, save_sku
-from engines.nets.segmenter import MEMORY_BOOST, patch_features
+from engines.nets.segmenter import FINE_BOOST, MEMORY_BOOST, nearest_distance, patch_features
 from engines.preprocess import RESIZE_MODES, ResizeMode, preprocess
 from engines.schedule import Schedule, add_noise, predict_x0
 from engines.synthesis import AnomalySynthesizer, TextureMix, check_textures
@@ -112,6 +112,10 @@ class TrainConfig:
     # logit per unit of memory distance inference adds to the learnt gain (the SKU's model.memory_boost): how far
     # inference trusts the prior over the decoder's reconstruction evidence, per SKU (README: measured)
     memory_boost: float = MEMORY_BOOST
+    # an inference-only second memory on a grid twice as fine (0 = none; capped at the training set's cells),
+    # stored after training, and the logit per unit of its distance that inference adds (README: measured)
+    fine_memory: int = 0
+    fine_boost: float = FINE_BOOST
     tile_scale: float | None = None  # tiled SKU: model px per source px; each image is scaled, then cropped
     tile_overlap: float = 0.0  # tiled SKU: share of a tile its neighbours overlap at inspection time
     checkpoint_every: int = 500
@@ -129,6 +133,10 @@ class TrainConfig:
                               "tiles keep the image's aspect; drop one of them")
         if not math.isfinite(self.memory_boost) or self.memory_boost < 0:
             raise ConfigError(f"memory_boost={self.memory_boost}: use a finite value >= 0 (0 = the learnt gain alone)")
+        if not math.isfinite(self.fine_boost) or self.fine_boost < 0:
+            raise ConfigError(f"fine_boost={self.fine_boost}: use a finite value >= 0")
+        if self.fine_memory < 0:
+            raise ConfigError(f"fine_memory={self.fine_memory}: use 0 (none) or a number of entries, e.g. 16384")
         self.tiling()  # validates tile_scale and tile_overlap
         check_textures(self.textures, self.texture_dir)
 
@@ -366,39 +374,78 @@ def memory_images(images: TrainImages, size: int, overlap: float) -> tuple[np.nd
 
 
 @torch.no_grad()
-def fill_memory(model: TDADModel, images_u8_nhwc: np.ndarray, device: torch.device, batch: int, seed: int,
-                owners: np.ndarray | None = None) -> float:
-    """Fill the segmenter's memory with a seeded random sample of the images' patch descriptors, each tagged
-    with its source image (`owners`, one per row; default: each row its own), and set memory_scale to the mean
-    leave-one-image-out nearest distance of up to 4096 of those patches, so a normal patch reads ~1; returns
-    that scale. The sample is drawn before any feature is computed, so only the chosen patches are kept
-    (a tiled SKU's tiles have millions of patches)."""
-    seg = model.segmenter
-    per_row = (images_u8_nhwc.shape[1] // 8) * (images_u8_nhwc.shape[2] // 8)  # stride-8 patches of one image
+def sample_descriptors(describe: Callable[[torch.Tensor], torch.Tensor], images_u8_nhwc: np.ndarray, cell: int,
+                       count: int, rng: np.random.Generator, device: torch.device, batch: int,
+                       owners: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A seeded random sample of `count` patch descriptors of the images (describe: N x 3 x S x S -> N x D x S/cell
+    x S/cell) and up to 4096 probe descriptors, each with its source image (`owners`, one per row; default: each
+    row its own): (sample, its owners, probes, their owners). The sample is drawn before any feature is
+    computed, so only the chosen patches are kept (a tiled SKU's tiles have millions of patches)."""
+    per_row = (images_u8_nhwc.shape[1] // cell) * (images_u8_nhwc.shape[2] // cell)
     total = len(images_u8_nhwc) * per_row
-    rng = np.random.default_rng([seed, len(PHASES)])
-    pick = rng.choice(total, seg.memory_size, replace=False)
+    pick = rng.choice(total, count, replace=False)
     probe = rng.choice(total, min(4096, total), replace=False)
     wanted = np.union1d(pick, probe)  # sorted: the order the loop below meets them in
     kept = []
     for i in range(0, len(images_u8_nhwc), batch):
         x = torch.from_numpy(preprocess(images_u8_nhwc[i : i + batch])).to(device)
-        f = patch_features(seg.backbone(x))
+        f = describe(x)
         rows = wanted[(wanted >= i * per_row) & (wanted < (i + len(x)) * per_row)] - i * per_row
         kept.append(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])[torch.from_numpy(rows).to(device)])
     feats = torch.cat(kept)
     sources = np.arange(len(images_u8_nhwc)) if owners is None else np.asarray(owners)
     feat_owners = torch.from_numpy(sources[wanted // per_row]).to(device)
     at_pick = torch.from_numpy(np.searchsorted(wanted, pick)).to(device)
-    seg.memory.copy_(feats[at_pick])
-    seg.memory_owner.copy_(feat_owners[at_pick])
-    seg.memory_scale.fill_(1.0)
     at_probe = torch.from_numpy(np.searchsorted(wanted, probe)).to(device)
-    distances = torch.cat([seg.memory_distance(feats[p][:, :, None, None], feat_owners[p]).flatten()
-                           for p in at_probe.split(512)])
-    scale = max(float(distances[torch.isfinite(distances)].mean()), 1e-6)
+    return feats[at_pick], feat_owners[at_pick], feats[at_probe], feat_owners[at_probe]
+
+
+def leave_one_out_scale(memory: torch.Tensor, memory_owners: torch.Tensor, probes: torch.Tensor,
+                        probe_owners: torch.Tensor) -> float:
+    """Mean distance of the probes to their nearest memory entry of another source image: the scale that makes
+    a normal patch read ~1."""
+    one = memory.new_ones(())
+    distances = torch.cat([
+        nearest_distance(probes[p][:, :, None, None], memory, one,
+                         memory_owners[None, None, :] == probe_owners[p][:, None, None]).flatten()
+        for p in torch.arange(len(probes), device=probes.device).split(512)])
+    return max(float(distances[torch.isfinite(distances)].mean()), 1e-6)
+
+
+def fill_memory(model: TDADModel, images_u8_nhwc: np.ndarray, device: torch.device, batch: int, seed: int,
+                owners: np.ndarray | None = None) -> float:
+    """Fill the segmenter's memory with a seeded random sample of the images' stride-8 patch descriptors, each
+    tagged with its source image (`owners`), and set memory_scale by leave_one_out_scale; returns that scale."""
+    seg = model.segmenter
+    rng = np.random.default_rng([seed, len(PHASES)])
+    memory, memory_owners, probes, probe_owners = sample_descriptors(
+        lambda x: patch_features(seg.backbone(x)), images_u8_nhwc, 8, seg.memory_size, rng, device, batch, owners)
+    seg.memory.copy_(memory)
+    seg.memory_owner.copy_(memory_owners)
+    scale = leave_one_out_scale(memory, memory_owners, probes, probe_owners)
     seg.memory_scale.fill_(scale)
     return scale
+
+
+def store_fine_memory(model: TDADModel, remembered: np.ndarray, owners: np.ndarray | None, cfg: TrainConfig,
+                      device: torch.device) -> None:
+    """Give the trained segmenter its fine memory (cfg.fine_memory entries of Segmenter.fine_features, capped at
+    the images' cells, scaled like fill_memory's) and cfg.fine_boost; nothing when cfg.fine_memory is 0."""
+    if not cfg.fine_memory:
+        return
+    seg = model.segmenter
+    size = min(cfg.fine_memory, len(remembered) * (cfg.image_size // 4) ** 2)
+    seg.resize_fine_memory(size)
+    seg.to(device)
+    seg.fine_boost = cfg.fine_boost
+    rng = np.random.default_rng([cfg.seed, len(PHASES) + 1])
+    memory, memory_owners, probes, probe_owners = sample_descriptors(
+        seg.fine_features, remembered, 4, size, rng, device, cfg.batch_size, owners)
+    seg.fine_memory.copy_(memory)
+    scale = leave_one_out_scale(memory, memory_owners, probes, probe_owners)
+    seg.fine_memory_scale.fill_(scale)
+    model.config = dataclasses.replace(model.config, fine_memory_size=size, fine_boost=cfg.fine_boost)
+    log.info("fine_memory_stored", entries=size, scale=scale, boost=cfg.fine_boost)
 
 
 def memory_size_for(cfg: TrainConfig, n_rows: int, inference: bool = False) -> int:
@@ -538,7 +585,7 @@ def worker_threads(worker_id: int) -> None:
 def train_hash(cfg: TrainConfig, data_hash: str) -> str:
     """sha256 over the training files and every knob that changes the weights."""
     runtime_only = ("out", "data", "device", "threads", "num_workers", "checkpoint_every", "stop_after", "progress",
-                    "memory_boost")  # inference-only: the same weights at every boost
+                    "memory_boost", "fine_memory", "fine_boost")  # inference-only: the same weights at any value
     knobs = {k: v for k, v in cfg.to_dict().items() if k not in runtime_only}
     return hashlib.sha256((data_hash + json.dumps(knobs, sort_keys=True)).encode()).hexdigest()
 
@@ -649,6 +696,7 @@ def train_sku(cfg: TrainConfig, resume: bool = False) -> Path:
         run.save()
 
     store_inference_memory(model, remembered, owners, cfg, device)
+    store_fine_memory(model, remembered, owners, cfg, device)
     model.eval()
     save_sku(model, cfg.out, train_hash=train_hash(cfg, data_hash), data_hash=data_hash,
              train=TrainRecord(losses=run.losses, config=cfg.to_dict()),

@@ -86,9 +86,10 @@ def test_a_new_skus_top_k_is_a_share_of_its_map_and_older_skus_keep_theirs(tmp_p
     manifest = read_manifest(tmp_path)  # a 64 px SKU trained with the fixed 100 px keeps scoring with 100 px
     assert manifest.score.top_k == 100 and manifest.image_size == 64
     assert manifest.preprocess.resize == "stretch" and manifest.reconstruction == "two_stage"
-    assert manifest.tiling is None and manifest.schema_version == SCHEMA_VERSION == 6
+    assert manifest.tiling is None and manifest.schema_version == SCHEMA_VERSION == 7
     assert manifest.model.memory_boost == 0.0  # what SKUs before the boost computed
     assert not manifest.model.residual  # nor the residual reconstruction
+    assert manifest.model.fine_memory_size == 0 and manifest.model.fine_boost == 0.0  # nor a fine memory
 
 
 @pytest.mark.parametrize(("change", "message"), [

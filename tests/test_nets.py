@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -105,6 +106,35 @@ def test_memory_prior_distances_exclude_the_source_image_and_read_about_one() ->
         unboosted = seg.logits(x, x)[-1][:, 0]
     here = F.interpolate(seg.memory_distance(queries), size=(S, S), mode="bilinear", align_corners=False)[:, 0]
     assert torch.allclose(boosted - unboosted, 1.5 * (here - 1.0), atol=1e-3)
+
+
+def test_the_fine_memory_adds_its_distance_at_inference_only(tmp_path: Path) -> None:
+    """store_fine_memory keeps descriptors of the 2x-upsampled images (4 px cells), scaled so a good cell of
+    another image reads ~1; forward adds fine_boost * (distance - 1) to the map's logits, and the logits
+    training's loss sees are untouched."""
+    from engines.train import TrainConfig, store_fine_memory
+
+    torch.manual_seed(0)
+    images = np.random.default_rng(2).integers(0, 256, (4, S, S, 3), dtype=np.uint8)
+    model = TDADModel(ModelConfig(image_size=S)).eval()
+    x = torch.from_numpy(images[:2].transpose(0, 3, 1, 2) / 255.0).float()
+    with torch.no_grad():
+        before = model.segmenter.logits(x, x)[-1][:, 0]
+    cfg = TrainConfig(data=tmp_path, out=tmp_path, image_size=S, fine_memory=10**6, fine_boost=1.5)
+    store_fine_memory(model, images, None, cfg, torch.device("cpu"))
+    seg = model.segmenter
+    cells = (S // 4) ** 2
+    assert seg.fine_memory.shape == (4 * cells, 120) and model.config.fine_memory_size == 4 * cells  # capped
+    assert model.config.fine_boost == seg.fine_boost == 1.5 and float(seg.fine_memory_scale) > 0
+    with torch.no_grad():
+        distance = seg.fine_distance(x)
+        assert tuple(distance.shape) == (2, 1, S // 4, S // 4) and float(distance.max()) < 1e-2  # finds itself
+        assert torch.equal(seg.logits(x, x)[-1][:, 0], before)
+        boosted = torch.logit(seg(x, x).double()).float()
+    here = F.interpolate(distance, size=(S, S), mode="bilinear", align_corners=False)[:, 0]
+    assert torch.allclose(boosted - before, 1.5 * (here - 1.0), atol=1e-3)
+    with pytest.raises(ValueError, match="at least one entry"):
+        seg.resize_fine_memory(0)
 
 
 def test_a_resized_memory_is_refilled_with_its_own_scale() -> None:

@@ -204,6 +204,13 @@ def test_cli_preset_and_overrides(tmp_path: Path) -> None:
         config_from_args(_parse(*base, "--memory-boost", "-1"))
     with pytest.raises(ConfigError, match="--memory-boost 8: this run has no memory prior"):
         config_from_args(_parse(*base, "--memory", "0", "--memory-boost", "8"))
+    fine, _ = config_from_args(_parse(*base, "--fine-memory", "16384", "--fine-boost", "1.5"))
+    assert (fine.fine_memory, fine.fine_boost) == (16384, 1.5)  # inference-only as well
+    assert train_hash(fine, "data") == train_hash(config_from_args(_parse(*base))[0], "data")
+    with pytest.raises(ConfigError, match=r"--fine-boost 1\.5: this run has no fine memory"):
+        config_from_args(_parse(*base, "--fine-boost", "1.5"))
+    with pytest.raises(ConfigError, match="fine_memory=-1: use 0"):
+        config_from_args(_parse(*base, "--fine-memory", "-1"))
 
 
 def test_cli_reconstruction_and_resize_reach_the_config(tmp_path: Path) -> None:
@@ -300,6 +307,17 @@ def test_no_reconstruction_trains_the_segmenter_alone_and_cannot_be_exported(goo
     train_sku(cfg, resume=True)
     assert read_manifest(sku).model.memory_boost == 7.0 and read_manifest(sku).train_hash == meta.train_hash
     assert [k for k, v in _weights(sku).items() if not torch.equal(stored[k], v)] == []
+    # so is the fine memory: --resume --fine-memory adds it to the finished run's SKU, the trained tensors kept
+    cfg, _ = config_from_args(_parse("--out", str(sku), "--resume", "--fine-memory", "64", "--fine-boost", "1.5",
+                                     "--device", "cpu", "--threads", "1"))
+    train_sku(cfg, resume=True)
+    fine = read_manifest(sku)
+    assert (fine.model.fine_memory_size, fine.model.fine_boost, fine.train_hash) == (64, 1.5, meta.train_hash)
+    weights = _weights(sku)
+    assert weights["segmenter.fine_memory"].shape == (64, 120)
+    assert [k for k, v in stored.items() if not torch.equal(weights[k], v)] == []
+    with torch.inference_mode():
+        assert not torch.equal(load_sku(sku).segmenter(x, x), model.segmenter(x, x))
 
 
 def test_threads_never_exceed_the_cpus_left_by_the_workers(tmp_path: Path) -> None:

@@ -15,6 +15,8 @@ MEMORY_GAIN = 2.0  # initial logit per unit of normalised memory distance above 
 # logit per unit of memory distance that inference adds to the learnt gain: synthetic anomalies teach the decoder
 # to lean on reconstruction evidence, real defects need the prior more (measured on both real sets: README)
 MEMORY_BOOST = 2.0
+# logit per unit of fine-memory distance (a SKU's optional second memory on a 2x-finer grid; README: measured)
+FINE_BOOST = 1.0
 
 
 def _conv_act(in_ch: int, out_ch: int, k: int = 3) -> nn.Sequential:
@@ -42,12 +44,16 @@ class Segmenter(nn.Module):
     """
 
     def __init__(self, image_size: int, channels: tuple[int, int, int, int], memory_size: int = 0,
-                 memory_boost: float = 0.0) -> None:
+                 memory_boost: float = 0.0, fine_memory_size: int = 0, fine_boost: float = 0.0) -> None:
         super().__init__()
         self.backbone = Backbone(image_size)
         feat = self.backbone.channels
         self.memory_size = memory_size
         self.memory_boost = float(memory_boost)
+        self.fine_memory_size = 0
+        self.fine_boost = float(fine_boost)
+        if fine_memory_size:
+            self.resize_fine_memory(fine_memory_size)
         extra = (0, 0, 1, 0) if memory_size else (0, 0, 0, 0)  # the memory distance joins the stride-8 fusion
         self.fuse = nn.ModuleList(_conv_act(3 * f + e, c, 1) for f, c, e in zip(feat, channels, extra, strict=True))
         if memory_size:  # filled by training (fill_memory); zeros until then
@@ -104,18 +110,51 @@ class Segmenter(nn.Module):
         self.memory_owner = self.memory_owner.new_full((size,), -1)
         self.memory_size = size
 
+    def resize_fine_memory(self, size: int) -> None:
+        """Give the segmenter `size` empty fine-memory entries (filled by engines.train.store_fine_memory)."""
+        if size < 1:
+            raise ValueError(f"resize_fine_memory({size}): the fine memory needs at least one entry")
+        width = self.backbone.channels[2] + self.backbone.channels[3]
+        self.register_buffer("fine_memory", torch.zeros(size, width))
+        self.register_buffer("fine_memory_scale", torch.ones(()))
+        self.fine_memory_size = size
+
+    def fine_features(self, x: torch.Tensor) -> torch.Tensor:
+        """x: N x 3 x S x S -> N x D x S/4 x S/4 patch descriptors of x upsampled 2x: the memory's descriptors on
+        a grid twice as fine, so a defect a few pixels wide moves the distance of the cells it is in."""
+        return patch_features(self.backbone(F.interpolate(x, scale_factor=2.0, mode="bilinear",
+                                                          align_corners=False)))
+
     def memory_distance(self, queries: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
         """N x D x h x w patch features -> N x 1 x h x w distance to the nearest memory entry / memory_scale
-        (matmul form, which exports to every backend; entries owned by `exclude` are skipped)."""
-        n, d, h, w = queries.shape
-        # float32 even under autocast: |q|^2 - 2 q.m + |m|^2 cancels, and bf16/fp16 would leave noise for distance
-        with torch.autocast(queries.device.type, enabled=False):
-            q = queries.float().permute(0, 2, 3, 1).reshape(n, h * w, d)
-            d2 = (q * q).sum(-1, keepdim=True) - 2.0 * q @ self.memory.t() + (self.memory * self.memory).sum(-1)
-            if exclude is not None:
-                d2 = d2.masked_fill(self.memory_owner[None, None, :] == exclude[:, None, None], float("inf"))
-            return (d2.amin(-1).clamp_min(0.0).sqrt() / self.memory_scale).reshape(n, 1, h, w)
+        (entries owned by `exclude` are skipped)."""
+        skip = None if exclude is None else self.memory_owner[None, None, :] == exclude[:, None, None]
+        return nearest_distance(queries, self.memory, self.memory_scale, skip)
+
+    def fine_distance(self, x: torch.Tensor) -> torch.Tensor:
+        """x: N x 3 x S x S -> N x 1 x S/4 x S/4 distance of fine_features to the nearest fine-memory entry /
+        fine_memory_scale (a good cell reads ~1)."""
+        return nearest_distance(self.fine_features(x), self.fine_memory, self.fine_memory_scale)
 
     def forward(self, x: torch.Tensor, x_rec: torch.Tensor) -> torch.Tensor:
-        """x, x_rec: N x 3 x S x S in [0, 1] -> anomaly maps N x S x S in [0, 1]."""
-        return torch.sigmoid(self.logits(x, x_rec, boost=self.memory_boost)[-1][:, 0])
+        """x, x_rec: N x 3 x S x S in [0, 1] -> anomaly maps N x S x S in [0, 1]; with a fine memory its distance
+        adds fine_boost logits per unit above a good cell's (inference only: training never sees it)."""
+        logits = self.logits(x, x_rec, boost=self.memory_boost)[-1]
+        if self.fine_memory_size:
+            fine = F.interpolate(self.fine_distance(x), size=logits.shape[-2:], mode="bilinear", align_corners=False)
+            logits = logits + self.fine_boost * (fine - 1.0)
+        return torch.sigmoid(logits[:, 0])
+
+
+def nearest_distance(queries: torch.Tensor, memory: torch.Tensor, scale: torch.Tensor,
+                     skip: torch.Tensor | None = None) -> torch.Tensor:
+    """N x D x h x w patch features -> N x 1 x h x w distance to the nearest row of memory / scale (matmul form,
+    which exports to every backend; skip: N x 1 x M, True where an entry may not match)."""
+    n, d, h, w = queries.shape
+    # float32 even under autocast: |q|^2 - 2 q.m + |m|^2 cancels, and bf16/fp16 would leave noise for distance
+    with torch.autocast(queries.device.type, enabled=False):
+        q = queries.float().permute(0, 2, 3, 1).reshape(n, h * w, d)
+        d2 = (q * q).sum(-1, keepdim=True) - 2.0 * q @ memory.t() + (memory * memory).sum(-1)
+        if skip is not None:
+            d2 = d2.masked_fill(skip, float("inf"))
+        return (d2.amin(-1).clamp_min(0.0).sqrt() / scale).reshape(n, 1, h, w)

@@ -163,6 +163,7 @@ class TorchEngine:
             "schedule": model.schedule.to_dict() if model else None,
             "reconstruction": self.reconstruction or (model.reconstruction if model else None),
             "memory_boost": model.segmenter.memory_boost if model else None,
+            "fine_memory": (model.config.fine_memory_size, model.segmenter.fine_boost) if model else None,
             "sku_dir": str(self.sku_dir) if self.sku_dir else None,
             "torch": torch.__version__,
         }

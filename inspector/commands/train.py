@@ -7,7 +7,7 @@ import dataclasses
 from pathlib import Path
 
 from engines.manifest import RECONSTRUCTIONS, ModelConfig
-from engines.nets.segmenter import MEMORY_BOOST
+from engines.nets.segmenter import FINE_BOOST, MEMORY_BOOST
 from engines.preprocess import RESIZE_MODES
 from engines.synthesis import TEXTURE_MIXES
 from engines.train import PRESETS, TrainConfig, read_checkpoint_config, train_sku
@@ -52,6 +52,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              f"inference-only (same weights at every value): measure values on labelled parts with "
                              f"inspector eval --memory-boost, then --resume --memory-boost B on the finished run "
                              f"rewrites its SKU in a minute (re-export after; README)")
+    parser.add_argument("--fine-memory", type=int, metavar="N",
+                        help="also store N normal descriptors on a grid twice as fine (4 px cells at the model size) "
+                             "and add their distance to the map at inference (default 0 = none): finer defect "
+                             "outlines for thin defects, at a search cost per frame; inference-only like "
+                             "--memory-boost, so --resume --fine-memory N on the finished run adds it (README)")
+    parser.add_argument("--fine-boost", type=float,
+                        help=f"logit per unit of fine-memory distance (default {FINE_BOOST:g}); needs --fine-memory")
     parser.add_argument("--ae-steps", type=int)
     parser.add_argument("--diffusion-steps", type=int)
     parser.add_argument("--seg-steps", type=int)
@@ -113,8 +120,9 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
     if args.resume:
         cfg = read_checkpoint_config(out)
         runtime = {"out": out, "device": args.device, "num_workers": args.num_workers, "threads": args.threads}
-        if args.memory_boost is not None:  # inference-only: a finished run rewrites its SKU at the new boost
-            runtime["memory_boost"] = args.memory_boost
+        for name in ("memory_boost", "fine_memory", "fine_boost"):  # inference-only: a finished run rewrites its
+            if getattr(args, name) is not None:                       # SKU with the new value in seconds
+                runtime[name] = getattr(args, name)
         return boost_applies(dataclasses.replace(cfg, **runtime), args), True
     if args.data is None:
         raise DataError("inspector train: --data DIR is required (the folder of good images or the data set root)")
@@ -128,7 +136,7 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
         raise ConfigError(f"--inference-memory {args.inference_memory} is below --memory {memory}: inference "
                           "searches at least what training did; raise it or drop it")
     for name in ("image_size", "width", "seg_width", "batch_size", "memory", "inference_memory", "memory_boost",
-                 "ae_steps", "diffusion_steps", "seg_steps", "lr"):
+                 "fine_memory", "fine_boost", "ae_steps", "diffusion_steps", "seg_steps", "lr"):
         if getattr(args, name) is not None:
             knobs[name] = getattr(args, name)
     cfg = TrainConfig(data=args.data, out=out, dataset=args.dataset, category=args.category, seed=args.seed,
@@ -143,10 +151,14 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
 
 
 def boost_applies(cfg: TrainConfig, args: argparse.Namespace) -> TrainConfig:
-    """cfg, or ConfigError when --memory-boost is given to a run without a memory prior (it would do nothing)."""
+    """cfg, or ConfigError when --memory-boost is given to a run without a memory prior, or --fine-boost to one
+    without a fine memory (either would do nothing)."""
     if args.memory_boost is not None and not cfg.memory:
         raise ConfigError(f"--memory-boost {args.memory_boost:g}: this run has no memory prior (--memory 0), so no "
                           "boost applies; drop --memory-boost or give it --memory N")
+    if args.fine_boost is not None and not cfg.fine_memory:
+        raise ConfigError(f"--fine-boost {args.fine_boost:g}: this run has no fine memory, so no boost applies; "
+                          "drop --fine-boost or give it --fine-memory N")
     return cfg
 
 

@@ -318,6 +318,9 @@ def test_no_reconstruction_trains_the_segmenter_alone_and_cannot_be_exported(goo
     assert [k for k, v in stored.items() if not torch.equal(weights[k], v)] == []
     with torch.inference_mode():
         assert not torch.equal(load_sku(sku).segmenter(x, x), model.segmenter(x, x))
+    train_sku(config_from_args(_parse("--out", str(sku), "--resume", "--fine-memory", "0", "--device", "cpu",
+                                      "--threads", "1"))[0], resume=True)  # and --fine-memory 0 takes it out
+    assert read_manifest(sku).model.fine_memory_size == 0 and _weights(sku).keys() == stored.keys()
 
 
 def test_threads_never_exceed_the_cpus_left_by_the_workers(tmp_path: Path) -> None:

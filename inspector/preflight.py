@@ -166,9 +166,9 @@ def check_sku(config: InspectorConfig, name: str, *, engine_files: bool = True) 
         else:
             if stale:
                 problems.append(Problem(cal_key, f"{calibration} was fit on other weights or settings than "
-                                        f"{sku.model_dir} and [{key}] hold now (retrained, its memory boost "
-                                        f"changed, or t1/t2/steps changed); run `inspector calibrate --sku {name}` "
-                                        f"again"))
+                                        f"{sku.model_dir} and [{key}] hold now (retrained, its memory boost or "
+                                        f"fine memory changed, or t1/t2/steps changed); run `inspector calibrate "
+                                        f"--sku {name}` again"))
     if not engine_files:
         return problems
     try:

@@ -436,7 +436,6 @@ def store_fine_memory(model: TDADModel, remembered: np.ndarray, owners: np.ndarr
     seg = model.segmenter
     size = min(cfg.fine_memory, len(remembered) * (cfg.image_size // 4) ** 2)
     seg.resize_fine_memory(size)
-    seg.to(device)
     seg.fine_boost = cfg.fine_boost
     rng = np.random.default_rng([cfg.seed, len(PHASES) + 1])
     memory, memory_owners, probes, probe_owners = sample_descriptors(

@@ -115,8 +115,9 @@ class Segmenter(nn.Module):
         if size < 1:
             raise ValueError(f"resize_fine_memory({size}): the fine memory needs at least one entry")
         width = self.backbone.channels[2] + self.backbone.channels[3]
-        self.register_buffer("fine_memory", torch.zeros(size, width))
-        self.register_buffer("fine_memory_scale", torch.ones(()))
+        device = next(self.backbone.parameters()).device  # where the segmenter already is, as resize_memory does
+        self.register_buffer("fine_memory", torch.zeros(size, width, device=device))
+        self.register_buffer("fine_memory_scale", torch.ones((), device=device))
         self.fine_memory_size = size
 
     def fine_features(self, x: torch.Tensor) -> torch.Tensor:

@@ -406,9 +406,8 @@ def leave_one_out_scale(memory: torch.Tensor, memory_owners: torch.Tensor, probe
     a normal patch read ~1."""
     one = memory.new_ones(())
     distances = torch.cat([
-        nearest_distance(probes[p][:, :, None, None], memory, one,
-                         memory_owners[None, None, :] == probe_owners[p][:, None, None]).flatten()
-        for p in torch.arange(len(probes), device=probes.device).split(512)])
+        nearest_distance(chunk[:, :, None, None], memory, one, memory_owners[None, None, :] == owners[:, None, None])
+        .flatten() for chunk, owners in zip(probes.split(512), probe_owners.split(512), strict=True)])
     return max(float(distances[torch.isfinite(distances)].mean()), 1e-6)
 
 

@@ -97,6 +97,13 @@ def otsu_foreground(image_u8_hwc: np.ndarray) -> np.ndarray:
     return cv2.morphologyEx(binary, cv2.MORPH_CLOSE, kernel).astype(bool)
 
 
+def object_region(image_u8_hwc: np.ndarray) -> np.ndarray | None:
+    """The Otsu object where anomalies may go, or None (the whole frame) when it is under 2 % of the frame or
+    covers over 20 % of its border: a full-frame texture, where Otsu only splits the texture itself."""
+    fg = otsu_foreground(image_u8_hwc)
+    return fg if fg.mean() >= 0.02 and _border(fg).mean() <= 0.2 else None
+
+
 def shuffled_patches(image_u8_hwc: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """The image rolled, cut into a 2x2, 4x4 or 8x8 grid of square patches, shuffled and turned."""
     size = image_u8_hwc.shape[0]
@@ -218,8 +225,7 @@ class AnomalySynthesizer:
             return self.fixed_foreground
         if self.foreground == "none":
             return None
-        fg = otsu_foreground(image_u8_hwc)
-        return fg if fg.mean() >= 0.02 and _border(fg).mean() <= 0.2 else None
+        return object_region(image_u8_hwc)
 
     def draw_mask(self, rng: np.random.Generator, foreground: np.ndarray | None) -> np.ndarray:
         """A non-empty bool anomaly mask inside the foreground (redrawn if tiny, then a blob on the object)."""

@@ -7,6 +7,7 @@ table row per schedule or per ablation variant), tests, the demo and bench scrip
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from collections import Counter
@@ -22,7 +23,7 @@ from calibration import metrics
 from calibration.montage import MontageRow, write_montage
 from calibration.thresholds import Calibration
 from engines.data import Item
-from engines.manifest import TilingRecord
+from engines.manifest import SkuManifest, TilingRecord
 from engines.runtime import Engine
 from engines.scoring import DEFAULT_TOP_K, image_scores, smoothed_max_scores
 from engines.tiling import infer_tiled
@@ -281,3 +282,21 @@ def _render(headers: list[str], cells: list[list[str]], markdown: bool) -> str:
         return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells])
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
     return "\n".join("  ".join(v.rjust(w) for v, w in zip(line, widths, strict=True)) for line in [headers, *cells])
+
+
+def held_out_line(manifest: SkuManifest, test_files: Sequence[Path]) -> tuple[str, int]:
+    """The report line that says what fed the SKU's settings and how many of the evaluated files were among them
+    (0: the numbers are held out), and that count."""
+    record = manifest.selection
+    if record is None:
+        return ("settings: set by hand, not chosen by inspector train (no selection record); whatever they were "
+                "tuned on is not recorded"), 0
+    used = {os.path.realpath(f) for f in [*record.validation_files, *record.ng_files]}
+    overlap = sum(os.path.realpath(f) in used for f in test_files)
+    c = record.chosen
+    what = (f"settings (memory boost {c.memory_boost:g}, fine boost {c.fine_boost:g}, top-k {c.top_k}) chosen on "
+            f"{record.good} held-out training images, {record.synthetic_defects} synthetic defects"
+            + (f" and {record.ng} scrap parts" if record.ng else ""))
+    if overlap:
+        return f"{what}; WARNING: {overlap} of the {len(test_files)} evaluated files fed that choice", overlap
+    return f"{what}; none of the {len(test_files)} evaluated files fed any choice", 0

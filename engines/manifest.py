@@ -180,6 +180,46 @@ class ExportRecord(BaseModel):
     int8: DerivedGraphsRecord | None = None
 
 
+class SelectionCandidate(BaseModel):
+    """One candidate of setting selection (calibration/selection.py) with its metrics on the validation slice's
+    synthetic defects and, when the operator gave scrap parts, on those (None: not measured)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    memory_boost: float
+    fine_boost: float
+    top_k: int
+    image_auroc: float | None = None
+    pixel_auroc: float | None = None
+    aupro: float | None = None
+    ng_image_auroc: float | None = None
+    ng_pixel_auroc: float | None = None
+    ng_aupro: float | None = None
+    objective: float
+
+    def key(self) -> tuple[float, float, int]:
+        """(memory boost, fine boost, top-k): what the candidate sets."""
+        return self.memory_boost, self.fine_boost, self.top_k
+
+
+class SelectionRecord(BaseModel):
+    """How the SKU's inference settings were chosen: the winner, every candidate, and exactly which files fed the
+    choice (held-out training images, scrap parts), so a report can show that no test image did."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    chosen: SelectionCandidate
+    candidates: list[SelectionCandidate]
+    validation_files: list[str]
+    ng_files: list[str] = Field(default_factory=list)
+    good: int
+    synthetic_defects: int
+    ng: int = 0
+    ng_masks: bool = False
+    defect_kinds: list[str] = Field(default_factory=list)
+    seconds: float = 0.0
+
+
 class SkuManifest(BaseModel):
     """meta.json of a SKU directory (schema SCHEMA_VERSION)."""
 
@@ -200,6 +240,7 @@ class SkuManifest(BaseModel):
     note: str = ""
     train: TrainRecord | None = None
     export: ExportRecord | None = None
+    selection: SelectionRecord | None = None  # how memory boost, fine boost and top-k were chosen (None: by hand)
 
     @computed_field  # type: ignore[prop-decorator]
     @property

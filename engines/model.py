@@ -130,12 +130,18 @@ def save_sku(model: TDADModel, sku_dir: Path, **records: Any) -> Path:
 
     records: manifest fields beside the model's own (train_hash, data_hash, train, note).
     """
-    sku_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(sku_dir / WEIGHTS_FILE))
+    save_weights(model, sku_dir)
     write_manifest(sku_dir, new_manifest(model.config, model.schedule, model.latent_scale,
                                          reconstruction=model.reconstruction, **records))
     return sku_dir
+
+
+def save_weights(model: TDADModel, sku_dir: Path) -> Path:
+    """Write the model's tensors to sku_dir/model.safetensors (sku_dir created if needed); returns the file."""
+    sku_dir.mkdir(parents=True, exist_ok=True)
+    path = sku_dir / WEIGHTS_FILE
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
 
 
 def load_sku(sku_dir: Path, device: str | torch.device = "cpu") -> TDADModel:

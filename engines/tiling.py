@@ -33,6 +33,22 @@ from engines.manifest import TilingRecord
 from engines.preprocess import resize_image
 from engines.runtime.base import Engine
 
+# a defect must cover this many model px to be seen: one fine-memory cell, half a memory patch (engines.nets)
+DEFECT_MODEL_PX = 4.0
+DEFECT_TILE_OVERLAP = 0.25  # tiles chosen for a defect size overlap by a quarter, so one sees a border defect whole
+
+
+def scale_for_defect(min_defect_px: float, sizes_hw: Sequence[tuple[int, int]], size: int) -> float | None:
+    """The tile scale at which a defect of min_defect_px camera px covers DEFECT_MODEL_PX model px, or None when
+    the whole image at the model size already does (the median image's tighter axis); ValueError if not > 0."""
+    if not min_defect_px > 0:
+        raise ValueError(f"the smallest defect must be a positive number of camera px, got {min_defect_px}")
+    need = DEFECT_MODEL_PX / min_defect_px
+    whole = float(np.median([min(size / h, size / w) for h, w in sizes_hw])) if sizes_hw else 0.0
+    if whole >= need:
+        return None
+    return round(min(need, 4.0), 3)
+
 
 def scaled_hw(h: int, w: int, scale: float) -> tuple[int, int]:
     """The size of an h x w source at `scale` model px per source px (at least 1 x 1)."""

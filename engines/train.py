@@ -54,9 +54,15 @@ PHASES = ("autoencoder", "diffusion", "segmenter")
 PHASES_FOR = {"none": ("segmenter",), "autoencoder": ("autoencoder", "segmenter"), "stage1": PHASES,
               "two_stage": PHASES}
 STATE_DIR = "train_state"
+SELECTION_HOLDOUT = 0.2  # the validation slice inspector train holds out to choose settings on
+DEFAULT_FINE_MEMORY = 16384  # fine-memory entries a run stores for setting selection to weigh (README: measured)
 # lowest stage-2 training timestep: below it restoring a defect needs an epsilon of 1 / sqrt(1 - alpha_bar) > 10x
 # the latent difference, and stage 2's DDIM steps (t2 / steps2 apart) never go there
 STAGE2_T_MIN = 20
+# seconds per step of each phase relative to an autoencoder step (the small preset on one CPU core: 0.10 / 0.12 /
+# 0.70 s): how the remaining time of phases not yet started is estimated from the phase running now
+STEP_COST = {"autoencoder": 1.0, "diffusion": 1.2, "segmenter": 7.0}
+PROGRESS_EVERY_S = 60.0  # a train_progress log line at most this often (the bar shows it on a terminal)
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"image_size": 64, "batch_size": 8, "ae_steps": 300, "diffusion_steps": 600, "seg_steps": 300},
     "small": {"image_size": 128, "batch_size": 8, "memory": 16384, "inference_memory": 65536, "ae_steps": 1500,
@@ -118,6 +124,17 @@ class TrainConfig:
     fine_boost: float = FINE_BOOST
     tile_scale: float | None = None  # tiled SKU: model px per source px; each image is scaled, then cropped
     tile_overlap: float = 0.0  # tiled SKU: share of a tile its neighbours overlap at inspection time
+    # the smallest defect the line must catch, in camera px (operator input): it set tile_scale / tile_overlap
+    # (engines.tiling.scale_for_defect); None: whole images at the model size
+    min_defect_px: float | None = None
+    # share of the good images held out of every phase (and the memory) as the validation slice that setting
+    # selection measures false positives and synthetic defects on (0 = train on all; fewer than 10 images: none;
+    # inspector train holds out SELECTION_HOLDOUT when it chooses settings)
+    holdout: float = 0.0
+    # the memory prior alone, in seconds: no network is trained, the segmenter's learnt logits are zeroed so the
+    # map is sigmoid(memory_boost * (distance - 1) + fine_boost * (fine distance - 1)); the same export, engines,
+    # calibration and manifest as a full SKU, so a line inspects while the full model trains
+    quick: bool = False
     checkpoint_every: int = 500
     stop_after: int | None = None  # stop with a checkpoint after this many steps in total (time-boxed runs)
     progress: bool = True
@@ -135,8 +152,12 @@ class TrainConfig:
             raise ConfigError(f"memory_boost={self.memory_boost}: use a finite value >= 0 (0 = the learnt gain alone)")
         if not math.isfinite(self.fine_boost) or self.fine_boost < 0:
             raise ConfigError(f"fine_boost={self.fine_boost}: use a finite value >= 0")
+        if self.quick and not self.memory:
+            raise ConfigError("quick=True needs a memory prior (memory > 0): the quick model is the memory alone")
         if self.fine_memory < 0:
             raise ConfigError(f"fine_memory={self.fine_memory}: use 0 (none) or a number of entries, e.g. 16384")
+        if not 0.0 <= self.holdout <= 0.5:
+            raise ConfigError(f"holdout={self.holdout}: use a share of the good images in [0, 0.5] (0 = none)")
         self.tiling()  # validates tile_scale and tile_overlap
         check_textures(self.textures, self.texture_dir)
 
@@ -151,8 +172,9 @@ class TrainConfig:
             raise ConfigError(f"tile_{first['loc'][0]}={first['input']}: {first['msg'].lower()}") from None
 
     def steps(self, phase: str) -> int:
-        """Number of optimisation steps of a phase (0 for a phase the reconstruction mode does not need)."""
-        if phase not in PHASES_FOR[self.reconstruction]:
+        """Number of optimisation steps of a phase (0 for a phase the reconstruction mode does not need, and for
+        every phase of a quick SKU)."""
+        if self.quick or phase not in PHASES_FOR[self.reconstruction]:
             return 0
         return {"autoencoder": self.ae_steps, "diffusion": self.diffusion_steps, "segmenter": self.seg_steps}[phase]
 
@@ -167,6 +189,7 @@ class TrainConfig:
         kwargs = {k: v for k, v in data.items() if k in fields}
         kwargs.setdefault("textures", "self")  # checkpoints from before the built-in bank trained without one
         kwargs.setdefault("residual", False)  # checkpoints from before the residual reconstruction decoded plainly
+        kwargs.setdefault("holdout", 0.0)  # checkpoints from before the validation slice trained on every image
         for key in ("data", "out", "texture_dir"):
             if kwargs.get(key) is not None:
                 kwargs[key] = Path(kwargs[key])
@@ -446,6 +469,17 @@ def store_fine_memory(model: TDADModel, remembered: np.ndarray, owners: np.ndarr
     log.info("fine_memory_stored", entries=size, scale=scale, boost=cfg.fine_boost)
 
 
+@torch.no_grad()
+def memory_only(model: TDADModel) -> None:
+    """Switch the segmenter's learnt evidence off (heads and memory gain zero), so its final logit is the memory
+    terms alone: a quick SKU, whose untrained decoder and reconstruction have nothing to add."""
+    seg = model.segmenter
+    for head in seg.heads:
+        head.weight.zero_()
+        head.bias.zero_()
+    seg.memory_gain.zero_()
+
+
 def memory_size_for(cfg: TrainConfig, n_rows: int, inference: bool = False) -> int:
     """The memory's entry count in training (cfg.memory) or in the SKU (the larger of cfg.inference_memory and
     cfg.memory), capped at the patch count of the n_rows S x S images it samples."""
@@ -551,12 +585,27 @@ class StopFlag:
 # ----------------------------------------------------------------------------- the loop
 
 
+MIN_HOLDOUT_IMAGES = 10  # below this many good images nothing is held out: every image is needed to train
+
+
+def validation_indices(count: int, holdout: float) -> np.ndarray:
+    """Indices (into the sorted file list) of the validation slice: every round(1 / holdout)-th image from the
+    middle of the first stride, so it is spread over the set and the same on every run; none for small sets."""
+    if holdout <= 0 or count < MIN_HOLDOUT_IMAGES:
+        return np.zeros(0, dtype=np.int64)
+    every = max(2, round(1.0 / holdout))
+    return np.arange(every // 2, count, every)
+
+
 def load_images(cfg: TrainConfig) -> tuple[TrainImages, str]:
-    """All training images, decoded and resized once, as uint8 N x S x S x 3 (for a tiled SKU, a list of the
-    images scaled by tile_scale, cropped per step) plus the data set's file-list hash."""
+    """The training images (the validation slice left out), decoded and resized once, as uint8 N x S x S x 3
+    (for a tiled SKU, a list of the images scaled by tile_scale, cropped per step) plus the data set's
+    file-list hash."""
     dataset = open_dataset(cfg.dataset, cfg.data, cfg.category, "train", cfg.image_size,  # type: ignore[arg-type]
                            cfg.resize, tile_scale=cfg.tile_scale)
-    images = [item.image for item in dataset]
+    held = set(validation_indices(len(dataset), cfg.holdout).tolist())
+    images = [dataset[i].image for i in range(len(dataset)) if i not in held]
+    log.info("validation_slice", held_out=len(held), training=len(images))
     return (images if cfg.tile_scale is not None else np.stack(images)), file_list_hash(dataset)
 
 
@@ -611,6 +660,14 @@ def untrained_model(cfg: TrainConfig, images: TrainImages,
     return TDADModel(config, reconstruction=cfg.reconstruction), remembered, owners
 
 
+def remaining_seconds(cfg: TrainConfig, phase_idx: int, steps_left: int, seconds_per_step: float) -> float:
+    """Estimated seconds to the end of training: this phase's steps left at its measured pace, later phases' steps
+    at that pace scaled by STEP_COST."""
+    phase = PHASES[phase_idx]
+    later = sum(cfg.steps(p) * STEP_COST[p] / STEP_COST[phase] for p in PHASES[phase_idx + 1 :])
+    return (steps_left + later) * seconds_per_step
+
+
 def train_sku(cfg: TrainConfig, resume: bool = False) -> Path:
     """Run (or resume) the three training phases and write the SKU directory; returns cfg.out.
 
@@ -639,8 +696,8 @@ def train_sku(cfg: TrainConfig, resume: bool = False) -> Path:
     with StopFlag() as stop:
         for phase_idx in range(run.phase, len(PHASES)):
             phase, total = PHASES[phase_idx], cfg.steps(PHASES[phase_idx])
-            if phase not in PHASES_FOR[cfg.reconstruction]:
-                log.info("phase_skipped", phase=phase, reconstruction=cfg.reconstruction)
+            if phase not in PHASES_FOR[cfg.reconstruction] or (cfg.quick and phase != "segmenter"):
+                log.info("phase_skipped", phase=phase, reconstruction=cfg.reconstruction, quick=cfg.quick)
                 continue
             start = run.step if phase_idx == run.phase else 0
             run.phase, run.step = phase_idx, start
@@ -658,6 +715,7 @@ def train_sku(cfg: TrainConfig, resume: bool = False) -> Path:
             log.info("phase_start", phase=phase, steps=total, start=start, lr=cfg.lr, batch_size=cfg.batch_size)
             bar = tqdm(total=total, initial=start, desc=phase, disable=not cfg.progress, dynamic_ncols=True)
             t0, loss_value = time.perf_counter(), float("nan")
+            last_report = t0
             for step, batch_np in zip(range(start, total), loader, strict=True):
                 batch = {k: v.to(device, non_blocking=True) for k, v in batch_np.items()}
                 loss = train_step(model, phase, params, run.optimizer, batch, lr_at(step, total, cfg), cfg, use_amp)
@@ -667,8 +725,15 @@ def train_sku(cfg: TrainConfig, resume: bool = False) -> Path:
                     ema_update(run.ema["fusion"], model.fusion, decay)
                 loss_value = loss.item()
                 run.step, run.losses[phase], done_steps = step + 1, loss_value, done_steps + 1
-                rate = (step + 1 - start) * cfg.batch_size / (time.perf_counter() - t0)
-                bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{rate:.1f}")
+                now = time.perf_counter()
+                per_step = (now - t0) / (step + 1 - start)
+                left = remaining_seconds(cfg, phase_idx, total - step - 1, per_step)
+                bar.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{cfg.batch_size / per_step:.1f}",
+                                all_left=f"{left / 60:.0f}m")
+                if now - last_report >= PROGRESS_EVERY_S:
+                    last_report = now
+                    log.info("train_progress", phase=phase, step=step + 1, steps=total, loss=round(loss_value, 5),
+                             remaining_min=round(left / 60, 1))
                 bar.update()
                 stopping = stop.set or (cfg.stop_after is not None and done_steps >= cfg.stop_after)
                 if stopping or run.step % cfg.checkpoint_every == 0:
@@ -695,6 +760,8 @@ def train_sku(cfg: TrainConfig, resume: bool = False) -> Path:
 
     store_inference_memory(model, remembered, owners, cfg, device)
     store_fine_memory(model, remembered, owners, cfg, device)
+    if cfg.quick:
+        memory_only(model)
     model.eval()
     save_sku(model, cfg.out, train_hash=train_hash(cfg, data_hash), data_hash=data_hash,
              train=TrainRecord(losses=run.losses, config=cfg.to_dict()),

@@ -79,6 +79,17 @@ class Segmenter(nn.Module):
 
         exclude (training only): N memory owner ids whose entries x may not match (its own source image);
         boost: logit per unit of memory distance added to the learnt gain (forward passes memory_boost)."""
+        logits, distance = self._decode(x, x_rec, exclude)
+        if distance is None:
+            return logits
+        gain = self.memory_gain + boost
+        return [lg + gain * (F.interpolate(distance, size=lg.shape[-2:], mode="bilinear", align_corners=False) - 1.0)
+                for lg in logits]
+
+    def _decode(self, x: torch.Tensor, x_rec: torch.Tensor,
+                exclude: torch.Tensor | None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """The decoder's logits at strides 8, 4, 2, 1 before any memory term, and the stride-8 memory distance
+        (N x 1 x S/8 x S/8; None without a memory)."""
         n = x.shape[0]
         feats = self.backbone(torch.cat([x, x_rec], dim=0))
         extra: list[list[torch.Tensor]] = [[], [], [], []]
@@ -94,12 +105,24 @@ class Segmenter(nn.Module):
         for dec, skip in ((self.dec8, f8), (self.dec4, f4), (self.dec2, f2), (self.dec1, (x - x_rec).abs())):
             h = dec(torch.cat([F.interpolate(h, scale_factor=2.0, mode="bilinear", align_corners=False), skip], 1))
             outs.append(h)
-        logits = [head(h) for head, h in zip(self.heads, outs, strict=True)]
-        if distance is None:
-            return logits
-        gain = self.memory_gain + boost
-        return [lg + gain * (F.interpolate(distance, size=lg.shape[-2:], mode="bilinear", align_corners=False) - 1.0)
-                for lg in logits]
+        return [head(h) for head, h in zip(self.heads, outs, strict=True)], distance
+
+    def map_terms(self, x: torch.Tensor, x_rec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The three evidence terms of the final logit, each N x S x S: the learnt logit (decoder + learnt gain *
+        (distance - 1)), the memory distance - 1 and the fine-memory distance - 1 (zeros without one), so that
+        forward's map is sigmoid(learnt + memory_boost * memory + fine_boost * fine) and setting selection can
+        weigh them anew without another pass."""
+        logits, distance = self._decode(x, x_rec, None)
+        final = logits[-1]
+        size = final.shape[-2:]
+        memory = torch.zeros_like(final)
+        if distance is not None:
+            memory = F.interpolate(distance, size=size, mode="bilinear", align_corners=False) - 1.0
+            final = final + self.memory_gain * memory
+        fine = torch.zeros_like(final)
+        if self.fine_memory_size:
+            fine = F.interpolate(self.fine_distance(x), size=size, mode="bilinear", align_corners=False) - 1.0
+        return final[:, 0], memory[:, 0], fine[:, 0]
 
     def resize_memory(self, size: int) -> None:
         """Give a memory segmenter `size` empty entries (to be refilled by fill_memory): a trained SKU stores a
@@ -119,6 +142,12 @@ class Segmenter(nn.Module):
         self.register_buffer("fine_memory", torch.zeros(size, width, device=device))
         self.register_buffer("fine_memory_scale", torch.ones((), device=device))
         self.fine_memory_size = size
+
+    def drop_fine_memory(self) -> None:
+        """Remove the fine memory (setting selection found it does not pay for its search)."""
+        if self.fine_memory_size:
+            del self.fine_memory, self.fine_memory_scale
+        self.fine_memory_size, self.fine_boost = 0, 0.0
 
     def fine_features(self, x: torch.Tensor) -> torch.Tensor:
         """x: N x 3 x S x S -> N x D x S/4 x S/4 patch descriptors of x upsampled 2x: the memory's descriptors on

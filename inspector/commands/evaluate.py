@@ -12,12 +12,19 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from calibration.evaluate import METRIC_COLUMNS, evaluate, format_defect_table, format_sweep_table, format_table
+from calibration.evaluate import (
+    METRIC_COLUMNS,
+    evaluate,
+    format_defect_table,
+    format_sweep_table,
+    format_table,
+    held_out_line,
+)
 from calibration.thresholds import load_calibration
 from engines.data import file_list_hash, open_dataset
 from engines.manifest import RECONSTRUCTIONS, SkuManifest, read_manifest
 from engines.runtime import Engine, EngineSettings, create_engine, engine_class
-from foundation.errors import ConfigError
+from foundation.errors import ConfigError, DataError
 from foundation.log import get_logger
 from inspector.commands.common import SkuTarget, add_engine_arguments, sku_target
 
@@ -93,6 +100,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "with --ablation) with this logit per unit of memory distance added to the learnt gain "
                              "instead of the SKU's; pick a SKU's on labelled parts, then inspector train "
                              "--memory-boost (README: 'The memory boost, per SKU')")
+    parser.add_argument("--require-held-out", action="store_true",
+                        help="refuse (exit 2) unless the SKU's settings were chosen by inspector train and none of "
+                             "the files evaluated here fed that choice (the report line 'held out:' says which)")
     parser.add_argument("--score-sweep", action="store_true",
                         help="also print the image AUROC of other image-score definitions on the same maps: mean of "
                              "the top 0.05/0.15/0.5/1/5/25/100 %% of the map, its maximum, and its maximum after a "
@@ -226,6 +236,12 @@ def run(args: argparse.Namespace) -> int:
     tiling = manifest.tiling
     dataset = open_dataset(args.dataset, args.root, args.category, "test", manifest.image_size,
                            manifest.preprocess.resize, tile_scale=tiling.scale if tiling else None)
+    held_out, overlap = held_out_line(manifest, [dataset.root / f for f in dataset.relative_files()])
+    if overlap and args.require_held_out:
+        raise DataError(f"{target.sku_dir}: {held_out}; evaluate on files its selection did not read")
+    if manifest.selection is None and args.require_held_out:
+        raise DataError(f"{target.sku_dir}: no selection record, so nothing shows its settings were not tuned on "
+                        "this split; retrain with inspector train (settings chosen) or drop --require-held-out")
     rows: list[dict[str, Any]] = []
     for variant in variants:
         engine = variant.engine()
@@ -248,6 +264,7 @@ def run(args: argparse.Namespace) -> int:
             "data_hash": file_list_hash(dataset),
         },
         "score_top_k": top_k,
+        "held_out": {"line": held_out, "test_files_in_selection": overlap},
         "resolution": resolution(manifest),
         "tiling": tiling.model_dump() if tiling else None,
         "calibration": calibration.model_dump(mode="json") if calibration else None,
@@ -260,11 +277,13 @@ def run(args: argparse.Namespace) -> int:
     sweep = (f"{sweep_title[0].upper()}{sweep_title[1:]}:\n\n{format_sweep_table(rows, markdown=True)}\n\n"
              if args.score_sweep else "")
     (out / "report.md").write_text(
-        f"{title}\n\nResolution: {resolution(manifest)}.\n\n{format_table(rows, markdown=True)}\n\n"
+        f"{title}\n\nResolution: {resolution(manifest)}.\n\nHeld out: {held_out}.\n\n"
+        f"{format_table(rows, markdown=True)}\n\n"
         f"Image AUROC per defect type (each type against all good images; images per type in brackets):\n\n"
         f"{format_defect_table(rows, counts, markdown=True)}\n\n{sweep}{montages}\n"
     )
     print(f"resolution: {resolution(manifest)}")
+    print(f"held out: {held_out}")
     print(format_table(rows))
     print("\nimage AUROC per defect type (vs all good images)")
     print(format_defect_table(rows, counts))

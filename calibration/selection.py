@@ -1,0 +1,270 @@
+"""Choosing a trained SKU's inference settings from what a line has, never from a test split.
+
+A SKU's map is sigmoid(learnt + b * memory + f * fine) (engines.nets.segmenter.Segmenter.map_terms) and its
+image score the mean of the map's top k pixels; b (memory boost), f (fine-memory boost, 0 = drop the fine
+memory) and k differ by part. They are chosen here on evidence a line has:
+
+- the validation slice: good images held out of training (engines.train.validation_indices), which measure
+  false positives on unseen good parts;
+- synthetic defects of a second family (engines.defects: strokes, pits, stains, foreign patches, local blur,
+  colour shifts) painted on those held-out images: the segmenter trained on the other family, so choosing on
+  it would flatter the reconstruction evidence over the memory prior;
+- optionally the operator's scrap parts (`--ng DIR`, with or without masks), weighted NG_WEIGHT times the
+  synthetic defects.
+
+The three evidence terms are computed once per image; every (b, f, k) candidate is a cheap recombination, scored
+by the mean of image AUROC, pixel AUROC and AUPRO@0.3. The choice, the whole table and the files read are
+recorded in the manifest (`selection`), so `inspector eval` can show that no test file fed a choice.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from engines.defects import DEFECT_KINDS, ValidationDefects
+
+from calibration import metrics
+from engines.data import FolderDataset, ImageDataset, open_dataset
+from engines.manifest import (
+    ScoreRecord,
+    SelectionCandidate,
+    SelectionRecord,
+    read_manifest,
+    write_manifest,
+)
+from engines.model import TDADModel, load_sku, save_weights
+from engines.preprocess import preprocess
+from engines.scoring import image_scores, top_k_for
+from engines.tiling import TilePlan
+from engines.train import TrainConfig, validation_indices
+from foundation.errors import DataError
+from foundation.log import get_logger
+
+log = get_logger(__name__)
+
+MEMORY_BOOSTS = (0.0, 1.0, 2.0, 4.0, 8.0)
+FINE_BOOSTS = (0.0, 0.5, 1.0, 2.0, 4.0)
+TOP_K_FACTORS = (1, 4, 16)  # times the SKU size's default top-k (engines.scoring.top_k_for)
+MIN_DEFECTS = 48  # synthetic defects at least, however small the validation slice (variants per image)
+NG_WEIGHT = 2.0  # a real scrap part counts this many synthetic defects
+TIE = 1e-3  # objectives this close are a tie: the cheaper, simpler candidate wins
+
+
+@dataclass
+class ValidationSet:
+    """What selection scores: per image its inference-geometry uint8 picture, bool mask (None: image label
+    only), label and source ("good", a defect kind, or "ng")."""
+
+    images: list[np.ndarray]
+    masks: list[np.ndarray | None]
+    labels: list[bool]
+    sources: list[str]
+    validation_files: list[str]
+    ng_files: list[str]
+
+    def add(self, image: np.ndarray, mask: np.ndarray | None, label: bool, source: str) -> None:
+        """Append one image."""
+        self.images.append(image)
+        self.masks.append(mask)
+        self.labels.append(label)
+        self.sources.append(source)
+
+
+def training_split(cfg: TrainConfig, size: int) -> ImageDataset:
+    """The training split of the SKU's data at its geometry (never the test split)."""
+    return open_dataset(cfg.dataset, cfg.data, cfg.category, "train", size,  # type: ignore[arg-type]
+                        cfg.resize, tile_scale=cfg.tile_scale)
+
+
+def build_validation_set(cfg: TrainConfig, size: int, ng: Path | None = None,
+                         ng_masks: Path | None = None) -> ValidationSet:
+    """The held-out good images, each also with synthetic defects of the second family (kinds in turn, at least
+    MIN_DEFECTS in all), plus the operator's scrap parts; DataError when nothing was held out."""
+    split = training_split(cfg, size)
+    held = validation_indices(len(split), cfg.holdout)
+    if not len(held):
+        raise DataError(f"{cfg.data}: no validation slice (holdout={cfg.holdout}, {len(split)} good images; "
+                        "at least 10 are needed): settings stay at their defaults")
+    painter = ValidationDefects(foreground="none" if cfg.foreground == "none" else "otsu")
+    variants = max(2, math.ceil(MIN_DEFECTS / len(held)))
+    out = ValidationSet([], [], [], [], [], [])
+    for n, index in enumerate(held.tolist()):
+        item = split[index]
+        out.validation_files.append(str(item.path))
+        out.add(item.image, np.zeros(item.image.shape[:2], bool), False, "good")
+        for v in range(variants):
+            kind = DEFECT_KINDS[(n * variants + v) % len(DEFECT_KINDS)]
+            image, mask = painter(item.image, np.random.default_rng([cfg.seed, 29, index, v]), kind)
+            out.add(image, mask, True, kind)
+    if ng is not None:
+        scrap = FolderDataset(ng, size, mask_dir=ng_masks, resize=cfg.resize, tile_scale=cfg.tile_scale)
+        for item in scrap:
+            out.ng_files.append(str(item.path))
+            out.add(item.image, item.mask, True, "ng")
+    return out
+
+
+@torch.no_grad()
+def evidence_terms(model: TDADModel, images: Sequence[np.ndarray], memory_only: bool, overlap: float | None,
+                   batch: int = 8) -> list[np.ndarray]:
+    """Per image a float32 3 x h x w stack of Segmenter.map_terms (stitched from tiles for a tiled SKU, overlap
+    not None). memory_only: the SKU's decoder is off (a quick SKU), so its reconstruction is not computed."""
+    size = model.config.image_size
+    plans = [TilePlan.fit(*im.shape[:2], size, overlap) if overlap is not None else None for im in images]
+    tiles = np.concatenate([p.tile(im) if p else im[None] for p, im in zip(plans, images, strict=True)])
+    terms = []
+    for i in range(0, len(tiles), batch):
+        x = torch.from_numpy(preprocess(tiles[i : i + batch]))
+        rec = x if memory_only else model.reconstruct(x)
+        terms.append(torch.stack(model.segmenter.map_terms(x, rec), dim=1).numpy())
+    stacked = np.concatenate(terms)
+    out, start = [], 0
+    for plan in plans:
+        count = len(plan) if plan else 1
+        chunk = stacked[start : start + count]
+        start += count
+        out.append(np.stack([plan.stitch(chunk[:, t]) for t in range(3)]) if plan else chunk[0])
+    return out
+
+
+def candidate_maps(terms: list[np.ndarray], memory_boost: float, fine_boost: float) -> list[np.ndarray]:
+    """Each image's map at (memory_boost, fine_boost): sigmoid(learnt + b * memory + f * fine)."""
+    return [(1.0 / (1.0 + np.exp(-(t[0] + memory_boost * t[1] + fine_boost * t[2])))).astype(np.float32)
+            for t in terms]
+
+
+def _metrics(maps: list[np.ndarray], data: ValidationSet, keep: np.ndarray,
+             top_ks: Sequence[int]) -> tuple[float, float, list[float]]:
+    """(pixel AUROC, AUPRO, image AUROC per top-k) over the kept images; pixel metrics over those with masks."""
+    labels = np.asarray(data.labels)[keep]
+    with_mask = [i for i in np.flatnonzero(keep) if data.masks[i] is not None]
+    pixel_auroc = aupro = float("nan")
+    if any(data.labels[i] for i in with_mask):
+        ranking = metrics.rank_pixels([data.masks[i] for i in with_mask], [maps[i] for i in with_mask])
+        pixel_auroc, aupro = ranking.auroc(), ranking.aupro(0.3)
+    kept_maps = [maps[i] for i in np.flatnonzero(keep)]
+    image = [metrics.image_auroc(labels, np.concatenate([image_scores(m[None], k) for m in kept_maps]))
+             for k in top_ks]
+    return pixel_auroc, aupro, image
+
+
+def _defined(value: float) -> float | None:
+    """None for an unmeasured (NaN) metric, as the manifest stores it."""
+    return None if math.isnan(value) else value
+
+
+def _objective(values: Sequence[float]) -> float:
+    """Mean of the defined values."""
+    defined = [v for v in values if not math.isnan(v)]
+    return float(np.mean(defined)) if defined else float("nan")
+
+
+def score_candidates(terms: list[np.ndarray], data: ValidationSet, size: int, has_fine: bool,
+                     has_memory: bool) -> list[SelectionCandidate]:
+    """Every (memory boost, fine boost, top-k) candidate with its metrics on the synthetic defects (and scrap
+    parts) and its objective."""
+    sources = np.asarray(data.sources)
+    synthetic = sources != "ng"
+    scrap = (sources == "ng") | (sources == "good")
+    top_ks = [top_k_for(size) * f for f in TOP_K_FACTORS]
+    rows = []
+    for b in MEMORY_BOOSTS if has_memory else (0.0,):
+        for f in FINE_BOOSTS if has_fine else (0.0,):
+            maps = candidate_maps(terms, b, f)
+            pix, pro, image = _metrics(maps, data, synthetic, top_ks)
+            ng_pix = ng_pro = float("nan")
+            ng_image = [float("nan")] * len(top_ks)
+            if data.ng_files:
+                ng_pix, ng_pro, ng_image = _metrics(maps, data, scrap, top_ks)
+            for k, img, ng_img in zip(top_ks, image, ng_image, strict=True):
+                objective = _objective([img, pix, pro])
+                if data.ng_files:
+                    ng_objective = _objective([ng_img, ng_pix, ng_pro])
+                    objective = (objective + NG_WEIGHT * ng_objective) / (1.0 + NG_WEIGHT)
+                rows.append(SelectionCandidate(
+                    memory_boost=b, fine_boost=f, top_k=k, image_auroc=_defined(img), pixel_auroc=_defined(pix),
+                    aupro=_defined(pro), ng_image_auroc=_defined(ng_img), ng_pixel_auroc=_defined(ng_pix),
+                    ng_aupro=_defined(ng_pro), objective=objective))
+    return rows
+
+
+def best(rows: Sequence[SelectionCandidate], default_k: int) -> SelectionCandidate:
+    """The candidate of highest objective; within TIE of it the one with no fine memory (cheaper per frame),
+    then the smallest boosts, then the default top-k."""
+    top = max(r.objective for r in rows)
+    close = [r for r in rows if r.objective >= top - TIE]
+    return min(close, key=lambda r: (r.fine_boost > 0, r.fine_boost, r.memory_boost, r.top_k != default_k))
+
+
+def select_settings(sku_dir: Path, cfg: TrainConfig, ng: Path | None = None, ng_masks: Path | None = None) -> \
+        SelectionRecord:
+    """Choose the SKU's memory boost, fine boost (0 drops the fine memory) and top-k on the validation slice,
+    the second defect family and scrap parts; rewrite the SKU with them and the evidence; returns the record.
+    The rewritten meta.json has no export record: export and calibrate again."""
+    t0 = time.perf_counter()
+    manifest = read_manifest(sku_dir)
+    model = load_sku(sku_dir)
+    config = model.config
+    tiling = manifest.tiling
+    data = build_validation_set(cfg, config.image_size, ng, ng_masks)
+    memory_only = bool(manifest.train and manifest.train.config.get("quick"))
+    terms = evidence_terms(model, data.images, memory_only, tiling.overlap if tiling else None)
+    default_k = top_k_for(config.image_size)
+    rows = score_candidates(terms, data, config.image_size, bool(config.fine_memory_size),
+                            bool(config.memory_size))
+    chosen = best(rows, default_k)
+    seg = model.segmenter
+    seg.memory_boost, seg.fine_boost = chosen.memory_boost, chosen.fine_boost
+    fine_size = config.fine_memory_size
+    if fine_size and not chosen.fine_boost:
+        seg.drop_fine_memory()
+        fine_size = 0
+    model.config = dataclasses.replace(config, memory_boost=chosen.memory_boost if config.memory_size else 0.0,
+                                       fine_boost=chosen.fine_boost if fine_size else 0.0,
+                                       fine_memory_size=fine_size)
+    sources = data.sources
+    record = SelectionRecord(
+        chosen=chosen, candidates=rows, validation_files=data.validation_files, ng_files=data.ng_files,
+        good=sources.count("good"), synthetic_defects=sum(s not in ("good", "ng") for s in sources),
+        ng=sources.count("ng"), ng_masks=ng_masks is not None, defect_kinds=list(DEFECT_KINDS),
+        seconds=round(time.perf_counter() - t0, 1))
+    save_weights(model, sku_dir)
+    write_manifest(sku_dir, manifest.model_copy(update={
+        "model": model.config, "score": ScoreRecord(top_k=chosen.top_k), "selection": record, "export": None}))
+    log.info("settings_chosen", sku_dir=str(sku_dir), memory_boost=chosen.memory_boost,
+             fine_boost=chosen.fine_boost, top_k=chosen.top_k, objective=round(chosen.objective, 4),
+             good=record.good, synthetic_defects=record.synthetic_defects, ng=record.ng, seconds=record.seconds)
+    return record
+
+
+def format_selection(record: SelectionRecord, rows: int = 8) -> str:
+    """The selection's evidence as a text table: the best `rows` candidates, the chosen one marked."""
+    ranked = sorted(record.candidates, key=lambda r: -r.objective)[:rows]
+    if record.chosen.key() not in [r.key() for r in ranked]:
+        ranked.append(record.chosen)
+    ng = record.ng > 0
+    head = "  memory boost  fine boost  top-k  image AUROC  pixel AUROC  AUPRO@0.3" + (
+        "  NG image AUROC  NG pixel AUROC  NG AUPRO" if ng else "") + "  objective"
+    lines = [f"settings chosen on {record.good} held-out good images, {record.synthetic_defects} synthetic defects "
+             f"({', '.join(record.defect_kinds)})" + (f" and {record.ng} scrap parts" if ng else "")
+             + "; no test image was read", head]
+
+    def cell(v: float | None) -> str:
+        return "-" if v is None else f"{v:.4f}"
+
+    for r in ranked:
+        mark = "*" if r.key() == record.chosen.key() else " "
+        line = (f"{mark} {r.memory_boost:12g}  {r.fine_boost:10g}  {r.top_k:5d}  {cell(r.image_auroc):>11}  "
+                f"{cell(r.pixel_auroc):>11}  {cell(r.aupro):>9}")
+        if ng:
+            line += f"  {cell(r.ng_image_auroc):>14}  {cell(r.ng_pixel_auroc):>14}  {cell(r.ng_aupro):>8}"
+        lines.append(line + f"  {r.objective:9.4f}")
+    return "\n".join(lines)
+

@@ -1,0 +1,193 @@
+"""Setting selection and the quick SKU: settings come from the held-out slice of the training images, synthetic
+defects of the second family and scrap parts, never from the test split, and the report says so."""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import engines.data
+from calibration.selection import FINE_BOOSTS, MEMORY_BOOSTS, TIE, best
+from engines.manifest import SelectionCandidate, read_manifest
+from engines.model import load_sku
+from engines.preprocess import preprocess
+from engines.sample_data import draw_defect, render_part, write_mvtec_tree
+from engines.scoring import top_k_for
+from engines.tiling import scale_for_defect
+from engines.train import PRESETS, TrainConfig, remaining_seconds, validation_indices
+from foundation.errors import ConfigError
+from inspector.cli import main
+from inspector.commands.train import add_arguments, config_from_args
+from tests.test_parity import assert_parity, part_frames
+
+torch.set_num_threads(1)
+S = 64
+QUICK = ("--image-size", str(S), "--threads", "1", "--fine-memory", "2048")
+
+
+@pytest.fixture(scope="module")
+def mvtec_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 good training parts (2 held out), test parts of every defect type."""
+    return write_mvtec_tree(tmp_path_factory.mktemp("data") / "mvtec", "brick", n_train=12, n_test_good=3,
+                            n_test_bad=4, size=S)
+
+
+@pytest.fixture(scope="module")
+def opened(mvtec_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    """A quick SKU trained and its settings chosen by `inspector train --quick`, with every image file that the
+    whole command decoded."""
+    seen: list[Path] = []
+    decode = engines.data.load_image_rgb
+    mp = pytest.MonkeyPatch()
+    mp.setattr(engines.data, "load_image_rgb", lambda path: (seen.append(Path(path)), decode(path))[1])
+    out = tmp_path_factory.mktemp("quick") / "sku"
+    try:
+        assert main(["train", "--out", str(out), "--dataset", "mvtec", "--data", str(mvtec_root), "--category",
+                     "brick", "--quick", *QUICK]) == 0
+    finally:
+        mp.undo()
+    return out, seen
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    args.config = None
+    return args
+
+
+def test_selection_never_opens_the_test_split(mvtec_root: Path, opened: tuple[Path, list[Path]]) -> None:
+    sku, seen = opened
+    test_dir = mvtec_root / "brick" / "test"
+    assert seen and not [p for p in seen if test_dir in p.parents]
+    record = read_manifest(sku).selection
+    assert record is not None
+    train = sorted((mvtec_root / "brick" / "train" / "good").iterdir())
+    held = [str(train[i]) for i in validation_indices(len(train), 0.2)]
+    assert record.validation_files == held and record.good == len(held) == 2
+    assert record.synthetic_defects >= 48 and not record.ng_files
+
+
+def test_the_quick_sku_is_the_memory_alone_with_the_chosen_settings(opened: tuple[Path, list[Path]]) -> None:
+    sku, _ = opened
+    meta = read_manifest(sku)
+    record = meta.selection
+    assert record is not None and meta.train is not None and meta.train.config["quick"]
+    chosen = record.chosen
+    assert chosen.memory_boost in MEMORY_BOOSTS and chosen.fine_boost in FINE_BOOSTS
+    assert chosen.objective == max(r.objective for r in record.candidates)
+    assert meta.score.top_k == chosen.top_k and meta.model.memory_boost == chosen.memory_boost
+    assert meta.model.fine_memory_size == (2048 if chosen.fine_boost else 0) and meta.export is None
+    model = load_sku(sku)
+    seg = model.segmenter
+    x = torch.from_numpy(preprocess(np.stack([render_part("brick", S, np.random.default_rng(i)) for i in range(2)])))
+    with torch.no_grad():
+        learnt, memory, fine = seg.map_terms(x, x)
+        maps = model.anomaly_maps(x)
+    assert float(learnt.abs().max()) == 0.0  # the decoder and learnt gain are off
+    expected = torch.sigmoid(chosen.memory_boost * memory + chosen.fine_boost * fine)
+    torch.testing.assert_close(maps, expected, atol=1e-5, rtol=0)
+
+
+def test_a_quick_sku_goes_through_the_same_export_and_onnx_runtime(opened: tuple[Path, list[Path]],
+                                                                   tmp_path: Path) -> None:
+    import shutil
+
+    sku = Path(shutil.copytree(opened[0], tmp_path / "sku"))
+    assert main(["export", "--sku-dir", str(sku)]) == 0
+    assert_parity(sku, part_frames(4, S))  # the quick SKU is served like any other, within the fp32 bound
+
+
+def test_eval_says_no_test_file_fed_the_choice_and_refuses_a_hand_tuned_sku(
+        mvtec_root: Path, opened: tuple[Path, list[Path]], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    sku, _ = opened
+    base = ["eval", "--sku-dir", str(sku), "--dataset", "mvtec", "--root", str(mvtec_root), "--category", "brick",
+            "--backend", "torch", "--threads", "1"]
+    assert main([*base, "--out", str(tmp_path / "eval"), "--require-held-out"]) == 0
+    assert "none of the 11 evaluated files fed any choice" in capsys.readouterr().out  # 7 images + 4 masks
+    hand = tmp_path / "hand"
+    assert main(["train", "--out", str(hand), "--dataset", "mvtec", "--data", str(mvtec_root), "--category",
+                 "brick", "--quick", "--no-select", *QUICK]) == 0
+    assert read_manifest(hand).selection is None
+    assert main(["eval", "--sku-dir", str(hand), *base[3:], "--out", str(tmp_path / "e2"),
+                 "--require-held-out"]) == 2
+    assert "no selection record" in capsys.readouterr().err
+
+
+def test_scrap_parts_join_the_choice_with_their_own_metrics(mvtec_root: Path, tmp_path: Path) -> None:
+    import cv2
+
+    ng, masks = tmp_path / "ng", tmp_path / "ng_masks"
+    ng.mkdir()
+    masks.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(4):
+        image, mask = draw_defect(render_part("brick", S, rng), rng)
+        cv2.imwrite(str(ng / f"scrap_{i}.png"), image[..., ::-1])
+        cv2.imwrite(str(masks / f"scrap_{i}_mask.png"), mask.astype(np.uint8) * 255)
+    out = tmp_path / "sku"
+    assert main(["train", "--out", str(out), "--dataset", "mvtec", "--data", str(mvtec_root), "--category", "brick",
+                 "--quick", *QUICK, "--ng", str(ng), "--ng-masks", str(masks)]) == 0
+    record = read_manifest(out).selection
+    assert record is not None and record.ng == 4 and record.ng_masks and len(record.ng_files) == 4
+    assert all(r.ng_image_auroc is not None and r.ng_aupro is not None for r in record.candidates)
+
+
+def test_best_prefers_the_cheaper_candidate_within_a_tie() -> None:
+    def row(b: float, f: float, k: int, objective: float) -> SelectionCandidate:
+        return SelectionCandidate(memory_boost=b, fine_boost=f, top_k=k, objective=objective)
+
+    rows = [row(2, 1, 25, 0.90), row(4, 0, 100, 0.90 - TIE / 2), row(1, 0, 25, 0.90 - TIE / 2), row(8, 2, 25, 0.5)]
+    assert best(rows, 25).key() == (1, 0, 25)  # no fine memory, then the smallest boost, within the tie
+    assert best([*rows, row(8, 2, 25, 0.95)], 25).key() == (8, 2, 25)  # a clear win is a clear win
+
+
+def test_cli_choices_come_with_their_inputs(mvtec_root: Path, tmp_path: Path) -> None:
+    base = ("--out", str(tmp_path), "--data", "d", "--device", "cpu")
+    cfg, _ = config_from_args(_parse(*base))
+    assert (cfg.holdout, cfg.fine_memory) == (0.2, 16384)  # a slice to choose on, a fine memory to weigh
+    cfg, _ = config_from_args(_parse(*base, "--no-select"))
+    assert (cfg.holdout, cfg.fine_memory) == (0.0, 0)  # as before selection: all images train
+    quick, _ = config_from_args(_parse(*base, "--quick"))
+    assert quick.quick and quick.memory == quick.inference_memory == PRESETS["small"]["inference_memory"]
+    assert all(quick.steps(p) == 0 for p in ("autoencoder", "diffusion", "segmenter"))
+    with pytest.raises(ConfigError, match=r"--ng .*: scrap parts only feed setting selection"):
+        config_from_args(_parse(*base, "--no-select", "--ng", "scrap"))
+    with pytest.raises(ConfigError, match="give one of them"):
+        config_from_args(_parse(*base, "--tile-scale", "0.5", "--min-defect-px", "8"))
+    with pytest.raises(ConfigError, match="quick=True needs a memory prior"):
+        TrainConfig(data=Path("d"), out=tmp_path, quick=True)
+    data = ("--out", str(tmp_path), "--dataset", "mvtec", "--data", str(mvtec_root), "--category", "brick",
+            "--image-size", "32")
+    # 64 px parts at a 32 px model size: the whole image is at 0.5 model px per camera px
+    fine, _ = config_from_args(_parse(*data, "--min-defect-px", "4"))
+    assert fine.tiling() is not None and (fine.tile_scale, fine.tile_overlap) == (1.0, 0.25)
+    whole, _ = config_from_args(_parse(*data, "--min-defect-px", "8"))
+    assert whole.tiling() is None and whole.min_defect_px == 8
+    with pytest.raises(ConfigError, match="--min-defect-px 0: the smallest defect must be a positive"):
+        config_from_args(_parse(*data, "--min-defect-px", "0"))
+
+
+def test_the_scale_for_a_defect_keeps_it_four_model_pixels_wide() -> None:
+    assert scale_for_defect(12, [(576, 768)] * 3, 128) == 0.333  # a photo squashed to 128 px would keep 2
+    assert scale_for_defect(12, [(256, 256)], 128) is None  # half scale keeps 6 px: whole images will do
+    assert scale_for_defect(0.5, [(4096, 4096)], 128) == 4.0  # capped: the manifest allows up to 4x
+
+
+def test_the_remaining_time_counts_later_phases_at_their_relative_cost() -> None:
+    cfg = TrainConfig(data=Path("d"), out=Path("o"), ae_steps=10, diffusion_steps=20, seg_steps=5)
+    assert math.isclose(remaining_seconds(cfg, 2, 5, 1.0), 5.0)
+    assert math.isclose(remaining_seconds(cfg, 0, 4, 0.5), (4 + 20 * 1.2 + 5 * 7.0) * 0.5)
+
+
+def test_the_validation_slice_is_spread_and_only_for_sets_of_ten_or_more() -> None:
+    assert validation_indices(21, 0.2).tolist() == [2, 7, 12, 17]
+    assert len(validation_indices(762, 0.2)) == 152 and not len(validation_indices(9, 0.2))
+    assert not len(validation_indices(100, 0.0))
+    assert top_k_for(S) == 6

@@ -152,3 +152,16 @@ def test_a_resized_memory_is_refilled_with_its_own_scale() -> None:
     assert seg(torch.rand(1, 3, S, S), torch.rand(1, 3, S, S)).shape == (1, S, S)
     with pytest.raises(ValueError, match="needs a memory"):
         TDADModel(ModelConfig(image_size=S)).segmenter.resize_memory(8)
+
+
+def test_eager_memory_search_in_blocks_finds_what_one_matmul_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    import engines.nets.segmenter as segmenter
+
+    gen = torch.Generator().manual_seed(0)
+    queries, memory = torch.randn(2, 12, 4, 4, generator=gen), torch.randn(1000, 12, generator=gen)
+    skip = torch.rand(2, 1, 1000, generator=gen) < 0.3
+    scale = torch.tensor(2.0)
+    reference = torch.cdist(queries.permute(0, 2, 3, 1).reshape(2, 16, 12), memory)
+    reference = reference.masked_fill(skip, float("inf")).amin(-1).reshape(2, 1, 4, 4) / scale
+    monkeypatch.setattr(segmenter, "SEARCH_BLOCK", 32 * 300)  # 32 queries: blocks of 300 entries, the last short
+    torch.testing.assert_close(segmenter.nearest_distance(queries, memory, scale, skip), reference)

@@ -1,8 +1,9 @@
 """Choosing a trained SKU's inference settings from what a line has, never from a test split.
 
-A SKU's map is sigmoid(learnt + b * memory + f * fine) (engines.nets.segmenter.Segmenter.map_terms) and its
-image score the mean of the map's top k pixels; b (memory boost), f (fine-memory boost, 0 = drop the fine
-memory) and k differ by part. They are chosen here on evidence a line has:
+A SKU's map is sigmoid(learnt + b * memory + f * fine) (engines.nets.segmenter.Segmenter.map_terms); b (memory
+boost) and f (fine-memory boost, 0 = drop the fine memory) differ by part. They are chosen here on evidence a
+line has (the image score's top-k stays the size's default, engines.scoring.top_k_for: choosing it on synthetic
+defects larger than a line's thinnest ones dilutes those):
 
 - the validation slice: good images held out of training (engines.train.validation_indices), which measure
   false positives on unseen good parts;
@@ -12,7 +13,7 @@ memory) and k differ by part. They are chosen here on evidence a line has:
 - optionally the operator's scrap parts (`--ng DIR`, with or without masks), weighted NG_WEIGHT times the
   synthetic defects.
 
-The three evidence terms are computed once per image; every (b, f, k) candidate is a cheap recombination, scored
+The three evidence terms are computed once per image; every (b, f) candidate is a cheap recombination, scored
 by the mean of image AUROC, pixel AUROC and AUPRO@0.3. The choice, the whole table and the files read are
 recorded in the manifest (`selection`), so `inspector eval` can show that no test file fed a choice.
 """
@@ -28,10 +29,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from engines.defects import DEFECT_KINDS, ValidationDefects
 
 from calibration import metrics
 from engines.data import FolderDataset, ImageDataset, open_dataset
+from engines.defects import DEFECT_KINDS, ValidationDefects
 from engines.manifest import (
     ScoreRecord,
     SelectionCandidate,
@@ -51,9 +52,10 @@ log = get_logger(__name__)
 
 MEMORY_BOOSTS = (0.0, 1.0, 2.0, 4.0, 8.0)
 FINE_BOOSTS = (0.0, 0.5, 1.0, 2.0, 4.0)
-TOP_K_FACTORS = (1, 4, 16)  # times the SKU size's default top-k (engines.scoring.top_k_for)
+MAX_IMAGES = 64  # held-out images painted and scored at most (the slice stays out of training whole)
 MIN_DEFECTS = 48  # synthetic defects at least, however small the validation slice (variants per image)
 NG_WEIGHT = 2.0  # a real scrap part counts this many synthetic defects
+PIXEL_SHARE = 0.25  # defect-free pixels ranked per candidate (every defect pixel is): a quarter of the sort
 TIE = 1e-3  # objectives this close are a tie: the cheaper, simpler candidate wins
 
 
@@ -85,13 +87,16 @@ def training_split(cfg: TrainConfig, size: int) -> ImageDataset:
 
 def build_validation_set(cfg: TrainConfig, size: int, ng: Path | None = None,
                          ng_masks: Path | None = None) -> ValidationSet:
-    """The held-out good images, each also with synthetic defects of the second family (kinds in turn, at least
-    MIN_DEFECTS in all), plus the operator's scrap parts; DataError when nothing was held out."""
+    """The held-out good images (at most MAX_IMAGES of them), each also with synthetic defects of the second family
+    (kinds in turn, at least MIN_DEFECTS in all), plus the operator's scrap parts; DataError when nothing was
+    held out."""
     split = training_split(cfg, size)
     held = validation_indices(len(split), cfg.holdout)
     if not len(held):
         raise DataError(f"{cfg.data}: no validation slice (holdout={cfg.holdout}, {len(split)} good images; "
                         "at least 10 are needed): settings stay at their defaults")
+    if len(held) > MAX_IMAGES:  # evenly spread: enough for the choice, a bounded cost (two searches per image)
+        held = held[np.linspace(0, len(held) - 1, MAX_IMAGES).round().astype(int)]
     painter = ValidationDefects(foreground="none" if cfg.foreground == "none" else "otsu")
     variants = max(2, math.ceil(MIN_DEFECTS / len(held)))
     out = ValidationSet([], [], [], [], [], [])
@@ -140,19 +145,26 @@ def candidate_maps(terms: list[np.ndarray], memory_boost: float, fine_boost: flo
             for t in terms]
 
 
-def _metrics(maps: list[np.ndarray], data: ValidationSet, keep: np.ndarray,
-             top_ks: Sequence[int]) -> tuple[float, float, list[float]]:
-    """(pixel AUROC, AUPRO, image AUROC per top-k) over the kept images; pixel metrics over those with masks."""
-    labels = np.asarray(data.labels)[keep]
-    with_mask = [i for i in np.flatnonzero(keep) if data.masks[i] is not None]
-    pixel_auroc = aupro = float("nan")
-    if any(data.labels[i] for i in with_mask):
-        ranking = metrics.rank_pixels([data.masks[i] for i in with_mask], [maps[i] for i in with_mask])
-        pixel_auroc, aupro = ranking.auroc(), ranking.aupro(0.3)
-    kept_maps = [maps[i] for i in np.flatnonzero(keep)]
-    image = [metrics.image_auroc(labels, np.concatenate([image_scores(m[None], k) for m in kept_maps]))
-             for k in top_ks]
-    return pixel_auroc, aupro, image
+class Judge:
+    """Scores candidate maps on one subset of the validation set (the synthetic defects, or the scrap parts):
+    image AUROC per top-k over its images, pixel AUROC and AUPRO over those with masks (a fixed pixel sample)."""
+
+    def __init__(self, data: ValidationSet, keep: np.ndarray) -> None:
+        self.images = np.flatnonzero(keep)
+        self.labels = np.asarray(data.labels)[keep]
+        self.with_mask = [i for i in self.images if data.masks[i] is not None]
+        self.pixels = None
+        if any(data.labels[i] for i in self.with_mask):
+            self.pixels = metrics.sample_pixels([data.masks[i] for i in self.with_mask], PIXEL_SHARE)
+
+    def __call__(self, maps: list[np.ndarray], top_k: int) -> tuple[float, float, float]:
+        """(image AUROC, pixel AUROC, AUPRO); NaN where not measurable."""
+        pixel_auroc = aupro = float("nan")
+        if self.pixels is not None:
+            ranking = metrics.rank_sample(self.pixels, [maps[i] for i in self.with_mask])
+            pixel_auroc, aupro = ranking.auroc(), ranking.aupro(0.3)
+        scores = np.concatenate([image_scores(maps[i][None], top_k) for i in self.images])
+        return metrics.image_auroc(self.labels, scores), pixel_auroc, aupro
 
 
 def _defined(value: float) -> float | None:
@@ -168,44 +180,43 @@ def _objective(values: Sequence[float]) -> float:
 
 def score_candidates(terms: list[np.ndarray], data: ValidationSet, size: int, has_fine: bool,
                      has_memory: bool) -> list[SelectionCandidate]:
-    """Every (memory boost, fine boost, top-k) candidate with its metrics on the synthetic defects (and scrap
-    parts) and its objective."""
+    """Every (memory boost, fine boost) candidate, at the default top-k, with its metrics on the synthetic defects
+    (and scrap parts) and its objective."""
     sources = np.asarray(data.sources)
     synthetic = sources != "ng"
     scrap = (sources == "ng") | (sources == "good")
-    top_ks = [top_k_for(size) * f for f in TOP_K_FACTORS]
+    # top-k is not chosen: a score that averages more pixels than a small defect covers dilutes it, and the
+    # second family's larger defects (stains, patches) would pull k up past what thin real defects can fill
+    top_k = top_k_for(size)
+    judge_synthetic, judge_scrap = Judge(data, synthetic), Judge(data, scrap) if data.ng_files else None
     rows = []
     for b in MEMORY_BOOSTS if has_memory else (0.0,):
         for f in FINE_BOOSTS if has_fine else (0.0,):
             maps = candidate_maps(terms, b, f)
-            pix, pro, image = _metrics(maps, data, synthetic, top_ks)
-            ng_pix = ng_pro = float("nan")
-            ng_image = [float("nan")] * len(top_ks)
-            if data.ng_files:
-                ng_pix, ng_pro, ng_image = _metrics(maps, data, scrap, top_ks)
-            for k, img, ng_img in zip(top_ks, image, ng_image, strict=True):
-                objective = _objective([img, pix, pro])
-                if data.ng_files:
-                    ng_objective = _objective([ng_img, ng_pix, ng_pro])
-                    objective = (objective + NG_WEIGHT * ng_objective) / (1.0 + NG_WEIGHT)
-                rows.append(SelectionCandidate(
-                    memory_boost=b, fine_boost=f, top_k=k, image_auroc=_defined(img), pixel_auroc=_defined(pix),
-                    aupro=_defined(pro), ng_image_auroc=_defined(ng_img), ng_pixel_auroc=_defined(ng_pix),
-                    ng_aupro=_defined(ng_pro), objective=objective))
+            found = judge_synthetic(maps, top_k)
+            objective = _objective(found)
+            on_scrap = (float("nan"),) * 3
+            if judge_scrap is not None:
+                on_scrap = judge_scrap(maps, top_k)
+                objective = (objective + NG_WEIGHT * _objective(on_scrap)) / (1.0 + NG_WEIGHT)
+            rows.append(SelectionCandidate(
+                memory_boost=b, fine_boost=f, top_k=top_k, image_auroc=_defined(found[0]),
+                pixel_auroc=_defined(found[1]), aupro=_defined(found[2]), ng_image_auroc=_defined(on_scrap[0]),
+                ng_pixel_auroc=_defined(on_scrap[1]), ng_aupro=_defined(on_scrap[2]), objective=objective))
     return rows
 
 
-def best(rows: Sequence[SelectionCandidate], default_k: int) -> SelectionCandidate:
+def best(rows: Sequence[SelectionCandidate]) -> SelectionCandidate:
     """The candidate of highest objective; within TIE of it the one with no fine memory (cheaper per frame),
-    then the smallest boosts, then the default top-k."""
+    then the smallest boosts."""
     top = max(r.objective for r in rows)
     close = [r for r in rows if r.objective >= top - TIE]
-    return min(close, key=lambda r: (r.fine_boost > 0, r.fine_boost, r.memory_boost, r.top_k != default_k))
+    return min(close, key=lambda r: (r.fine_boost > 0, r.fine_boost, r.memory_boost))
 
 
 def select_settings(sku_dir: Path, cfg: TrainConfig, ng: Path | None = None, ng_masks: Path | None = None) -> \
         SelectionRecord:
-    """Choose the SKU's memory boost, fine boost (0 drops the fine memory) and top-k on the validation slice,
+    """Choose the SKU's memory boost and fine boost (0 drops the fine memory) on the validation slice,
     the second defect family and scrap parts; rewrite the SKU with them and the evidence; returns the record.
     The rewritten meta.json has no export record: export and calibrate again."""
     t0 = time.perf_counter()
@@ -216,10 +227,9 @@ def select_settings(sku_dir: Path, cfg: TrainConfig, ng: Path | None = None, ng_
     data = build_validation_set(cfg, config.image_size, ng, ng_masks)
     memory_only = bool(manifest.train and manifest.train.config.get("quick"))
     terms = evidence_terms(model, data.images, memory_only, tiling.overlap if tiling else None)
-    default_k = top_k_for(config.image_size)
     rows = score_candidates(terms, data, config.image_size, bool(config.fine_memory_size),
                             bool(config.memory_size))
-    chosen = best(rows, default_k)
+    chosen = best(rows)
     seg = model.segmenter
     seg.memory_boost, seg.fine_boost = chosen.memory_boost, chosen.fine_boost
     fine_size = config.fine_memory_size
@@ -250,7 +260,7 @@ def format_selection(record: SelectionRecord, rows: int = 8) -> str:
     if record.chosen.key() not in [r.key() for r in ranked]:
         ranked.append(record.chosen)
     ng = record.ng > 0
-    head = "  memory boost  fine boost  top-k  image AUROC  pixel AUROC  AUPRO@0.3" + (
+    head = "  memory boost  fine boost  image AUROC  pixel AUROC  AUPRO@0.3" + (
         "  NG image AUROC  NG pixel AUROC  NG AUPRO" if ng else "") + "  objective"
     lines = [f"settings chosen on {record.good} held-out good images, {record.synthetic_defects} synthetic defects "
              f"({', '.join(record.defect_kinds)})" + (f" and {record.ng} scrap parts" if ng else "")
@@ -261,7 +271,7 @@ def format_selection(record: SelectionRecord, rows: int = 8) -> str:
 
     for r in ranked:
         mark = "*" if r.key() == record.chosen.key() else " "
-        line = (f"{mark} {r.memory_boost:12g}  {r.fine_boost:10g}  {r.top_k:5d}  {cell(r.image_auroc):>11}  "
+        line = (f"{mark} {r.memory_boost:12g}  {r.fine_boost:10g}  {cell(r.image_auroc):>11}  "
                 f"{cell(r.pixel_auroc):>11}  {cell(r.aupro):>9}")
         if ng:
             line += f"  {cell(r.ng_image_auroc):>14}  {cell(r.ng_pixel_auroc):>14}  {cell(r.ng_aupro):>8}"

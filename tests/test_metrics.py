@@ -10,6 +10,7 @@ from hypothesis.extra.numpy import arrays
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
+from calibration import metrics
 from calibration.metrics import (
     area_to_limit,
     aupro,
@@ -248,3 +249,17 @@ def test_pixel_metrics_take_per_image_lists_of_different_sizes() -> None:
     assert labels.size == scores.size == sum(h * w for h, w in sizes)
     with pytest.raises(ValueError, match="image 1 has a mask of shape"):
         aupro(ragged_masks, [ragged_maps[0], ragged_maps[2], ragged_maps[1]])
+
+
+def test_a_pixel_sample_ranks_as_all_pixels_do_and_a_share_of_the_normal_ones_nearly_so() -> None:
+    rng = np.random.default_rng(0)
+    masks = np.zeros((6, 40, 40), bool)
+    masks[3:, 10:18, 5:30] = True
+    masks[5, 30:33, 30:33] = True
+    maps = (rng.random(masks.shape) * 0.6 + masks * rng.random(masks.shape) * 0.5).astype(np.float32)
+    full = metrics.rank_pixels(masks, maps)
+    whole = metrics.rank_sample(metrics.sample_pixels(masks, 1.0), list(maps))
+    assert (whole.auroc(), whole.aupro(0.3)) == (full.auroc(), full.aupro(0.3))
+    part = metrics.rank_sample(metrics.sample_pixels(masks, 0.25, seed=1), list(maps))
+    assert part.positives == int(masks.sum()) and part.negatives < 0.3 * int((~masks).sum())
+    assert abs(part.auroc() - full.auroc()) < 0.01 and abs(part.aupro(0.3) - full.aupro(0.3)) < 0.02

@@ -82,7 +82,7 @@ def test_the_quick_sku_is_the_memory_alone_with_the_chosen_settings(opened: tupl
     chosen = record.chosen
     assert chosen.memory_boost in MEMORY_BOOSTS and chosen.fine_boost in FINE_BOOSTS
     assert chosen.objective == max(r.objective for r in record.candidates)
-    assert meta.score.top_k == chosen.top_k and meta.model.memory_boost == chosen.memory_boost
+    assert meta.score.top_k == chosen.top_k == top_k_for(S) and meta.model.memory_boost == chosen.memory_boost
     assert meta.model.fine_memory_size == (2048 if chosen.fine_boost else 0) and meta.export is None
     model = load_sku(sku)
     seg = model.segmenter
@@ -140,12 +140,12 @@ def test_scrap_parts_join_the_choice_with_their_own_metrics(mvtec_root: Path, tm
 
 
 def test_best_prefers_the_cheaper_candidate_within_a_tie() -> None:
-    def row(b: float, f: float, k: int, objective: float) -> SelectionCandidate:
-        return SelectionCandidate(memory_boost=b, fine_boost=f, top_k=k, objective=objective)
+    def row(b: float, f: float, objective: float) -> SelectionCandidate:
+        return SelectionCandidate(memory_boost=b, fine_boost=f, top_k=25, objective=objective)
 
-    rows = [row(2, 1, 25, 0.90), row(4, 0, 100, 0.90 - TIE / 2), row(1, 0, 25, 0.90 - TIE / 2), row(8, 2, 25, 0.5)]
-    assert best(rows, 25).key() == (1, 0, 25)  # no fine memory, then the smallest boost, within the tie
-    assert best([*rows, row(8, 2, 25, 0.95)], 25).key() == (8, 2, 25)  # a clear win is a clear win
+    rows = [row(2, 1, 0.90), row(4, 0, 0.90 - TIE / 2), row(1, 0, 0.90 - TIE / 2), row(8, 2, 0.5)]
+    assert best(rows).key() == (1, 0, 25)  # no fine memory, then the smallest boost, within the tie
+    assert best([*rows, row(8, 2, 0.95)]).key() == (8, 2, 25)  # a clear win is a clear win
 
 
 def test_cli_choices_come_with_their_inputs(mvtec_root: Path, tmp_path: Path) -> None:
@@ -190,4 +190,3 @@ def test_the_validation_slice_is_spread_and_only_for_sets_of_ten_or_more() -> No
     assert validation_indices(21, 0.2).tolist() == [2, 7, 12, 17]
     assert len(validation_indices(762, 0.2)) == 152 and not len(validation_indices(9, 0.2))
     assert not len(validation_indices(100, 0.0))
-    assert top_k_for(S) == 6

@@ -3,7 +3,6 @@ defects of the second family and scrap parts, never from the test split, and the
 
 from __future__ import annotations
 
-import argparse
 import math
 from pathlib import Path
 
@@ -22,8 +21,9 @@ from engines.tiling import scale_for_defect
 from engines.train import PRESETS, TrainConfig, remaining_seconds, validation_indices
 from foundation.errors import ConfigError
 from inspector.cli import main
-from inspector.commands.train import add_arguments, config_from_args
+from inspector.commands.train import config_from_args
 from tests.test_parity import assert_parity, part_frames
+from tests.test_train import _parse
 
 torch.set_num_threads(1)
 S = 64
@@ -52,14 +52,6 @@ def opened(mvtec_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
     finally:
         mp.undo()
     return out, seen
-
-
-def _parse(*argv: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    args.config = None
-    return args
 
 
 def test_selection_never_opens_the_test_split(mvtec_root: Path, opened: tuple[Path, list[Path]]) -> None:

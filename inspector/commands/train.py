@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.description = (
         "Train a SKU from good images. The usual call is `inspector train --sku NAME --data DIR` (add --quick for "
-        "a first model in about a minute); the memory boost, fine memory and image score are then chosen on a "
+        "a first model in about a minute); the memory boost and fine memory are then chosen on a "
         "held-out slice of those images with synthetic defects (and --ng scrap parts), never on a test split.")
     what = parser.add_argument_group("what to train")
     where = what.add_mutually_exclusive_group(required=True)

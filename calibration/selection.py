@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,11 +85,14 @@ def training_split(cfg: TrainConfig, size: int) -> ImageDataset:
                         cfg.resize, tile_scale=cfg.tile_scale)
 
 
-def build_validation_set(cfg: TrainConfig, size: int, ng: Path | None = None,
-                         ng_masks: Path | None = None) -> ValidationSet:
+Painter = Callable[[np.ndarray, np.random.Generator, str], tuple[np.ndarray, np.ndarray]]
+
+
+def build_validation_set(cfg: TrainConfig, size: int, ng: Path | None = None, ng_masks: Path | None = None,
+                         painter: Painter | None = None, kinds: Sequence[str] = DEFECT_KINDS) -> ValidationSet:
     """The held-out good images (at most MAX_IMAGES of them), each also with synthetic defects of the second family
     (kinds in turn, at least MIN_DEFECTS in all), plus the operator's scrap parts; DataError when nothing was
-    held out."""
+    held out. painter(image, rng, kind) -> (image, bool mask) replaces the second family (an ablation)."""
     split = training_split(cfg, size)
     held = validation_indices(len(split), cfg.holdout)
     if not len(held):
@@ -97,7 +100,7 @@ def build_validation_set(cfg: TrainConfig, size: int, ng: Path | None = None,
                         "at least 10 are needed): settings stay at their defaults")
     if len(held) > MAX_IMAGES:  # evenly spread: enough for the choice, a bounded cost (two searches per image)
         held = held[np.linspace(0, len(held) - 1, MAX_IMAGES).round().astype(int)]
-    painter = ValidationDefects(foreground="none" if cfg.foreground == "none" else "otsu")
+    painter = painter or ValidationDefects(foreground="none" if cfg.foreground == "none" else "otsu")
     variants = max(2, math.ceil(MIN_DEFECTS / len(held)))
     out = ValidationSet([], [], [], [], [], [])
     for n, index in enumerate(held.tolist()):
@@ -105,7 +108,7 @@ def build_validation_set(cfg: TrainConfig, size: int, ng: Path | None = None,
         out.validation_files.append(str(item.path))
         out.add(item.image, np.zeros(item.image.shape[:2], bool), False, "good")
         for v in range(variants):
-            kind = DEFECT_KINDS[(n * variants + v) % len(DEFECT_KINDS)]
+            kind = kinds[(n * variants + v) % len(kinds)]
             image, mask = painter(item.image, np.random.default_rng([cfg.seed, 29, index, v]), kind)
             out.add(image, mask, True, kind)
     if ng is not None:
@@ -214,8 +217,8 @@ def best(rows: Sequence[SelectionCandidate]) -> SelectionCandidate:
     return min(close, key=lambda r: (r.fine_boost > 0, r.fine_boost, r.memory_boost))
 
 
-def select_settings(sku_dir: Path, cfg: TrainConfig, ng: Path | None = None, ng_masks: Path | None = None) -> \
-        SelectionRecord:
+def select_settings(sku_dir: Path, cfg: TrainConfig, ng: Path | None = None, ng_masks: Path | None = None,
+                    painter: Painter | None = None, kinds: Sequence[str] = DEFECT_KINDS) -> SelectionRecord:
     """Choose the SKU's memory boost and fine boost (0 drops the fine memory) on the validation slice,
     the second defect family and scrap parts; rewrite the SKU with them and the evidence; returns the record.
     The rewritten meta.json has no export record: export and calibrate again."""
@@ -224,7 +227,7 @@ def select_settings(sku_dir: Path, cfg: TrainConfig, ng: Path | None = None, ng_
     model = load_sku(sku_dir)
     config = model.config
     tiling = manifest.tiling
-    data = build_validation_set(cfg, config.image_size, ng, ng_masks)
+    data = build_validation_set(cfg, config.image_size, ng, ng_masks, painter, kinds)
     memory_only = bool(manifest.train and manifest.train.config.get("quick"))
     terms = evidence_terms(model, data.images, memory_only, tiling.overlap if tiling else None)
     rows = score_candidates(terms, data, config.image_size, bool(config.fine_memory_size),
@@ -243,7 +246,7 @@ def select_settings(sku_dir: Path, cfg: TrainConfig, ng: Path | None = None, ng_
     record = SelectionRecord(
         chosen=chosen, candidates=rows, validation_files=data.validation_files, ng_files=data.ng_files,
         good=sources.count("good"), synthetic_defects=sum(s not in ("good", "ng") for s in sources),
-        ng=sources.count("ng"), ng_masks=ng_masks is not None, defect_kinds=list(DEFECT_KINDS),
+        ng=sources.count("ng"), ng_masks=ng_masks is not None, defect_kinds=list(kinds),
         seconds=round(time.perf_counter() - t0, 1))
     save_weights(model, sku_dir)
     write_manifest(sku_dir, manifest.model_copy(update={

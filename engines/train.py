@@ -59,9 +59,10 @@ DEFAULT_FINE_MEMORY = 16384  # fine-memory entries a run stores for setting sele
 # lowest stage-2 training timestep: below it restoring a defect needs an epsilon of 1 / sqrt(1 - alpha_bar) > 10x
 # the latent difference, and stage 2's DDIM steps (t2 / steps2 apart) never go there
 STAGE2_T_MIN = 20
-# seconds per step of each phase relative to an autoencoder step (the small preset on one CPU core: 0.10 / 0.12 /
-# 0.70 s): how the remaining time of phases not yet started is estimated from the phase running now
-STEP_COST = {"autoencoder": 1.0, "diffusion": 1.2, "segmenter": 7.0}
+# seconds per step of each phase relative to an autoencoder step (the small preset at 128 px, 2 threads on an idle
+# 2-core CPU: 0.17 / 0.24 / 0.70 s; docs/accuracy.md): how the remaining time of phases not yet started is
+# estimated from the phase running now
+STEP_COST = {"autoencoder": 1.0, "diffusion": 1.4, "segmenter": 4.1}
 PROGRESS_EVERY_S = 60.0  # a train_progress log line at most this often (the bar shows it on a terminal)
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"image_size": 64, "batch_size": 8, "ae_steps": 300, "diffusion_steps": 600, "seg_steps": 300},

@@ -18,7 +18,7 @@ from engines.preprocess import preprocess
 from engines.sample_data import draw_defect, render_part, write_mvtec_tree
 from engines.scoring import top_k_for
 from engines.tiling import scale_for_defect
-from engines.train import PRESETS, TrainConfig, remaining_seconds, validation_indices
+from engines.train import PRESETS, STEP_COST, TrainConfig, remaining_seconds, validation_indices
 from foundation.errors import ConfigError
 from inspector.cli import main
 from inspector.commands.train import config_from_args
@@ -175,7 +175,8 @@ def test_the_scale_for_a_defect_keeps_it_four_model_pixels_wide() -> None:
 def test_the_remaining_time_counts_later_phases_at_their_relative_cost() -> None:
     cfg = TrainConfig(data=Path("d"), out=Path("o"), ae_steps=10, diffusion_steps=20, seg_steps=5)
     assert math.isclose(remaining_seconds(cfg, 2, 5, 1.0), 5.0)
-    assert math.isclose(remaining_seconds(cfg, 0, 4, 0.5), (4 + 20 * 1.2 + 5 * 7.0) * 0.5)
+    later = 20 * STEP_COST["diffusion"] + 5 * STEP_COST["segmenter"]  # in autoencoder steps
+    assert math.isclose(remaining_seconds(cfg, 0, 4, 0.5), (4 + later) * 0.5)
 
 
 def test_the_validation_slice_is_spread_and_only_for_sets_of_ten_or_more() -> None:

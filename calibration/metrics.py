@@ -210,13 +210,19 @@ def rank_pixels(masks: Pixels, maps: Pixels) -> Ranking:
     region: 8-connected components numbered across all images, 0 = defect-free."""
     pairs = pixel_pairs(masks, maps, "pixel metrics")
     labels, scores = _flat_pair(*flat_pixels(masks, maps, "pixel metrics"), "pixel metrics")
-    region = np.zeros(scores.size, dtype=np.int32)
+    return _rank("pixel metrics", labels, scores, *region_ids([mask for mask, _ in pairs]))
+
+
+def region_ids(masks: Sequence[np.ndarray]) -> tuple[np.ndarray, int]:
+    """Every pixel's ground-truth region, flattened in mask order: 8-connected components numbered across all
+    masks from 1, 0 = defect-free; and the number of regions."""
+    region = np.zeros(sum(np.asarray(m).size for m in masks), dtype=np.int32)
     n_regions = start = 0
-    for mask, _ in pairs:
-        labelled, n = ndimage.label(mask.astype(bool, copy=False), structure=_EIGHT_CONNECTED, output=np.int32)
-        region[start : start + mask.size] = np.where(labelled > 0, labelled + n_regions, 0).reshape(-1)
-        n_regions, start = n_regions + n, start + mask.size
-    return _rank("pixel metrics", labels, scores, region, n_regions)
+    for mask in masks:
+        labelled, n = ndimage.label(np.asarray(mask, bool), structure=_EIGHT_CONNECTED, output=np.int32)
+        region[start : start + labelled.size] = np.where(labelled > 0, labelled + n_regions, 0).reshape(-1)
+        n_regions, start = n_regions + n, start + labelled.size
+    return region, n_regions
 
 
 @dataclass(frozen=True)
@@ -233,12 +239,7 @@ class PixelSample:
 
 def sample_pixels(masks: Pixels, share: float, seed: int = 0) -> PixelSample:
     """Keep every defect pixel of the masks and `share` of the others (seeded), with 8-connected region ids."""
-    region_parts, n_regions = [], 0
-    for mask in masks:
-        labelled, n = ndimage.label(np.asarray(mask, bool), structure=_EIGHT_CONNECTED, output=np.int32)
-        region_parts.append(np.where(labelled > 0, labelled + n_regions, 0).reshape(-1))
-        n_regions += n
-    region = np.concatenate(region_parts) if region_parts else np.zeros(0, np.int32)
+    region, n_regions = region_ids(list(masks))
     keep = (region > 0) | (np.random.default_rng(seed).random(region.size) < share)
     index = np.flatnonzero(keep)
     return PixelSample(index, region[index] > 0, region[index], n_regions)

@@ -150,7 +150,7 @@ def candidate_maps(terms: list[np.ndarray], memory_boost: float, fine_boost: flo
 
 class Judge:
     """Scores candidate maps on one subset of the validation set (the synthetic defects, or the scrap parts):
-    image AUROC per top-k over its images, pixel AUROC and AUPRO over those with masks (a fixed pixel sample)."""
+    image AUROC over its images, pixel AUROC and AUPRO over those with masks (a fixed pixel sample)."""
 
     def __init__(self, data: ValidationSet, keep: np.ndarray) -> None:
         self.images = np.flatnonzero(keep)

@@ -172,10 +172,15 @@ class TrainConfig:
             first = exc.errors()[0]
             raise ConfigError(f"tile_{first['loc'][0]}={first['input']}: {first['msg'].lower()}") from None
 
+    def phases(self) -> tuple[str, ...]:
+        """The phases the run goes through: the reconstruction mode's, or for a quick SKU the segmenter's alone,
+        which fills its memory and takes no step."""
+        return ("segmenter",) if self.quick else PHASES_FOR[self.reconstruction]
+
     def steps(self, phase: str) -> int:
-        """Number of optimisation steps of a phase (0 for a phase the reconstruction mode does not need, and for
-        every phase of a quick SKU)."""
-        if self.quick or phase not in PHASES_FOR[self.reconstruction]:
+        """Number of optimisation steps of a phase (0 for a phase the run does not go through, and for every phase
+        of a quick SKU)."""
+        if self.quick or phase not in self.phases():
             return 0
         return {"autoencoder": self.ae_steps, "diffusion": self.diffusion_steps, "segmenter": self.seg_steps}[phase]
 
@@ -562,6 +567,15 @@ def read_checkpoint_config(out: Path) -> TrainConfig:
         raise DataError(f"{path}: corrupt checkpoint state ({exc}); delete {path.parent} and retrain") from None
 
 
+def checkpoint_finished(out: Path) -> bool:
+    """Whether the run checkpointed under out/train_state went through every phase (not stopped part-way)."""
+    path = out / STATE_DIR / "state.json"
+    try:
+        return json.loads(path.read_text())["phase"] >= len(PHASES)
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise DataError(f"{path}: unreadable checkpoint state ({exc}); delete {path.parent} and retrain") from None
+
+
 class StopFlag:
     """Turns the first Ctrl-C into 'checkpoint at the end of this step and exit'; a second one aborts."""
 
@@ -697,7 +711,7 @@ def train_sku(cfg: TrainConfig, resume: bool = False) -> Path:
     with StopFlag() as stop:
         for phase_idx in range(run.phase, len(PHASES)):
             phase, total = PHASES[phase_idx], cfg.steps(PHASES[phase_idx])
-            if phase not in PHASES_FOR[cfg.reconstruction] or (cfg.quick and phase != "segmenter"):
+            if phase not in cfg.phases():
                 log.info("phase_skipped", phase=phase, reconstruction=cfg.reconstruction, quick=cfg.quick)
                 continue
             start = run.step if phase_idx == run.phase else 0

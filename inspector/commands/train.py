@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
 from engines.manifest import RECONSTRUCTIONS, ModelConfig
@@ -14,11 +13,10 @@ from engines.synthesis import TEXTURE_MIXES
 from engines.tiling import DEFECT_TILE_OVERLAP
 from engines.train import (
     DEFAULT_FINE_MEMORY,
-    PHASES,
     PRESETS,
     SELECTION_HOLDOUT,
-    STATE_DIR,
     TrainConfig,
+    checkpoint_finished,
     read_checkpoint_config,
     train_sku,
 )
@@ -231,12 +229,6 @@ def boost_applies(cfg: TrainConfig, args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
-def finished(out: Path) -> bool:
-    """Whether the run in out has done every phase (its checkpoint says so), not stopped part-way."""
-    state = json.loads((out / STATE_DIR / "state.json").read_text())
-    return state["phase"] >= len(PHASES)
-
-
 def run(args: argparse.Namespace) -> int:
     """`inspector train`: exit 0 when the SKU directory is written (its settings chosen on the validation slice
     unless fixed by hand), 130 when interrupted (checkpointed)."""
@@ -245,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
         out = train_sku(cfg, resume=resume)
     except KeyboardInterrupt:
         return 130
-    if not finished(out):  # stopped early with a checkpoint (stop_after): nothing to choose settings for yet
+    if not checkpoint_finished(out):  # stopped early with a checkpoint (stop_after): nothing to choose settings for yet
         return 0
     if selects(args, cfg.memory):
         from calibration.selection import format_selection, select_settings

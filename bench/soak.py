@@ -1,6 +1,7 @@
 """Soak: `inspector run` at line rate for N minutes while the broker is killed every minute; count every frame.
 
-    nice .venv/bin/python bench/soak.py --minutes 3 --fps 25 [--kill-every 60] [--down 5] [--signal KILL]
+    nice .venv/bin/python bench/soak.py --minutes 3 --fps 25 [--kill-every 60] [--down 5] [--signal KILL] \
+        [--spool-disk-kib 384]
 
 A synthetic camera feeds the daemon (a subprocess, 1 engine thread, ONNX Runtime) on a random-init 64 px SKU
 (the engine's accuracy does not matter here: every frame needs exactly one verdict). A local mosquitto with
@@ -9,6 +10,11 @@ persistent session counts every verdict by (run_id, frame_id). At the end the da
 broker up, and the table says: frames acquired (the daemon's own count), verdicts received, lost (acquired
 frame ids never received), duplicates (at-least-once re-deliveries), NG, spool losses, the daemon's RSS at
 the first verdict and at the end, and its exit status.
+
+Full-disk phase (--spool-disk-kib N, needs root to mount): the spool lives on an N KiB tmpfs, so every broker
+outage also fills the spool's disk; the daemon must then hold acquisition (`not_ready`) and resume once the
+broker is back. "unaccounted" = frames never received minus the losses the daemon counted (dropped, unsaved):
+it must be 0.
 """
 
 from __future__ import annotations
@@ -94,7 +100,16 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def write_config(workdir: Path, sku_dir: Path, port: int, fps: float) -> Path:
+def mount_tmpfs(path: Path, size_kib: int) -> None:
+    """A real tiny filesystem for the spool (the full-disk phase); exits with the mount's error when it fails."""
+    path.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k,mode=0755", "tmpfs", str(path)],
+                            capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"--spool-disk-kib needs root to mount a tmpfs on {path}: {result.stderr.strip()}")
+
+
+def write_config(workdir: Path, sku_dir: Path, port: int, fps: float, spool_dir: Path) -> Path:
     """The soak station: synthetic 64 px camera at `fps`, spool and archive under workdir, 1 engine thread."""
     path = workdir / "soak.toml"
     path.write_text(f"""
@@ -112,7 +127,8 @@ frames = 0
 defect_rate = 0.2
 [mqtt]
 port = {port}
-spool_dir = "spool"
+spool_dir = "{spool_dir}"
+spool_max_mb = 256
 reconnect_min_s = 0.2
 reconnect_max_s = 2.0
 [engine]
@@ -139,22 +155,37 @@ def final_event(log_path: Path, name: str) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the soak and print its table; exit 1 when a frame was lost or the daemon did not exit 0."""
+    """Run the soak and print its table; exit 1 when a frame was lost uncounted or the daemon did not exit 0."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--minutes", type=float, default=3.0)
     parser.add_argument("--fps", type=float, default=25.0, help="camera rate (the line rate)")
     parser.add_argument("--kill-every", type=float, default=60.0, help="seconds between broker kills")
     parser.add_argument("--down", type=float, default=5.0, help="seconds the broker stays down")
     parser.add_argument("--signal", choices=("KILL", "TERM"), default="KILL", help="how the broker is killed")
+    parser.add_argument("--spool-disk-kib", type=int, default=0,
+                        help="full-disk phase: put the spool on a tmpfs of this size (0: no such phase)")
     parser.add_argument("--workdir", type=Path, default=REPO / "var" / "soak")
     args = parser.parse_args(argv)
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
-    for stale in (workdir / "spool").glob("*"):
+    spool_dir = workdir / "spool"
+    if args.spool_disk_kib:
+        mount_tmpfs(workdir / "spoolfs", args.spool_disk_kib)
+        spool_dir = workdir / "spoolfs" / "spool"
+    for stale in spool_dir.glob("*"):
         stale.unlink()
+    try:
+        return soak(args, workdir, spool_dir)
+    finally:
+        if args.spool_disk_kib:
+            subprocess.run(["umount", "-l", str(workdir / "spoolfs")], check=False)
+
+
+def soak(args: argparse.Namespace, workdir: Path, spool_dir: Path) -> int:
+    """The soak itself (main's body once the spool's filesystem is ready)."""
     sku_dir = random_sku(workdir)
     broker = LocalBroker(workdir / "broker", persistent=True, extra_conf="autosave_interval 1\n").start()
-    config = write_config(workdir, sku_dir, broker.port, args.fps)
+    config = write_config(workdir, sku_dir, broker.port, args.fps, spool_dir)
     counter = VerdictCounter(broker.port, "inspector/soak/s1")
     log_path = workdir / "daemon.log"
     env = os.environ | {"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
@@ -200,13 +231,18 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(0.2)
     received = {fid for (rid, fid) in counter.seen if rid == run_id}
     lost = sorted(set(range(1, acquired + 1)) - received)
+    counted = stopped["spool_dropped_ok"] + stopped["spool_dropped_ng"] + stopped["spool_unsaved"]
+    holds = sum('"event": "not_ready"' in line for line in log_path.read_text().splitlines())
     duplicates = sum(n - 1 for n in counter.seen.values())
     counter.client.disconnect()
     counter.client.loop_stop()
     broker.stop()
     rows = {
         "duration (min)": round(args.minutes, 1), "camera fps": args.fps, "broker kills": f"{kills} (SIG{args.signal})",
+        "spool disk": f"{args.spool_disk_kib} KiB tmpfs" if args.spool_disk_kib else "the work folder's",
+        "acquisition held (not_ready episodes)": holds,
         "frames acquired": acquired, "verdicts (unique)": len(received), "lost": len(lost),
+        "unaccounted (lost minus counted losses)": len(lost) - counted,
         "duplicates": duplicates, "NG verdicts": len(counter.ng),
         "spool dropped ok/ng, unsaved": f"{stopped['spool_dropped_ok']}/{stopped['spool_dropped_ng']}, "
                                         f"{stopped['spool_unsaved']}",
@@ -219,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {value} |")
     if lost:
         print(f"lost frame ids: {lost[:50]}{' ...' if len(lost) > 50 else ''}")
-    return 0 if not lost and rc == 0 else 1
+    return 0 if len(lost) == counted and rc == 0 else 1
 
 
 if __name__ == "__main__":

@@ -2,31 +2,40 @@
 
 Topics, under the root `{topic_prefix}/{line_id}/{station_id}`:
 
-| topic          | payload                                                   | QoS | retained |
-| -------------- | --------------------------------------------------------- | --- | -------- |
-| `/verdict`     | Verdict JSON (docs/verdict.schema.json)                   | 1   | no       |
-| `/reject`      | `{"frame_id", "run_id", "t_acquired", "reject": 1 or 0}`  | 1   | no       |
-| `/mask`        | PNG, 8-bit grey, 255 = defect (when the SKU publishes it) | 1   | no       |
-| `/status`      | `{"state": "online"/"offline", "ts", "spool", ...}`; LWT  | 1   | yes      |
-| `/cmd`         | subscribed: JSON object command, handled by on_command    | 1   | no       |
-| `/cmd/reply`   | JSON object reply (echoes the command's "id" if any)      | 1   | no       |
+| topic        | payload                                                     | QoS | retained |
+| ------------ | ----------------------------------------------------------- | --- | -------- |
+| `/verdict`   | Verdict JSON (docs/verdict.schema.json)                     | 1   | no       |
+| `/reject`    | `{"frame_id", "run_id", "t_acquired", "reject": 1 or 0}`    | 1   | no       |
+| `/mask`      | PNG, 8-bit grey, 255 = defect (when the SKU publishes it)   | 1   | no       |
+| `/status`    | `{"state": "online"/"not_ready"/"offline", "ts", ...}`; LWT | 1   | yes      |
+| `/cmd`       | subscribed: JSON object command, handled by on_command      | 1   | no       |
+| `/cmd/reply` | JSON object reply (echoes the command's "id" if any)        | 1   | no       |
 
 Delivery: every verdict (with its reject and mask messages) is appended to the Spool before anything is
 sent; one sender thread hands records to paho strictly in spool order, at most WINDOW records in flight,
 and a record is acknowledged only when the broker PUBACKed all its messages. After a broker outage paho
 re-sends what it held, then the backlog follows in order; after a daemon restart the spool is re-sent
 from its oldest unacknowledged record. At-least-once: consumers de-duplicate by (run_id, frame_id), which
-every verdict and reject message carries. A full spool disk does not stop delivery (see inspector/spool.py).
+every verdict and reject message carries. A full spool disk does not stop delivery (see inspector/spool.py);
+a full disk with the broker down stops acquisition (`not_ready()`, the pipeline's gate) until one of them
+takes the verdicts waiting in memory.
 
 Threads: paho's network loop, the sender and the command thread each survive any exception their input can
 cause (a bad command gets an error reply); `health()` names a thread that died anyway, and the daemon then
 withholds the systemd watchdog so the service is restarted.
+
+Commands: the command thread answers /cmd messages one at a time, so on_command must not block (a changeover
+only queues its load, inspector/service.py); replies made later on other threads go through send_reply, in
+order behind the commands before them. Replies are standard JSON: a command holding a non-finite number
+(1e400, NaN, Infinity) is malformed (error reply, handler not called), and a reply holding one is not sent
+but replaced by an error reply with the command's id.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import queue
 import threading
@@ -83,7 +92,8 @@ class Publisher:
         self._stopping = False
         self.unspooled = 0  # verdicts the spool could not take, sent live without a copy
         self._status: dict[str, Any] = {}
-        self._commands: queue.SimpleQueue[bytes | None] = queue.SimpleQueue()
+        # /cmd payloads, replies queued by send_reply, and None to end the command thread
+        self._commands: queue.SimpleQueue[bytes | dict[str, Any] | None] = queue.SimpleQueue()
         self._sender = threading.Thread(target=self._send_loop, name="mqtt-sender", daemon=True)
         self._commander = threading.Thread(target=self._command_loop, name="mqtt-commands", daemon=True)
         cid = client_id or cfg.client_id or f"{self.root.replace('/', '-')}-{os.getpid()}"
@@ -142,12 +152,25 @@ class Publisher:
             self._spool.append(messages, ng=not verdict.ok)
         except Exception:
             self.unspooled += 1
+            self._spool.note_unspooled()
             log.exception("spool_append_failed", frame_id=verdict.frame_id, detail="sent live, without a spool copy")
             for topic, payload in messages:
                 self._client.publish(topic, payload, qos=self._qos)
             return
         with self._cond:
             self._cond.notify_all()
+
+    def not_ready(self) -> str | None:
+        """Why the station must not take another frame (None when it may): verdicts wait in memory that
+        neither the spool's disk nor the broker can take, so a further one could be lost unaccounted."""
+        if self._connected or not self._spool.holding():
+            return None
+        return (f"spool disk full ({self._spool.disk_full}) and broker unreachable: verdicts can be neither "
+                "stored nor sent")
+
+    def acquired(self) -> None:
+        """A frame was acquired: the spool's journal owes its verdict until it is stored or delivered."""
+        self._spool.note_acquired()
 
     def publish_status(self, status: dict[str, Any]) -> None:
         """Retain `status` (active SKU, engine, fps, ...) on /status now, and re-send it on every reconnect."""
@@ -157,8 +180,14 @@ class Publisher:
                 self._client.publish(f"{self.root}/status", self._status_payload("online"), qos=1, retain=True)
 
     def reply(self, payload: dict[str, Any]) -> None:
-        """Publish a command reply on /cmd/reply (not spooled: the requester is online by definition)."""
-        self._client.publish(f"{self.root}/cmd/reply", json.dumps(payload, default=str), qos=1)
+        """Publish a command reply on /cmd/reply (not spooled: the requester is online by definition); a NaN or
+        infinite value raises ValueError rather than go out as JSON no parser reads."""
+        self._client.publish(f"{self.root}/cmd/reply", json.dumps(payload, default=str, allow_nan=False), qos=1)
+
+    def send_reply(self, payload: dict[str, Any]) -> None:
+        """Queue a reply made on another thread (a changeover's final one) for the command thread: it goes out
+        after the replies of the commands before it, so never ahead of its own command's "loading" reply."""
+        self._commands.put(payload)
 
     def pending(self) -> int:
         """Spooled records not yet acknowledged by the broker."""
@@ -210,7 +239,8 @@ class Publisher:
 
     def _status_payload(self, state: str, **extra: Any) -> bytes:
         """Status JSON: the caller's last status plus state, time, spool counters and `extra`."""
-        body = {**self._status, "state": state, "broker_connected": state == "online", "ts": time.time(),
+        shown = "not_ready" if state == "online" and self._status.get("not_ready") else state
+        body = {**self._status, "state": shown, "broker_connected": state == "online", "ts": time.time(),
                 "spool": self.spool_stats(), **extra}
         return json.dumps(body, default=str).encode()
 
@@ -308,14 +338,20 @@ class Publisher:
                 self._cond.notify_all()
 
     def _command_loop(self) -> None:
-        """Command thread: answer every /cmd message; nothing a message holds can end the loop."""
-        while (payload := self._commands.get()) is not None:
-            try:
-                self.reply(self._run_command(payload))
-            except Exception as exc:  # the reply itself could not be encoded or sent
-                log.exception("mqtt_command_error", payload=payload[:200])
-                with contextlib.suppress(Exception):
-                    self.reply({"ok": False, "error": f"command failed: {type(exc).__name__}"})
+        """Command thread: answer every /cmd message and send the replies queued by send_reply, in arrival order;
+        nothing a message holds can end the loop."""
+        while (item := self._commands.get()) is not None:
+            self._send_reply(item if isinstance(item, dict) else self._run_command(item))
+
+    def _send_reply(self, reply: dict[str, Any]) -> None:
+        """Publish one reply; one that cannot be encoded (a NaN in it) or sent becomes an error reply with its id."""
+        try:
+            self.reply(reply)
+        except Exception as exc:
+            log.exception("mqtt_command_error", reply=repr(reply)[:200])
+            with contextlib.suppress(Exception):
+                self.reply({k: reply[k] for k in ("id", "cmd") if k in reply}
+                           | {"ok": False, "error": f"reply not sent: {type(exc).__name__}: {exc}"[:300]})
 
     def _run_command(self, payload: bytes) -> dict[str, Any]:
         """Parse one /cmd payload and call on_command; every failure becomes an error reply (never raises)."""
@@ -332,9 +368,10 @@ class Publisher:
 
 
 def parse_command(payload: bytes) -> dict[str, Any]:
-    """A command payload as a JSON object with a scalar "id" if any; ValueError says what is wrong with it."""
+    """A command payload as a standard JSON object (finite numbers only: an echoed 1e400 or NaN id would make the
+    reply unreadable) with a scalar "id" if any; ValueError says what is wrong with it."""
     try:
-        command = json.loads(payload)
+        command = json.loads(payload, parse_float=_finite_float, parse_constant=_not_json)
     except RecursionError:  # deep nesting
         raise ValueError("nested too deeply") from None
     if not isinstance(command, dict):
@@ -342,6 +379,19 @@ def parse_command(payload: bytes) -> dict[str, Any]:
     if not isinstance(command.get("id"), str | int | float | None):
         raise ValueError('"id" must be a string or a number')
     return command
+
+
+def _finite_float(text: str) -> float:
+    """json.loads' parse_float for commands: a number beyond float range (1e400) is refused, not made infinite."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:40]} is out of range; numbers must be finite")
+    return value
+
+
+def _not_json(name: str) -> float:
+    """json.loads' parse_constant for commands: NaN, Infinity and -Infinity are not JSON."""
+    raise ValueError(f"{name} is not JSON; numbers must be finite")
 
 
 def run_command(command: dict[str, Any], handler: CommandHandler | None) -> dict[str, Any]:

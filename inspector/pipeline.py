@@ -12,6 +12,11 @@ verdict goes on. A source that raises ends the run (`source_error`), and the dae
 Verdicts leave in frame order, except that a queue_full fail-safe is published at once (it overtakes the
 frames still queued for inference); consumers key on frame_id, never on arrival order.
 
+An optional gate (the Publisher) is asked before each frame is pulled: while it names a reason (verdicts
+that could be neither stored nor sent), acquisition holds (`not_ready`, the `on_hold` hook is told) and the
+camera/driver buffers or drops frames, as when paused; the gate also counts every frame pulled, so a crash
+leaves a count of what was owed (inspector/spool.py, the journal).
+
 Pause stops the acquisition thread from pulling frames (the camera/driver buffers or drops them, as it
 would with no consumer); frames already pulled are still inspected and published. Resume continues pulling.
 A SKU changeover swaps the ActiveSku between two batches, so no frame is inspected half-way through it.
@@ -28,7 +33,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -46,6 +51,17 @@ from inspector.verdict import Verdict, new_run_id
 log = get_logger(__name__)
 
 VerdictSink = Callable[[Verdict, bytes | None], None]
+HOLD_POLL_S = 0.2  # how often a held acquisition asks the gate again
+
+
+class Gate(Protocol):
+    """What acquisition asks before each frame (the Publisher): may one more verdict be accounted for?"""
+
+    def not_ready(self) -> str | None:
+        """None when a frame may be taken, else why not."""
+
+    def acquired(self) -> None:
+        """Count one frame pulled from the source."""
 
 # Fail-safe reasons (the `reason` field of a verdict that was not decided by the model).
 QUEUE_FULL = "queue_full"
@@ -227,9 +243,11 @@ class Pipeline:
         archive: Archive | None = None,
         run_id: str | None = None,
         on_published: Callable[[Published], None] | None = None,
+        gate: Gate | None = None,
+        on_hold: Callable[[str | None], None] | None = None,
     ) -> None:
         """service: queue depth, per-frame deadline and fail-safe policy; line: ids stamped on verdicts;
-        batch: frames per engine call (engine.batch)."""
+        batch: frames per engine call (engine.batch); gate / on_hold: see the module docstring."""
         service = service or ServiceConfig()
         line = line or LineConfig()
         queue_depth = service.queue_depth
@@ -243,6 +261,9 @@ class Pipeline:
         self.station_id = line.station_id
         self.archive = archive
         self.on_published = on_published
+        self.gate = gate
+        self.on_hold = on_hold
+        self.not_ready: str | None = None  # why acquisition holds, while it does
         self.stats = Stats()
         self._sku = sku
         self._next_sku: ActiveSku | None = None
@@ -373,12 +394,14 @@ class Pipeline:
         try:
             while not self._stopping.is_set():
                 self._resumed.wait()
-                if self._stopping.is_set():
+                if self._stopping.is_set() or not self._wait_ready():
                     break
                 frame = next(frames, None)
                 if frame is None:
                     break
                 self.stats.count_acquired()
+                if self.gate is not None:
+                    self.gate.acquired()
                 job = _Job(frame, time.time())
                 try:
                     self._inbox.put_nowait(job)
@@ -390,6 +413,32 @@ class Pipeline:
         finally:
             self.source_done.set()
             self._inbox.put(_STOP)
+
+    def _wait_ready(self) -> bool:
+        """Hold while the gate names a reason; False when the pipeline stops meanwhile."""
+        reason = self.gate.not_ready() if self.gate is not None else None
+        if reason is None:
+            return True
+        held = time.monotonic()
+        self._hold(reason)
+        log.error("not_ready", reason=reason, detail="acquisition holds until the verdicts waiting can be stored "
+                                                     "or sent")
+        while reason is not None:
+            if self._stopping.wait(HOLD_POLL_S):
+                return False
+            reason = self.gate.not_ready() if self.gate is not None else None
+        self._hold(None)
+        log.info("ready_again", held_s=round(time.monotonic() - held, 2))
+        return True
+
+    def _hold(self, reason: str | None) -> None:
+        """Record (and report through on_hold) why acquisition holds, or that it no longer does."""
+        self.not_ready = reason
+        if self.on_hold is not None:
+            try:
+                self.on_hold(reason)
+            except Exception:
+                log.exception("on_hold_failed")
 
     def _next_batch(self) -> list[_Job] | None:
         """Block for one job, then take what is already queued up to the batch size (never waits to fill)."""

@@ -135,7 +135,8 @@ class Daemon:
         self.source.open()
         self.pipeline = Pipeline(self.source, active, self.publisher.publish_verdict, cfg.service, line=cfg.line,
                                  batch=cfg.engine.batch, archive=self.archive, run_id=self.run_id,
-                                 on_published=self.web.observe if self.web is not None else None)
+                                 on_published=self.web.observe if self.web is not None else None,
+                                 gate=self.publisher, on_hold=self._on_hold)
         self.pipeline.start()
         if self.web is not None:
             self.web.start()
@@ -183,7 +184,7 @@ class Daemon:
             log.warning("source_close_failed", error=str(exc))
         log.info("daemon_stopped", drained=drained, spooled=spool.get("pending", 0), run_id=self.run_id,
                  spool_dropped_ok=spool.get("dropped_ok", 0), spool_dropped_ng=spool.get("dropped_ng", 0),
-                 spool_unsaved=spool.get("unsaved", 0), **stats)
+                 spool_unsaved=spool.get("unsaved", 0), spool_lost_in_crash=spool.get("lost_in_crash", 0), **stats)
         return drained
 
     @property
@@ -310,7 +311,8 @@ class Daemon:
             "camera_state": camera.get("state") or ("connected" if connected else "disconnected"),
         }
         if pipeline is not None:
-            doc |= {"sku": pipeline.sku.name, "paused": pipeline.paused, "loading_sku": self._loading,
+            doc |= {"sku": pipeline.sku.name, "paused": pipeline.paused, "not_ready": pipeline.not_ready,
+                    "loading_sku": self._loading,
                     "queued": pipeline.queued(),
                     "engine": _safe(pipeline.sku.engine.describe), "stats": pipeline.stats.snapshot()}
         if self.archive is not None:
@@ -333,6 +335,12 @@ class Daemon:
         camera = "" if doc["camera_connected"] else f" camera={doc['camera_state']}"
         self._notify(f"STATUS={self.state} sku={doc.get('sku')} frames={stats.get('frames')} "
                      f"ng={stats.get('ng')} fps={stats.get('fps')}{camera}")
+
+    def _on_hold(self, reason: str | None) -> None:
+        """Acquisition started or stopped holding (the spool policy): say so at once on every channel."""
+        self.publish_status()
+        if reason is not None:
+            self._notify(f"STATUS=not_ready: {reason}")
 
     def _status_loop(self) -> None:
         """Status thread: publish the status document every STATUS_INTERVAL_S; an error is logged, never fatal."""

@@ -21,6 +21,14 @@ oldest unsent OK records are dropped (on disk a whole OK segment at a time, free
 only when no unsent OK record is left. Records still only in memory when the spool closes are lost; they
 are counted (`unsaved`) and logged as `spool_unsaved`.
 
+Accounting (`journal`, rewritten in place in a preallocated 4 KiB file, so a full disk cannot stop it):
+frames acquired (`note_acquired`) against records made safe: written to disk, or delivered / dropped
+(counted) while only in memory. What a stop leaves only in memory is counted `unsaved`; after a crash
+(SIGKILL, OOM kill) the next start reads the journal and counts the difference as `lost_in_crash`
+(`verdicts_lost_in_crash` in the log). The journal is not fsync'ed: a power cut may leave an older count.
+`holding()` says when records wait in memory that the disk cannot take: the daemon then stops taking
+frames until the broker or the disk takes them (docs/operations.md, "Spool disk full").
+
 Bound: `max_bytes` caps the bytes of records not yet acknowledged. When an append would exceed it, the
 oldest unsent OK records are dropped first and NG records only when no OK record is left; each drop is
 logged (`spool_dropped`) and counted. Records already handed to the client are never dropped. Segments
@@ -45,6 +53,7 @@ from foundation.log import get_logger
 
 log = get_logger(__name__)
 
+JOURNAL_BYTES = 4096  # one JSON line, space-padded, rewritten at offset 0
 RESERVE_BYTES = 256 << 10  # left free on the spool's filesystem for ack lines and directory updates
 MEMORY_MAX_BYTES = 32 << 20  # records kept in memory while the disk is full
 
@@ -73,6 +82,46 @@ class _Segment:
     ack_fd: int | None = None
     ack_size: int = 0
     pending_acks: list[int] = field(default_factory=list)
+
+
+class Journal:
+    """Frames acquired vs verdict records made safe, in a preallocated file rewritten in place (one pwrite of one
+    page: a killed process leaves either the old or the new line, never half of it)."""
+
+    def __init__(self, path: Path) -> None:
+        try:
+            self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o640)
+            previous = os.pread(self._fd, JOURNAL_BYTES, 0)
+            if len(previous) < JOURNAL_BYTES:
+                _write_all(self._fd, bytes(JOURNAL_BYTES - len(previous)))
+                os.fsync(self._fd)
+        except OSError as exc:
+            raise ConfigError(f"mqtt.spool_dir: cannot write the acquisition journal {path} ({exc}); free space "
+                              "on the spool's filesystem or fix its permissions") from exc
+        self.path = path
+        self.previous = _parse_journal(previous)
+        self.acquired = self.accounted = 0
+        self.closed = False
+        self._unwritten = False
+        self.write()
+
+    def write(self) -> None:
+        """Store the counters (a failure is logged once; the counts in memory stay right)."""
+        line = json.dumps({"acquired": self.acquired, "accounted": self.accounted, "closed": self.closed}).encode()
+        try:
+            os.pwrite(self._fd, line.ljust(JOURNAL_BYTES - 1) + b"\n", 0)
+            self._unwritten = False
+        except OSError as exc:
+            if not self._unwritten:
+                log.error("journal_unwritten", file=str(self.path), error=str(exc),
+                          detail="a crash now cannot be accounted at the next start")
+            self._unwritten = True
+
+    def close(self) -> None:
+        """Mark the run closed (its losses were counted by this process) and release the file."""
+        self.closed = True
+        self.write()
+        _close_fd(self._fd)
 
 
 class Spool:
@@ -116,6 +165,12 @@ class Spool:
         self.dropped_ok = 0
         self.dropped_ng = 0
         self.unsaved = 0
+        try:
+            self.journal = Journal(self.directory / "journal")
+        except ConfigError:
+            self._lock_file.close()
+            raise
+        self.lost_in_crash = self._lost_in_crash(self.journal.previous)
         self._load()
 
     def _load(self) -> None:
@@ -153,7 +208,35 @@ class Spool:
         if self.unacked():
             log.info("spool_backlog", records=self.unacked(), bytes=self._live_bytes, dir=str(self.directory))
 
+    @staticmethod
+    def _lost_in_crash(previous: dict[str, Any] | None) -> int:
+        """Frames the last run acquired but never made safe, when it ended without closing the spool."""
+        if previous is None or previous["closed"]:
+            return 0
+        lost = max(0, previous["acquired"] - previous["accounted"])
+        if lost:
+            log.error("verdicts_lost_in_crash", lost=lost, acquired=previous["acquired"],
+                      accounted=previous["accounted"],
+                      detail="the last run was killed with these verdicts neither stored nor delivered")
+        return lost
+
     # ---- the queue -------------------------------------------------------------------------------------------
+
+    def note_acquired(self) -> None:
+        """One more frame acquired: its verdict record is owed (the journal counts it until it is safe)."""
+        with self._lock:
+            self.journal.acquired += 1
+            self.journal.write()
+
+    def note_unspooled(self) -> None:
+        """A verdict the spool could not take and that was sent live instead: accounted, as `unspooled`."""
+        with self._lock:
+            self._account()
+
+    def holding(self) -> bool:
+        """True while records wait in memory that the disk cannot take yet (each call retries the disk)."""
+        with self._lock:
+            return bool(self._memory) and not self._spill()
 
     def append(self, messages: list[tuple[str, bytes]], *, ng: bool) -> int:
         """Store one record (its MQTT messages as (topic, payload)), on disk when it fits; returns its seq."""
@@ -235,17 +318,33 @@ class Spool:
             "dropped_ok": self.dropped_ok,
             "dropped_ng": self.dropped_ng,
             "unsaved": self.unsaved,
+            "lost_in_crash": self.lost_in_crash,
         }
 
     def close(self) -> None:
-        """Move what waits in memory to disk if it fits (else count it unsaved), write pending acks, close files."""
+        """Move what waits in memory to disk if it fits, NG first (freeing whole OK segments for it); count the
+        rest unsaved; write pending acks; close files. Afterwards `unacked()` counts what is on disk."""
         with self._lock:
             self._spill()
+            while any(e.ng for e in self._memory.values()) and not self._spill(ng_only=True):
+                if not self._drop_oldest_ok_segment():
+                    break
             if self._memory:
                 ng = sum(e.ng for e in self._memory.values())
                 self.unsaved += len(self._memory)
                 log.error("spool_unsaved", records=len(self._memory), ng=ng, reason=self.disk_full,
                           detail="the disk was full and the broker did not take them before the stop")
+                for entry in self._memory.values():  # gone with this process: off the books
+                    for queue in (self._unsent_ok, self._unsent_ng, self._inflight):
+                        queue.pop(entry.seq, None)
+                    self._live_bytes -= entry.length
+                self._memory.clear()
+                self._memory_bytes = 0
+            owed = self.journal.acquired - self.journal.accounted - self.unsaved
+            if owed > 0:  # frames whose verdict never reached the spool (a drain cut short)
+                log.error("verdicts_unaccounted", frames=owed, acquired=self.journal.acquired,
+                          detail="acquired, but no verdict reached the spool before the stop")
+            self.journal.close()
             for segment in self._segments.values():
                 if segment.pending_acks:
                     self._write_acks(segment)
@@ -293,6 +392,12 @@ class Spool:
         segment.size += len(line)
         segment.live += 1
         entry.segment, entry.offset = first, offset
+        self._account()
+
+    def _account(self) -> None:
+        """One more verdict record made safe (on disk, or delivered / dropped from memory)."""
+        self.journal.accounted += 1
+        self.journal.write()
 
     def _note_full(self, reason: str) -> None:
         """Log the start of a disk-full episode once; records go to memory until a write succeeds."""
@@ -301,10 +406,12 @@ class Spool:
                       detail="records wait in memory (sent live when the broker is up) until space returns")
         self.disk_full = reason
 
-    def _spill(self) -> bool:
-        """Move records waiting in memory to disk, oldest first; True when none is left in memory."""
-        while self._memory:
-            seq, entry = next(iter(self._memory.items()))
+    def _spill(self, ng_only: bool = False) -> bool:
+        """Move records waiting in memory (NG ones only, with ng_only) to disk, oldest first; True when none of
+        them is left in memory."""
+        for seq, entry in list(self._memory.items()):
+            if ng_only and not entry.ng:
+                continue
             assert entry.data is not None
             if not self._store(entry, entry.data):
                 return False
@@ -368,6 +475,7 @@ class Spool:
         if entry.segment is None:
             if self._memory.pop(entry.seq, None) is not None:
                 self._memory_bytes -= entry.length
+            self._account()
             return
         segment = self._segments[entry.segment]
         segment.live -= 1
@@ -457,6 +565,16 @@ def _parse_record(line: bytes) -> dict[str, Any] | None:
         record = json.loads(line)
         record["seq"], record["ng"] = int(record["seq"]), bool(record["ng"])
         return record if isinstance(record.get("msgs"), list) else None
+    except (ValueError, TypeError, KeyError):
+        return None
+
+
+def _parse_journal(data: bytes) -> dict[str, Any] | None:
+    """The journal's counters as {"acquired", "accounted", "closed"}; None for a new or unreadable journal."""
+    try:
+        record = json.loads(data.rstrip(b"\0").strip() or b"null")
+        return {"acquired": int(record["acquired"]), "accounted": int(record["accounted"]),
+                "closed": bool(record["closed"])}
     except (ValueError, TypeError, KeyError):
         return None
 

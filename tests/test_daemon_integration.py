@@ -34,6 +34,7 @@ from inspector.config import load_config
 from inspector.demo import RecordingSource, add_arguments, demo_config, run_demo, summarize
 from inspector.pipeline import CORRUPT_FRAME, WRONG_SIZE
 from inspector.service import Daemon
+from inspector.spool import Spool
 from tests.small_fs import fill, small_fs
 from tests.test_service import Subscriber
 from tests.waiting import wait_until
@@ -380,6 +381,80 @@ def test_a_spool_disk_that_fills_with_the_broker_down_loses_nothing_and_stops_cl
     assert stopped["spool_unsaved"] == 0 and stopped["spooled"] == 0
     assert sub.wait_for(lambda: len({v["frame_id"] for v in run_verdicts(stopped["run_id"])}) >= stopped["acquired"])
     assert len(run_verdicts(run1)) == acquired, "the second run re-sent none of the first run's verdicts"
+
+
+def full_disk_station(tmp_path: Path, fs: Path, broker: LocalBroker, sku: Path) -> tuple[Path, Subscriber]:
+    """A 40 fps station whose spool (cap far beyond its filesystem) fills its tiny disk, with the broker down."""
+    camera = 'type = "synthetic"\nwidth = 64\nheight = 64\nfps = 40.0\nframes = 0\ndefect_rate = 0.3\nseed = 13'
+    config_path = write_config(tmp_path, sku, broker.port, camera, queue_depth=8)
+    config_path.write_text(config_path.read_text().replace(
+        'spool_dir = "spool"', f'spool_dir = "{fs / "spool"}"\nspool_max_mb = 256'))
+    sub = persistent_subscriber(broker, load_config(config_path).topic_root)
+    broker.stop()
+    return config_path, sub
+
+
+def run_verdict_ids(sub: Subscriber, run_id: str) -> set[int]:
+    """The frame ids of one run's verdicts received so far (de-duplicated)."""
+    return {v["frame_id"] for v in sub.json("verdict") if v["run_id"] == run_id}
+
+
+def test_a_full_spool_disk_with_the_broker_down_stops_acquisition_and_a_stop_counts_every_frame(
+        tmp_path: Path, broker: LocalBroker, random_sku: Path) -> None:
+    with small_fs(tmp_path / "fs", 640) as fs:
+        config_path, sub = full_disk_station(tmp_path, fs, broker, random_sku)
+        proc, log = run_daemon(config_path)
+        try:
+            assert log.wait_for("not_ready", 120), "".join(log.lines)[-3000:]
+        finally:
+            rc, stderr = sigterm(proc, log)
+        assert rc == 0, stderr[-3000:]
+        stopped = final_event(stderr, "daemon_stopped")
+        lost = stopped["spool_unsaved"] + stopped["spool_dropped_ok"] + stopped["spool_dropped_ng"]
+        assert stopped["frames"] == stopped["acquired"] == stopped["spooled"] + lost, "every frame on disk or counted"
+        assert stopped["spool_unsaved"] <= 8 + 4 + 2, "held at the first verdict it could not store: no backlog"
+        assert stopped["spool_dropped_ng"] == 0
+        assert "verdicts_unaccounted" not in stderr
+        on_disk = Spool(fs / "spool", 256 << 20)
+        assert on_disk.unacked() == stopped["spooled"] and on_disk.lost_in_crash == 0, "what daemon_stopped said"
+        on_disk.close()
+
+        broker.start()  # the next run delivers exactly what the stop said was on disk
+        second, log = run_daemon(config_path)
+        try:
+            assert sub.wait_for(lambda: len(run_verdict_ids(sub, stopped["run_id"])) >= stopped["spooled"], 60)
+        finally:
+            sigterm(second, log)
+    assert len(run_verdict_ids(sub, stopped["run_id"])) == stopped["spooled"]
+
+
+def test_a_daemon_killed_with_verdicts_only_in_memory_has_them_counted_at_the_next_start(
+        tmp_path: Path, broker: LocalBroker, random_sku: Path) -> None:
+    with small_fs(tmp_path / "fs", 640) as fs:
+        config_path, sub = full_disk_station(tmp_path, fs, broker, random_sku)
+        proc, log = run_daemon(config_path)
+        try:
+            assert log.wait_for("not_ready", 120), "".join(log.lines)[-3000:]
+        finally:
+            proc.kill()
+            proc.wait(30)
+        run1 = log.events("daemon_ready")[0]["run_id"]
+        log.close()
+        broker.start()
+        second, log = run_daemon(config_path)
+        try:
+            assert log.wait_for("verdicts_lost_in_crash", 60), "".join(log.lines)[-3000:]
+            (crash,) = log.events("verdicts_lost_in_crash")
+            assert sub.wait_for(lambda: len(run_verdict_ids(sub, run1)) >= crash["accounted"], 60)
+            assert sub.wait_for(lambda: any(s.get("spool", {}).get("lost_in_crash") == crash["lost"]
+                                            for s in sub.json("status")), 30), "the loss is on the status topic"
+        finally:
+            rc, stderr = sigterm(second, log)
+    assert rc == 0, stderr[-3000:]
+    delivered = run_verdict_ids(sub, run1)
+    assert crash["lost"] > 0 and len(delivered) == crash["accounted"]
+    assert len(delivered) + crash["lost"] == crash["acquired"] and max(delivered) <= crash["acquired"], \
+        "every frame the killed run acquired is delivered or counted lost"
 
 
 def test_a_camera_that_appears_after_start_is_used_without_a_restart(

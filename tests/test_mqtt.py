@@ -210,6 +210,67 @@ def test_spool_close_on_a_full_disk_counts_what_only_memory_held(tmp_path: Path)
         filler.unlink()
 
 
+def test_spool_close_saves_ng_from_memory_before_ok_and_reports_what_is_on_disk(tmp_path: Path) -> None:
+    with small_fs(tmp_path / "fs", 384) as fs:
+        spool = Spool(fs / "spool", 64 << 20, reserve_bytes=32 << 10, segment_bytes=16 << 10)
+        while not spool.stats()["disk_full"]:
+            spool.append([("t", bytes(700))], ng=False)
+        ng = [spool.append([("t", bytes(700))], ng=True) for _ in range(3)]
+        spool.append([("t", bytes(700))], ng=False)
+        assert spool.stats()["in_memory"] == 5
+        spool.close()
+        assert spool.unsaved == 2 and spool.dropped_ok > 0 and spool.dropped_ng == 0
+        on_disk = spool.unacked()
+        again = Spool(fs / "spool", 64 << 20, reserve_bytes=32 << 10)
+        kept = [seq for seq, _ in drain(again)]
+        assert set(ng) <= set(kept) and len(kept) == on_disk, "the NG records went to disk; unacked() is the disk"
+        assert again.lost_in_crash == 0, "a clean stop owes nothing at the next start"
+        again.close()
+
+
+JOURNAL_SCRIPT = """
+import sys
+from pathlib import Path
+from inspector.spool import Spool
+from tests.small_fs import fill
+spool = Spool(Path(sys.argv[1]), 64 << 20, reserve_bytes=32 << 10)
+for i in range(12):
+    spool.note_acquired()
+for i in range(4):
+    spool.append([("t", bytes(700))], ng=i == 1)
+fill(Path(sys.argv[1]).parent)
+for i in range(5):
+    spool.append([("t", bytes(700))], ng=i == 3)
+assert spool.stats()["in_memory"] == 5
+print("owed", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_killed_process_leaves_what_it_owed_countable_at_the_next_start(tmp_path: Path) -> None:
+    # 12 frames acquired: 4 verdicts on disk, 5 only in memory (disk full), 3 never judged; then SIGKILL
+    with small_fs(tmp_path / "fs", 256) as fs:
+        proc = subprocess.Popen([sys.executable, "-c", JOURNAL_SCRIPT, str(fs / "spool")], cwd=REPO,
+                                env=os.environ | {"PYTHONPATH": str(REPO)}, stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE)
+        try:
+            assert proc.stdout is not None
+            assert any(line.strip() == b"owed" for line in iter(proc.stdout.readline, b"")), "the script died"
+        finally:
+            proc.kill()
+            proc.wait()
+        (fs / "filler").unlink()
+        with capture_logs() as logs:
+            spool = Spool(fs / "spool", 64 << 20, reserve_bytes=32 << 10)
+        (event,) = [e for e in logs if e["event"] == "verdicts_lost_in_crash"]
+        assert (event["lost"], event["acquired"], event["accounted"]) == (8, 12, 4)
+        assert spool.stats()["lost_in_crash"] == 8 and spool.unacked() == 4
+        spool.close()
+        again = Spool(fs / "spool", 64 << 20, reserve_bytes=32 << 10)
+        assert again.lost_in_crash == 0, "counted once, by the start after the crash"
+        again.close()
+
+
 # ---------------------------------------------------------------- real broker
 
 
@@ -570,6 +631,42 @@ def test_commands_malformed_json_gets_error_reply_and_publisher_keeps_working(
     assert [c["id"] for c in received] == [7, 8]
     publisher.publish_verdict(make_verdict(frame_id=1))
     subscriber.wait(lambda: subscriber.frame_ids() == [1])
+    publisher.stop(timeout_s=2)
+
+
+def strict_json(payload: bytes) -> Any:
+    """Decode as standard JSON: NaN, Infinity and -Infinity (which json.loads accepts) fail the test."""
+
+    def refuse(name: str) -> None:
+        raise AssertionError(f"{name} in {payload[:200]!r} is not JSON")
+
+    return json.loads(payload, parse_constant=refuse)
+
+
+@pytest.mark.integration
+def test_non_finite_numbers_never_run_a_command_or_leave_in_a_reply(
+    broker: MosquittoProcess, subscriber: Subscriber, tmp_path: Path
+) -> None:
+    received: list[dict[str, Any]] = []
+
+    def handle(command: dict[str, Any]) -> dict[str, Any]:
+        received.append(command)
+        return {"ok": True, "score": float("nan")} if command["cmd"] == "score" else {"ok": True, "paused": True}
+
+    publisher = Publisher(mqtt_cfg(broker.port, tmp_path / "spool"), ROOT, on_command=handle)
+    publisher.start()
+    subscriber.wait(lambda: publisher.connected)
+    bad = (b'{"cmd": "pause", "id": 1e400}', b'{"cmd": "pause", "id": NaN}', b'{"cmd": "pause", "id": -Infinity}',
+           b'{"cmd": "pause", "id": 1, "pad": [Infinity]}')
+    for payload in (*bad, b'{"cmd": "score", "id": 2}', b'{"cmd": "pause", "id": 3}'):
+        subscriber.client.publish(f"{ROOT}/cmd", payload, qos=1)
+    subscriber.wait(lambda: len(subscriber.on("cmd/reply")) == len(bad) + 2)
+    *malformed, score, paused = [strict_json(m.payload) for m in subscriber.on("cmd/reply")]
+    assert [c["id"] for c in received] == [2, 3], "a command with a non-finite number reached the handler"
+    assert all(r.keys() == {"ok", "error"} and "malformed command" in r["error"] for r in malformed), malformed
+    assert "1e400 is out of range" in malformed[0]["error"] and "NaN is not JSON" in malformed[1]["error"]
+    assert score["id"] == 2 and not score["ok"] and "reply not sent: ValueError" in score["error"]
+    assert paused == {"ok": True, "paused": True, "id": 3}
     publisher.stop(timeout_s=2)
 
 

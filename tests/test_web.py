@@ -142,6 +142,17 @@ def test_metrics_count_verdicts_and_show_the_station_state(station: Station) -> 
     assert metric(text, "inspector_broker_connected") == 1 and metric(text, "inspector_camera_connected") == 1
     assert metric(text, "inspector_queue_depth") is not None and metric(text, "inspector_spool_backlog") is not None
     assert (metric(text, "inspector_frames_acquired_total") or 0) >= 4
+    assert metric(text, "inspector_not_ready") == 0
+    assert all(metric(text, "inspector_verdicts_lost_total", cause=c) == 0
+               for c in ("dropped_ok", "dropped_ng", "unsaved", "lost_in_crash"))
+
+
+def test_metrics_show_a_held_station_and_every_counted_loss() -> None:
+    spool = {"dropped_ok": 3, "dropped_ng": 1, "unsaved": 2, "lost_in_crash": 5}
+    text = StationMetrics(lambda: {"not_ready": "spool disk full and broker unreachable", "spool": spool}
+                          ).exposition().decode()
+    assert metric(text, "inspector_not_ready") == 1
+    assert {c: metric(text, "inspector_verdicts_lost_total", cause=c) for c in spool} == spool
 
 
 def read_events(station: Station, wanted: set[str], timeout_s: float = 20.0) -> dict[str, dict[str, Any]]:

@@ -15,6 +15,7 @@ from inspector.pipeline import CORRUPT_FRAME, DEADLINE, ENGINE_ERROR, INVALID_FR
 from inspector.verdict import Verdict
 
 FAIL_SAFE_REASONS = (QUEUE_FULL, DEADLINE, ENGINE_ERROR, CORRUPT_FRAME, INVALID_FRAME, WRONG_SIZE, SHUTDOWN)
+LOSS_CAUSES = ("dropped_ok", "dropped_ng", "unsaved", "lost_in_crash")  # the spool's loss counters
 # seconds: a line at 5-50 parts/s wants 10-200 ms; queueing and a slow GPU start show up in the tail
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
 
@@ -77,8 +78,18 @@ class _StatusCollector(Collector):
             ("inspector_camera_connected", "1 while the camera delivers frames", doc.get("camera_connected")),
             ("inspector_broker_connected", "1 while the MQTT session is up", doc.get("broker_connected")),
             ("inspector_paused", "1 while acquisition is paused by a command", doc.get("paused")),
+            ("inspector_not_ready", "1 while acquisition holds: verdicts can be neither stored nor sent",
+             bool(doc.get("not_ready"))),
         ):
             yield GaugeMetricFamily(name, help_text, value=float(value or 0))
+        spool = doc.get("spool") or {}
+        lost = CounterMetricFamily("inspector_verdicts_lost",
+                                   "Verdicts neither delivered nor kept, by cause (spool cap or full disk: "
+                                   "dropped_ok, dropped_ng; in memory at a stop: unsaved; owed by a killed "
+                                   "run: lost_in_crash)", labels=["cause"])
+        for cause in LOSS_CAUSES:
+            lost.add_metric([cause], float(spool.get(cause, 0) or 0))
+        yield lost
         if doc.get("sku") is not None:
             sku = GaugeMetricFamily("inspector_active_sku", "The SKU being inspected (value 1)", labels=["sku"])
             sku.add_metric([str(doc["sku"])], 1.0)

@@ -61,6 +61,7 @@ def build_parser(command: str | None) -> argparse.ArgumentParser:
         "check", help="validate inspector.toml, check every file and directory it names, print it resolved",
         parents=[parent]
     )
+    config_sub.add_parser("reference", help="print the configuration reference (docs/configuration.md) as markdown")
     return parser
 
 
@@ -96,6 +97,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.config = getattr(args, "config", None)
     try:
+        if args.command == "config" and args.config_command == "reference":
+            from inspector.config_reference import render
+
+            print(render(), end="")
+            return 0
         if args.command == "config":
             return config_check(args)
         return int(importlib.import_module(COMMANDS[args.command][0]).run(args))

@@ -33,6 +33,8 @@ class _Section(BaseModel):
 
 
 class LineConfig(_Section):
+    """Which line and station this is: the topic root and every verdict carry them."""
+
     line_id: str = Field("line1", pattern=r"^[A-Za-z0-9_.-]+$", description="production line id (topic part)")
     station_id: str = Field("station1", pattern=r"^[A-Za-z0-9_.-]+$", description="camera station id")
 
@@ -40,49 +42,51 @@ class LineConfig(_Section):
 class SyntheticCamera(_Section):
     """Procedural parts with and without defects, for the demo and tests."""
 
-    type: Literal["synthetic"] = "synthetic"
-    width: int = Field(256, ge=16, le=8192)
-    height: int = Field(256, ge=16, le=8192)
-    fps: float = Field(10.0, ge=0.0, description="0 = as fast as the pipeline takes frames")
-    frames: int = Field(0, ge=0, description="0 = endless")
-    defect_rate: float = Field(0.2, ge=0.0, le=1.0)
-    seed: int = 0
-    texture: str = "brick"
+    type: Literal["synthetic"] = Field("synthetic", description="procedural parts (demo, tests)")
+    width: int = Field(256, ge=16, le=8192, description="frame width, px")
+    height: int = Field(256, ge=16, le=8192, description="frame height, px")
+    fps: float = Field(10.0, ge=0.0, description="frames per second; 0 = as fast as the pipeline takes frames")
+    frames: int = Field(0, ge=0, description="frames to produce; 0 = endless")
+    defect_rate: float = Field(0.2, ge=0.0, le=1.0, description="share of parts drawn with a defect")
+    seed: int = Field(0, description="random seed of the parts and defects")
+    texture: str = Field("brick", description="a scikit-image texture the parts are made of: brick, grass, gravel, ...")
 
 
 class FolderCamera(_Section):
     """Replays the images of a folder, in name order."""
 
-    type: Literal["folder"] = "folder"
-    path: Path
-    pattern: str = "*.png"
-    loop: bool = False
-    fps: float = Field(0.0, ge=0.0)
+    type: Literal["folder"] = Field("folder", description="replay the images of a folder")
+    path: Path = Field(description="the folder")
+    pattern: str = Field("*.png", description="glob of the files to replay, in sorted name order")
+    loop: bool = Field(False, description="start again after the last file (else the run ends)")
+    fps: float = Field(0.0, ge=0.0, description="frames per second; 0 = as fast as the pipeline takes frames")
 
 
 class VideoCamera(_Section):
     """Replays a video file through OpenCV."""
 
-    type: Literal["video"] = "video"
-    path: Path
-    loop: bool = False
-    fps: float = Field(0.0, ge=0.0)
+    type: Literal["video"] = Field("video", description="replay a video file (OpenCV)")
+    path: Path = Field(description="the video file")
+    loop: bool = Field(False, description="start again at the end (else the run ends)")
+    fps: float = Field(0.0, ge=0.0, description="frames per second; 0 = as fast as the pipeline takes frames")
 
 
 class GenTLCamera(_Section):
     """A GenICam camera through a GenTL producer (.cti) loaded by harvesters."""
 
-    type: Literal["gentl"] = "gentl"
-    cti: Path
-    serial: str | None = None
-    index: int = Field(0, ge=0)
-    pixel_format: str | None = None
-    exposure_us: float | None = Field(None, gt=0)
-    gain_db: float | None = None
-    trigger: Literal["free_run", "software", "hardware"] = "free_run"
-    timeout_s: float = Field(2.0, gt=0)
-    reconnect_min_s: float = Field(0.5, gt=0)
-    reconnect_max_s: float = Field(10.0, gt=0)
+    type: Literal["gentl"] = Field("gentl", description="a GenICam camera through a GenTL producer")
+    cti: Path = Field(description="the vendor's GenTL producer (.cti file)")
+    serial: str | None = Field(None, description="the camera's serial number; unset = the camera at `index`")
+    index: int = Field(0, ge=0, description="which camera of the producer's list, when `serial` is unset")
+    pixel_format: str | None = Field(None, description="Mono8, RGB8, BGR8, RGBa8, BGRa8 or Bayer{RG,GR,GB,BG}8; "
+                                                       "unset = the camera's")
+    exposure_us: float | None = Field(None, gt=0, description="exposure time, µs; unset = the camera's")
+    gain_db: float | None = Field(None, description="analog gain, dB; unset = the camera's")
+    trigger: Literal["free_run", "software", "hardware"] = Field(
+        "free_run", description="free_run: the camera's own rate; hardware: one frame per line trigger")
+    timeout_s: float = Field(2.0, gt=0, description="wait for a frame this long before checking the connection")
+    reconnect_min_s: float = Field(0.5, gt=0, description="first back-off when the camera is missing or drops out")
+    reconnect_max_s: float = Field(10.0, gt=0, description="longest back-off between reconnect attempts")
 
 
 CameraConfig = Annotated[
@@ -91,21 +95,28 @@ CameraConfig = Annotated[
 
 
 class MqttConfig(_Section):
-    host: str = "127.0.0.1"
-    port: int = Field(1883, ge=1, le=65535)
-    client_id: str | None = None
-    topic_prefix: str = Field("inspector", pattern=r"^[A-Za-z0-9_./-]+$")
-    qos: Literal[0, 1, 2] = 1
-    keepalive_s: int = Field(30, ge=5, le=3600)
-    username: str | None = None
-    password_file: Path | None = None
-    tls_ca: Path | None = None
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    spool_dir: Path = Path("var/spool")
-    spool_max_mb: float = Field(256.0, gt=0)
-    reconnect_min_s: float = Field(0.5, gt=0)
-    reconnect_max_s: float = Field(30.0, gt=0)
+    """The broker connection and the on-disk spool verdicts wait in while it is unreachable."""
+
+    host: str = Field("127.0.0.1", description="the broker's address")
+    port: int = Field(1883, ge=1, le=65535, description="the broker's port (8883 is usual with TLS)")
+    client_id: str | None = Field(None, description="MQTT client id; unset = derived from the topic root and pid")
+    topic_prefix: str = Field("inspector", pattern=r"^[A-Za-z0-9_./-]+$",
+                              description="first part of every topic: <topic_prefix>/<line_id>/<station_id>")
+    qos: Literal[0, 1, 2] = Field(1, description="QoS of verdicts, rejects and masks (1: at least once)")
+    keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive; the broker publishes the last will "
+                                                            "after 1.5x this without a packet")
+    username: str | None = Field(None, description="broker user name (with password_file)")
+    password_file: Path | None = Field(None, description="secret file holding the broker password (not "
+                                                         "world-readable)")
+    tls_ca: Path | None = Field(None, description="CA certificate that signed the broker's; set = TLS")
+    tls_cert: Path | None = Field(None, description="this station's client certificate (mutual TLS)")
+    tls_key: Path | None = Field(None, description="its private key, a secret file (not world-readable)")
+    spool_dir: Path = Field(Path("var/spool"), description="where verdicts wait for the broker (one station per "
+                                                           "folder)")
+    spool_max_mb: float = Field(256.0, gt=0, description="cap of the spool; beyond it the oldest unsent OK "
+                                                         "verdicts are dropped first (counted)")
+    reconnect_min_s: float = Field(0.5, gt=0, description="first back-off after the broker connection drops")
+    reconnect_max_s: float = Field(30.0, gt=0, description="longest back-off between reconnect attempts")
 
     def password(self) -> str | None:
         """Read the broker password from `password_file`, refusing a file anyone on the box can read."""
@@ -115,24 +126,33 @@ class MqttConfig(_Section):
 
 
 class ArchiveConfig(_Section):
-    enabled: bool = True
-    dir: Path = Path("var/archive")
-    ok_sample_rate: float = Field(0.0, ge=0.0, le=1.0)
-    max_mb: float = Field(1024.0, gt=0)
+    """Frames kept on disk for review and retraining (the station page's NG strip reads them)."""
+
+    enabled: bool = Field(True, description="keep NG frames (and a sample of OK ones) with their maps")
+    dir: Path = Field(Path("var/archive"), description="where they are kept")
+    ok_sample_rate: float = Field(0.0, ge=0.0, le=1.0, description="share of OK frames kept too (NG: all)")
+    max_mb: float = Field(1024.0, gt=0, description="size cap; the oldest files are deleted first beyond it")
 
 
 class ServiceConfig(_Section):
-    watchdog: bool = True
-    queue_depth: int = Field(16, ge=1, le=4096)
-    frame_timeout_ms: float = Field(2000.0, gt=0)
-    fail_safe: Literal["ng", "ok"] = "ng"
-    drain_timeout_s: float = Field(10.0, gt=0)
+    """How the daemon keeps its promise of one verdict per frame."""
+
+    watchdog: bool = Field(True, description="systemd watchdog pings while the threads come round (WatchdogSec "
+                                              "in the unit sets the period)")
+    queue_depth: int = Field(16, ge=1, le=4096, description="frames waiting for inference; a frame beyond gets "
+                                                            "the fail-safe verdict (queue_full)")
+    frame_timeout_ms: float = Field(2000.0, gt=0, description="a frame still without a verdict this long after "
+                                                              "acquisition gets the fail-safe verdict")
+    fail_safe: Literal["ng", "ok"] = Field("ng", description="verdict of a frame that could not be inspected "
+                                                             "(engine error, deadline, full queue, corrupt frame)")
+    drain_timeout_s: float = Field(10.0, gt=0, description="on SIGTERM, how long frames in flight may take to get "
+                                                           "their verdicts")
 
 
 class WebConfig(_Section):
     """The station page and Prometheus /metrics served by the daemon (inspector/web)."""
 
-    enabled: bool = False
+    enabled: bool = Field(False, description="serve the station page and /metrics")
     host: str = Field("127.0.0.1", description="listen address; anything but loopback needs open_view = true")
     port: int = Field(8080, ge=0, le=65535, description="0 = any free port")
     open_view: bool = Field(False, description="allow viewing from the network (a non-loopback host)")
@@ -173,15 +193,20 @@ def is_loopback(host: str) -> bool:
 class SkuConfig(_Section):
     """Everything the daemon needs to inspect one product type."""
 
-    model_dir: Path
-    roi: tuple[int, int, int, int] | None = Field(None, description="x, y, width, height in frame pixels")
-    input_size: int | None = Field(None, ge=16, description="must match the trained model when set")
-    steps1: int | None = Field(None, ge=1)
-    steps2: int | None = Field(None, ge=1)
-    t1: int | None = Field(None, ge=1)
-    t2: int | None = Field(None, ge=1)
-    thresholds_file: Path | None = None
-    publish_mask: Literal["ng", "all", "none"] = "ng"
+    model_dir: Path = Field(description="the SKU folder `inspector train` wrote (model, graphs, calibration)")
+    roi: tuple[int, int, int, int] | None = Field(None, description="[x, y, width, height] in frame pixels; "
+                                                                    "unset = the whole frame")
+    input_size: int | None = Field(None, ge=16, description="model input size; must match the trained model "
+                                                            "when set")
+    steps1: int | None = Field(None, ge=1, description="stage-1 DDIM steps; unset = as trained (calibrate again "
+                                                       "after changing a schedule key)")
+    steps2: int | None = Field(None, ge=1, description="stage-2 DDIM steps; unset = as trained")
+    t1: int | None = Field(None, ge=1, description="stage-1 start timestep; unset = as trained")
+    t2: int | None = Field(None, ge=1, description="stage-2 start timestep; unset = as trained")
+    thresholds_file: Path | None = Field(None, description="the SKU's calibration; unset = "
+                                                           "<model_dir>/calibration.json")
+    publish_mask: Literal["ng", "all", "none"] = Field("ng", description="which verdicts also publish their "
+                                                                         "defect mask PNG")
 
     @field_validator("roi")
     @classmethod
@@ -207,16 +232,18 @@ class InspectorConfig(BaseSettings):
         env_prefix="INSPECTOR_", env_nested_delimiter="__", extra="forbid", case_sensitive=False
     )
 
-    active_sku: str
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    line: LineConfig = LineConfig()
-    camera: CameraConfig = SyntheticCamera()
-    mqtt: MqttConfig = MqttConfig()
-    engine: EngineSettings = OnnxRuntimeSettings()
-    archive: ArchiveConfig = ArchiveConfig()
-    service: ServiceConfig = ServiceConfig()
-    web: WebConfig = WebConfig()
-    skus: dict[str, SkuConfig] = Field(min_length=1)
+    active_sku: str = Field(description="the SKU inspected at start-up (a [skus.<name>] table); switch at run "
+                                        "time with {\"sku\": NAME} on <root>/cmd")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="least severe log line "
+                                                                                        "written")
+    line: LineConfig = Field(LineConfig(), description="where the station is")
+    camera: CameraConfig = Field(SyntheticCamera(), description="where frames come from")
+    mqtt: MqttConfig = Field(MqttConfig(), description="the broker, credentials and the verdict spool")
+    engine: EngineSettings = Field(OnnxRuntimeSettings(), description="the inference backend")
+    archive: ArchiveConfig = Field(ArchiveConfig(), description="frames kept for review")
+    service: ServiceConfig = Field(ServiceConfig(), description="queue, deadlines, fail-safe and shutdown")
+    web: WebConfig = Field(WebConfig(), description="the station page and /metrics")
+    skus: dict[str, SkuConfig] = Field(min_length=1, description="one table per product type")
 
     @classmethod
     def settings_customise_sources(

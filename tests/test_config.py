@@ -202,3 +202,21 @@ def test_cli_missing_config_file_exit_2() -> None:
     assert result.stderr.strip() == (
         "error: /nonexistent/inspector.toml: config file not found (pass --config FILE or set INSPECTOR_CONFIG)"
     )
+
+
+def test_the_committed_configuration_reference_is_what_the_models_say() -> None:
+    from inspector.config_reference import REFERENCE, render
+
+    assert REFERENCE.read_text() == render(), "run `inspector config reference > docs/configuration.md`"
+
+
+def test_a_key_without_a_description_cannot_enter_the_reference() -> None:
+    from pydantic import BaseModel
+
+    from inspector.config_reference import table
+
+    class Undocumented(BaseModel):
+        depth: int = 3
+
+    with pytest.raises(ValueError, match=r"Undocumented\.depth has no description"):
+        table(Undocumented)

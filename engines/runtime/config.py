@@ -27,18 +27,19 @@ class _EngineSection(BaseModel):
 class OnnxRuntimeSettings(_EngineSection):
     """ONNX Runtime on the CPU: the embedded default. int8 runs the SKU's Q/DQ graphs."""
 
-    backend: Literal["onnxruntime"] = "onnxruntime"
-    precision: Literal["fp32", "int8"] = "fp32"
+    backend: Literal["onnxruntime"] = Field("onnxruntime", description="ONNX Runtime on the CPU")
+    precision: Literal["fp32", "int8"] = Field("fp32", description="int8 runs the SKU's Q/DQ graphs "
+                                                                   "(`inspector export --int8`)")
     threads: int = Field(0, ge=0, description="intra-op CPU threads; 0 = ONNX Runtime's default")
 
 
 class TorchSettings(_EngineSection):
     """The torch model as trained: the CPU reference, or the GPU engine where TensorRT is not installed."""
 
-    backend: Literal["torch"] = "torch"
-    device: Literal["cpu", "cuda"] = "cpu"
+    backend: Literal["torch"] = Field("torch", description="the trained torch model")
+    device: Literal["cpu", "cuda"] = Field("cpu", description="where it runs")
     device_id: int = Field(0, ge=0, description="CUDA device index (device = cuda)")
-    precision: Literal["fp32", "fp16", "bf16"] = "fp32"
+    precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="fp16 and bf16 need device = cuda")
     threads: int = Field(0, ge=0, description="CPU threads; 0 = torch's default")
     cuda_graphs: bool = Field(True, description="replay one captured CUDA graph per batch size (device = cuda)")
 
@@ -52,9 +53,11 @@ class TorchSettings(_EngineSection):
 class TensorRTSettings(_EngineSection):
     """TensorRT plans on an NVIDIA GPU, built by `inspector build` from the SKU's fp32/fp16/int8 graphs."""
 
-    backend: Literal["tensorrt"] = "tensorrt"
+    backend: Literal["tensorrt"] = Field("tensorrt", description="TensorRT plans on an NVIDIA GPU (the [gpu] "
+                                                               "extra)")
     device_id: int = Field(0, ge=0, description="CUDA device index")
-    precision: Literal["fp32", "fp16", "int8"] = "fp16"
+    precision: Literal["fp32", "fp16", "int8"] = Field("fp16", description="which of the SKU's graphs the plan "
+                                                                         "is built from")
     cuda_graphs: bool = Field(True, description="replay one captured CUDA graph per batch size")
 
 

@@ -18,7 +18,8 @@ OpenCV cannot read at all (e.g. a text file named .png) is left out and logged o
 A file that passes the header check but fails to decode (e.g. a truncated PNG) is found on first access:
 ``__getitem__`` logs it, records it in ``skipped`` and returns the next decodable item instead (wrapping
 around), so an epoch never crashes on one bad file; ``DataError`` only when no file decodes at all.
-A truncated JPEG still decodes (libjpeg fills the missing rows with grey) and is not detected.
+A file its decoder would have to repair fails too (foundation.images: a truncated, zeroed or overwritten JPEG
+that OpenCV would decode grey-filled, a PNG with a bad chunk CRC): it is never trained on.
 
 Decoding once
 -------------

@@ -15,6 +15,7 @@ import pytest
 from foundation.errors import DataError
 from inspector.acquisition import Frame, Source, open_source
 from inspector.config import FolderCamera, SyntheticCamera, VideoCamera
+from tests.fixtures_data import damaged_copies
 
 
 def write_images(folder: Path, n: int) -> list[np.ndarray]:
@@ -81,6 +82,21 @@ def test_folder_truncated_or_damaged_files_yield_frames_without_image(tmp_path: 
     assert "truncated" in frames[1].meta["error"]
 
 
+def test_folder_files_the_decoder_had_to_repair_yield_frames_without_image(tmp_path: Path) -> None:
+    rgb = cv2.resize(np.random.default_rng(0).integers(0, 256, (12, 16, 3), dtype=np.uint8), (256, 192))
+    jpeg, png = (cv2.imencode(ext, rgb)[1].tobytes() for ext in (".jpg", ".png"))
+    (tmp_path / "a_clean.jpg").write_bytes(jpeg)
+    damaged = damaged_copies(jpeg, png)
+    for name, (data, _) in damaged.items():
+        (tmp_path / f"b_{name}").write_bytes(data)
+    frames = collect(open_source(FolderCamera(path=tmp_path, pattern="*.*")))
+    clean = cv2.cvtColor(cv2.imread(str(tmp_path / "a_clean.jpg")), cv2.COLOR_BGR2RGB)
+    assert frames[0].image is not None and np.array_equal(frames[0].image, clean), "same pixels as training's decode"
+    for frame, (name, (_, said)) in zip(frames[1:], sorted(damaged.items()), strict=True):
+        error = frame.meta.get("error", "")
+        assert frame.image is None and name in error and said in error, (name, frame.meta)
+
+
 def test_folder_loops_and_stop_ends_frames(tmp_path: Path) -> None:
     write_images(tmp_path, 2)
     source = open_source(FolderCamera(path=tmp_path, loop=True))
@@ -141,6 +157,36 @@ def test_video_frames_and_loop(tmp_path: Path) -> None:
     assert levels == sorted(levels) and levels[-1] - levels[0] > 60
     looped = collect(open_source(VideoCamera(path=path, loop=True)), limit=10)
     assert len(looped) == 10 and abs(int(looped[4].image.mean()) - levels[0]) < 5
+
+
+def packet_spans(data: bytes) -> list[tuple[int, int]]:
+    """(start, end) of each JPEG (SOI to EOI) inside an MJPG file."""
+    starts = [i for i in range(len(data)) if data.startswith(b"\xff\xd8\xff", i)]
+    return [(s, data.index(b"\xff\xd9", s) + 2) for s in starts]
+
+
+def test_video_mjpg_frame_the_decoder_had_to_repair_yields_frame_without_image(tmp_path: Path) -> None:
+    path = tmp_path / "parts.avi"
+    write_video(path, 4)
+    data = bytearray(path.read_bytes())
+    start, end = packet_spans(bytes(data))[2]
+    cut = start + (end - start) * 6 // 10
+    data[cut:end] = bytes(end - cut)  # frame 3's last 40 % zeroed: FFmpeg's decode stopped the replay here
+    path.write_bytes(data)
+    frames = collect(open_source(VideoCamera(path=path)))
+    assert [f.id for f in frames] == [1, 2, 3, 4]
+    assert [f.image is None for f in frames] == [False, False, True, False]
+    assert "parts.avi frame 3" in frames[2].meta["error"] and "JPEG" in frames[2].meta["error"]
+
+
+def test_video_that_ends_before_its_frame_count_yields_a_failed_frame(tmp_path: Path) -> None:
+    path = tmp_path / "cut.avi"
+    write_video(path, 6)
+    data = path.read_bytes()
+    path.write_bytes(data[: packet_spans(data)[3][0] - 8])  # cut before frame 4's chunk; the header says 6
+    frames = collect(open_source(VideoCamera(path=path, loop=True)), limit=8)
+    assert [f.image is None for f in frames] == [False, False, False, True, False, False, False, True]
+    assert "cut.avi" in frames[3].meta["error"] and "3 of its 6 frames" in frames[3].meta["error"]
 
 
 def test_video_unopenable_file_is_a_clear_error(tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ from inspector.demo import RecordingSource, add_arguments, demo_config, run_demo
 from inspector.pipeline import CORRUPT_FRAME, WRONG_SIZE
 from inspector.service import Daemon
 from inspector.spool import Spool
+from tests.fixtures_data import damaged_copies
 from tests.small_fs import fill, small_fs
 from tests.test_service import Subscriber
 from tests.waiting import wait_until
@@ -240,8 +241,12 @@ def test_corrupt_and_wrong_size_frames_get_fail_safe_verdicts_and_the_loop_goes_
         cv2.imwrite(str(frames / f"{i:02d}.png"), cv2.cvtColor(part, cv2.COLOR_RGB2BGR))
     (frames / "02.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     cv2.imwrite(str(frames / "03.png"), np.zeros((50, 70, 3), np.uint8))
-    jpeg = cv2.imencode(".jpg", cv2.cvtColor(render_part("brick", 96, rng), cv2.COLOR_RGB2BGR))[1].tobytes()
+    part = cv2.cvtColor(render_part("brick", 96, rng), cv2.COLOR_RGB2BGR)
+    jpeg, png = (cv2.imencode(ext, part)[1].tobytes() for ext in (".jpg", ".png"))
     (frames / "06.jpg").write_bytes(jpeg[: len(jpeg) // 2])  # OpenCV decodes it, grey-filled, with a warning
+    damaged = sorted(damaged_copies(jpeg, png).items())  # OpenCV decodes the JPEGs, with a warning, too
+    for i, (name, (data, _)) in enumerate(damaged, start=7):
+        (frames / f"{i:02d}_{name}").write_bytes(data)
     camera = f'type = "folder"\npath = "{frames}"\npattern = "*.*"'
     config = load_config(write_config(tmp_path, random_sku, broker.port, camera))
     sub = persistent_subscriber(broker, config.topic_root)
@@ -249,18 +254,21 @@ def test_corrupt_and_wrong_size_frames_get_fail_safe_verdicts_and_the_loop_goes_
     daemon.start()
     try:
         assert daemon.wait_finished(120)
-        assert sub.wait_for(lambda: len(sub.json("verdict")) >= 7, 30)
+        assert sub.wait_for(lambda: len(sub.json("verdict")) >= 11, 30)
         sub.send(b"[1, 2")
         sub.send(json.dumps({"sku": "unknown-sku", "id": 9}))
         assert sub.wait_for(lambda: len(sub.json("cmd/reply")) >= 2, 30)
     finally:
         daemon.stop()
     verdicts = sub.json("verdict")
-    assert [v["frame_id"] for v in verdicts] == [1, 2, 3, 4, 5, 6, 7]
+    assert [v["frame_id"] for v in verdicts] == list(range(1, 12))
     reasons = [v["reason"] for v in verdicts]
     assert reasons[2].startswith(CORRUPT_FRAME) and "02.png" in reasons[2] and not verdicts[2]["ok"]
     assert reasons[6].startswith(CORRUPT_FRAME) and "06.jpg" in reasons[6] and "truncated" in reasons[6]
     assert not verdicts[6]["ok"]
+    for i, (name, (_, said)) in enumerate(damaged, start=7):  # the fail-safe, neither OK nor a model NG
+        assert reasons[i].startswith(CORRUPT_FRAME) and name in reasons[i] and said in reasons[i], reasons[i]
+        assert not verdicts[i]["ok"] and verdicts[i]["score"] is None
     assert reasons[3].startswith(WRONG_SIZE) and not verdicts[3]["ok"]
     assert reasons[0] is None and reasons[1] is None and reasons[4] is None and reasons[5] is None
     malformed, unknown = sub.json("cmd/reply")

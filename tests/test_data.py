@@ -24,7 +24,7 @@ from engines.data import (
 from engines.sample_data import DEFECT_TYPES, TEXTURES, draw_defect, render_part
 from foundation.errors import DataError
 from foundation.images import load_image_rgb
-from tests.fixtures_data import make_good_folder, make_mvtec_tree, make_visa_tree
+from tests.fixtures_data import damaged_copies, make_good_folder, make_mvtec_tree, make_visa_tree
 
 
 def test_folder_dataset_is_recursive_and_ignores_hidden_and_non_images(tmp_path: Path) -> None:
@@ -131,6 +131,25 @@ def test_corrupt_images_are_skipped_and_reported(tmp_path: Path) -> None:
     assert [i.path.name for i in items] == ["good_000.png", "good_000.png"]
     assert dataset.skipped == [text, truncated]
     assert [e["path"] for e in logs if e["event"] == "image_skipped"] == [str(text), str(truncated)]
+
+
+def test_training_images_the_decoder_had_to_repair_are_skipped_with_a_one_line_error(tmp_path: Path) -> None:
+    make_good_folder(tmp_path, n=1, size=24)
+    rgb = cv2.resize(np.random.default_rng(0).integers(0, 256, (12, 16, 3), dtype=np.uint8), (256, 192))
+    jpeg, png = (cv2.imencode(ext, rgb)[1].tobytes() for ext in (".jpg", ".png"))
+    damaged = damaged_copies(jpeg, png)
+    for name, (data, said) in damaged.items():
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(DataError) as info:
+            load_image_rgb(tmp_path / name)
+        assert name in str(info.value) and said in str(info.value) and "\n" not in str(info.value)
+    with capture_logs() as logs:
+        dataset = FolderDataset(tmp_path, image_size=16)
+        items = list(dataset)
+    assert {i.path.name for i in items} == {"good_000.png"}
+    assert sorted(p.name for p in dataset.skipped) == sorted(damaged)
+    reasons = {Path(e["path"]).name: e["reason"] for e in logs if e["event"] == "image_skipped"}
+    assert all(said in reasons[name] for name, (_, said) in damaged.items())
 
 
 def test_all_corrupt_raises(tmp_path: Path) -> None:

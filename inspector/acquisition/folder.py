@@ -1,8 +1,10 @@
 """Replay images from a folder as camera frames: commissioning, regression runs and the demo.
 
-Every file is checked by Pillow (LOAD_TRUNCATED_IMAGES off: a truncated or damaged file raises) before
-OpenCV decodes it as training did: OpenCV/libjpeg decode half a JPEG into a frame with a grey lower half
-and only print a warning, which must be a corrupt_frame fail-safe, never an OK verdict.
+Files are decoded by foundation.images.load_image_rgb, as training decodes them: only a file its decoder
+reads without repair is a frame. A JPEG that libjpeg would warn about (truncated, its tail zeroed with or
+without the EOI marker kept, scan bytes overwritten), a PNG with a bad chunk CRC or broken data, or any file
+that does not decode yields image=None with meta["error"] naming the file and what the decoder said, which
+the pipeline turns into a corrupt_frame fail-safe verdict, never an OK or a model NG.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 from foundation.errors import DataError
 from foundation.images import load_image_rgb
@@ -52,7 +53,6 @@ class FolderSource(PacedSource):
                 meta: dict[str, Any] = {"source": "folder", "path": str(path)}
                 image: np.ndarray | None
                 try:
-                    check_complete(path)
                     image = load_image_rgb(path)
                 except DataError as exc:
                     image, meta["error"] = None, str(exc)
@@ -77,13 +77,3 @@ class FolderSource(PacedSource):
             "reconnects": 0,
         }
 
-
-def check_complete(path: Path) -> None:
-    """DataError naming the file when Pillow finds it truncated or damaged; formats Pillow does not know pass."""
-    try:
-        with Image.open(path) as image:
-            image.load()
-    except UnidentifiedImageError:
-        return  # not an image Pillow reads (or no image at all): OpenCV's decode decides
-    except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise DataError(f"cannot read image {path}: damaged or truncated ({exc})") from None

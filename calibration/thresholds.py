@@ -35,8 +35,9 @@ class Calibration(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    image_threshold: float = Field(description="a part is NG when its image score is >= this")
-    pixel_threshold: float = Field(description="a pixel is defective when its map value is > this")
+    # finite: a NaN threshold would make every verdict NG and could not be published (inspector/verdict.py)
+    image_threshold: float = Field(allow_inf_nan=False, description="a part is NG when its image score is >= this")
+    pixel_threshold: float = Field(allow_inf_nan=False, description="a pixel is defective when its map value is > this")
     min_defect_area_px: int = Field(ge=1, description="smallest reported region, map pixels, 8-connected")
     target_false_reject_rate: float = Field(gt=0, lt=1)
     n_good: int = Field(ge=0)

@@ -155,8 +155,12 @@ def check_sku(config: InspectorConfig, name: str, *, engine_files: bool = True) 
     calibration = sku.calibration_path()
     cal_key = f"{key}.thresholds_file" if sku.thresholds_file else f"{key}.model_dir"
     if not calibration.is_file():
-        problems.append(Problem(cal_key, f"{calibration}: no calibration for SKU {name!r}; run "
-                                f"`inspector calibrate --sku {name}`"))
+        where, other_fix = ((f"{key}.thresholds_file = {calibration} does not exist", "fix the path")
+                            if sku.thresholds_file else
+                            (f"{key}.thresholds_file is not set and its default {calibration} does not exist",
+                             f"set {key}.thresholds_file"))
+        problems.append(Problem(cal_key, f"{where}: no calibration for SKU {name!r}; run `inspector calibrate "
+                                f"--sku {name}` (it writes there) or {other_fix}"))
     else:
         try:
             stale = _calibration_is_stale(load_calibration(calibration).sku_fingerprint, sku.model_dir,

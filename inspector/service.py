@@ -14,19 +14,25 @@ does not.
 Watchdog: a timer sends WATCHDOG=1 every WatchdogSec/2 while the daemon is healthy: the pipeline's threads
 are alive and the inference and publish threads have come round within `stuck_after_s` (idle, paused and
 waiting-for-trigger are healthy; an engine call that hangs is not), and the publisher's sender and command
-threads and the status thread are alive. Otherwise the pings stop and systemd restarts the service.
+threads and the status and changeover threads are alive. Otherwise the pings stop and systemd restarts the
+service.
 
 Commands on <topic root>/cmd (JSON object; an optional "id" is echoed in the reply):
     {"cmd": "sku", "sku": "NAME"}  or  {"sku": "NAME"}   SKU changeover: reply {"ok": true, "state":
                                                          "loading"} at once; the new engine loads and warms
-                                                         while the old one inspects; then {"ok": true,
-                                                         "state": "active"} once swapped, or ok=false + error
+                                                         on the changeover thread while the old one inspects;
+                                                         then one final reply: {"ok": true, "state":
+                                                         "active"} once swapped, ok=false + error, or
+                                                         {"ok": false, "state": "superseded", "superseded_by":
+                                                         NAME} when a later changeover replaced it (requests
+                                                         coalesce: the last SKU requested wins)
     {"cmd": "pause"} / {"cmd": "resume"}                 stop / continue pulling frames
     {"cmd": "reload"}                                    re-read the active SKU's thresholds (as SIGHUP)
     {"cmd": "status"}                                    reply with the status document
 Anything else (non-JSON, non-object, unknown cmd) gets {"ok": false, "error": "..."} on <root>/cmd/reply;
-the loop keeps running. The station page's controls (inspector/web, [web] in inspector.toml) send the same
-commands through the same handler and get the same replies.
+the loop keeps running. Every command is answered at once, never queued behind a changeover that loads. The
+station page's controls (inspector/web, [web] in inspector.toml) send the same commands through the same
+handler and get the same replies (a changeover's final one, which the page waits for).
 """
 
 from __future__ import annotations
@@ -37,6 +43,8 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import Any
 
 import sdnotify
@@ -92,6 +100,15 @@ def watchdog_interval_s(default_s: float = 5.0) -> float:
     return int(usec) / 2e6 if usec.isdigit() and int(usec) > 0 else default_s
 
 
+@dataclass(frozen=True, eq=False)
+class _Changeover:
+    """One changeover request: the SKU, the id/cmd part of its reply, and where its one final reply goes."""
+
+    name: str
+    reply: dict[str, Any]
+    deliver: Callable[[dict[str, Any]], None]
+
+
 class Daemon:
     """One station: source -> pipeline -> publisher, with commands, status, watchdog and clean shutdown."""
 
@@ -110,8 +127,9 @@ class Daemon:
         self.pipeline: Pipeline | None = None
         self.archive: Archive | None = None
         self.web: StationWeb | None = None
-        self._loading: str | None = None
-        self._lock = threading.Lock()
+        self._loading: str | None = None  # the SKU the changeover thread is loading
+        self._wanted: _Changeover | None = None  # the newest changeover not answered yet: the last request wins
+        self._changeovers = threading.Condition()
         self._halt = threading.Event()
         self._timers: list[threading.Thread] = []
         self.state = "starting"
@@ -141,7 +159,8 @@ class Daemon:
         if self.web is not None:
             self.web.start()
         self.state = "running"
-        for target, name in ((self._status_loop, "status"), (self._watchdog_loop, "watchdog")):
+        for target, name in ((self._status_loop, "status"), (self._watchdog_loop, "watchdog"),
+                             (self._changeover_loop, "changeover")):
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._timers.append(thread)
@@ -161,6 +180,7 @@ class Daemon:
             return max(0.05, deadline - reserve - time.monotonic())
 
         self.state = "stopping"
+        self._end_changeovers()
         self._notify("STOPPING=1\nSTATUS=draining")
         if self.web is not None:
             self.web.stop()
@@ -203,8 +223,9 @@ class Daemon:
     def handle_command(self, command: Any, *, loading_reply: bool = True) -> dict[str, Any]:
         """Dispatch one command (schema in the module docstring); never raises.
 
-        loading_reply: a changeover's interim "loading" reply goes out on /cmd/reply (the station page, which
-        waits for the final reply and shows the loading SKU from the status, passes False).
+        Only a changeover takes long, and it is queued (change_sku): every command is answered at once.
+        loading_reply: a changeover is answered "loading" now and finally on /cmd/reply later; the station page,
+        which shows the loading SKU from the status, passes False and gets the final reply.
         """
         if not isinstance(command, dict):
             return {"ok": False, "error": f"command must be a JSON object, got {type(command).__name__}"}
@@ -217,9 +238,7 @@ class Daemon:
             return reply | {"ok": False, "error": "the daemon is still starting; retry in a few seconds"}
         try:
             if name == "sku":
-                publisher = self.publisher if loading_reply else None
-                return reply | self.change_sku(
-                    command.get("sku"), on_loading=None if publisher is None else lambda r: publisher.reply(reply | r))
+                return reply | self.change_sku(command.get("sku"), reply, wait=not loading_reply)
             if name in ("pause", "resume"):
                 return reply | self.set_paused(name == "pause")
             if name == "reload":
@@ -242,12 +261,14 @@ class Daemon:
         self.publish_status()
         return {"ok": True, "paused": paused}
 
-    def change_sku(self, name: Any, on_loading: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
-        """Load and warm the new SKU off the pipeline's threads (frames keep flowing), then swap it in.
+    def change_sku(self, name: Any, reply: dict[str, Any], *, wait: bool) -> dict[str, Any]:
+        """Hand a changeover to the changeover thread, which loads and warms the SKU while the old one inspects.
 
-        Runs on the publisher's command thread, so later commands wait for the changeover. `on_loading` gets
-        the "loading" reply once the load starts; the returned reply comes once the new SKU inspects (state
-        "active") or the load failed (ok false, with the fix).
+        Requests coalesce: the last SKU requested wins, and the request it replaces (waiting or loading) gets its
+        final reply at once, state "superseded". Every request gets exactly one final reply: state "active" once
+        the SKU inspects, "superseded", or ok false with the fix. wait=False (the /cmd topic) returns the interim
+        "loading" reply and sends the final one (`reply` plus the result) with Publisher.send_reply; wait=True
+        (the station page) returns the final reply.
         """
         pipeline = self.running
         if not isinstance(name, str) or not name:
@@ -256,32 +277,80 @@ class Daemon:
             resolve_sku(self.config, name)
         except ConfigError as exc:
             return {"ok": False, "sku": name, "error": str(exc)}
-        if name == pipeline.sku.name:
+        final: Future[dict[str, Any]] = Future()
+        request = _Changeover(name, reply, final.set_result if wait else self._send_final_reply)
+        with self._changeovers:
+            if self.state in ("stopping", "stopped"):
+                return {"ok": False, "sku": name, "error": "the daemon is stopping"}
+            already = name == pipeline.sku.name
+            superseded, self._wanted = self._wanted, None if already else request
+            self._changeovers.notify_all()
+        if superseded is not None:
+            log.info("changeover_superseded", sku=superseded.name, by=name)
+            superseded.deliver(superseded.reply | {
+                "ok": False, "sku": superseded.name, "state": "superseded", "superseded_by": name,
+                "error": f"superseded by the changeover to {name!r} requested after it"})
+        if already:
             return {"ok": True, "sku": name, "state": "active", "load_s": 0.0}
-        with self._lock:
-            if self._loading is not None:
-                return {"ok": False, "sku": name, "error": f"changeover to {self._loading!r} in progress"}
-            self._loading = name
+        return final.result() if wait else {"ok": True, "sku": name, "state": "loading"}
+
+    def _send_final_reply(self, reply: dict[str, Any]) -> None:
+        """A /cmd changeover's final reply, queued behind the replies the command thread is sending."""
+        if self.publisher is not None:
+            self.publisher.send_reply(reply)
+
+    def _changeover_loop(self) -> None:
+        """Changeover thread: load the newest requested SKU, one at a time, until the daemon stops."""
+        while True:
+            with self._changeovers:
+                self._changeovers.wait_for(lambda: self._wanted is not None or self.state in ("stopping", "stopped"))
+                request = self._wanted
+                if request is None:
+                    return
+                self._loading = request.name
+            self._load(request)
+
+    def _load(self, request: _Changeover) -> None:
+        """Load and warm request's SKU, then swap it in and answer, unless a newer request superseded it
+        meanwhile (the loaded SKU is then dropped; a newer request for the same SKU takes it instead)."""
         t0 = time.monotonic()
         self.publish_status()
-        if on_loading is not None:
-            on_loading({"ok": True, "sku": name, "state": "loading"})
+        active: ActiveSku | None = None
         try:
-            active = self.sku_loader(self.config, name)
+            active = self.sku_loader(self.config, request.name)
+            result = {"ok": True, "sku": request.name, "state": "active", "load_s": round(time.monotonic() - t0, 2)}
         except Exception as exc:
             message = str(exc) if isinstance(exc, InspectorError) else f"{type(exc).__name__}: {exc}"
-            log.error("changeover_failed", sku=name, error=message)
-            return {"ok": False, "sku": name, "error": message}
-        finally:
-            with self._lock:
-                self._loading = None
-        pipeline.swap_sku(active)
-        load_s = round(time.monotonic() - t0, 2)
-        bind_context(sku=name)
-        log.info("changeover_done", sku=name, load_s=load_s)
-        self._notify(f"STATUS=inspecting SKU {name}")
+            result = {"ok": False, "sku": request.name, "error": message}
+        with self._changeovers:
+            self._loading = None
+            wanted = self._wanted
+            if wanted is not None and (wanted is request or (active is not None and wanted.name == request.name)):
+                self._wanted = None
+                if active is not None:
+                    self.running.swap_sku(active)
+            else:
+                wanted = None
+        if wanted is None:
+            log.info("changeover_dropped", sku=request.name, detail="superseded while it loaded")
+        elif active is None:
+            log.error("changeover_failed", sku=request.name, error=result["error"])
+        else:
+            bind_context(sku=request.name)
+            log.info("changeover_done", sku=request.name, load_s=result["load_s"])
+            self._notify(f"STATUS=inspecting SKU {request.name}")
         self.publish_status()
-        return {"ok": True, "sku": name, "state": "active", "load_s": load_s}
+        if wanted is not None:
+            wanted.deliver(wanted.reply | result)
+
+    def _end_changeovers(self) -> None:
+        """At stop: answer the changeover not done yet and let the changeover thread end (a load in progress
+        finishes in the background and is dropped)."""
+        with self._changeovers:
+            wanted, self._wanted = self._wanted, None
+            self._changeovers.notify_all()
+        if wanted is not None:
+            wanted.deliver(wanted.reply | {"ok": False, "sku": wanted.name, "error": "the daemon is stopping"})
 
     def reload_thresholds(self) -> dict[str, Any]:
         """SIGHUP or {"cmd": "reload"}: re-read the active SKU's calibration.json; a bad file keeps the old ones."""

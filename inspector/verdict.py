@@ -24,7 +24,7 @@ SCHEMA_PATH = Path(__file__).resolve().parent.parent / "docs" / "verdict.schema.
 class Region(BaseModel):
     """One connected defect region in original frame pixels (bounding box, area, peak anomaly score)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     x: int
     y: int
@@ -37,7 +37,9 @@ class Region(BaseModel):
 class Verdict(BaseModel):
     """The OK/NG decision for one acquired frame; exactly one per frame, fail-safe ones carry a reason."""
 
-    model_config = ConfigDict(extra="forbid")
+    # every number finite: a NaN or infinite score, threshold, time or latency raises ValidationError where the
+    # verdict is built (the pipeline then publishes the frame's fail-safe) instead of going out as JSON null
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     frame_id: int = Field(description="per daemon run, from 1; (run_id, frame_id) identifies a frame")
     run_id: str = Field(description="the daemon run that acquired the frame (new at every start); the "

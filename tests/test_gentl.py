@@ -122,6 +122,23 @@ def test_unknown_serial_is_waited_for_and_lists_the_cameras() -> None:
 
 
 @pytest.mark.integration
+def test_a_late_camera_clears_the_error_it_was_waiting_on_once_connected(tmp_path: Path) -> None:
+    cti = tmp_path / "vendor" / "viky.cti"  # the producer is installed only after the start
+    source = GenTLSource(viky(cti=cti, serial="0"))
+    source.open()
+    try:
+        assert "viky.cti does not exist" in str(source.describe()["last_error"])
+        cti.parent.mkdir()
+        shutil.copy(VIKY, cti)
+        first = next(source.frames())
+        info = source.describe()
+    finally:
+        source.close()
+    assert first.image is not None and info["state"] == "connected" and info["reconnects"] == 0
+    assert info["last_error"] is None
+
+
+@pytest.mark.integration
 def test_a_pixel_format_the_camera_rejects_is_an_operator_error_at_open() -> None:
     with pytest.raises(ConfigError, match=r"camera\.pixel_format.*allowed: RGBa8, Mono8"):
         open_source(viky(pixel_format="Mono16")).open()
@@ -169,7 +186,7 @@ def test_camera_lost_under_the_source_reconnects() -> None:
         source.close()
     assert (first.id, second.id, third.id) == (1, 2, 3)
     assert third.image is not None and third.image.shape == (400, 400, 3)
-    assert info["connected"] is True and info["reconnects"] == 2 and info["last_error"]
+    assert info["connected"] is True and info["reconnects"] == 2 and info["last_error"] is None
 
 
 @pytest.mark.integration

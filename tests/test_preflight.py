@@ -107,7 +107,9 @@ def test_each_missing_file_is_one_problem_with_its_fix(tmp_path: Path, sku: Path
         ("mqtt.tls_ca", True): r"ca\.crt does not exist; fix the path",
         ("mqtt.spool_dir", True): r"var/spool cannot be a directory: .*var is a file; fix the path",
         ("archive.dir", True): r"var/archive cannot be a directory",
-        ("skus.part.model_dir", True): r"no calibration for SKU 'part'; run `inspector calibrate --sku part`",
+        ("skus.part.model_dir", True): r"^skus\.part\.thresholds_file is not set and its default .*/calibration\.json "
+                                       r"does not exist: no calibration for SKU 'part'; run `inspector calibrate "
+                                       r"--sku part` \(it writes there\) or set skus\.part\.thresholds_file$",
         ("skus.gone.model_dir", True): r"gone does not exist; train the SKU \(inspector train --sku gone\)",
         ("skus.broken.model_dir", True): r"meta\.json: missing; train the SKU",
     }
@@ -120,6 +122,17 @@ def test_each_missing_file_is_one_problem_with_its_fix(tmp_path: Path, sku: Path
     assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
     lines = result.stderr.strip().splitlines()
     assert all(line.startswith("error: ") for line in lines) and len(lines) == len(listed) + 1
+
+
+def test_a_missing_thresholds_file_is_one_line_naming_its_key_value_and_fix(tmp_path: Path, sku: Path) -> None:
+    missing = tmp_path / "thresholds" / "part.json"
+    path = station(tmp_path, sku, extra=f'thresholds_file = "{missing}"')
+    (problem,) = problems(path)
+    assert problem.key == "skus.part.thresholds_file"
+    assert problem.message == (f"skus.part.thresholds_file = {missing} does not exist: no calibration for SKU "
+                               "'part'; run `inspector calibrate --sku part` (it writes there) or fix the path")
+    result = run_check(path)
+    assert result.returncode == 2 and f"error: {problem.message}" in result.stderr.splitlines()
 
 
 def test_an_sku_without_its_engine_files_names_the_command_that_makes_them(tmp_path: Path, sku: Path) -> None:

@@ -312,19 +312,65 @@ def test_hostile_commands_get_error_replies_and_pause_still_works(tmp_path: Path
         sub.close()
 
 
+def test_changeovers_coalesce_and_never_hold_up_a_pause(tmp_path: Path, broker: LocalBroker) -> None:
+    """31 alternating changeovers while the first load hangs: the pause sent after them is answered within a
+    second, the last SKU requested wins (loaded once), and every request gets exactly one final reply."""
+    config = write_config(tmp_path, broker.port)
+    loader, gate, loads = brightness_loader(), threading.Event(), []
+
+    def slow_load(config: InspectorConfig, name: str) -> ActiveSku:
+        loads.append(name)
+        if name == "b":
+            gate.wait(60)  # an engine that takes long to build and warm up
+        return loader(config, name)
+
+    sub = Subscriber(broker.port, config.topic_root)
+    daemon = Daemon(config, source=ListSource([part()] * 3000, interval_s=0.02), sku_loader=slow_load)
+    daemon.start()
+    requested = ["b", "a"] * 15 + ["b"]
+    try:
+        for i, sku in enumerate(requested, 1):
+            sub.send(json.dumps({"sku": sku, "id": i}))
+        sent = time.monotonic()
+        sub.send(json.dumps({"cmd": "pause", "id": "pause"}))
+        answered = sub.wait_for(lambda: any(r.get("id") == "pause" for r in sub.json("cmd/reply")),
+                                1.0 - (time.monotonic() - sent))
+        assert answered, "the pause waited behind the changeovers"
+        assert daemon.running.paused and loads == ["a", "b"]  # the start's load, then the first changeover's
+        gate.set()
+
+        def finals() -> list[dict[str, Any]]:
+            return [r for r in sub.json("cmd/reply") if r.get("id") != "pause" and r.get("state") != "loading"]
+
+        assert sub.wait_for(lambda: {r["id"] for r in finals()} == set(range(1, len(requested) + 1)))
+        assert holds_for(lambda: len(finals()) == len(requested), 0.5)
+    finally:
+        gate.set()
+        daemon.stop()
+        sub.close()
+    by_id = {r["id"]: r for r in finals()}
+    assert daemon.running.sku.name == "b" and loads == ["a", "b"]
+    assert by_id[len(requested)] == {"id": len(requested), "cmd": "sku", "ok": True, "sku": "b", "state": "active",
+                                     "load_s": by_id[len(requested)]["load_s"]}
+    for i, sku in enumerate(requested[:-1], 1):  # every "a" finds a active; every "b" is replaced by the next "a"
+        expected = (("a", True, "active") if sku == "a" else ("b", False, "superseded"))
+        assert (by_id[i]["sku"], by_id[i]["ok"], by_id[i]["state"]) == expected, by_id[i]
+        assert sku == "a" or by_id[i]["superseded_by"] == "a"
+
+
 class Fatal(BaseException):
     """What no handler may swallow (SystemExit's kind): it ends the thread it is raised on."""
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
-def test_a_dead_command_thread_withholds_the_watchdog(tmp_path: Path, broker: LocalBroker,
+def test_a_dead_changeover_thread_withholds_the_watchdog(tmp_path: Path, broker: LocalBroker,
                                                       notify: NotifySocket) -> None:
     config = write_config(tmp_path, broker.port)
     loader = brightness_loader()
 
     def load(config: InspectorConfig, name: str) -> ActiveSku:
         if name == "b":
-            raise Fatal("the command thread dies here")
+            raise Fatal("the changeover thread dies here")
         return loader(config, name)
 
     sub = Subscriber(broker.port, config.topic_root)
@@ -335,7 +381,7 @@ def test_a_dead_command_thread_withholds_the_watchdog(tmp_path: Path, broker: Lo
         with capture_logs() as logs:
             sub.send(json.dumps({"sku": "b"}))
             assert sub.wait_for(lambda: any(e["event"] == "watchdog_withheld" for e in logs), 10)
-        assert "mqtt-commands died" in str(daemon.health())
+        assert "changeover died" in str(daemon.health())
         notify.drain()
         time.sleep(1.0)  # five watchdog periods (WATCHDOG_USEC = 0.2 s): none may be pinged
         assert "WATCHDOG=1" not in notify.drain()

@@ -135,6 +135,14 @@ def test_missing_and_corrupt_files_name_the_fix(tmp_path: Path) -> None:
     path.write_text(json.dumps({"image_threshold": 1.0}))
     with pytest.raises(DataError, match=r"pixel_threshold"):
         load_calibration(path)
+    valid = {"image_threshold": 1.0, "pixel_threshold": 1.0, "min_defect_area_px": 1, "target_false_reject_rate": 0.1,
+             "n_good": 9, "n_ng": 0, "created": "2026-01-01T00:00:00Z"}
+    path.write_text(json.dumps(valid))
+    assert load_calibration(path).image_threshold == 1.0
+    for key in ("image_threshold", "pixel_threshold"):
+        path.write_text(json.dumps(valid | {key: float("nan")}))  # json writes NaN, which Python reads back
+        with pytest.raises(DataError, match=rf"corrupt calibration file .*{key}: Input should be a finite number"):
+            load_calibration(path)
 
 
 def test_calibration_rejects_unknown_keys() -> None:

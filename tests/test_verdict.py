@@ -7,6 +7,8 @@ import re
 from pathlib import Path
 
 import numpy as np
+import pytest
+from pydantic import ValidationError
 
 from inspector.verdict import (
     SCHEMA_PATH,
@@ -52,6 +54,16 @@ def test_verdict_json_round_trip() -> None:
 def test_fail_safe_verdict_without_score() -> None:
     verdict = make_verdict(score=None, threshold=None, regions=[], reason="engine_error: boom")
     assert json.loads(verdict.model_dump_json())["reason"] == "engine_error: boom"
+
+
+def test_a_non_finite_number_cannot_make_a_verdict() -> None:
+    """pydantic would write NaN and infinity as null; a verdict holding one is refused where it is built."""
+    for bad in ({"score": float("nan")}, {"threshold": float("inf")}, {"camera_ts": float("-inf")},
+                {"latency_ms": {"total": float("nan")}},
+                {"regions": [Region(x=1, y=2, w=3, h=4, area_px=10, peak_score=0.9).model_dump() | {
+                    "peak_score": float("inf")}]}):
+        with pytest.raises(ValidationError, match="finite number"):
+            make_verdict(**bad)
 
 
 def test_regions_sorted_filtered_and_peaks() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import http.client
 import json
+import logging
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
+from structlog.testing import capture_logs
 
 from foundation.errors import ConfigError
 from inspector.broker import LocalBroker, start_local_broker
@@ -28,7 +30,7 @@ from inspector.verdict import Verdict, regions_from_mask
 from inspector.web import StationWeb
 from inspector.web.live import render_overlay
 from inspector.web.metrics import StationMetrics
-from inspector.web.server import MAX_BODY
+from inspector.web.server import MAX_BODY, TOKEN_FAILURES, TOKEN_WINDOW_S
 from tests.test_pipeline import ListSource, part
 from tests.test_service import Subscriber, brightness_loader, write_config
 from tests.waiting import wait_until
@@ -195,6 +197,8 @@ REFUSED = [
     ("huge body", b'{"cmd": "pause", "pad": "' + b"x" * (MAX_BODY + 10) + b'"}', {}, 413, "over 4096 bytes"),
     ("not json", b"{pause", {}, 400, "malformed command"),
     ("not an object", b"[1, 2]", {}, 400, "malformed command"),
+    ("infinite id", b'{"cmd": "pause", "id": 1e400}', {}, 400, "malformed command: number 1e400 is out of range"),
+    ("NaN id", b'{"cmd": "pause", "id": NaN}', {}, 400, "malformed command: NaN is not JSON"),
     ("unknown command", {"cmd": "reboot"}, {}, 400, "unknown command 'reboot'"),
     ("status is not a control", {"cmd": "status"}, {}, 400, "unknown command 'status'"),
     ("unknown SKU", {"cmd": "sku", "sku": "nope"}, {}, 400, "unknown SKU 'nope'"),
@@ -262,6 +266,69 @@ def test_ng_strip_lists_archived_parts_and_archive_urls_stay_inside_the_archive(
     assert station.http("GET", "/archive/../inspector.toml")[0] == 400
     assert station.http("GET", f"/archive/{day}/missing.png")[0] == 404
     assert station.http("GET", "/archive//etc/passwd")[0] in (400, 404)
+
+
+def test_malformed_paths_get_a_4xx_and_never_a_traceback_in_the_log(
+        station: Station, caplog: pytest.LogCaptureFixture) -> None:
+    long = "a" * 5000  # longer than any file name or path the filesystem takes
+    paths = ["/archive/x%00.png", "/archive/a/%00/b.json", f"/archive/{long}.png", f"/archive/{long}/x.json",
+             "/archive/%ff.png", "/static/x%00.js", f"/static/{long}.js", "/%00", "/api/status%00"]
+    with caplog.at_level(logging.WARNING), capture_logs() as events:
+        for path in paths:
+            status, _, body = station.http("GET", path)
+            assert 400 <= status < 500 and b"Traceback" not in body, (path[:40], status)
+    assert not [r.getMessage() for r in caplog.records if r.exc_info or r.levelno >= logging.ERROR]
+    assert not [e for e in events if "exc_info" in e or e["log_level"] in ("error", "critical")]
+
+
+class Clock:
+    """A monotonic clock that only the test moves."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def control(port: int, token: str, command: dict[str, Any], client: str = "127.0.0.1"
+            ) -> tuple[int, dict[str, str], dict[str, Any]]:
+    """POST a control from the loopback address `client` (the whole of 127.0.0.0/8 reaches a 127.0.0.1 listener)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30, source_address=(client, 0))
+    try:
+        conn.request("POST", "/api/cmd", body=json.dumps(command).encode(),
+                     headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, json.loads(response.read())
+    finally:
+        conn.close()
+
+
+def test_wrong_tokens_lock_out_one_client_for_its_window_and_are_logged_once(station: Station, tmp_path: Path) -> None:
+    clock = Clock()
+    cfg = WebConfig(enabled=True, port=0, token_file=token_file(tmp_path), live_fps=20)
+    web = StationWeb(cfg, station.daemon, skus=["a"], clock=clock).start()
+    wrong = "not-the-token-0123456789"
+    try:
+        with capture_logs() as events:
+            answers = [control(web.port, "" if i == 0 else wrong, {"cmd": "pause"}) for i in range(200)]
+            assert [a[0] for a in answers] == [401] + [403] * (TOKEN_FAILURES - 1) + [429] * (200 - TOKEN_FAILURES)
+            status, headers, reply = control(web.port, TOKEN, {"cmd": "pause"})  # the right token, still locked out
+            assert (status, headers["retry-after"]) == (429, str(int(TOKEN_WINDOW_S)))
+            assert "retry in 10 s" in reply["error"] and station.untouched()
+            status, _, reply = control(web.port, TOKEN, {"cmd": "reload"}, client="127.0.0.2")  # another client
+            assert status == 200 and reply["ok"]
+            assert not [e for e in events if e["event"] in ("web_command_refused", "web_token_failures")]
+            clock.now += TOKEN_WINDOW_S
+            assert wait_until(lambda: any(e["event"] == "web_token_failures" for e in events))
+            status, _, reply = control(web.port, TOKEN, {"cmd": "reload"})
+            assert status == 200 and reply["ok"]
+        summaries = [e for e in events if e["event"] == "web_token_failures"]
+        assert [(e["client"], e["failures"], e["locked_out"]) for e in summaries] == [("127.0.0.1", 5, 196)]
+        assert not [e for e in events if e["event"] == "web_command_refused"]
+    finally:
+        web.stop()
+    assert station.untouched()
 
 
 def test_a_loopback_page_answers_only_to_loopback_host_names(station: Station) -> None:

@@ -136,6 +136,7 @@ class GenTLSource(PacedSource):
             ) from exc
         self._harvester, self._ia = harvester, ia
         self._ever_connected = True
+        self._last_error = None  # what kept it away is over: the status must not show it for a connected camera
         log.info("camera_connected", cti=str(cfg.cti), serial=cfg.serial, pixel_format=self._pixel_format)
 
     def _configure(self, node_map: Any) -> None:

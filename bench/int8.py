@@ -16,11 +16,11 @@ import sys
 from pathlib import Path
 
 from calibration.evaluate import METRIC_COLUMNS, evaluate
-from engines.data import open_dataset
-from engines.manifest import score_top_k
 from engines.quantize import DEFAULT_CALIB_IMAGES, quantize_int8
 from engines.runtime import create_engine, engine_settings
 from foundation.errors import InspectorError
+from tdad.manifest import score_top_k
+from tdad.training.data import open_dataset
 
 
 def main(argv: list[str] | None = None) -> int:

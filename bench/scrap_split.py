@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.data import IMAGE_SUFFIXES
+from tdad.training.data import IMAGE_SUFFIXES
 
 
 def defective_images(category_dir: Path) -> list[Path]:

@@ -1,8 +1,8 @@
 """Ablation: choose a trained SKU's settings on the TRAINING synthesis instead of the second defect family.
 
-The segmenter learnt to find its own synthesis (engines/synthesis.py), so the claim is that choosing on it
+The segmenter learnt to find its own synthesis (tdad/training/synthesis.py), so the claim is that choosing on it
 favours the segmenter's evidence over the memory of good parts, and transfers worse to real defects than
-choosing on the second family (engines/defects.py). This copies a finished SKU (with its train_state), reruns
+choosing on the second family (tdad/training/defects.py). This copies a finished SKU (with its train_state), reruns
 the selection with the training synthesizer painting the held-out images, and prints the choice; then
 evaluate the copy as any SKU (`inspector export` + `inspector eval --require-held-out`).
 
@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from calibration.selection import format_selection, select_settings
-from engines.synthesis import AnomalySynthesizer
-from engines.tiling import pad_to
-from engines.train import read_checkpoint_config
+from tdad.tiling import pad_to
+from tdad.training.synthesis import AnomalySynthesizer
+from tdad.training.train import read_checkpoint_config
 
 
 class TrainingFamily:

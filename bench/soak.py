@@ -37,12 +37,12 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from calibration.thresholds import Calibration, save_calibration
-from engines.manifest import score_top_k
 from engines.runtime import OnnxRuntimeSettings, create_engine
 from engines.runtime.benchmark import make_random_sku
-from engines.sample_data import render_part
-from engines.scoring import image_scores
 from inspector.broker import LocalBroker
+from tdad.manifest import score_top_k
+from tdad.scoring import image_scores
+from tdad.training.sample_data import render_part
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -21,9 +21,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from engines.sample_data import TEXTURES, render_part, write_good_folder
-from engines.synthesis import AnomalySynthesizer, TextureMix
-from engines.textures import BUILTIN_KINDS
+from tdad.training.sample_data import TEXTURES, render_part, write_good_folder
+from tdad.training.synthesis import AnomalySynthesizer, TextureMix
+from tdad.training.textures import BUILTIN_KINDS
 
 
 def time_synthesis(

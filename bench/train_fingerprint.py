@@ -6,7 +6,7 @@ in float32 and under bf16 autocast. Run on two machines with the same data, the 
 libraries synthesise other batches, and the device columns agree with the CPU unless the device computes another
 loss. Why: the segmenters trained on an H100 (2026-11-26, gpu preset) started at a loss of 0.53 where this CPU's
 run of the same configuration starts at 0.39, and they fit held-out synthetic batches 5x worse. The cause it then
-pinned: CUDA's area interpolation pooled the batches' stride-0 masks to zeros (engines.train.downsample_mask).
+pinned: CUDA's area interpolation pooled the batches' stride-0 masks to zeros (tdad.training.train.downsample_mask).
 
 --train-steps K then trains the segmenter K steps from that model per column as train_sku does (its memory filled
 on that column's device, train_step, the same batches) and scores each on held-out batches of seed + 1: CPU fp32,
@@ -35,8 +35,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from engines.model import TDADModel
-from engines.train import (
+from tdad.model import TDADModel
+from tdad.training.train import (
     PRESETS,
     StepBatches,
     TrainConfig,

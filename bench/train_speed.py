@@ -17,10 +17,10 @@ import cv2
 import numpy as np
 import torch
 
-from engines.data import DECODE_CACHE, open_dataset
-from engines.model import ModelConfig, TDADModel
-from engines.sample_data import render_part
-from engines.train import LOSSES, PHASES, StepBatches, TrainConfig, configure_threads, load_images, set_phase
+from tdad.model import ModelConfig, TDADModel
+from tdad.training.data import DECODE_CACHE, open_dataset
+from tdad.training.sample_data import render_part
+from tdad.training.train import LOSSES, PHASES, StepBatches, TrainConfig, configure_threads, load_images, set_phase
 
 
 def train_rate(device: torch.device, cfg: TrainConfig, images: np.ndarray, phase: str, steps: int) -> float:

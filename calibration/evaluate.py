@@ -22,12 +22,12 @@ from tqdm import tqdm
 from calibration import metrics
 from calibration.montage import MontageRow, write_montage
 from calibration.thresholds import Calibration
-from engines.data import Item
-from engines.manifest import SkuManifest, TilingRecord
 from engines.runtime import Engine
-from engines.scoring import DEFAULT_TOP_K, image_scores, smoothed_max_scores
-from engines.tiling import infer_tiled
+from engines.tiled import infer_tiled
 from foundation.log import get_logger
+from tdad.manifest import SkuManifest, TilingRecord
+from tdad.scoring import DEFAULT_TOP_K, image_scores, smoothed_max_scores
+from tdad.training.data import Item
 
 log = get_logger(__name__)
 
@@ -109,7 +109,7 @@ def infer_dataset(engine: Engine, dataset: Sequence[Item], batch_size: int = 8, 
 
 
 def map_scores(maps: np.ndarray | Sequence[np.ndarray], top_k: int) -> np.ndarray:
-    """Image scores (engines.scoring) of N x H x W maps, or of a list of maps of different sizes one by one."""
+    """Image scores (tdad.scoring) of N x H x W maps, or of a list of maps of different sizes one by one."""
     if isinstance(maps, np.ndarray):
         return image_scores(maps, top_k=top_k)
     return np.asarray([image_scores(m[None], top_k=top_k)[0] for m in maps], dtype=np.float32)
@@ -128,7 +128,7 @@ def compute_metrics(inference: Inference, scores: np.ndarray, fpr_limit: float =
     """Every metric of METRIC_COLUMNS (None where undefined), the F1-optimal pixel threshold and each defect
     type's image AUROC against all good images ("per_defect_image_auroc").
 
-    `scores` are the float N image scores of the maps (engines.scoring.image_scores).
+    `scores` are the float N image scores of the maps (tdad.scoring.image_scores).
     """
     labels = inference.labels
     metrics.check_fpr_limit(fpr_limit)

@@ -2,7 +2,7 @@
 
 Image-level inputs are `labels` (bool N, True = defective) and `scores` (float N); pixel-level inputs are
 `masks` (bool N x H x W, True = defect pixel) and `maps` (float N x H x W), or lists of N H_i x W_i arrays for
-images of different sizes (a tiled SKU's stitched maps, engines/tiling.py). Every metric depends only on
+images of different sizes (a tiled SKU's stitched maps, tdad/tiling.py). Every metric depends only on
 the ranking of the scores, so it is invariant to strictly increasing rescaling of them. A metric that needs
 both classes raises ValueError when the data hold only one.
 

@@ -1,13 +1,13 @@
 """Choosing a trained SKU's inference settings from what a line has, never from a test split.
 
-A SKU's map is sigmoid(learnt + b * memory + f * fine) (engines.nets.segmenter.Segmenter.map_terms); b (memory
+A SKU's map is sigmoid(learnt + b * memory + f * fine) (tdad.nets.segmenter.Segmenter.map_terms); b (memory
 boost) and f (fine-memory boost, 0 = drop the fine memory) differ by part. They are chosen here on evidence a
-line has (the image score's top-k stays the size's default, engines.scoring.top_k_for: choosing it on synthetic
+line has (the image score's top-k stays the size's default, tdad.scoring.top_k_for: choosing it on synthetic
 defects larger than a line's thinnest ones dilutes those):
 
-- the validation slice: good images held out of training (engines.train.validation_indices), which measure
+- the validation slice: good images held out of training (tdad.training.train.validation_indices), which measure
   false positives on unseen good parts;
-- synthetic defects of a second family (engines.defects: strokes, pits, stains, foreign patches, local blur,
+- synthetic defects of a second family (tdad.training.defects: strokes, pits, stains, foreign patches, local blur,
   colour shifts) painted on those held-out images: the segmenter trained on the other family, so choosing on
   it would flatter the reconstruction evidence over the memory prior;
 - optionally the operator's scrap parts (`--ng DIR`, with or without masks), weighted NG_WEIGHT times the
@@ -31,22 +31,22 @@ import numpy as np
 import torch
 
 from calibration import metrics
-from engines.data import FolderDataset, ImageDataset, open_dataset
-from engines.defects import DEFECT_KINDS, ValidationDefects
-from engines.manifest import (
+from foundation.errors import DataError
+from foundation.log import get_logger
+from tdad.manifest import (
     ScoreRecord,
     SelectionCandidate,
     SelectionRecord,
     read_manifest,
     write_manifest,
 )
-from engines.model import TDADModel, load_sku, save_weights
-from engines.preprocess import preprocess
-from engines.scoring import image_scores, top_k_for
-from engines.tiling import TilePlan
-from engines.train import TrainConfig, validation_indices
-from foundation.errors import DataError
-from foundation.log import get_logger
+from tdad.model import TDADModel, load_sku, save_weights
+from tdad.preprocess import preprocess
+from tdad.scoring import image_scores, top_k_for
+from tdad.tiling import TilePlan
+from tdad.training.data import FolderDataset, ImageDataset, open_dataset
+from tdad.training.defects import DEFECT_KINDS, ValidationDefects
+from tdad.training.train import TrainConfig, validation_indices
 
 log = get_logger(__name__)
 

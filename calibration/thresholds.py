@@ -45,7 +45,7 @@ class Calibration(BaseModel):
     data_hash: str = ""
     created: datetime
     score_top_k: int | None = Field(None, description="top-k of the image score the thresholds assume")
-    sku_fingerprint: str = Field("", description="engines.manifest.maps_fingerprint of the SKU the thresholds were "
+    sku_fingerprint: str = Field("", description="tdad.manifest.maps_fingerprint of the SKU the thresholds were "
                                                  "fit on ('' before it was recorded: not checked)")
     threshold_rank: int | None = Field(None, description="k: image_threshold is the k-th largest good score")
     expected_false_reject_rate: float | None = Field(None, description="k / (n_good + 1)")

@@ -30,12 +30,12 @@ import onnx
 import torch
 from torch import nn
 
-from engines.manifest import WEIGHTS_FILE, ExportRecord, read_manifest, with_export, write_manifest
-from engines.model import TDADModel, load_sku
 from engines.runtime.staged import file_sha256
-from engines.schedule import Schedule
 from foundation.errors import DataError
 from foundation.log import get_logger
+from tdad.manifest import WEIGHTS_FILE, ExportRecord, read_manifest, with_export, write_manifest
+from tdad.model import TDADModel, load_sku
+from tdad.schedule import Schedule
 
 log = get_logger(__name__)
 

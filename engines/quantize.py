@@ -30,15 +30,15 @@ from typing import Any, Literal
 import numpy as np
 import onnx
 
-from engines.manifest import DerivedGraphsRecord, TilingRecord, read_manifest, with_derived, write_manifest
 from engines.precision import META_PRECISION, META_SOURCE, META_SOURCE_SHA256, check_graph, graph_file
-from engines.preprocess import ResizeMode, preprocess
 from engines.runtime.config import OnnxRuntimeSettings
 from engines.runtime.onnx_backend import OnnxEngine
 from engines.runtime.staged import PART_NAMES, UNROLLED_NAME, check_export, file_sha256, read_sku_manifest, run_parts
-from engines.tiling import TilePlan
 from foundation.errors import DataError, EngineError
 from foundation.log import get_logger
+from tdad.manifest import DerivedGraphsRecord, TilingRecord, read_manifest, with_derived, write_manifest
+from tdad.preprocess import ResizeMode, preprocess
+from tdad.tiling import TilePlan
 
 log = get_logger(__name__)
 
@@ -126,7 +126,7 @@ def calibration_images(calib_dir: Path, image_size: int, limit: int, resize: Res
     """Up to `limit` good images of the folder, evenly spread over its sorted listing, as uint8 N x S x S x 3
     resized the SKU's way (`resize`), as the daemon feeds them; for a tiled SKU, up to `limit` of their tiles
     at its scale, evenly spread."""
-    from engines.data import FolderDataset
+    from tdad.training.data import FolderDataset
 
     if limit < 1:
         raise DataError(f"--calib-images {limit}: use at least 1")

@@ -1,1 +1,2 @@
-"""What every layer may import: operator errors, logging, image decoding. It imports nothing of the project."""
+"""What every layer may import: operator errors, logging, image decoding, the GPU pre-flight. It imports nothing of
+the project."""

@@ -1,4 +1,4 @@
-"""Image file decoding shared by the data sets (engines), the folder camera and MJPG video (inspector).
+"""Image file decoding shared by the data sets (tdad.training), the folder camera and MJPG video (inspector).
 
 An image is decoded only when it is intact, because decoders repair damage without an error: OpenCV decodes a
 JPEG whose scan data is truncated, zeroed or overwritten into a picture with grey or smeared blocks and only

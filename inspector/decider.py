@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from engines.scoring import image_scores
 from inspector.verdict import Region, encode_mask_png, regions_from_mask
+from tdad.scoring import image_scores
 
 if TYPE_CHECKING:
     from calibration.thresholds import Calibration

@@ -88,12 +88,12 @@ def build_demo_sku(workdir: Path, recipe: Recipe = Recipe(), *, threads: int = 0
 
     from calibration.evaluate import infer_dataset
     from calibration.thresholds import fit_thresholds, format_table, save_calibration
-    from engines.data import file_list_hash, open_dataset
-    from engines.manifest import maps_fingerprint, score_top_k
     from engines.runtime import create_engine
-    from engines.sample_data import write_mvtec_tree
-    from engines.scoring import image_scores
-    from engines.train import PRESETS, TrainConfig, train_sku
+    from tdad.manifest import maps_fingerprint, score_top_k
+    from tdad.scoring import image_scores
+    from tdad.training.data import file_list_hash, open_dataset
+    from tdad.training.sample_data import write_mvtec_tree
+    from tdad.training.train import PRESETS, TrainConfig, train_sku
 
     workdir = Path(workdir)
     sku_dir = workdir / "sku"

@@ -37,16 +37,17 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from engines.manifest import TilingRecord
-from engines.preprocess import Geometry, ResizeMode, resize_to_model
 from engines.runtime.base import Engine
-from engines.tiling import infer_tiled, scale_image
+from engines.tiled import infer_tiled
 from foundation.log import get_logger
 from inspector.acquisition import Frame, Source
 from inspector.archive import Archive, ArchiveItem
 from inspector.config import LineConfig, ServiceConfig
 from inspector.decider import Decider, Decision, Placement
 from inspector.verdict import Verdict, new_run_id
+from tdad.manifest import TilingRecord
+from tdad.preprocess import Geometry, ResizeMode, resize_to_model
+from tdad.tiling import scale_image
 
 log = get_logger(__name__)
 
@@ -98,7 +99,7 @@ def preprocess(image_u8_hwc: Any, roi: tuple[int, int, int, int] | None, size: i
                expected_hw: tuple[int, int] | None, resize: ResizeMode = "stretch",
                tiling: TilingRecord | None = None) -> tuple[np.ndarray, Placement]:
     """Validate, crop the ROI (x, y, w, h) and resize to size x size RGB uint8 by the SKU's resize mode, or for
-    a tiled SKU scale it by the SKU's scale (engines.tiling, tiled later); raise FrameRejected if unusable."""
+    a tiled SKU scale it by the SKU's scale (tdad.tiling, tiled later); raise FrameRejected if unusable."""
     if image_u8_hwc is None:
         raise FrameRejected(CORRUPT_FRAME, "source delivered no image (unreadable or truncated)")
     if not isinstance(image_u8_hwc, np.ndarray) or image_u8_hwc.dtype != np.uint8 or image_u8_hwc.ndim != 3 \
@@ -530,7 +531,7 @@ class Pipeline:
 
     def _maps(self, sku: ActiveSku, images: list[np.ndarray]) -> list[np.ndarray]:
         """One float32 map per image: one engine call on the batch, or for a tiled SKU every image's tiles in
-        chunks of at most the engine batch, stitched (engines.tiling.infer_tiled); ValueError on a bad output."""
+        chunks of at most the engine batch, stitched (engines.tiled.infer_tiled); ValueError on a bad output."""
         if sku.tiling is not None:
             maps = infer_tiled(sku.engine, images, sku.tiling, self.batch)
         else:

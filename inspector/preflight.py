@@ -15,7 +15,6 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from engines.manifest import WEIGHTS_FILE, maps_fingerprint, read_manifest
 from engines.runtime.config import EngineSettings
 from foundation.errors import DataError, InspectorError
 from inspector.config import (
@@ -27,6 +26,7 @@ from inspector.config import (
     check_secret_file,
     resolve_sku,
 )
+from tdad.manifest import WEIGHTS_FILE, maps_fingerprint, read_manifest
 
 
 @dataclass(frozen=True)

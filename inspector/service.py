@@ -50,7 +50,6 @@ from typing import Any
 import sdnotify
 
 from calibration.thresholds import Calibration, load_calibration
-from engines.manifest import read_manifest
 from engines.runtime import create_engine
 from foundation.errors import ConfigError, DataError, InspectorError
 from foundation.log import bind_context, configure_logging, get_logger
@@ -63,6 +62,7 @@ from inspector.mqtt import Publisher
 from inspector.pipeline import ActiveSku, Pipeline
 from inspector.verdict import new_run_id
 from inspector.web import StationWeb
+from tdad.manifest import read_manifest
 
 log = get_logger(__name__)
 

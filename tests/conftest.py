@@ -70,10 +70,10 @@ def exported_random_sku(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def random_calibrated_sku(exported_random_sku: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the random-init SKU with calibration.json fitted on brick parts: daemon mechanics, not accuracy."""
     from calibration.thresholds import fit_thresholds, save_calibration
-    from engines.manifest import score_top_k
     from engines.runtime import OnnxRuntimeSettings, create_engine
-    from engines.sample_data import render_part
-    from engines.scoring import image_scores
+    from tdad.manifest import score_top_k
+    from tdad.scoring import image_scores
+    from tdad.training.sample_data import render_part
 
     sku_dir = Path(shutil.copytree(exported_random_sku, tmp_path_factory.mktemp("random_cal") / "sku"))
     engine = create_engine(OnnxRuntimeSettings(threads=1), sku_dir)

@@ -1,10 +1,10 @@
-"""Tiny on-disk data sets for tests: thin wrappers over engines.sample_data with small defaults."""
+"""Tiny on-disk data sets for tests: thin wrappers over tdad.training.sample_data with small defaults."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from engines.sample_data import write_good_folder, write_mvtec_tree, write_visa_tree
+from tdad.training.sample_data import write_good_folder, write_mvtec_tree, write_visa_tree
 
 
 def make_good_folder(directory: Path, n: int = 6, size: int = 32, texture: str = "brick", seed: int = 0) -> Path:

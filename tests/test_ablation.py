@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from calibration.evaluate import format_defect_table, format_table
-from engines.manifest import RECONSTRUCTIONS, ModelConfig, Reconstruction, read_manifest
-from engines.model import TDADModel, save_sku
 from inspector.cli import main
+from tdad.manifest import RECONSTRUCTIONS, ModelConfig, Reconstruction, read_manifest
+from tdad.model import TDADModel, save_sku
 from tests.fixtures_data import make_mvtec_tree
 
 S = 32
@@ -72,7 +72,7 @@ def test_a_residual_model_moves_the_diffusions_edit_onto_the_input() -> None:
 
 
 def test_a_no_reconstruction_sku_runs_its_segmenter_on_the_input(skus: tuple[Path, Path]) -> None:
-    from engines.model import load_sku
+    from tdad.model import load_sku
 
     model = load_sku(skus[1])
     assert model.reconstruction == "none" and read_manifest(skus[1]).reconstruction == "none"

@@ -230,7 +230,8 @@ def test_describe_reports_connection() -> None:
 def test_acquisition_does_not_import_torch() -> None:
     code = (
         "import sys, inspector.acquisition.folder, inspector.acquisition.video, inspector.acquisition.gentl, "
-        "inspector.acquisition.synthetic, inspector.mqtt, inspector.spool, inspector.verdict, engines.sample_data; "
+        "inspector.acquisition.synthetic, inspector.mqtt, inspector.spool, inspector.verdict, "
+        "tdad.training.sample_data; "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parent.parent)

@@ -35,3 +35,17 @@ def test_every_subcommand_has_help(command: str, capsys: pytest.CaptureFixture[s
         build_parser(command).parse_args([command, "--help"])
     assert info.value.code == 0
     assert "--config" in capsys.readouterr().out
+
+
+def test_train_help_puts_the_operators_options_first_and_explains_every_option() -> None:
+    import argparse
+
+    parser = build_parser("train")
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    train = sub.choices["train"]
+    groups = [g.title for g in train._action_groups if g._group_actions]
+    assert groups[1:3] == ["what to train", "what the line knows (settings are chosen from these)"], groups
+    assert {"model capacity (the presets set these)", "memory prior (the presets set these)",
+            "schedule (the presets set these)", "research and ablation (for an ML engineer)"} <= set(groups)
+    silent = [a.option_strings[0] for a in train._actions if a.option_strings and not a.help]
+    assert silent == [], f"options without a one-line help: {silent}"

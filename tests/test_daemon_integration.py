@@ -27,7 +27,6 @@ import numpy as np
 import pytest
 from structlog.testing import capture_logs
 
-from engines.sample_data import draw_defect, render_part
 from inspector.acquisition import open_source
 from inspector.broker import LocalBroker, start_local_broker
 from inspector.config import load_config
@@ -35,6 +34,7 @@ from inspector.demo import RecordingSource, add_arguments, demo_config, run_demo
 from inspector.pipeline import CORRUPT_FRAME, WRONG_SIZE
 from inspector.service import Daemon
 from inspector.spool import Spool
+from tdad.training.sample_data import draw_defect, render_part
 from tests.fixtures_data import damaged_copies
 from tests.small_fs import fill, small_fs
 from tests.test_service import Subscriber
@@ -498,9 +498,9 @@ def test_a_camera_that_appears_after_start_is_used_without_a_restart(
 def test_a_tiled_sku_localises_a_defect_in_a_far_tile_of_a_large_frame_in_frame_coordinates(
         tmp_path: Path, trained: Path) -> None:
     from calibration.thresholds import load_calibration, save_calibration
-    from engines.manifest import TilingRecord, maps_fingerprint, read_manifest, write_manifest
     from inspector.pipeline import Pipeline
     from inspector.service import load_sku
+    from tdad.manifest import TilingRecord, maps_fingerprint, read_manifest, write_manifest
     from tests.fixtures_engines import copy_sku
     from tests.test_pipeline import ListSource
 

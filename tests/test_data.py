@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from structlog.testing import capture_logs
 
-from engines.data import (
+from foundation.errors import DataError
+from foundation.images import load_image_rgb
+from tdad.training.data import (
     DECODE_CACHE,
     DecodeCache,
     FolderDataset,
@@ -21,9 +23,7 @@ from engines.data import (
     file_list_hash,
     open_dataset,
 )
-from engines.sample_data import DEFECT_TYPES, TEXTURES, draw_defect, render_part
-from foundation.errors import DataError
-from foundation.images import load_image_rgb
+from tdad.training.sample_data import DEFECT_TYPES, TEXTURES, draw_defect, render_part
 from tests.fixtures_data import damaged_copies, make_good_folder, make_mvtec_tree, make_visa_tree
 
 

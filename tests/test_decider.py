@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from calibration.thresholds import Calibration
-from engines.scoring import image_scores
 from inspector.decider import Decider, Placement
 from inspector.verdict import decode_mask_png
+from tdad.scoring import image_scores
 
 
 def make_calibration(**fields: Any) -> Calibration:

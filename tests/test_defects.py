@@ -1,4 +1,4 @@
-"""Validation defects (engines.defects): exact masks, foreground placement, determinism, sizes and shapes per
+"""Validation defects (tdad.training.defects): exact masks, foreground placement, determinism, sizes and shapes per
 kind, the fallback on surfaces where a kind changes nothing, and the argument checks."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 import pytest
 
-from engines.defects import DEFECT_KINDS, MIN_CHANGE, ValidationDefects, _pit, _Scene
+from tdad.training.defects import DEFECT_KINDS, MIN_CHANGE, ValidationDefects, _pit, _Scene
 
 SHAPES = [(128, 128), (192, 256)]
 SEEDS = range(5)

@@ -20,12 +20,12 @@ from calibration.evaluate import (
 )
 from calibration.montage import COLUMNS, MontageRow, render_montage, write_montage
 from calibration.thresholds import load_calibration
-from engines.data import open_dataset
-from engines.manifest import maps_fingerprint, score_top_k
-from engines.scoring import image_scores, smoothed_max_scores, top_k_for
 from foundation.errors import ConfigError, DataError
 from inspector.cli import main
 from inspector.commands.evaluate import parse_steps, parse_timesteps
+from tdad.manifest import maps_fingerprint, score_top_k
+from tdad.scoring import image_scores, smoothed_max_scores, top_k_for
+from tdad.training.data import open_dataset
 from tests.fixtures_data import make_good_folder, make_mvtec_tree
 from tests.fixtures_engines import copy_sku
 
@@ -134,7 +134,7 @@ def tiny_sku(tmp_path_factory: pytest.TempPathFactory) -> Path:
     import torch
 
     from engines.export import export_sku
-    from engines.model import ModelConfig, TDADModel, save_sku
+    from tdad.model import ModelConfig, TDADModel, save_sku
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -300,7 +300,7 @@ def test_trained_model_finds_painted_defects(
 def test_a_tiled_sku_calibrates_and_evaluates_images_of_different_sizes_at_its_scale(
     tiny_sku: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from engines.manifest import TilingRecord, read_manifest, write_manifest
+    from tdad.manifest import TilingRecord, read_manifest, write_manifest
 
     sku = copy_sku(tiny_sku, tmp_path / "tiled")
     write_manifest(sku, read_manifest(sku).model_copy(update={"tiling": TilingRecord(scale=0.5, overlap=0.25)}))

@@ -21,7 +21,7 @@ BOUNDS = {"fp32": 5e-3, "fp16": 2e-2, "bf16": 5e-2}  # fp32 on CUDA may use TF32
 def test_the_gpu_stack_is_installed_and_sees_the_gpu() -> None:
     import torch
 
-    from engines.gpu import cuda_device, import_tensorrt, torch_cuda_device
+    from foundation.gpu import cuda_device, import_tensorrt, torch_cuda_device
 
     info = cuda_device(0)
     assert info.name and info.memory_mb > 0
@@ -59,8 +59,8 @@ def test_bad_device_id_is_one_line(exported_random_sku: Path) -> None:
 def test_training_on_cuda_writes_a_sku_that_every_cpu_engine_loads(tmp_path: Path) -> None:
     from engines.export import export_sku
     from engines.runtime import create_engine, engine_settings
-    from engines.sample_data import write_good_folder
-    from engines.train import PRESETS, TrainConfig, train_sku
+    from tdad.training.sample_data import write_good_folder
+    from tdad.training.train import PRESETS, TrainConfig, train_sku
 
     good = write_good_folder(tmp_path / "good", 16, 64)
     knobs = {**PRESETS["tiny"], "ae_steps": 30, "diffusion_steps": 30, "seg_steps": 30}
@@ -78,8 +78,16 @@ def test_the_segmenter_loss_on_cuda_is_the_cpus_for_a_real_training_batch(tmp_pa
     zeros under interpolate(mode="area"), and every GPU-trained segmenter learnt all-normal targets."""
     import torch
 
-    from engines.sample_data import write_good_folder
-    from engines.train import PRESETS, StepBatches, TrainConfig, load_images, segmenter_loss, set_phase, untrained_model
+    from tdad.training.sample_data import write_good_folder
+    from tdad.training.train import (
+        PRESETS,
+        StepBatches,
+        TrainConfig,
+        load_images,
+        segmenter_loss,
+        set_phase,
+        untrained_model,
+    )
 
     good = write_good_folder(tmp_path / "good", 8, 64)
     cfg = TrainConfig(data=good, out=tmp_path / "sku", reconstruction="none", **{**PRESETS["tiny"], "memory": 0})

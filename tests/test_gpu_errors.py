@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from engines.gpu import cuda_device, import_tensorrt, torch_cuda_device
 from engines.runtime import create_engine, engine_settings
 from foundation.errors import EngineError
+from foundation.gpu import cuda_device, import_tensorrt, torch_cuda_device
 from inspector.cli import main
 from tests.conftest import nvidia_smi_sees_gpu
 
@@ -55,7 +55,7 @@ def test_tensorrt_bindings_without_their_libraries_are_named(tmp_path: Path) -> 
     package.mkdir()
     (package / "__init__.py").write_text("from tensorrt_bindings import *\nfrom tensorrt_bindings import __version__\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(bindings), str(Path.cwd())])}
-    code = ("from engines.gpu import import_tensorrt\nfrom foundation.errors import EngineError\n"
+    code = ("from foundation.gpu import import_tensorrt\nfrom foundation.errors import EngineError\n"
             "try:\n    import_tensorrt()\nexcept EngineError as exc:\n    print(exc)\n")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120,
                          check=True).stdout.strip()
@@ -83,7 +83,7 @@ def test_cpu_torch_asked_for_cuda_says_how_to_get_a_cuda_build(exported_random_s
 
 @pytest.mark.skipif(not CPU_TORCH, reason="this torch is a CUDA build")
 def test_train_on_cuda_with_a_cpu_torch_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from engines.sample_data import write_good_folder
+    from tdad.training.sample_data import write_good_folder
 
     good = write_good_folder(tmp_path / "good", 2, 64)
     assert main(["train", "--data", str(good), "--out", str(tmp_path / "sku"), "--preset", "tiny",

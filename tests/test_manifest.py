@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from engines.manifest import (
+from foundation.errors import DataError
+from tdad.manifest import (
     MANIFEST_FILE,
     SCHEMA_VERSION,
     DerivedGraphsRecord,
@@ -20,9 +21,8 @@ from engines.manifest import (
     with_derived,
     write_manifest,
 )
-from engines.schedule import Schedule
-from engines.scoring import DEFAULT_TOP_K, top_k_for
-from foundation.errors import DataError
+from tdad.schedule import Schedule
+from tdad.scoring import DEFAULT_TOP_K, top_k_for
 
 # meta.json as training wrote it before the schema was versioned (schema 1)
 SCHEMA_1 = {

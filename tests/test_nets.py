@@ -10,14 +10,14 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from engines.manifest import ModelConfig
-from engines.model import TDADModel
-from engines.nets.autoencoder import Decoder, Encoder
-from engines.nets.backbone import Backbone
-from engines.nets.denoiser import Denoiser, timestep_embedding
-from engines.nets.fusion import Fusion
-from engines.nets.segmenter import Segmenter, patch_features
-from engines.train import fill_memory
+from tdad.manifest import ModelConfig
+from tdad.model import TDADModel
+from tdad.nets.autoencoder import Decoder, Encoder
+from tdad.nets.backbone import Backbone
+from tdad.nets.denoiser import Denoiser, timestep_embedding
+from tdad.nets.fusion import Fusion
+from tdad.nets.segmenter import Segmenter, patch_features
+from tdad.training.train import fill_memory
 
 torch.set_num_threads(1)
 S = 64
@@ -112,7 +112,7 @@ def test_the_fine_memory_adds_its_distance_at_inference_only(tmp_path: Path) -> 
     """store_fine_memory keeps descriptors of the 2x-upsampled images (4 px cells), scaled so a good cell of
     another image reads ~1; forward adds fine_boost * (distance - 1) to the map's logits, and the logits
     training's loss sees are untouched."""
-    from engines.train import TrainConfig, store_fine_memory
+    from tdad.training.train import TrainConfig, store_fine_memory
 
     torch.manual_seed(0)
     images = np.random.default_rng(2).integers(0, 256, (4, S, S, 3), dtype=np.uint8)
@@ -155,7 +155,7 @@ def test_a_resized_memory_is_refilled_with_its_own_scale() -> None:
 
 
 def test_eager_memory_search_in_blocks_finds_what_one_matmul_does(monkeypatch: pytest.MonkeyPatch) -> None:
-    import engines.nets.segmenter as segmenter
+    import tdad.nets.segmenter as segmenter
 
     gen = torch.Generator().manual_seed(0)
     queries, memory = torch.randn(2, 12, 4, 4, generator=gen), torch.randn(1000, 12, generator=gen)

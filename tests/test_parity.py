@@ -3,7 +3,7 @@
 Relative error of anomaly maps, the number every parity bound here uses:
     rel_error(a, ref) = max |a - ref| / max(max |ref|, 1e-12)
 i.e. the worst pixel deviation over the whole batch, relative to the largest reference value (maps are in
-[0, 1], so this is also close to an absolute error). Image-score ordering uses engines.scoring.image_scores.
+[0, 1], so this is also close to an absolute error). Image-score ordering uses tdad.scoring.image_scores.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from engines.runtime import OnnxRuntimeSettings, TorchSettings, create_engine
-from engines.sample_data import draw_defect, render_part
-from engines.scoring import image_scores
+from tdad.scoring import image_scores
+from tdad.training.sample_data import draw_defect, render_part
 from tests.fixtures_engines import IMAGE_SIZE, random_frames
 
 FP32_BOUND = 1e-3
@@ -80,9 +80,9 @@ def test_onnxruntime_matches_torch_with_the_memory_prior(tmp_path: Path) -> None
     import torch
 
     from engines.export import export_sku
-    from engines.manifest import ModelConfig
-    from engines.model import TDADModel, save_sku
-    from engines.train import TrainConfig, fill_memory, store_fine_memory
+    from tdad.manifest import ModelConfig
+    from tdad.model import TDADModel, save_sku
+    from tdad.training.train import TrainConfig, fill_memory, store_fine_memory
 
     torch.manual_seed(0)
     model = TDADModel(dataclasses.replace(ModelConfig(image_size=64), memory_size=200, memory_boost=2.0)).eval()
@@ -105,7 +105,7 @@ def test_onnxruntime_matches_torch_with_the_residual_reconstruction(sku: Path, t
     import json
     import shutil
 
-    from engines.manifest import MANIFEST_FILE, read_manifest
+    from tdad.manifest import MANIFEST_FILE, read_manifest
 
     assert read_manifest(sku).model.residual
     sku = Path(shutil.copytree(sku, tmp_path / "sku"))  # the session fixture is read-only

@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-from engines.manifest import TilingRecord
 from inspector.acquisition import Frame
 from inspector.config import LineConfig, ServiceConfig
 from inspector.decider import Decider
@@ -33,6 +32,7 @@ from inspector.pipeline import (
     preprocess,
 )
 from inspector.verdict import Verdict
+from tdad.manifest import TilingRecord
 from tests.test_decider import make_calibration
 from tests.waiting import holds_for, wait_until
 

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 
 from calibration.thresholds import save_calibration
-from engines.manifest import maps_fingerprint, read_manifest, write_manifest
 from engines.runtime.benchmark import make_random_sku
 from inspector.cli import main
 from inspector.config import load_config
 from inspector.preflight import Problem, check
+from tdad.manifest import maps_fingerprint, read_manifest, write_manifest
 from tests.fixtures_data import make_good_folder
 from tests.small_fs import small_fs
 from tests.test_decider import make_calibration

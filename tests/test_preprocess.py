@@ -9,16 +9,16 @@ import cv2
 import numpy as np
 import pytest
 
-from engines.data import FolderDataset, MVTecDataset
-from engines.preprocess import RESIZE_MODES, Geometry, preprocess, resize_mask_to_model, resize_to_model
 from engines.runtime.staged import preprocess_frames
-from engines.schedule import Schedule
-from engines.train import StepBatches, TrainConfig
 from inspector.acquisition.folder import FolderSource
 from inspector.archive import heatmap_overlay
 from inspector.config import FolderCamera
 from inspector.pipeline import map_rect
 from inspector.pipeline import preprocess as pipeline_preprocess
+from tdad.preprocess import RESIZE_MODES, Geometry, preprocess, resize_mask_to_model, resize_to_model
+from tdad.schedule import Schedule
+from tdad.training.data import FolderDataset, MVTecDataset
+from tdad.training.train import StepBatches, TrainConfig
 
 S = 64
 

@@ -10,14 +10,14 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from engines.manifest import read_manifest
 from engines.precision import META_PRECISION, META_SOURCE_SHA256, check_graph, graph_file
 from engines.quantize import FP32_SCOPE, GRAPH_NAMES, QUANTIZED_OPS, derive_fp16, quantize_int8
 from engines.runtime import create_engine, engine_settings
 from engines.runtime.staged import UNROLLED_NAME, file_sha256
-from engines.sample_data import write_good_folder
 from foundation.errors import EngineError
 from inspector.cli import main
+from tdad.manifest import read_manifest
+from tdad.training.sample_data import write_good_folder
 from tests.fixtures_engines import IMAGE_SIZE, copy_sku, random_frames
 from tests.test_parity import part_frames, rel_error
 
@@ -129,7 +129,7 @@ def test_export_int8_without_calibration_images_is_one_line(exported_random_sku:
 @pytest.mark.slow
 def test_int8_keeps_the_trained_skus_image_auroc(trained_sku: Path, tmp_path: Path) -> None:
     from calibration.metrics import image_auroc
-    from engines.scoring import image_scores
+    from tdad.scoring import image_scores
 
     sku = copy_sku(trained_sku, tmp_path / "sku")
     size = create_engine(engine_settings("onnxruntime", threads=1), sku).image_size
@@ -143,8 +143,8 @@ def test_int8_keeps_the_trained_skus_image_auroc(trained_sku: Path, tmp_path: Pa
 
 
 def test_a_tiled_skus_int8_calibration_images_are_tiles_at_its_scale(tmp_path: Path) -> None:
-    from engines.manifest import TilingRecord
     from engines.quantize import calibration_images
+    from tdad.manifest import TilingRecord
 
     folder = write_good_folder(tmp_path / "good", 3, 160, "brick", seed=2)  # 160 px at 0.5: 80 px, 2 x 2 tiles
     tiles = calibration_images(folder, 64, 100, tiling=TilingRecord(scale=0.5))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from engines.schedule import Schedule, add_noise, fixed_noise, predict_x0, two_stage_reconstruct
+from tdad.schedule import Schedule, add_noise, fixed_noise, predict_x0, two_stage_reconstruct
 
 
 def test_alphas_cumprod_matches_linear_betas() -> None:

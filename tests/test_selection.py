@@ -10,18 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-import engines.data
+import tdad.training.data
 from calibration.selection import FINE_BOOSTS, MEMORY_BOOSTS, TIE, best
-from engines.manifest import SelectionCandidate, read_manifest
-from engines.model import load_sku
-from engines.preprocess import preprocess
-from engines.sample_data import draw_defect, render_part, write_mvtec_tree
-from engines.scoring import top_k_for
-from engines.tiling import scale_for_defect
-from engines.train import PRESETS, STEP_COST, TrainConfig, remaining_seconds, validation_indices
 from foundation.errors import ConfigError
 from inspector.cli import main
 from inspector.commands.train import config_from_args
+from tdad.manifest import SelectionCandidate, read_manifest
+from tdad.model import load_sku
+from tdad.preprocess import preprocess
+from tdad.scoring import top_k_for
+from tdad.tiling import scale_for_defect
+from tdad.training.sample_data import draw_defect, render_part, write_mvtec_tree
+from tdad.training.train import PRESETS, STEP_COST, TrainConfig, remaining_seconds, validation_indices
 from tests.test_parity import assert_parity, part_frames
 from tests.test_train import _parse
 
@@ -42,9 +42,9 @@ def opened(mvtec_root: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[
     """A quick SKU trained and its settings chosen by `inspector train --quick`, with every image file that the
     whole command decoded."""
     seen: list[Path] = []
-    decode = engines.data.load_image_rgb
+    decode = tdad.training.data.load_image_rgb
     mp = pytest.MonkeyPatch()
-    mp.setattr(engines.data, "load_image_rgb", lambda path: (seen.append(Path(path)), decode(path))[1])
+    mp.setattr(tdad.training.data, "load_image_rgb", lambda path: (seen.append(Path(path)), decode(path))[1])
     out = tmp_path_factory.mktemp("quick") / "sku"
     try:
         assert main(["train", "--out", str(out), "--dataset", "mvtec", "--data", str(mvtec_root), "--category",

@@ -10,12 +10,12 @@ import cv2
 import numpy as np
 import pytest
 
-from engines.data import FolderDataset
-from engines.noise import fractal_perlin, perlin_noise
-from engines.sample_data import render_part
-from engines.synthesis import AnomalySynthesizer, otsu_foreground, perlin_mask, region_mask, shuffled_patches
-from engines.textures import BUILTIN_KINDS, BUNDLED_PHOTOS, BuiltinTextures, TextureBank, bundled_photos
 from foundation.errors import ConfigError, DataError
+from tdad.noise import fractal_perlin, perlin_noise
+from tdad.training.data import FolderDataset
+from tdad.training.sample_data import render_part
+from tdad.training.synthesis import AnomalySynthesizer, otsu_foreground, perlin_mask, region_mask, shuffled_patches
+from tdad.training.textures import BUILTIN_KINDS, BUNDLED_PHOTOS, BuiltinTextures, TextureBank, bundled_photos
 from tests.fixtures_data import make_good_folder
 
 SIZE = 64

@@ -65,7 +65,7 @@ def test_plans_of_derived_precisions_name_their_graph(exported_random_sku: Path,
 def trt_sku(exported_random_sku: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-init SKU with fp32, fp16 and int8 plans (max batch 4) for this GPU."""
     from engines.runtime.build import build_sku
-    from engines.sample_data import write_good_folder
+    from tdad.training.sample_data import write_good_folder
 
     root = tmp_path_factory.mktemp("trt")
     sku = copy_sku(exported_random_sku, root / "sku")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from engines.gpu import TENSORRT_CEILING, TENSORRT_FLOOR, tensorrt_version_ok
+from foundation.gpu import TENSORRT_CEILING, TENSORRT_FLOOR, tensorrt_version_ok
 
 ROOT = Path(__file__).resolve().parent.parent
 API_LIST = Path(__file__).with_name("tensorrt_api.txt")

@@ -1,5 +1,6 @@
-"""Tiled inspection geometry (engines/tiling.py): tile origins, coverage of every pixel, exact stitching, edge
-tiles, frames smaller than a tile, scaling of images and masks, random training crops and chunked inference."""
+"""Tiled inspection geometry (tdad/tiling.py): tile origins, coverage of every pixel, exact stitching, edge
+tiles, frames smaller than a tile, scaling of images and masks, random training crops; and chunked inference
+over the tiles (engines/tiled.py)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ from typing import Any
 import numpy as np
 import pytest
 
-from engines.manifest import TilingRecord
-from engines.tiling import (
+from engines.tiled import infer_tiled
+from tdad.manifest import TilingRecord
+from tdad.tiling import (
     TilePlan,
-    infer_tiled,
     random_crop,
     scale_image,
     scale_mask,

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from engines.model import ModelConfig, TDADModel, save_sku
 from engines.runtime.base import Engine
 from engines.runtime.config import TorchSettings, engine_settings
 from engines.runtime.torch_backend import TorchEngine
-from engines.schedule import Schedule
 from foundation.errors import EngineError
+from tdad.model import ModelConfig, TDADModel, save_sku
+from tdad.schedule import Schedule
 
 S = 64
 

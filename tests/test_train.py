@@ -15,12 +15,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from engines.manifest import ModelConfig, TilingRecord, read_manifest
-from engines.model import TDADModel, load_sku, save_sku
-from engines.nets.segmenter import MEMORY_BOOST
-from engines.sample_data import write_good_folder
-from engines.schedule import Schedule
-from engines.train import (
+from foundation.errors import ConfigError, DataError
+from inspector.commands.train import add_arguments, config_from_args
+from tdad.manifest import ModelConfig, TilingRecord, read_manifest
+from tdad.model import TDADModel, load_sku, save_sku
+from tdad.nets.segmenter import MEMORY_BOOST
+from tdad.schedule import Schedule
+from tdad.training.sample_data import write_good_folder
+from tdad.training.train import (
     LOSSES,
     PHASES,
     PRESETS,
@@ -38,8 +40,6 @@ from engines.train import (
     train_step,
     worker_threads,
 )
-from foundation.errors import ConfigError, DataError
-from inspector.commands.train import add_arguments, config_from_args
 
 torch.set_num_threads(1)
 S = 64

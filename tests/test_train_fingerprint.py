@@ -10,8 +10,8 @@ from types import ModuleType
 
 import pytest
 
-from engines.sample_data import write_mvtec_tree
-from engines.train import PRESETS, TrainConfig
+from tdad.training.sample_data import write_mvtec_tree
+from tdad.training.train import PRESETS, TrainConfig
 
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "train_fingerprint.py"
 

@@ -36,7 +36,7 @@ def make_random_sku(sku_dir: Path, image_size: int = 256, seed: int = 0, export:
     """
     import torch
 
-    from engines.model import ModelConfig, TDADModel, save_sku
+    from tdad.model import ModelConfig, TDADModel, save_sku
 
     torch.manual_seed(seed)
     model = TDADModel(ModelConfig(image_size=image_size, residual=True)).eval()

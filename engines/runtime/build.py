@@ -21,11 +21,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from engines.gpu import cuda_device, import_tensorrt
 from engines.precision import GRAPH_PRECISIONS, check_graph, derived_is_current, graph_file
 from engines.runtime.staged import PART_NAMES, UNROLLED_NAME, check_export, file_sha256, read_sku_manifest
 from engines.runtime.tensorrt_backend import plan_path, plan_tag
 from foundation.errors import EngineError
+from foundation.gpu import cuda_device, import_tensorrt
 from foundation.log import get_logger
 
 log = get_logger(__name__)

@@ -11,10 +11,10 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from engines.manifest import MANIFEST_FILE, WEIGHTS_FILE, ExportRecord, SkuManifest, file_sha256, read_manifest
-from engines.preprocess import preprocess
-from engines.schedule import Schedule, residual_reconstruction, two_stage_reconstruct
 from foundation.errors import DataError, EngineError
+from tdad.manifest import MANIFEST_FILE, WEIGHTS_FILE, ExportRecord, SkuManifest, file_sha256, read_manifest
+from tdad.preprocess import preprocess
+from tdad.schedule import Schedule, residual_reconstruction, two_stage_reconstruct
 
 # the exported graphs of a SKU: one per part, and the whole reconstruction unrolled (when its schedule matches)
 PART_NAMES = ("encoder", "denoiser", "fusion", "decoder", "segmenter")
@@ -113,7 +113,7 @@ def open_exported_sku(sku_dir: Path, override: dict[str, Any]) -> ExportedSku:
 
 def reconstruction(parts: Parts, x: Any, z0: Any, z: Any, residual: bool) -> Any:
     """The segmenter's second input from the reconstructed latents z: decode(z), or for a residual SKU
-    (manifest model.residual) x + decode(z) - decode(z0) (engines.schedule.residual_reconstruction)."""
+    (manifest model.residual) x + decode(z) - decode(z0) (tdad.schedule.residual_reconstruction)."""
     decoded = parts.decode(z)
     return residual_reconstruction(x, decoded, parts.decode(z0)) if residual else decoded
 

@@ -9,7 +9,7 @@ runs as plain launches; the SKU still loads. The per-part plans (encoder, denois
 run the shared two-stage loop on the host; they serve schedule overrides and stage-by-stage timings.
 
 CUDA is reached through NVIDIA's cuda-python (`cuda.bindings.runtime`, a binary wheel that needs only the
-driver). Importable without any of it: creating the engine reports what is missing (engines/gpu.py).
+driver). Importable without any of it: creating the engine reports what is missing (foundation/gpu.py).
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 
-from engines.gpu import check_cuda, cuda_device, cuda_runtime, import_tensorrt
 from engines.precision import check_graph
 from engines.runtime.config import TensorRTSettings
 from engines.runtime.staged import (
@@ -36,6 +35,7 @@ from engines.runtime.staged import (
     run_parts_timed,
 )
 from foundation.errors import EngineError
+from foundation.gpu import check_cuda, cuda_device, cuda_runtime, import_tensorrt
 from foundation.log import get_logger
 
 log = get_logger(__name__)

@@ -15,13 +15,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from engines.gpu import torch_cuda_device
-from engines.manifest import Reconstruction
-from engines.model import TDADModel, load_sku
-from engines.preprocess import preprocess
 from engines.runtime.config import TorchSettings
 from foundation.errors import DataError, EngineError, first_line
+from foundation.gpu import torch_cuda_device
 from foundation.log import get_logger
+from tdad.manifest import Reconstruction
+from tdad.model import TDADModel, load_sku
+from tdad.preprocess import preprocess
 
 log = get_logger(__name__)
 

@@ -23,8 +23,8 @@ class SyntheticSource(PacedSource):
         self._defects = 0
 
     def open(self) -> None:
-        """Import the renderer (engines.sample_data, torch-free)."""
-        from engines import sample_data
+        """Import the renderer (tdad.training.sample_data, torch-free)."""
+        from tdad.training import sample_data
 
         self._sample_data = sample_data
         self._opened = True

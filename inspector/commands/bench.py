@@ -7,10 +7,10 @@ import json
 import sys
 from pathlib import Path
 
-from engines.manifest import MANIFEST_FILE
 from engines.runtime import BACKENDS
 from engines.runtime.benchmark import benchmark, format_table, make_random_sku, parse_engines
 from inspector.commands.common import sku_dir_from_args
+from tdad.manifest import MANIFEST_FILE
 
 
 def _int_list(text: str) -> list[int]:

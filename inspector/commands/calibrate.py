@@ -7,11 +7,11 @@ from pathlib import Path
 
 from calibration.evaluate import infer_dataset, map_scores
 from calibration.thresholds import fit_thresholds, format_table, save_calibration
-from engines.data import FolderDataset, file_list_hash
-from engines.manifest import maps_fingerprint, read_manifest
 from engines.runtime import create_engine
 from foundation.errors import ConfigError
 from inspector.commands.common import add_engine_arguments, sku_target
+from tdad.manifest import maps_fingerprint, read_manifest
+from tdad.training.data import FolderDataset, file_list_hash
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the SKU's engine over the good (and NG) folders, fit thresholds, write calibration.json; a tiled SKU's
-    images are scaled, tiled, stitched and scored as the daemon does it (engines.tiling.infer_tiled)."""
+    images are scaled, tiled, stitched and scored as the daemon does it (engines.tiled.infer_tiled)."""
     target = sku_target(args)
     engine = create_engine(target.engine, target.sku_dir, schedule_override=target.schedule_override or None)
     manifest = read_manifest(target.sku_dir)

@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from calibration.thresholds import CALIBRATION_FILE
-from engines.manifest import MANIFEST_FILE
 from engines.runtime import BACKENDS, EngineSettings, engine_settings
 from engines.runtime.config import DEFAULT_BACKEND
 from foundation.errors import EngineError
+from tdad.manifest import MANIFEST_FILE
 
 
 def add_sku_arguments(parser: argparse.ArgumentParser) -> None:

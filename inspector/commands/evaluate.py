@@ -21,12 +21,12 @@ from calibration.evaluate import (
     held_out_line,
 )
 from calibration.thresholds import load_calibration
-from engines.data import file_list_hash, open_dataset
-from engines.manifest import RECONSTRUCTIONS, SkuManifest, read_manifest
 from engines.runtime import Engine, EngineSettings, create_engine, engine_class
 from foundation.errors import ConfigError, DataError
 from foundation.log import get_logger
 from inspector.commands.common import SkuTarget, add_engine_arguments, sku_target
+from tdad.manifest import RECONSTRUCTIONS, SkuManifest, read_manifest
+from tdad.training.data import file_list_hash, open_dataset
 
 log = get_logger(__name__)
 
@@ -99,7 +99,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="memory boosts to compare, e.g. 1,2,4,8: rows on the torch backend (per ablation row "
                              "with --ablation) with this logit per unit of memory distance added to the learnt gain "
                              "instead of the SKU's; pick a SKU's on labelled parts, then inspector train "
-                             "--memory-boost (README: 'The memory boost, per SKU')")
+                             "--memory-boost (docs/accuracy.md: 'The memory prior and its boost')")
     parser.add_argument("--require-held-out", action="store_true",
                         help="refuse (exit 2) unless the SKU's settings were chosen by inspector train and none of "
                              "the files evaluated here fed that choice (the report line 'held out:' says which)")

@@ -6,12 +6,14 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from engines.manifest import RECONSTRUCTIONS, ModelConfig
-from engines.nets.segmenter import FINE_BOOST, MEMORY_BOOST
-from engines.preprocess import RESIZE_MODES
-from engines.synthesis import TEXTURE_MIXES
-from engines.tiling import DEFECT_TILE_OVERLAP
-from engines.train import (
+from foundation.errors import ConfigError, DataError
+from inspector.commands.common import device_arg
+from tdad.manifest import RECONSTRUCTIONS, ModelConfig
+from tdad.nets.segmenter import FINE_BOOST, MEMORY_BOOST
+from tdad.preprocess import RESIZE_MODES
+from tdad.tiling import DEFECT_TILE_OVERLAP
+from tdad.training.synthesis import TEXTURE_MIXES
+from tdad.training.train import (
     DEFAULT_FINE_MEMORY,
     PRESETS,
     SELECTION_HOLDOUT,
@@ -20,8 +22,6 @@ from engines.train import (
     read_checkpoint_config,
     train_sku,
 )
-from foundation.errors import ConfigError, DataError
-from inspector.commands.common import device_arg
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -75,8 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                           "another job on the box, give each its share")
     how.add_argument("--num-workers", type=int, default=0,
                      help="batch-synthesis worker processes, one torch and one OpenCV thread each")
-    how.add_argument("--checkpoint-every", type=int, default=500)
-    how.add_argument("--seed", type=int, default=0)
+    how.add_argument("--checkpoint-every", type=int, default=500,
+                     help="steps between checkpoints (Ctrl-C also writes one)")
+    how.add_argument("--seed", type=int, default=0, help="seed of the synthesis, sampling and initialisation")
 
     chosen = parser.add_argument_group("settings chosen for you (give one to fix it by hand)")
     chosen.add_argument("--no-select", dest="select", action="store_false",
@@ -99,24 +100,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="with --tile-scale: share of a tile its neighbours overlap at least, in [0, 0.5) "
                              f"(default 0; {DEFECT_TILE_OVERLAP:g} when --min-defect-px picks the scale)")
 
-    research = parser.add_argument_group("research knobs (for an ML engineer; the presets set them)")
-    research.add_argument("--image-size", type=int)
-    research.add_argument("--width", type=float,
+    capacity = parser.add_argument_group("model capacity (the presets set these)")
+    capacity.add_argument("--image-size", type=int, help="model input size in px (small preset: 128)")
+    capacity.add_argument("--width", type=float,
                           help="network widths times this (1 = the CPU default; 2 = twice the channels, about four "
                                "times the compute), stored in the SKU")
-    research.add_argument("--seg-width", type=float,
+    capacity.add_argument("--seg-width", type=float,
                           help="the segmenter decoder's widths times this instead of --width (default: --width)")
-    research.add_argument("--batch-size", type=int)
-    research.add_argument("--memory", type=int,
-                          help="normal patch descriptors the segmenter compares each patch with in training (0 = "
-                               "none; capped at the training set's patches)")
-    research.add_argument("--inference-memory", type=int,
-                          help="entries the SKU stores and inference searches, at least --memory (small preset: "
-                               "65536; --memory alone stores --memory)")
-    research.add_argument("--ae-steps", type=int)
-    research.add_argument("--diffusion-steps", type=int)
-    research.add_argument("--seg-steps", type=int)
-    research.add_argument("--lr", type=float)
+    capacity.add_argument("--batch-size", type=int, help="images per training step (small preset: 8)")
+
+    memory = parser.add_argument_group("memory prior (the presets set these)")
+    memory.add_argument("--memory", type=int,
+                        help="normal patch descriptors the segmenter compares each patch with in training (0 = "
+                             "none; capped at the training set's patches)")
+    memory.add_argument("--inference-memory", type=int,
+                        help="entries the SKU stores and inference searches, at least --memory (small preset: "
+                             "65536; --memory alone stores --memory)")
+
+    schedule = parser.add_argument_group("schedule (the presets set these)")
+    schedule.add_argument("--ae-steps", type=int, help="autoencoder steps (small preset: 1500)")
+    schedule.add_argument("--diffusion-steps", type=int, help="denoiser and fusion steps (small preset: 3000)")
+    schedule.add_argument("--seg-steps", type=int, help="segmenter steps (small preset: 1500)")
+    schedule.add_argument("--lr", type=float, help="peak learning rate of every phase (default 5e-4)")
+    schedule.add_argument("--no-amp", dest="amp", action="store_false",
+                          help="train in float32 on CUDA instead of under bf16 autocast (no effect on the CPU)")
+
+    research = parser.add_argument_group("research and ablation (for an ML engineer)")
     research.add_argument("--textures", choices=TEXTURE_MIXES, default="builtin",
                           help="what synthetic training anomalies are filled with besides the image's own patches "
                                "and plain colour: builtin (default, an offline bank) or self")
@@ -136,8 +145,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     research.add_argument("--decoded-reconstruction", dest="residual", action="store_false",
                           help="feed the segmenter decode(z_rec) instead of x + decode(z_rec) - decode(z0) "
                                "(an ablation)")
-    research.add_argument("--no-amp", dest="amp", action="store_false",
-                          help="train in float32 on CUDA instead of under bf16 autocast (no effect on the CPU)")
 
 
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, bool]:
@@ -206,9 +213,9 @@ def selects(args: argparse.Namespace, memory: int) -> bool:
 
 def defect_scale(args: argparse.Namespace, image_size: int) -> float | None:
     """The tile scale --min-defect-px implies for the training images' sizes (None: whole images)."""
-    from engines.data import open_dataset
-    from engines.tiling import scale_for_defect
     from foundation.images import image_hw
+    from tdad.tiling import scale_for_defect
+    from tdad.training.data import open_dataset
 
     records = open_dataset(args.dataset, args.data, args.category, "train", image_size).records
     try:

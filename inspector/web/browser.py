@@ -1,5 +1,5 @@
 """Debian's chromium, headless, driven by selenium through Debian's chromedriver: for the page's browser tests,
-the bench with pages open, and the README screenshot. Nothing is downloaded: the driver path is given to
+the bench with pages open, and the README's screenshot. Nothing is downloaded: the driver path is given to
 selenium's Service, so Selenium Manager never runs. Needs the [dev] extra and `apt-get install chromium
 chromium-driver`.
 """

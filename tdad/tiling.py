@@ -2,7 +2,7 @@
 whose anomaly maps are stitched back into one map of the scaled frame.
 
 Squashing a 2448 x 2048 line frame into one 128 px input loses every defect under ~20 px; a tiled SKU
-(manifest `tiling`, engines.manifest.TilingRecord) instead sees the ROI at `scale` model px per source px:
+(manifest `tiling`, tdad.manifest.TilingRecord) instead sees the ROI at `scale` model px per source px:
 
     ROI uint8 H x W x 3  --scale_image-->  h x w x 3 (h = round(H * scale))  --TilePlan.tile-->  N x S x S x 3
     engine (chunks of at most the engine batch)  -->  N x S x S maps  --TilePlan.stitch-->  h x w map
@@ -17,7 +17,8 @@ covered by one tile only keeps that tile's value exactly. The map is in model px
 SKU's top-k scores a defect of a given size the same in any frame size; a map pixel is 1 / scale frame px.
 
 Training crops random S x S windows of images scaled the same way (`random_crop`), data sets decode and scale
-each file once (engines.data), and the daemon, calibration and eval all run `infer_tiled`.
+each file once (tdad.training.data), and the daemon, calibration and eval all run an engine over the tiles with
+engines.tiled.infer_tiled. Pure geometry: no engine, no torch.
 """
 
 from __future__ import annotations
@@ -29,11 +30,9 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from engines.manifest import TilingRecord
-from engines.preprocess import resize_image
-from engines.runtime.base import Engine
+from tdad.preprocess import resize_image
 
-# a defect must cover this many model px to be seen: one fine-memory cell, half a memory patch (engines.nets)
+# a defect must cover this many model px to be seen: one fine-memory cell, half a memory patch (tdad.nets)
 DEFECT_MODEL_PX = 4.0
 DEFECT_TILE_OVERLAP = 0.25  # tiles chosen for a defect size overlap by a quarter, so one sees a border defect whole
 
@@ -152,17 +151,3 @@ def random_crop(image: np.ndarray, size: int, rng: np.random.Generator) -> np.nd
     y = int(rng.integers(padded.shape[0] - size + 1))
     x = int(rng.integers(padded.shape[1] - size + 1))
     return padded[y : y + size, x : x + size]
-
-
-def infer_tiled(engine: Engine, images_u8_hwc: Sequence[np.ndarray], tiling: TilingRecord,
-                batch: int) -> list[np.ndarray]:
-    """Stitched h x w maps of scaled frames: every frame's tiles through the engine in chunks of at most
-    `batch` (what its TensorRT profiles and micro-batch allow), the one tiled path of daemon, calibrate and eval."""
-    plans = [TilePlan.fit(*image.shape[:2], engine.image_size, tiling.overlap) for image in images_u8_hwc]
-    tiles = np.concatenate([plan.tile(image) for plan, image in zip(plans, images_u8_hwc, strict=True)])
-    maps = np.empty(tiles.shape[:3], dtype=np.float32)
-    step = max(1, batch)
-    for start in range(0, len(tiles), step):
-        maps[start : start + step] = engine.infer(tiles[start : start + step])
-    bounds = np.cumsum([0, *(len(plan) for plan in plans)])
-    return [plan.stitch(maps[a:b]) for plan, a, b in zip(plans, bounds[:-1], bounds[1:], strict=True)]

@@ -17,16 +17,16 @@ Schema history:
      the segmenter was trained to compare the input with); older files get "stretch" and "two_stage", what
      they were. Versioned so an older daemon refuses a letterbox SKU instead of stretching its frames.
   4  adds "tiling" (null: the whole frame becomes one model input, as before; a record: the frame is scaled
-     and cut into overlapping model-size tiles, engines/tiling.py); older files get null. Versioned so an
+     and cut into overlapping model-size tiles, tdad/tiling.py); older files get null. Versioned so an
      older daemon refuses a tiled SKU instead of squashing a whole line frame into one tile.
-  5  adds model.memory_boost (the memory prior's extra logit weight at inference, engines/nets/segmenter.py);
+  5  adds model.memory_boost (the memory prior's extra logit weight at inference, tdad/nets/segmenter.py);
      older files get 0, what they computed. Versioned so an older daemon's torch engine refuses such a SKU
      instead of computing its maps without the boost its thresholds were calibrated with.
-  6  adds model.residual (the segmenter's reconstruction is x + decode(z_rec) - decode(z0), engines/schedule.py
+  6  adds model.residual (the segmenter's reconstruction is x + decode(z_rec) - decode(z0), tdad/schedule.py
      residual_reconstruction); older files get false, what they computed. Versioned so an older daemon refuses
      such a SKU instead of feeding its segmenter the plain decode it was not trained on.
   7  adds model.fine_memory_size and model.fine_boost (an inference-only memory of patch descriptors on a grid
-     twice as fine, engines/nets/segmenter.py); older files get 0, what they computed. Versioned so an older
+     twice as fine, tdad/nets/segmenter.py); older files get 0, what they computed. Versioned so an older
      daemon refuses such a SKU instead of loading weights with tensors it does not know.
 """
 
@@ -44,10 +44,10 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field
 
-from engines.preprocess import ResizeMode
-from engines.schedule import Schedule
-from engines.scoring import DEFAULT_TOP_K, top_k_for
 from foundation.errors import ConfigError, DataError, first_line
+from tdad.preprocess import ResizeMode
+from tdad.schedule import Schedule
+from tdad.scoring import DEFAULT_TOP_K, top_k_for
 
 MANIFEST_FILE = "meta.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -118,7 +118,7 @@ class ModelConfig:
 
 
 class ScoreRecord(BaseModel):
-    """How an anomaly map becomes the image score: the mean of its top_k pixels (engines.scoring)."""
+    """How an anomaly map becomes the image score: the mean of its top_k pixels (tdad.scoring)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -126,7 +126,7 @@ class ScoreRecord(BaseModel):
 
 
 class PreprocessRecord(BaseModel):
-    """How a frame (or ROI) becomes the model's square input (engines.preprocess), the same everywhere."""
+    """How a frame (or ROI) becomes the model's square input (tdad.preprocess), the same everywhere."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -134,7 +134,7 @@ class PreprocessRecord(BaseModel):
 
 
 class TilingRecord(BaseModel):
-    """Tiled inspection (engines/tiling.py): the ROI is scaled once, then cut into overlapping S x S tiles."""
+    """Tiled inspection (tdad/tiling.py): the ROI is scaled once, then cut into overlapping S x S tiles."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -265,7 +265,7 @@ def code_version() -> str:
 
 def new_manifest(model: ModelConfig, schedule: Schedule, latent_scale: float, **records: Any) -> SkuManifest:
     """The manifest of a freshly trained (or random-init) SKU; records: train_hash, data_hash, train, note,
-    preprocess, reconstruction, tiling (score defaults to top-k as a share of the map, engines.scoring.top_k_for)."""
+    preprocess, reconstruction, tiling (score defaults to top-k as a share of the map, tdad.scoring.top_k_for)."""
     records.setdefault("score", ScoreRecord(top_k=top_k_for(model.image_size)))
     return SkuManifest(model=model, schedule=schedule, latent_scale=latent_scale, code_version=code_version(),
                        created=datetime.now(UTC).isoformat(timespec="seconds"), **records)

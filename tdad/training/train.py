@@ -35,17 +35,17 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from engines.data import file_list_hash, open_dataset
-from engines.gpu import torch_cuda_device
-from engines.manifest import RECONSTRUCTIONS, PreprocessRecord, Reconstruction, TilingRecord, TrainRecord
-from engines.model import ModelConfig, TDADModel, save_sku
-from engines.nets.segmenter import FINE_BOOST, MEMORY_BOOST, nearest_distance, patch_features
-from engines.preprocess import RESIZE_MODES, ResizeMode, preprocess
-from engines.schedule import Schedule, add_noise, predict_x0
-from engines.synthesis import AnomalySynthesizer, TextureMix, check_textures
-from engines.tiling import TilePlan, random_crop
 from foundation.errors import ConfigError, DataError, first_line
+from foundation.gpu import torch_cuda_device
 from foundation.log import get_logger
+from tdad.manifest import RECONSTRUCTIONS, PreprocessRecord, Reconstruction, TilingRecord, TrainRecord
+from tdad.model import ModelConfig, TDADModel, save_sku
+from tdad.nets.segmenter import FINE_BOOST, MEMORY_BOOST, nearest_distance, patch_features
+from tdad.preprocess import RESIZE_MODES, ResizeMode, preprocess
+from tdad.schedule import Schedule, add_noise, predict_x0
+from tdad.tiling import TilePlan, random_crop
+from tdad.training.data import file_list_hash, open_dataset
+from tdad.training.synthesis import AnomalySynthesizer, TextureMix, check_textures
 
 log = get_logger(__name__)
 
@@ -55,7 +55,7 @@ PHASES_FOR = {"none": ("segmenter",), "autoencoder": ("autoencoder", "segmenter"
               "two_stage": PHASES}
 STATE_DIR = "train_state"
 SELECTION_HOLDOUT = 0.2  # the validation slice inspector train holds out to choose settings on
-DEFAULT_FINE_MEMORY = 16384  # fine-memory entries a run stores for setting selection to weigh (README: measured)
+DEFAULT_FINE_MEMORY = 16384  # fine-memory entries a run stores for setting selection to weigh (docs/accuracy.md)
 # lowest stage-2 training timestep: below it restoring a defect needs an epsilon of 1 / sqrt(1 - alpha_bar) > 10x
 # the latent difference, and stage 2's DDIM steps (t2 / steps2 apart) never go there
 STAGE2_T_MIN = 20
@@ -109,24 +109,24 @@ class TrainConfig:
     textures: TextureMix = "builtin"  # without texture_dir: built-in offline bank, or "self" (own patches + plain)
     foreground: str = "otsu"  # where synthetic anomalies go: otsu | none
     num_workers: int = 0  # batch-synthesis worker processes (1 torch + 1 OpenCV thread each)
-    resize: ResizeMode = "stretch"  # how non-square images become S x S (engines.preprocess)
-    reconstruction: Reconstruction = "two_stage"  # the segmenter's second input (engines.manifest)
-    residual: bool = True  # that input as x + decode(z_rec) - decode(z0), not decode(z_rec) (README: measured)
+    resize: ResizeMode = "stretch"  # how non-square images become S x S (tdad.preprocess)
+    reconstruction: Reconstruction = "two_stage"  # the segmenter's second input (tdad.manifest)
+    residual: bool = True  # that input as x + decode(z_rec) - decode(z0), not decode(z_rec) (docs/accuracy.md)
     memory: int = 0  # normal patch descriptors kept for the segmenter's memory prior (0 = none)
     # entries the SKU stores and inference searches (at least memory): a larger fresh sample after training,
-    # whose per-step search cost stays memory-sized (README: measured)
+    # whose per-step search cost stays memory-sized (docs/accuracy.md)
     inference_memory: int = 0
     # logit per unit of memory distance inference adds to the learnt gain (the SKU's model.memory_boost): how far
-    # inference trusts the prior over the decoder's reconstruction evidence, per SKU (README: measured)
+    # inference trusts the prior over the decoder's reconstruction evidence, per SKU (docs/accuracy.md)
     memory_boost: float = MEMORY_BOOST
     # an inference-only second memory on a grid twice as fine (0 = none; capped at the training set's cells),
-    # stored after training, and the logit per unit of its distance that inference adds (README: measured)
+    # stored after training, and the logit per unit of its distance that inference adds (docs/accuracy.md)
     fine_memory: int = 0
     fine_boost: float = FINE_BOOST
     tile_scale: float | None = None  # tiled SKU: model px per source px; each image is scaled, then cropped
     tile_overlap: float = 0.0  # tiled SKU: share of a tile its neighbours overlap at inspection time
     # the smallest defect the line must catch, in camera px (operator input): it set tile_scale / tile_overlap
-    # (engines.tiling.scale_for_defect); None: whole images at the model size
+    # (tdad.tiling.scale_for_defect); None: whole images at the model size
     min_defect_px: float | None = None
     # share of the good images held out of every phase (and the memory) as the validation slice that setting
     # selection measures false positives and synthetic defects on (0 = train on all; fewer than 10 images: none;
@@ -212,7 +212,7 @@ TrainImages = np.ndarray | list[np.ndarray]  # N x S x S x 3, or a tiled SKU's s
 
 def draw_images(images: TrainImages, indices: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
     """uint8 N x S x S x 3 training inputs: the images at `indices`, or for a tiled SKU a random S x S crop
-    of each (engines.tiling.random_crop), so the model learns at the scale it inspects."""
+    of each (tdad.tiling.random_crop), so the model learns at the scale it inspects."""
     if isinstance(images, np.ndarray):
         return images[indices]
     return np.stack([random_crop(images[i], size, rng) for i in indices])

@@ -6,7 +6,7 @@ mask     multi-scale Perlin noise (random power-of-two lattice per axis and octa
          thresholded) or, with probability ``region_prob``, 1-3 large irregular regions (polygons and
          ellipses whose border is roughened with noise); intersected with the object's foreground.
 texture  a random image of a texture bank: ``texture_dir`` (DTD-style, any folder of images) when given,
-         else the built-in offline bank (engines.textures.BuiltinTextures: procedural textures and
+         else the built-in offline bank (tdad.training.textures.BuiltinTextures: procedural textures and
          scikit-image's bundled photos) unless ``textures="self"``; or the image itself cut into shuffled,
          turned patches; or a plain colour ramp; then a random per-channel tone curve.
 blend    ``out = (1 - beta) * image + beta * texture`` inside the mask, opacity beta ~ U(beta_range);
@@ -35,9 +35,9 @@ from typing import Literal, get_args
 import cv2
 import numpy as np
 
-from engines.noise import fractal_perlin, perlin_noise
-from engines.textures import BuiltinTextures, TextureBank
 from foundation.errors import ConfigError
+from tdad.noise import fractal_perlin, perlin_noise
+from tdad.training.textures import BuiltinTextures, TextureBank
 
 Foreground = Literal["otsu", "none"] | np.ndarray
 TextureSource = Literal["texture", "self", "plain"]

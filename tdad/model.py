@@ -10,7 +10,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from engines.manifest import (
+from foundation.errors import DataError, first_line
+from tdad.manifest import (
     MANIFEST_FILE,
     RECONSTRUCTIONS,
     WEIGHTS_FILE,
@@ -20,12 +21,11 @@ from engines.manifest import (
     read_manifest,
     write_manifest,
 )
-from engines.nets.autoencoder import Decoder, Encoder
-from engines.nets.denoiser import Denoiser
-from engines.nets.fusion import Fusion
-from engines.nets.segmenter import Segmenter
-from engines.schedule import Schedule, residual_reconstruction, stage1_reconstruct, two_stage_reconstruct
-from foundation.errors import DataError, first_line
+from tdad.nets.autoencoder import Decoder, Encoder
+from tdad.nets.denoiser import Denoiser
+from tdad.nets.fusion import Fusion
+from tdad.nets.segmenter import Segmenter
+from tdad.schedule import Schedule, residual_reconstruction, stage1_reconstruct, two_stage_reconstruct
 
 
 class TDADModel(nn.Module):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engines.nets.blocks import ResBlock, Upsample, group_norm
+from tdad.nets.blocks import ResBlock, Upsample, group_norm
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:

@@ -8,12 +8,12 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from engines.nets.backbone import Backbone
+from tdad.nets.backbone import Backbone
 
 PRIOR = 0.05  # initial anomaly probability of every pixel
 MEMORY_GAIN = 2.0  # initial logit per unit of normalised memory distance above a normal patch's
 # logit per unit of memory distance that inference adds to the learnt gain: synthetic anomalies teach the decoder
-# to lean on reconstruction evidence, real defects need the prior more (measured on both real sets: README)
+# to lean on reconstruction evidence, real defects need the prior more (measured on both real sets: docs/accuracy.md)
 MEMORY_BOOST = 2.0
 # logit per unit of fine-memory distance (a SKU's optional second memory on a 2x-finer grid; README: measured)
 FINE_BOOST = 1.0
@@ -134,7 +134,7 @@ class Segmenter(nn.Module):
         self.memory_size = size
 
     def resize_fine_memory(self, size: int) -> None:
-        """Give the segmenter `size` empty fine-memory entries (filled by engines.train.store_fine_memory)."""
+        """Give the segmenter `size` empty fine-memory entries (filled by tdad.training.train.store_fine_memory)."""
         if size < 1:
             raise ValueError(f"resize_fine_memory({size}): the fine memory needs at least one entry")
         width = self.backbone.channels[2] + self.backbone.channels[3]

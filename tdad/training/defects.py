@@ -1,6 +1,6 @@
 """Validation defects: a second synthetic defect family, unlike the training synthesis, to choose settings on.
 
-engines.synthesis teaches the segmenter one family (Perlin / irregular regions alpha-blended with foreign
+tdad.training.synthesis teaches the segmenter one family (Perlin / irregular regions alpha-blended with foreign
 texture), so settings tuned on that family would be flattered. This family imitates production defects of
 other shapes and looks; it only VALIDATES settings (memory boost, ...) on held-out good images, never trains:
 
@@ -29,7 +29,7 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from engines.synthesis import object_region
+from tdad.training.synthesis import object_region
 
 DEFECT_KINDS: tuple[str, ...] = ("stroke", "pit", "stain", "patch", "blur", "shift")
 MIN_CHANGE = 8  # grey levels (largest channel) for a pixel to count as changed, i.e. to be in the mask

@@ -20,11 +20,11 @@ import numpy as np
 import skimage.data
 from scipy.spatial import cKDTree
 
-from engines.data import list_images
-from engines.noise import fractal_perlin
 from foundation.errors import DataError
 from foundation.images import load_image_rgb
 from foundation.log import get_logger
+from tdad.noise import fractal_perlin
+from tdad.training.data import list_images
 
 log = get_logger(__name__)
 

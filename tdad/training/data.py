@@ -24,11 +24,11 @@ that OpenCV would decode grey-filled, a PNG with a bad chunk CRC): it is never t
 Decoding once
 -------------
 Items are decoded and resized to the model input (or, for a tiled SKU, scaled by its tile scale,
-engines.tiling) on first access and kept in a process-wide, bounded DecodeCache keyed by (file, mtime, byte
+tdad.tiling) on first access and kept in a process-wide, bounded DecodeCache keyed by (file, mtime, byte
 size, model size, resize mode, tile scale): eval's passes (one per schedule or
 ablation row, plus the montage) and every data set opened again on the same files decode each file once.
 Cached arrays are read-only and shared; copy before changing them. Training decodes its whole set once at
-start (engines.train.load_images) and never per step.
+start (tdad.training.train.load_images) and never per step.
 """
 
 from __future__ import annotations
@@ -46,11 +46,11 @@ from typing import Literal, overload
 import cv2
 import numpy as np
 
-from engines.preprocess import ResizeMode, resize_mask_to_model, resize_to_model
-from engines.tiling import scale_image, scale_mask
 from foundation.errors import DataError
 from foundation.images import load_image_rgb
 from foundation.log import get_logger
+from tdad.preprocess import ResizeMode, resize_mask_to_model, resize_to_model
+from tdad.tiling import scale_image, scale_mask
 
 log = get_logger(__name__)
 
@@ -170,7 +170,7 @@ def _has_reader(path: Path) -> bool:
 
 class ImageDataset(Sequence[Item]):
     """A scanned list of Records decoded on access and resized to image_size x image_size by the SKU's resize
-    mode (engines.preprocess), or with `tile_scale` scaled by it for a tiled SKU (engines.tiling; the images
+    mode (tdad.preprocess), or with `tile_scale` scaled by it for a tiled SKU (tdad.tiling; the images
     keep their aspect and vary in size), through `cache` (None: decode on every access)."""
 
     layout = ""

@@ -147,5 +147,5 @@ def residual_reconstruction(x: A, decoded: A, decoded_input: A) -> A:
     """The segmenter's reconstruction as the diffusion's edit moved onto the sharp input:
     x + decode(z_rec) - decode(z0), clipped to [0, 1]. The autoencoder's own blur is in both decodes and
     cancels, so a part the diffusion left alone reads as x itself and only what it changed (a healed defect)
-    differs; with decode(z_rec) alone every fine texture differs. Measured on both real sets (README)."""
+    differs; with decode(z_rec) alone every fine texture differs. Measured on both real sets (docs/accuracy.md)."""
     return (x + decoded - decoded_input).clip(0.0, 1.0)  # type: ignore[operator, attr-defined]

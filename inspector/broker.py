@@ -32,7 +32,8 @@ class LocalBroker:
     """One mosquitto process listening on 127.0.0.1:port, anonymous; restartable on the same port.
 
     persistent=True keeps sessions and queued QoS 1 messages across restart() (saved on SIGTERM);
-    extra_conf lines are appended to the generated mosquitto.conf.
+    extra_conf lines are appended to the generated mosquitto.conf. The process runs in a session of its own: a
+    terminal's Ctrl-C reaches its owner, which stops it (after delivering what is in flight), not the broker.
     """
 
     def __init__(self, workdir: Path, port: int | None = None, persistent: bool = False, extra_conf: str = "") -> None:
@@ -60,7 +61,8 @@ class LocalBroker:
     def start(self, timeout_s: float = 10.0) -> LocalBroker:
         """Launch mosquitto and wait until the port accepts connections."""
         with self.log_path.open("ab") as log:
-            self.proc = subprocess.Popen([self.exe, "-c", str(self.conf)], stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen([self.exe, "-c", str(self.conf)], stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -7,7 +7,8 @@ while its recipe (demo.json) matches. Then: a local mosquitto is started unless 
 configured host/port, the daemon runs in-process on a synthetic camera of good and defective parts, a
 subscriber prints one line per verdict, and a summary says how many defects were caught or missed. The station
 page is served at http://127.0.0.1:8080/ (--web-port) with a control token in <workdir>/web.token; with
---frames 0 the line runs until Ctrl-C, then drains and prints the summary.
+--frames 0 the line runs until Ctrl-C (or SIGTERM), then drains, delivers every verdict and prints the summary;
+a second Ctrl-C stops waiting and says how many verdicts were not delivered.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import argparse
 import contextlib
 import json
 import secrets
+import signal
 import sys
 import threading
 import time
@@ -23,7 +25,7 @@ from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -33,7 +35,7 @@ from engines.runtime.config import engine_settings
 from foundation.errors import InspectorError
 from foundation.log import configure_logging, get_logger
 from inspector.acquisition import Frame, Source, open_source
-from inspector.broker import LocalBroker, port_open, start_local_broker
+from inspector.broker import port_open, start_local_broker
 from inspector.config import (
     ArchiveConfig,
     InspectorConfig,
@@ -46,10 +48,17 @@ from inspector.config import (
     load_config,
 )
 
+if TYPE_CHECKING:
+    from inspector.pipeline import Pipeline
+
 log = get_logger(__name__)
 
 DEMO_SKU = "demo-brick"
 RECIPE_FILE = "demo.json"
+DELIVERY_TIMEOUT_S = 30.0  # once the pipeline has drained: how long the viewer may take to get the last verdicts
+# The daemon's own drain at stop: the demo drains before it stops the daemon, so this bounds only the stop after
+# a second Ctrl-C (or an error), when nobody waits for the frames in flight.
+STOP_DRAIN_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -174,10 +183,15 @@ class RecordingSource:
 
 
 class VerdictPrinter:
-    """Subscribes to <root>/verdict like a line PLC would, prints one line per verdict, keeps them by id."""
+    """Subscribes to <root>/verdict like a line PLC would, prints one line per verdict of run_id, keeps them by id.
 
-    def __init__(self, host: str, port: int, topic_root: str, defect: dict[int, bool], quiet: bool = False) -> None:
+    Verdicts of other runs (an earlier run's spool, re-sent when the daemon starts) are not this run's frames.
+    """
+
+    def __init__(self, host: str, port: int, topic_root: str, run_id: str, defect: dict[int, bool],
+                 quiet: bool = False) -> None:
         self.topic = f"{topic_root}/verdict"
+        self.run_id = run_id
         self.defect = defect
         self.quiet = quiet
         self.verdicts: dict[int, dict[str, Any]] = {}
@@ -195,6 +209,8 @@ class VerdictPrinter:
 
     def _on_message(self, _c: Any, _u: Any, message: mqtt.MQTTMessage) -> None:
         verdict = json.loads(message.payload)
+        if verdict.get("run_id") != self.run_id:
+            return
         with self._cond:
             if verdict["frame_id"] in self.verdicts:
                 self.duplicates += 1
@@ -203,11 +219,6 @@ class VerdictPrinter:
             self._cond.notify_all()
         if not self.quiet:
             print(format_verdict(verdict, self.defect.get(verdict["frame_id"])), flush=True)
-
-    def wait_for(self, n: int, timeout_s: float) -> bool:
-        """Wait until n distinct frame ids have a verdict."""
-        with self._cond:
-            return self._cond.wait_for(lambda: len(self.verdicts) >= n, timeout_s)
 
     def close(self) -> None:
         self.client.disconnect()
@@ -272,7 +283,7 @@ def demo_config(args: argparse.Namespace, sku_dir: Path, workdir: Path) -> Inspe
         engine=engine_settings(args.backend, batch=args.batch, threads=args.threads),
         archive=ArchiveConfig(enabled=True, dir=workdir / "archive", max_mb=64),
         service=ServiceConfig(watchdog=False, queue_depth=args.queue_depth,
-                              frame_timeout_ms=args.frame_timeout_ms),
+                              frame_timeout_ms=args.frame_timeout_ms, drain_timeout_s=STOP_DRAIN_S),
         web=WebConfig(enabled=not args.no_web, port=args.web_port, token_file=demo_token(workdir)),
         skus={DEMO_SKU: SkuConfig(model_dir=sku_dir)},
     )
@@ -288,49 +299,92 @@ def demo_token(workdir: Path) -> Path:
     return path
 
 
+class Interrupts:
+    """Ctrl-C (SIGINT) and SIGTERM counted, not raised, while the line runs: the first stops the camera, a second
+    stops waiting for the drain; neither cuts short the shutdown of the daemon, the viewer and the broker."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> Interrupts:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._on_signal)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _on_signal(self, _signum: int, _frame: object) -> None:
+        self.count += 1  # nothing else: a handler that takes a lock can deadlock the main thread holding it
+
+    def wait(self, done: Callable[[], bool], before: int, timeout_s: float | None = None) -> bool:
+        """True once done() holds; False once `before` interrupts have come in all, or after timeout_s."""
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while not done():
+            if self.count >= before or (deadline is not None and time.monotonic() >= deadline):
+                return False
+            time.sleep(0.05)
+        return True
+
+
+def run_until_delivered(pipeline: Pipeline, source: RecordingSource, viewer: VerdictPrinter,
+                        interrupts: Interrupts) -> None:
+    """Run until a finite camera ends or the first interrupt stops it, then until every frame taken has its verdict
+    at the viewer; a second interrupt (or DELIVERY_TIMEOUT_S without them) ends the wait and says what is missing."""
+    interrupts.wait(pipeline.finished.is_set, before=1)
+    if interrupts.count:
+        print("stopping the camera; draining the frames already taken and delivering their verdicts (Ctrl-C again: "
+              "stop waiting) ...", file=sys.stderr)
+        source.stop()
+
+    def acquired() -> int:
+        return int(pipeline.stats.snapshot()["acquired"])
+
+    if (interrupts.wait(pipeline.finished.is_set, before=2)
+            and interrupts.wait(lambda: len(viewer.verdicts) >= acquired(), 2, DELIVERY_TIMEOUT_S)):
+        return
+    taken, why = acquired(), "interrupted again" if interrupts.count >= 2 else f"none for {DELIVERY_TIMEOUT_S:g} s"
+    print(f"{taken - len(viewer.verdicts)} of {taken} verdicts not delivered to the viewer ({why})", file=sys.stderr)
+
+
 def run_demo(config: InspectorConfig, workdir: Path, quiet: bool = False,
              attach: Callable[[str], AbstractContextManager[Any]] | None = None) -> dict[str, Any]:
     """Run the daemon in-process over config.camera and return the summary of what was received.
 
-    An endless camera (frames = 0) runs until Ctrl-C, then the camera stops and the frames already taken
-    are drained. `attach(page_url)` (with the page enabled) is entered before the first frame is taken
-    and left after the last verdict: the bench opens its browsers there.
+    An endless camera (frames = 0) runs until Ctrl-C or SIGTERM, then the camera stops and the frames already taken
+    are drained and delivered (run_until_delivered). A local broker started here runs in a session of its own, so a
+    terminal's Ctrl-C does not take it down before the drain, and is stopped on every way out. `attach(page_url)`
+    (with the page enabled) is entered before the first frame is taken and left after the last verdict: the bench
+    opens its browsers there.
     """
     from inspector.service import Daemon
 
-    broker: LocalBroker | None = None
-    if not port_open(config.mqtt.host, config.mqtt.port):
-        broker = start_local_broker(workdir / "broker")
-        print(f"no broker at {config.mqtt.host}:{config.mqtt.port}; started mosquitto on 127.0.0.1:{broker.port}",
-              file=sys.stderr)
-        config = config.model_copy(update={"mqtt": config.mqtt.model_copy(update={"host": "127.0.0.1",
-                                                                                   "port": broker.port})})
-    source = RecordingSource(open_source(config.camera), gate=threading.Event())
-    viewer = VerdictPrinter(config.mqtt.host, config.mqtt.port, config.topic_root, source.defect, quiet)
-    daemon = Daemon(config, source=source)
-    try:
-        daemon.start()
-        if daemon.web is not None:
-            print(f"station page: {daemon.web.url}  (control token in {config.web.token_file})", file=sys.stderr)
-        viewers = attach(daemon.web.url) if attach is not None and daemon.web is not None else None
-        with viewers or contextlib.nullcontext():
-            assert source.gate is not None
-            source.gate.set()
-            try:
-                daemon.wait_finished()
-            except KeyboardInterrupt:
-                print("stopping the camera; draining the frames already taken ...", file=sys.stderr)
-                source.stop()
-                daemon.wait_finished()
-        acquired = daemon.pipeline.stats.snapshot()["acquired"] if daemon.pipeline else 0
-        if not viewer.wait_for(acquired, timeout_s=30):
-            log.warning("demo_verdicts_missing", acquired=acquired, received=len(viewer.verdicts))
-    finally:
-        daemon.stop()
-        viewer.close()
-        if broker is not None:
-            broker.stop()
-    return summarize(viewer.verdicts, source.defect)
+    with Interrupts() as interrupts:
+        with contextlib.ExitStack() as cleanup:
+            if not port_open(config.mqtt.host, config.mqtt.port):
+                broker = start_local_broker(workdir / "broker")
+                cleanup.callback(broker.stop)
+                print(f"no broker at {config.mqtt.host}:{config.mqtt.port}; started mosquitto on "
+                      f"127.0.0.1:{broker.port}", file=sys.stderr)
+                mqtt_cfg = config.mqtt.model_copy(update={"host": "127.0.0.1", "port": broker.port})
+                config = config.model_copy(update={"mqtt": mqtt_cfg})
+            source = RecordingSource(open_source(config.camera), gate=threading.Event())
+            daemon = Daemon(config, source=source)
+            viewer = VerdictPrinter(config.mqtt.host, config.mqtt.port, config.topic_root, daemon.run_id,
+                                    source.defect, quiet)
+            cleanup.callback(viewer.close)
+            cleanup.callback(daemon.stop)
+            daemon.start()
+            if daemon.web is not None:
+                print(f"station page: {daemon.web.url}  (control token in {config.web.token_file})", file=sys.stderr)
+            viewers = attach(daemon.web.url) if attach is not None and daemon.web is not None else None
+            with viewers or contextlib.nullcontext():
+                assert source.gate is not None
+                source.gate.set()
+                run_until_delivered(daemon.running, source, viewer, interrupts)
+        return summarize(viewer.verdicts, source.defect)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -605,6 +605,13 @@ def test_spool_filling_its_filesystem_with_the_broker_down_loses_no_ng_verdict(t
 
 
 @pytest.mark.integration
+def wait_commands_subscribed(subscriber: Subscriber) -> None:
+    """Wait for the publisher's "online" status: it subscribes to /cmd just before publishing it on the same
+    connection, so once it arrives a command published now reaches the publisher (`connected` alone is set before
+    the subscription is sent)."""
+    subscriber.wait(lambda: any(json.loads(m.payload).get("state") == "online" for m in subscriber.on("status")))
+
+
 def test_commands_malformed_json_gets_error_reply_and_publisher_keeps_working(
     broker: MosquittoProcess, subscriber: Subscriber, tmp_path: Path
 ) -> None:
@@ -618,8 +625,7 @@ def test_commands_malformed_json_gets_error_reply_and_publisher_keeps_working(
 
     publisher = Publisher(mqtt_cfg(broker.port, tmp_path / "spool"), ROOT, on_command=handle)
     publisher.start()
-    subscriber.wait(lambda: publisher.connected)
-    time.sleep(0.2)
+    wait_commands_subscribed(subscriber)
     for payload in (b"{not json", b"[1, 2]", b'{"id": 7, "cmd": "explode"}', b'{"id": 8, "cmd": "sku", "sku": "b"}'):
         subscriber.client.publish(f"{ROOT}/cmd", payload, qos=1)
     subscriber.wait(lambda: len(subscriber.on("cmd/reply")) == 4)
@@ -655,7 +661,7 @@ def test_non_finite_numbers_never_run_a_command_or_leave_in_a_reply(
 
     publisher = Publisher(mqtt_cfg(broker.port, tmp_path / "spool"), ROOT, on_command=handle)
     publisher.start()
-    subscriber.wait(lambda: publisher.connected)
+    wait_commands_subscribed(subscriber)
     bad = (b'{"cmd": "pause", "id": 1e400}', b'{"cmd": "pause", "id": NaN}', b'{"cmd": "pause", "id": -Infinity}',
            b'{"cmd": "pause", "id": 1, "pad": [Infinity]}')
     for payload in (*bad, b'{"cmd": "score", "id": 2}', b'{"cmd": "pause", "id": 3}'):

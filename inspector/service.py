@@ -60,6 +60,7 @@ from inspector.config import InspectorConfig, load_config, resolve_sku
 from inspector.decider import Decider
 from inspector.mqtt import Publisher
 from inspector.pipeline import ActiveSku, Pipeline
+from inspector.spool import LOSS_CAUSES
 from inspector.verdict import new_run_id
 from inspector.web import StationWeb
 from tdad.manifest import read_manifest
@@ -202,9 +203,9 @@ class Daemon:
             self.source.close()
         except Exception as exc:
             log.warning("source_close_failed", error=str(exc))
-        log.info("daemon_stopped", drained=drained, spooled=spool.get("pending", 0), run_id=self.run_id,
-                 spool_dropped_ok=spool.get("dropped_ok", 0), spool_dropped_ng=spool.get("dropped_ng", 0),
-                 spool_unsaved=spool.get("unsaved", 0), spool_lost_in_crash=spool.get("lost_in_crash", 0), **stats)
+        losses = {f"spool_{cause}": spool.get(cause, 0) for cause in LOSS_CAUSES}
+        log.info("daemon_stopped", drained=drained, spooled=spool.get("pending", 0), run_id=self.run_id, **losses,
+                 **stats)
         return drained
 
     @property

@@ -53,6 +53,7 @@ from foundation.log import get_logger
 
 log = get_logger(__name__)
 
+LOSS_CAUSES = ("dropped_ok", "dropped_ng", "unsaved", "lost_in_crash")  # stats() keys counting lost verdicts
 JOURNAL_BYTES = 4096  # one JSON line, space-padded, rewritten at offset 0
 RESERVE_BYTES = 256 << 10  # left free on the spool's filesystem for ack lines and directory updates
 MEMORY_MAX_BYTES = 32 << 20  # records kept in memory while the disk is full

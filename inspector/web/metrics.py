@@ -12,10 +12,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from inspector.pipeline import CORRUPT_FRAME, DEADLINE, ENGINE_ERROR, INVALID_FRAME, QUEUE_FULL, SHUTDOWN, WRONG_SIZE
+from inspector.spool import LOSS_CAUSES
 from inspector.verdict import Verdict
 
 FAIL_SAFE_REASONS = (QUEUE_FULL, DEADLINE, ENGINE_ERROR, CORRUPT_FRAME, INVALID_FRAME, WRONG_SIZE, SHUTDOWN)
-LOSS_CAUSES = ("dropped_ok", "dropped_ng", "unsaved", "lost_in_crash")  # the spool's loss counters
 # seconds: a line at 5-50 parts/s wants 10-200 ms; queueing and a slow GPU start show up in the tail
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0, 10.0)
 

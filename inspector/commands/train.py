@@ -12,6 +12,7 @@ from tdad.manifest import RECONSTRUCTIONS, ModelConfig
 from tdad.nets.segmenter import FINE_BOOST, MEMORY_BOOST
 from tdad.preprocess import RESIZE_MODES
 from tdad.tiling import DEFECT_TILE_OVERLAP
+from tdad.training.distributed import Ranks
 from tdad.training.synthesis import TEXTURE_MIXES
 from tdad.training.train import (
     DEFAULT_FINE_MEMORY,
@@ -107,7 +108,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                "times the compute), stored in the SKU")
     capacity.add_argument("--seg-width", type=float,
                           help="the segmenter decoder's widths times this instead of --width (default: --width)")
-    capacity.add_argument("--batch-size", type=int, help="images per training step (small preset: 8)")
+    capacity.add_argument("--batch-size", type=int,
+                          help="images per training step (small preset: 8); under torchrun the global batch, split "
+                               "among the processes")
 
     memory = parser.add_argument_group("memory prior (the presets set these)")
     memory.add_argument("--memory", type=int,
@@ -238,12 +241,14 @@ def boost_applies(cfg: TrainConfig, args: argparse.Namespace) -> TrainConfig:
 
 def run(args: argparse.Namespace) -> int:
     """`inspector train`: exit 0 when the SKU directory is written (its settings chosen on the validation slice
-    unless fixed by hand), 130 when interrupted (checkpointed)."""
+    unless fixed by hand), 130 when interrupted (checkpointed). Under torchrun rank 0 alone chooses and reports."""
     cfg, resume = config_from_args(args)
     try:
         out = train_sku(cfg, resume=resume)
     except KeyboardInterrupt:
         return 130
+    if not Ranks.from_env().lead:
+        return 0
     if not checkpoint_finished(out):  # stopped early with a checkpoint (stop_after): nothing to choose settings for yet
         return 0
     if selects(args, cfg.memory):

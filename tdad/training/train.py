@@ -6,6 +6,8 @@ exactly the batches an uninterrupted one would have seen; the checkpoint only ha
 optimizer state and the (phase, step) to continue from.
 
     inspector train --data DIR --out SKU_DIR --preset tiny
+
+Under torchrun each process is one rank of a DistributedDataParallel run (tdad.training.distributed, docs/gpu.md).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from tqdm import tqdm
 
 from foundation.errors import ConfigError, DataError, first_line
 from foundation.gpu import torch_cuda_device
-from foundation.log import get_logger
+from foundation.log import configure_logging, get_logger
 from tdad.manifest import RECONSTRUCTIONS, PreprocessRecord, Reconstruction, TilingRecord, TrainRecord
 from tdad.model import ModelConfig, TDADModel, save_sku
 from tdad.nets.segmenter import FINE_BOOST, MEMORY_BOOST, nearest_distance, patch_features
@@ -45,6 +47,7 @@ from tdad.preprocess import RESIZE_MODES, ResizeMode, preprocess
 from tdad.schedule import Schedule, add_noise, predict_x0
 from tdad.tiling import TilePlan, random_crop
 from tdad.training.data import file_list_hash, open_dataset
+from tdad.training.distributed import ALONE, Ranks
 from tdad.training.synthesis import AnomalySynthesizer, TextureMix, check_textures
 
 log = get_logger(__name__)
@@ -332,6 +335,18 @@ LOSSES: dict[str, Callable[[TDADModel, dict[str, torch.Tensor], TrainConfig], to
     "autoencoder": autoencoder_loss, "diffusion": diffusion_loss, "segmenter": segmenter_loss}
 
 
+class PhaseLoss(nn.Module):
+    """A phase's loss as a module's forward: what DistributedDataParallel wraps (its forward prepares the averaging
+    of the gradients the backward pass computes)."""
+
+    def __init__(self, model: TDADModel, phase: str, cfg: TrainConfig) -> None:
+        super().__init__()
+        self.model, self.phase, self.cfg = model, phase, cfg
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return LOSSES[self.phase](self.model, batch, self.cfg)
+
+
 def phase_modules(model: TDADModel, phase: str) -> list[nn.Module]:
     """The modules a phase trains (everything else is frozen and in eval mode)."""
     return {"autoencoder": [model.encoder, model.decoder], "diffusion": [model.denoiser, model.fusion],
@@ -358,12 +373,14 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 
 def train_step(model: TDADModel, phase: str, params: list[nn.Parameter], optimizer: torch.optim.Optimizer,
-               batch: dict[str, torch.Tensor], lr: float, cfg: TrainConfig, amp: bool) -> torch.Tensor:
-    """One optimisation step of a phase at learning rate lr (bf16 autocast when amp); returns the loss."""
+               batch: dict[str, torch.Tensor], lr: float, cfg: TrainConfig, amp: bool,
+               loss_of: nn.Module | None = None) -> torch.Tensor:
+    """One optimisation step of a phase at learning rate lr (bf16 autocast when amp); returns the loss (loss_of: the
+    phase's PhaseLoss as Ranks.wrap returns it; None: the model's own)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     with torch.autocast(batch["anom"].device.type, dtype=torch.bfloat16, enabled=amp):
-        loss = LOSSES[phase](model, batch, cfg)
+        loss = LOSSES[phase](model, batch, cfg) if loss_of is None else loss_of(batch)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -405,23 +422,27 @@ def memory_images(images: TrainImages, size: int, overlap: float) -> tuple[np.nd
 @torch.no_grad()
 def sample_descriptors(describe: Callable[[torch.Tensor], torch.Tensor], images_u8_nhwc: np.ndarray, cell: int,
                        count: int, rng: np.random.Generator, device: torch.device, batch: int,
-                       owners: np.ndarray | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                       owners: np.ndarray | None,
+                       ranks: Ranks = ALONE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A seeded random sample of `count` patch descriptors of the images (describe: N x 3 x S x S -> N x D x S/cell
     x S/cell) and up to 4096 probe descriptors, each with its source image (`owners`, one per row; default: each
     row its own): (sample, its owners, probes, their owners). The sample is drawn before any feature is
-    computed, so only the chosen patches are kept (a tiled SKU's tiles have millions of patches)."""
+    computed, so only the chosen patches are kept (a tiled SKU's tiles have millions of patches). Among ranks each
+    describes its share of the image batches and every rank gets the whole sample."""
     per_row = (images_u8_nhwc.shape[1] // cell) * (images_u8_nhwc.shape[2] // cell)
     total = len(images_u8_nhwc) * per_row
     pick = rng.choice(total, count, replace=False)
     probe = rng.choice(total, min(4096, total), replace=False)
     wanted = np.union1d(pick, probe)  # sorted: the order the loop below meets them in
-    kept = []
-    for i in range(0, len(images_u8_nhwc), batch):
+    starts = range(0, len(images_u8_nhwc), batch)
+    kept = {}
+    for i in ranks.mine(starts):
         x = torch.from_numpy(preprocess(images_u8_nhwc[i : i + batch])).to(device)
         f = describe(x)
         rows = wanted[(wanted >= i * per_row) & (wanted < (i + len(x)) * per_row)] - i * per_row
-        kept.append(f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])[torch.from_numpy(rows).to(device)])
-    feats = torch.cat(kept)
+        kept[i] = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])[torch.from_numpy(rows).to(device)]
+    every = ranks.gather(kept)
+    feats = torch.cat([every[i].to(device) for i in starts])
     sources = np.arange(len(images_u8_nhwc)) if owners is None else np.asarray(owners)
     feat_owners = torch.from_numpy(sources[wanted // per_row]).to(device)
     at_pick = torch.from_numpy(np.searchsorted(wanted, pick)).to(device)
@@ -441,13 +462,14 @@ def leave_one_out_scale(memory: torch.Tensor, memory_owners: torch.Tensor, probe
 
 
 def fill_memory(model: TDADModel, images_u8_nhwc: np.ndarray, device: torch.device, batch: int, seed: int,
-                owners: np.ndarray | None = None) -> float:
+                owners: np.ndarray | None = None, ranks: Ranks = ALONE) -> float:
     """Fill the segmenter's memory with a seeded random sample of the images' stride-8 patch descriptors, each
     tagged with its source image (`owners`), and set memory_scale by leave_one_out_scale; returns that scale."""
     seg = model.segmenter
     rng = np.random.default_rng([seed, len(PHASES)])
     memory, memory_owners, probes, probe_owners = sample_descriptors(
-        lambda x: patch_features(seg.backbone(x)), images_u8_nhwc, 8, seg.memory_size, rng, device, batch, owners)
+        lambda x: patch_features(seg.backbone(x)), images_u8_nhwc, 8, seg.memory_size, rng, device, batch, owners,
+        ranks)
     seg.memory.copy_(memory)
     seg.memory_owner.copy_(memory_owners)
     scale = leave_one_out_scale(memory, memory_owners, probes, probe_owners)
@@ -456,7 +478,7 @@ def fill_memory(model: TDADModel, images_u8_nhwc: np.ndarray, device: torch.devi
 
 
 def store_fine_memory(model: TDADModel, remembered: np.ndarray, owners: np.ndarray | None, cfg: TrainConfig,
-                      device: torch.device) -> None:
+                      device: torch.device, ranks: Ranks = ALONE) -> None:
     """Give the trained segmenter its fine memory (cfg.fine_memory entries of Segmenter.fine_features, capped at
     the images' cells, scaled like fill_memory's) and cfg.fine_boost; nothing when cfg.fine_memory is 0."""
     if not cfg.fine_memory:
@@ -467,7 +489,7 @@ def store_fine_memory(model: TDADModel, remembered: np.ndarray, owners: np.ndarr
     seg.fine_boost = cfg.fine_boost
     rng = np.random.default_rng([cfg.seed, len(PHASES) + 1])
     memory, memory_owners, probes, probe_owners = sample_descriptors(
-        seg.fine_features, remembered, 4, size, rng, device, cfg.batch_size, owners)
+        seg.fine_features, remembered, 4, size, rng, device, cfg.batch_size, owners, ranks)
     seg.fine_memory.copy_(memory)
     scale = leave_one_out_scale(memory, memory_owners, probes, probe_owners)
     seg.fine_memory_scale.fill_(scale)
@@ -494,7 +516,7 @@ def memory_size_for(cfg: TrainConfig, n_rows: int, inference: bool = False) -> i
 
 
 def store_inference_memory(model: TDADModel, remembered: np.ndarray, owners: np.ndarray | None, cfg: TrainConfig,
-                           device: torch.device) -> None:
+                           device: torch.device, ranks: Ranks = ALONE) -> None:
     """Refill a trained memory segmenter with the SKU's inference-sized sample (fill_memory at that size: a new
     scale, so a normal patch still reads ~1 to the gain it learnt); nothing when the sizes agree."""
     size = memory_size_for(cfg, len(remembered), inference=True)
@@ -503,7 +525,7 @@ def store_inference_memory(model: TDADModel, remembered: np.ndarray, owners: np.
     model.segmenter.resize_memory(size)
     model.config = dataclasses.replace(model.config, memory_size=size)
     log.info("memory_stored", entries=size, scale=fill_memory(model, remembered, device, cfg.batch_size, cfg.seed,
-                                                                owners))
+                                                                owners, ranks))
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -629,10 +651,11 @@ def available_cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def configure_threads(cfg: TrainConfig) -> int:
-    """Give the main process `threads` torch intra-op and OpenCV threads (0: the CPUs the workers leave) and
-    each DataLoader worker one of each (worker_threads), so a run keeps threads + num_workers cores busy."""
-    threads = cfg.threads if cfg.threads > 0 else max(1, available_cpus() - cfg.num_workers)
+def configure_threads(cfg: TrainConfig, processes: int = 1) -> int:
+    """Give the main process `threads` torch intra-op and OpenCV threads (0: its share of the CPUs among the
+    `processes` of the run on this machine, less its workers) and each DataLoader worker one of each
+    (worker_threads), so a run keeps threads + num_workers cores busy per process."""
+    threads = cfg.threads if cfg.threads > 0 else max(1, available_cpus() // processes - cfg.num_workers)
     torch.set_num_threads(threads)
     cv2.setNumThreads(threads)
     return threads
@@ -687,10 +710,21 @@ def train_sku(cfg: TrainConfig, resume: bool = False) -> Path:
     """Run (or resume) the three training phases and write the SKU directory; returns cfg.out.
 
     Raises KeyboardInterrupt after writing a checkpoint when interrupted (resume with resume=True);
-    returns early with a checkpoint (no SKU files) when cfg.stop_after is reached.
+    returns early with a checkpoint (no SKU files) when cfg.stop_after is reached. Started by torchrun with
+    WORLD_SIZE > 1, this process is one rank of the run (train_ranks); cfg.batch_size is the global batch.
     """
-    device = training_device(cfg.device)
-    threads = configure_threads(cfg)
+    ranks = Ranks.from_env()
+    device = training_device(ranks.device_name(cfg.device))
+    with ranks.joined(device, cfg.batch_size):
+        return train_ranks(cfg, resume, ranks, device)
+
+
+def train_ranks(cfg: TrainConfig, resume: bool, ranks: Ranks, device: torch.device) -> Path:
+    """train_sku as this rank of `ranks` on `device`: each step trains on its slice of the global batch in
+    DistributedDataParallel; rank 0 alone logs, shows progress, keeps the EMA, checkpoints and writes the SKU."""
+    if not ranks.lead:
+        configure_logging("error")
+    threads = configure_threads(cfg, ranks.local_world)
     torch.manual_seed(cfg.seed)
     images, data_hash = load_images(cfg)
     squares = square_images(images, cfg.image_size, cfg.seed)
@@ -698,14 +732,15 @@ def train_sku(cfg: TrainConfig, resume: bool = False) -> Path:
     model.to(device)
     run = Run(cfg, model)
     run.ema.to(device)
-    if not resume and (run.state_dir / "state.json").exists():
+    if ranks.lead and not resume and (run.state_dir / "state.json").exists():
         log.warning("checkpoint_overwritten", dir=str(run.state_dir), hint="pass --resume to continue it")
     opt_state = run.load() if resume else {}
     use_amp = cfg.amp and device.type == "cuda"
     done_steps = sum(cfg.steps(p) for p in PHASES[: run.phase]) + run.step
     log.info("train_start", out=str(cfg.out), images=len(images), device=str(device), resume=resume,
              phase=PHASES[min(run.phase, 2)], step=run.step, threads=threads, workers=cfg.num_workers,
-             reconstruction=cfg.reconstruction, residual=cfg.residual, resize=cfg.resize, tile_scale=cfg.tile_scale,
+             ranks=ranks.world, reconstruction=cfg.reconstruction, residual=cfg.residual, resize=cfg.resize,
+             tile_scale=cfg.tile_scale,
              textures=str(cfg.texture_dir) if cfg.texture_dir is not None else cfg.textures)
 
     with StopFlag() as stop:
@@ -718,27 +753,31 @@ def train_sku(cfg: TrainConfig, resume: bool = False) -> Path:
             run.phase, run.step = phase_idx, start
             if phase == "segmenter" and start == 0 and model.config.memory_size:
                 log.info("memory_filled", entries=model.config.memory_size,
-                         scale=fill_memory(model, remembered, device, cfg.batch_size, cfg.seed, owners))
+                         scale=fill_memory(model, remembered, device, cfg.batch_size, cfg.seed, owners, ranks))
             params = set_phase(model, phase)
+            loss_of = ranks.wrap(PhaseLoss(model, phase, cfg), device)
             run.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
             if opt_state and start > 0:
                 run.optimizer.load_state_dict(opt_state)
             opt_state = {}
+            steps = range(start, total)
             loader = DataLoader(StepBatches(cfg, images, phase, model.schedule), batch_size=None,
-                                sampler=range(start, total), num_workers=cfg.num_workers,
+                                sampler=ranks.mine(steps), num_workers=cfg.num_workers,
                                 pin_memory=device.type == "cuda", worker_init_fn=worker_threads)
+            drawn = ({k: v.to(device, non_blocking=True) for k, v in batch_np.items()} for batch_np in loader)
             log.info("phase_start", phase=phase, steps=total, start=start, lr=cfg.lr, batch_size=cfg.batch_size)
-            bar = tqdm(total=total, initial=start, desc=phase, disable=not cfg.progress, dynamic_ncols=True)
+            bar = tqdm(total=total, initial=start, desc=phase, disable=not cfg.progress or not ranks.lead,
+                       dynamic_ncols=True)
             t0, loss_value = time.perf_counter(), float("nan")
             last_report = t0
-            for step, batch_np in zip(range(start, total), loader, strict=True):
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch_np.items()}
-                loss = train_step(model, phase, params, run.optimizer, batch, lr_at(step, total, cfg), cfg, use_amp)
-                if phase == "diffusion":
+            for step, batch in zip(steps, ranks.shares(drawn, steps, device), strict=True):
+                loss = train_step(model, phase, params, run.optimizer, batch, lr_at(step, total, cfg), cfg, use_amp,
+                                  loss_of)
+                if phase == "diffusion" and ranks.lead:
                     decay = min(cfg.ema_decay, (1 + step) / (10 + step))
                     ema_update(run.ema["denoiser"], model.denoiser, decay)
                     ema_update(run.ema["fusion"], model.fusion, decay)
-                loss_value = loss.item()
+                loss_value, interrupted = ranks.mean_and_any(loss, stop.set)
                 run.step, run.losses[phase], done_steps = step + 1, loss_value, done_steps + 1
                 now = time.perf_counter()
                 per_step = (now - t0) / (step + 1 - start)
@@ -750,12 +789,12 @@ def train_sku(cfg: TrainConfig, resume: bool = False) -> Path:
                     log.info("train_progress", phase=phase, step=step + 1, steps=total, loss=round(loss_value, 5),
                              remaining_min=round(left / 60, 1))
                 bar.update()
-                stopping = stop.set or (cfg.stop_after is not None and done_steps >= cfg.stop_after)
-                if stopping or run.step % cfg.checkpoint_every == 0:
+                stopping = interrupted or (cfg.stop_after is not None and done_steps >= cfg.stop_after)
+                if ranks.lead and (stopping or run.step % cfg.checkpoint_every == 0):
                     run.save()
                 if stopping:
                     bar.close()
-                    if stop.set:
+                    if interrupted:
                         log.warning("train_interrupted", phase=phase, step=run.step, resume="--resume")
                         raise KeyboardInterrupt
                     return cfg.out
@@ -765,16 +804,19 @@ def train_sku(cfg: TrainConfig, resume: bool = False) -> Path:
                      images_per_s=round((total - start) * cfg.batch_size / max(seconds, 1e-9), 1))
             if phase == "autoencoder":
                 log.info("latent_scale", value=fit_latent_scale(model, squares, device, cfg.batch_size))
-            elif phase == "diffusion":
+            elif phase == "diffusion" and ranks.lead:  # the next phase's wrap gives the EMA to the other ranks
                 model.denoiser.load_state_dict(run.ema["denoiser"].state_dict())
                 model.fusion.load_state_dict(run.ema["fusion"].state_dict())
             run.step = 0
         run.phase = len(PHASES)
         run.optimizer = None
-        run.save()
+        if ranks.lead:
+            run.save()
 
-    store_inference_memory(model, remembered, owners, cfg, device)
-    store_fine_memory(model, remembered, owners, cfg, device)
+    store_inference_memory(model, remembered, owners, cfg, device, ranks)
+    store_fine_memory(model, remembered, owners, cfg, device, ranks)
+    if not ranks.lead:
+        return cfg.out
     if cfg.quick:
         memory_only(model)
     model.eval()

@@ -3,6 +3,7 @@
 # starter config. Idempotent: a second run with the same arguments changes nothing.
 #
 #   sudo deploy/install.sh --station station1 [--source DIR_OR_WHEEL] [--web-port 8080]
+#        [--plant-broker HOST[:PORT] --plant-ca CA.crt --plant-cert STATION.crt --plant-key STATION.key [--plant-cmd]]
 #   sudo deploy/install.sh --uninstall [--purge]
 #   DESTDIR=/tmp/root deploy/install.sh --station station1 --no-venv     # staging / tests
 #
@@ -11,6 +12,10 @@
 # owners are printed instead), so a staged tree can be built without root.
 # --web-port sets the station page's port in a new starter config (one port per station on a box); the
 # page's control token is made once in /etc/inspector/secrets/<station>.web-token.
+# --plant-broker bridges the station's topics from this box's mosquitto to the plant broker over TLS (port 8883 by
+# default): /etc/mosquitto/conf.d/inspector-bridge-<station>.conf from deploy/mosquitto/bridge.conf.in, the plant
+# CA and the station's client certificate and key copied to /etc/mosquitto/inspector/plant/; a new starter
+# config publishes at QoS 2. --plant-cmd also bridges the plant's commands in (docs/plant.md).
 # TORCH_INDEX_URL (optional) is the pip index for torch. Default: when nvidia-smi works, the CUDA wheels that fit
 # its driver (https://download.pytorch.org/whl/cu130 for a CUDA 13 driver, .../cu128 for CUDA 12) plus the [gpu]
 # extra (TensorRT + cuda-python; [gpu-cu13] on a CUDA 13 driver); else the CPU-only wheels (.../whl/cpu).
@@ -22,7 +27,7 @@ readonly SVC_USER="inspector"
 script_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 usage() {
-    sed -n '2,16s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+    sed -n '2,21s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
     exit "${1:-0}"
 }
 
@@ -35,12 +40,22 @@ source_dir="$(dirname "$script_dir")"
 with_venv=1
 mode="install"
 purge=0
+plant_broker=""
+plant_ca=""
+plant_cert=""
+plant_key=""
+plant_cmd=0
 while (($#)); do
     case "$1" in
         --station) station="${2:?--station needs a name}"; shift 2 ;;
         --source) source_dir="${2:?--source needs a directory or wheel}"; shift 2 ;;
         --web-port) web_port="${2:?--web-port needs a port number}"; shift 2 ;;
         --no-venv) with_venv=0; shift ;;
+        --plant-broker) plant_broker="${2:?--plant-broker needs HOST[:PORT]}"; shift 2 ;;
+        --plant-ca) plant_ca="${2:?--plant-ca needs the plant CA certificate}"; shift 2 ;;
+        --plant-cert) plant_cert="${2:?--plant-cert needs the station certificate file}"; shift 2 ;;
+        --plant-key) plant_key="${2:?--plant-key needs the station key file}"; shift 2 ;;
+        --plant-cmd) plant_cmd=1; shift ;;
         --uninstall) mode="uninstall"; shift ;;
         --purge) purge=1; shift ;;
         -h | --help) usage 0 ;;
@@ -58,6 +73,8 @@ cache_dir="$root/var/cache/inspector"
 opt_dir="$root/opt/tdad-inspector"
 venv_dir="$opt_dir/venv"
 unit_path="$root/etc/systemd/system/inspector@.service"
+mosquitto_dir="$root/etc/mosquitto"
+plant_tls_dir="$mosquitto_dir/inspector/plant"
 
 # True when changes to the real system (users, chown, systemctl) are allowed.
 real_root() { [[ -z "$root" ]]; }
@@ -163,7 +180,8 @@ config_template() {
 # Starter config: the shipped inspector.toml with this station's id and absolute /var/lib paths
 # (relative paths would resolve under /etc/inspector, which the service cannot write).
 write_config() {
-    local cfg="$etc_dir/$station.toml"
+    local cfg="$etc_dir/$station.toml" qos=1
+    [[ -z "$plant_broker" ]] || qos=2  # exactly once to the plant (docs/plant.md)
     if [[ -e "$cfg" ]]; then
         note "keeping existing $cfg"
     else
@@ -173,6 +191,7 @@ write_config() {
             -e "s|\"var/archive\"|\"/var/lib/inspector/$station/archive\"|" \
             -e "s|\"var/demo/sku\"|\"/var/lib/inspector/skus/demo-brick\"|g" \
             -e "s|^port = 8080$|port = $web_port|" \
+            -e "s|^qos = 1$|qos = $qos|" \
             -e "s|^# token_file = .*|token_file = \"/etc/inspector/secrets/$station.web-token\"|" \
             "$(config_template)" >"$cfg.new"
         chmod 0640 "$cfg.new"
@@ -211,6 +230,81 @@ write_web_token() {
     own "$SVC_USER:$SVC_USER" "$token_file"
 }
 
+# --plant-broker HOST[:PORT]: check it and the certificate files before anything is installed.
+check_plant_options() {
+    if [[ -z "$plant_broker" ]]; then
+        if [[ -n "$plant_ca$plant_cert$plant_key" ]] || ((plant_cmd)); then
+            die "--plant-ca, --plant-cert, --plant-key and --plant-cmd go with --plant-broker HOST[:PORT]"
+        fi
+        return 0
+    fi
+    plant_host="${plant_broker%%:*}"
+    plant_port=8883
+    [[ "$plant_broker" == *:* ]] && plant_port="${plant_broker#*:}"
+    [[ "$plant_host" =~ ^[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?$ ]] ||
+        die "--plant-broker '$plant_broker': give a host name or IPv4 address, optionally :PORT"
+    if ! [[ "$plant_port" =~ ^[0-9]{1,5}$ ]] || ((plant_port < 1 || plant_port > 65535)); then
+        die "--plant-broker '$plant_broker': the port must be a number from 1 to 65535"
+    fi
+    local option file
+    for option in ca cert key; do
+        file="plant_$option"
+        [[ -n "${!file}" ]] || die "--plant-broker needs --plant-ca, --plant-cert and --plant-key (TLS with a client certificate)"
+        [[ -f "${!file}" && -r "${!file}" ]] || die "--plant-$option '${!file}': no such readable file"
+    done
+    if real_root && ! getent passwd mosquitto >/dev/null; then
+        die "--plant-broker: no mosquitto user here; install the local broker first (apt-get install mosquitto)"
+    fi
+}
+
+# One [section] key of the station's config, empty when unset (the bridge follows the .toml, not the .env).
+config_value() {
+    python3 - "$etc_dir/$station.toml" "$1" "$2" <<'PY' || die "cannot read $etc_dir/$station.toml (Python 3.11+ needed)"
+import sys
+import tomllib
+
+try:
+    with open(sys.argv[1], "rb") as f:
+        value = tomllib.load(f).get(sys.argv[2], {}).get(sys.argv[3], "")
+except (OSError, tomllib.TOMLDecodeError) as exc:
+    sys.exit(f"install.sh: error: {sys.argv[1]}: {exc}")
+print(value)
+PY
+}
+
+# The bridge of this station's topics to the plant broker, rendered from deploy/mosquitto/bridge.conf.in.
+write_bridge() {
+    [[ -n "$plant_broker" ]] || return 0
+    local cfg="$etc_dir/$station.toml" line prefix root_topic cmd_in
+    line="$(config_value line line_id)"
+    prefix="$(config_value mqtt topic_prefix)"
+    [[ "$line" =~ ^[A-Za-z0-9_.-]+$ ]] || die "$cfg: [line] line_id = '$line': set it (letters, digits, '_', '.', '-')"
+    [[ "$prefix" =~ ^[A-Za-z0-9_./-]+$ ]] || die "$cfg: [mqtt] topic_prefix = '$prefix': set it (e.g. \"inspector\")"
+    [[ "$(config_value mqtt qos)" == 2 ]] ||
+        note "warning: $cfg publishes below QoS 2; set [mqtt] qos = 2 for exactly-once delivery to the plant"
+    root_topic="$prefix/$line/$station"
+    cmd_in="# Plant commands are not bridged in; install.sh --plant-cmd adds them (see docs/plant.md)."
+    ((plant_cmd == 0)) || cmd_in="topic cmd in 2 $root_topic/ $root_topic/"
+    install -d -m 0755 "$mosquitto_dir/conf.d"
+    install -d -m 0750 "$mosquitto_dir/inspector" "$plant_tls_dir"
+    install_file 0644 "$plant_ca" "$plant_tls_dir/ca.crt"
+    install_file 0644 "$plant_cert" "$plant_tls_dir/$station.crt"
+    install_file 0600 "$plant_key" "$plant_tls_dir/$station.key"
+    local conf="$mosquitto_dir/conf.d/inspector-bridge-$station.conf"
+    sed -e "s|@STATION@|$station|g" -e "s|@LINE@|$line|g" -e "s|@ROOT@|$root_topic|g" \
+        -e "s|@HOST@|$plant_host|g" -e "s|@PORT@|$plant_port|g" -e "s|@CMD_IN@|$cmd_in|" \
+        "$script_dir/mosquitto/bridge.conf.in" >"$conf.new"
+    install_file 0644 "$conf.new" "$conf"
+    rm -f "$conf.new"
+    if real_root; then
+        chown root:mosquitto "$mosquitto_dir/inspector" "$plant_tls_dir"
+        chown mosquitto: "$plant_tls_dir/$station.key"
+    else
+        note "DESTDIR set: chown at deployment: root:mosquitto /etc/mosquitto/inspector and its plant/ (0750), mosquitto: plant/$station.key (0600)"
+    fi
+    note "bridge of $root_topic to $plant_host:$plant_port in /etc/mosquitto/conf.d/${conf##*/}; start it: systemctl restart mosquitto"
+}
+
 install_unit_and_docs() {
     install_file 0644 "$script_dir/inspector@.service" "$unit_path"
     if [[ -f "$(dirname "$script_dir")/docs/operations.md" ]]; then
@@ -225,6 +319,7 @@ do_install() {
         die "--web-port '$web_port': use a port number from 1 to 65535"
     fi
     [[ -e "$source_dir" ]] || die "--source '$source_dir' does not exist"
+    check_plant_options
     ensure_user
     make_dirs
     make_venv
@@ -232,6 +327,7 @@ do_install() {
     write_config
     write_env
     write_web_token
+    write_bridge
     if systemd_running; then
         systemctl daemon-reload
         systemctl enable "inspector@$station.service"
@@ -253,7 +349,8 @@ do_uninstall() {
     rm -f "$unit_path"
     rm -rf "$opt_dir"
     if ((purge)); then
-        rm -rf "$etc_dir" "$lib_dir" "$cache_dir"
+        rm -rf "$etc_dir" "$lib_dir" "$cache_dir" "$plant_tls_dir"
+        rm -f "$mosquitto_dir"/conf.d/inspector-bridge-*.conf
         if real_root && getent passwd "$SVC_USER" >/dev/null; then
             userdel "$SVC_USER"
         fi

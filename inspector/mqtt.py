@@ -1,24 +1,30 @@
-"""Verdicts to the line over MQTT (paho-mqtt 2, QoS 1), through the on-disk spool so none is ever lost.
+"""Verdicts to the line over MQTT (paho-mqtt 2, QoS 1 or 2), through the on-disk spool so none is ever lost.
 
 Topics, under the root `{topic_prefix}/{line_id}/{station_id}`:
 
 | topic        | payload                                                     | QoS | retained |
 | ------------ | ----------------------------------------------------------- | --- | -------- |
-| `/verdict`   | Verdict JSON (docs/verdict.schema.json)                     | 1   | no       |
-| `/reject`    | `{"frame_id", "run_id", "t_acquired", "reject": 1 or 0}`    | 1   | no       |
-| `/mask`      | PNG, 8-bit grey, 255 = defect (when the SKU publishes it)   | 1   | no       |
+| `/verdict`   | Verdict JSON (docs/verdict.schema.json)                     | qos | no       |
+| `/reject`    | `{"frame_id", "run_id", "t_acquired", "reject": 1 or 0}`    | qos | no       |
+| `/mask`      | PNG, 8-bit grey, 255 = defect (when the SKU publishes it)   | qos | no       |
 | `/status`    | `{"state": "online"/"not_ready"/"offline", "ts", ...}`; LWT | 1   | yes      |
 | `/cmd`       | subscribed: JSON object command, handled by on_command      | 1   | no       |
 | `/cmd/reply` | JSON object reply (echoes the command's "id" if any)        | 1   | no       |
+| `/drift`     | drift alarm raised or cleared (inspector/drift.py), JSON    | 1   | no       |
+
+qos is `[mqtt] qos`: 1 by default, 2 for a station bridged to the plant broker (docs/plant.md).
 
 Delivery: every verdict (with its reject and mask messages) is appended to the Spool before anything is
 sent; one sender thread hands records to paho strictly in spool order, at most WINDOW records in flight,
-and a record is acknowledged only when the broker PUBACKed all its messages. After a broker outage paho
-re-sends what it held, then the backlog follows in order; after a daemon restart the spool is re-sent
-from its oldest unacknowledged record. At-least-once: consumers de-duplicate by (run_id, frame_id), which
-every verdict and reject message carries. A full spool disk does not stop delivery (see inspector/spool.py);
-a full disk with the broker down stops acquisition (`not_ready()`, the pipeline's gate) until one of them
-takes the verdicts waiting in memory.
+and a record is acknowledged only when the broker acknowledged all its messages (PUBACK, or PUBCOMP at QoS 2).
+After a broker outage paho re-sends what it held, then the backlog follows in order; after a daemon restart the
+spool is re-sent from its oldest unacknowledged record. At QoS 1 (the default) that is at least once: consumers
+de-duplicate by (run_id, frame_id), which every verdict and reject message carries. At QoS 2 (a station bridged
+to the plant, docs/plant.md) the session is kept across reconnects and one message is in flight at a time, so a
+broker outage delivers nothing twice; only the record being sent when the daemon itself dies may come again from
+the spool after it.
+A full spool disk does not stop delivery (see inspector/spool.py); a full disk with the broker down stops
+acquisition (`not_ready()`, the pipeline's gate) until one of them takes the verdicts waiting in memory.
 
 Threads: paho's network loop, the sender and the command thread each survive any exception their input can
 cause (a bad command gets an error reply); `health()` names a thread that died anyway, and the daemon then
@@ -97,7 +103,10 @@ class Publisher:
         self._sender = threading.Thread(target=self._send_loop, name="mqtt-sender", daemon=True)
         self._commander = threading.Thread(target=self._command_loop, name="mqtt-commands", daemon=True)
         cid = client_id or cfg.client_id or f"{self.root.replace('/', '-')}-{os.getpid()}"
-        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv311)
+        # QoS 2 is exactly once only in a session that outlives a reconnect: in a clean one paho re-publishes a
+        # message whose PUBREL the broker has already taken (a duplicate); in a kept one it re-sends the PUBREL
+        self._client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=cid, protocol=mqtt.MQTTv311,
+                                   clean_session=cfg.qos < 2)
         try:
             self._setup_client()
         except BaseException:
@@ -120,7 +129,9 @@ class Publisher:
         lwt = {"state": "offline", "reason": "connection_lost"}  # sent by the broker, so no time stamp of ours
         client.will_set(f"{self.root}/status", json.dumps(lwt), qos=1, retain=True)
         client.reconnect_delay_set(cfg.reconnect_min_s, cfg.reconnect_max_s)
-        client.max_inflight_messages_set(WINDOW * 3 + 10)
+        # At QoS 2 a broker holds at most its receive maximum of messages awaiting PUBREL (mosquitto's
+        # max_inflight_messages) and over MQTT 3.1.1 silently drops the rest: one at a time fits any broker, in order
+        client.max_inflight_messages_set(1 if cfg.qos == 2 else WINDOW * 3 + 10)
         client.on_connect = self._handle_connect
         client.on_disconnect = self._handle_disconnect
         client.on_publish = self._handle_publish
@@ -183,6 +194,11 @@ class Publisher:
         """Publish a command reply on /cmd/reply (not spooled: the requester is online by definition); a NaN or
         infinite value raises ValueError rather than go out as JSON no parser reads."""
         self._client.publish(f"{self.root}/cmd/reply", json.dumps(payload, default=str, allow_nan=False), qos=1)
+
+    def publish_event(self, leaf: str, payload: dict[str, Any]) -> None:
+        """Publish a station event (a drift alarm) on <root>/<leaf>, QoS 1, not spooled: paho holds it while the
+        broker is away, and the retained status carries the current state anyway."""
+        self._client.publish(f"{self.root}/{leaf}", json.dumps(payload, default=str, allow_nan=False), qos=1)
 
     def send_reply(self, payload: dict[str, Any]) -> None:
         """Queue a reply made on another thread (a changeover's final one) for the command thread: it goes out

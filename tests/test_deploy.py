@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -265,3 +266,103 @@ def test_unit_exposure_is_low() -> None:
     found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", done.stdout)
     assert found, done.stdout + done.stderr
     assert float(found.group(1)) <= MAX_EXPOSURE, done.stdout
+
+
+def plant_files(tmp_path: Path) -> list[str]:
+    """--plant-* options with stand-in certificate files (the installer copies them; tests/test_bridge.py uses real
+    ones)."""
+    args = []
+    for option, name in (("ca", "plant-ca.crt"), ("cert", "s.crt"), ("key", "s.key")):
+        (tmp_path / name).write_text(f"{option}\n")
+        args += [f"--plant-{option}", str(tmp_path / name)]
+    return args
+
+
+@pytest.mark.integration
+def test_install_renders_the_plant_bridge(tmp_path: Path) -> None:
+    """--plant-broker: the bridge conf for this station's topics, the TLS files in place, a starter config at QoS 2;
+    idempotent; commands come in only with --plant-cmd; --purge removes it all."""
+    root = tmp_path / "root"
+    run_install(root, "--station", STATION, "--no-venv", "--plant-broker", "plant.example", *plant_files(tmp_path))
+    conf = root / "etc" / "mosquitto" / "conf.d" / f"inspector-bridge-{STATION}.conf"
+    lines = [line for line in conf.read_text().splitlines() if line and not line.startswith("#")]
+    assert "address plant.example:8883" in lines
+    assert f"remote_clientid inspector-bridge-line1-{STATION}" in lines
+    assert "cleansession false" in lines and "bridge_attempt_unsubscribe false" in lines
+    topics = [line for line in lines if line.startswith("topic ")]
+    root_topic = f"inspector/line1/{STATION}/"
+    assert topics == [f"topic {t} out 2 {root_topic} {root_topic}" for t in ("verdict", "reject", "mask", "status",
+                                                                             "cmd/reply")]
+    assert not any("@" in line for line in lines), "every placeholder is filled"
+    plant = root / "etc" / "mosquitto" / "inspector" / "plant"
+    assert f"bridge_keyfile /etc/mosquitto/inspector/plant/{STATION}.key" in lines
+    assert (mode(plant), mode(plant / "ca.crt"), mode(plant / f"{STATION}.key")) == (0o750, 0o644, 0o600)
+    assert (plant / f"{STATION}.key").read_text() == "key\n"
+    assert load_config(root / "etc" / "inspector" / f"{STATION}.toml").mqtt.qos == 2
+
+    first = snapshot(root)
+    run_install(root, "--station", STATION, "--no-venv", "--plant-broker", "plant.example", *plant_files(tmp_path))
+    assert snapshot(root) == first
+    run_install(root, "--station", STATION, "--no-venv", "--plant-broker", "10.1.0.9:8884", *plant_files(tmp_path),
+                "--plant-cmd")
+    lines = conf.read_text().splitlines()
+    assert "address 10.1.0.9:8884" in lines and f"topic cmd in 2 {root_topic} {root_topic}" in lines
+
+    run_install(root, "--uninstall", "--purge")
+    assert not conf.exists() and not plant.exists()
+
+
+@pytest.mark.integration
+def test_install_warns_when_an_existing_config_is_not_at_qos_2(tmp_path: Path) -> None:
+    """A config written before the bridge keeps its QoS; the installer says what exactly-once needs."""
+    run_install(tmp_path, "--station", STATION, "--no-venv")
+    done = run_install(tmp_path, "--station", STATION, "--no-venv", "--plant-broker", "plant.example",
+                       *plant_files(tmp_path))
+    assert "set [mqtt] qos = 2" in done.stdout
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(("args", "error"), [
+    (["--plant-broker", "plant.example:99999"], "the port must be a number from 1 to 65535"),
+    (["--plant-broker", "plant example"], "give a host name or IPv4 address"),
+    (["--plant-broker", "plant.example"], "--plant-broker needs --plant-ca, --plant-cert and --plant-key"),
+    (["--plant-cmd"], "go with --plant-broker"),
+])
+def test_install_refuses_bad_plant_options(tmp_path: Path, args: list[str], error: str) -> None:
+    """One clear line, exit 2, nothing installed."""
+    done = subprocess.run(["bash", str(INSTALL), "--station", STATION, "--no-venv", *args],
+                          env={**os.environ, "DESTDIR": str(tmp_path / "root")}, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert done.returncode == 2 and error in done.stderr and len(done.stderr.splitlines()) == 1, done.stderr
+    assert not (tmp_path / "root").exists()
+
+
+@pytest.mark.integration
+def test_install_refuses_a_missing_certificate_file(tmp_path: Path) -> None:
+    args = plant_files(tmp_path)
+    args[args.index("--plant-key") + 1] = str(tmp_path / "absent.key")
+    done = subprocess.run(["bash", str(INSTALL), "--station", STATION, "--no-venv", "--plant-broker", "p.example",
+                           *args], env={**os.environ, "DESTDIR": str(tmp_path / "root")}, capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 2 and f"--plant-key '{tmp_path / 'absent.key'}': no such readable file" in done.stderr
+
+
+def test_prometheus_example_labels_every_station_with_its_line() -> None:
+    """deploy/prometheus: prometheus.yml scrapes the targets of stations.yml, each with the line and station labels
+    deploy/grafana/inspector-plant.json selects by. A structural check of the files' fixed shape: PyYAML is not in
+    the project's environment and promtool is not installed here."""
+    prometheus = (REPO / "deploy" / "prometheus" / "prometheus.yml").read_text()
+    stations = (REPO / "deploy" / "prometheus" / "stations.yml").read_text()
+    for text in (prometheus, stations):
+        assert "\t" not in text, "YAML indents with spaces only"
+    config = [line for line in prometheus.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    job = config.index("  - job_name: tdad-inspector")
+    assert config[job + 1:job + 5] == ["    metrics_path: /metrics", "    scheme: http", "    file_sd_configs:",
+                                       '      - files: ["stations.yml"]']
+    entries = [line for line in stations.splitlines() if line.strip() and not line.startswith("#")]
+    pattern = re.compile(r'- targets: \["[\w.-]+:\d+"(, "[\w.-]+:\d+")*\]\n'
+                         r"  labels: \{line: [\w.-]+, station: [\w.-]+\}")
+    pairs = ["\n".join(entries[i:i + 2]) for i in range(0, len(entries), 2)]
+    assert pairs and all(pattern.fullmatch(pair) for pair in pairs), pairs
+    dashboard = json.loads((REPO / "deploy" / "grafana" / "inspector-plant.json").read_text())
+    assert {variable["name"] for variable in dashboard["templating"]["list"]} == {"line", "station", "sku"}

@@ -275,7 +275,8 @@ def test_a_killed_process_leaves_what_it_owed_countable_at_the_next_start(tmp_pa
 
 
 class Subscriber:
-    """A paho client recording every message of `inspector/#` (QoS 1) with its topic, qos and retain flag."""
+    """A paho client recording every message of `inspector/#` (QoS 1 unless given) with its topic, qos and retain
+    flag; tls_client = (certificate, key) authenticates it with a client certificate."""
 
     def __init__(
         self,
@@ -284,6 +285,8 @@ class Subscriber:
         persistent: bool = False,
         tls_ca: Path | None = None,
         auth: tuple[str, str] | None = None,
+        qos: int = 1,
+        tls_client: tuple[Path, Path] | None = None,
     ) -> None:
         self.messages: list[mqtt.MQTTMessage] = []
         self._lock = threading.Lock()
@@ -293,12 +296,13 @@ class Subscriber:
             clean_session=not persistent,
         )
         self.subscribed = threading.Event()  # set once the broker acknowledged the subscription
-        self.client.on_connect = lambda c, *_: c.subscribe("inspector/#", qos=1)
+        self.client.on_connect = lambda c, *_: c.subscribe("inspector/#", qos=qos)
         self.client.on_subscribe = lambda *_: self.subscribed.set()
         self.client.on_message = self._on_message
         self.client.reconnect_delay_set(0.1, 0.5)
         if tls_ca is not None:
-            self.client.tls_set(ca_certs=str(tls_ca))
+            certfile, keyfile = (str(tls_client[0]), str(tls_client[1])) if tls_client else (None, None)
+            self.client.tls_set(ca_certs=str(tls_ca), certfile=certfile, keyfile=keyfile)
         if auth is not None:
             self.client.username_pw_set(*auth)
         self.client.connect("127.0.0.1", port)

@@ -60,13 +60,15 @@ MONTAGE_DEFECTIVE = 4
 class Inference:
     """An engine's output over a data set: float32 N x S x S maps, bool N labels, bool N x S x S masks and
     str N defect types (the MVTec test sub-folder, "good" for good items); for a tiled SKU, maps and masks are
-    lists of each scaled image's h x w stitched map and mask (images may differ in size)."""
+    lists of each scaled image's h x w stitched map and mask (images may differ in size). pixel_truth is False
+    when a defective item came without a mask (image-level labels only): its all-false mask is no ground truth."""
 
     maps: np.ndarray | list[np.ndarray]
     labels: np.ndarray
     masks: np.ndarray | list[np.ndarray]
     defect_types: np.ndarray
     seconds: float
+    pixel_truth: bool = True
 
     @property
     def images_per_s(self) -> float:
@@ -79,7 +81,7 @@ def infer_dataset(engine: Engine, dataset: Sequence[Item], batch_size: int = 8, 
     """Run the engine over every item in order, in batches, into preallocated arrays (tqdm on stderr); with
     `tiling` (items scaled by the SKU's scale), each item tiled and stitched as the daemon does it.
 
-    Items without a mask (folder layout, good parts) get an all-false mask.
+    Items without a mask (folder layout, good parts, image-level labels) get an all-false mask.
     """
     n, size = len(dataset), engine.image_size
     maps: np.ndarray | list[np.ndarray] = np.empty((n, size, size), dtype=np.float32) if tiling is None else []
@@ -87,6 +89,7 @@ def infer_dataset(engine: Engine, dataset: Sequence[Item], batch_size: int = 8, 
     labels = np.zeros(n, dtype=bool)
     types = np.empty(n, dtype=object)
     seconds = 0.0
+    pixel_truth = True
     with tqdm(total=n, desc=desc, unit="img", file=sys.stderr, leave=False) as bar:
         for start in range(0, n, batch_size):
             items = [dataset[i] for i in range(start, min(start + batch_size, n))]
@@ -100,12 +103,14 @@ def infer_dataset(engine: Engine, dataset: Sequence[Item], batch_size: int = 8, 
             for offset, item in enumerate(items):
                 labels[start + offset] = item.label != 0
                 types[start + offset] = item.defect_type
+                pixel_truth &= item.label == 0 or item.mask is not None
                 if isinstance(masks, list):
                     masks.append(item.mask if item.mask is not None else np.zeros(item.image.shape[:2], dtype=bool))
                 elif item.mask is not None:
                     masks[start + offset] = item.mask
             bar.update(len(items))
-    return Inference(maps=maps, labels=labels, masks=masks, defect_types=types.astype(str), seconds=seconds)
+    return Inference(maps=maps, labels=labels, masks=masks, defect_types=types.astype(str), seconds=seconds,
+                     pixel_truth=pixel_truth)
 
 
 def map_scores(maps: np.ndarray | Sequence[np.ndarray], top_k: int) -> np.ndarray:
@@ -125,15 +130,20 @@ def _defined(name: str, fn: Any, *args: Any) -> Any:
 
 
 def compute_metrics(inference: Inference, scores: np.ndarray, fpr_limit: float = 0.3) -> dict[str, Any]:
-    """Every metric of METRIC_COLUMNS (None where undefined), the F1-optimal pixel threshold and each defect
-    type's image AUROC against all good images ("per_defect_image_auroc").
+    """Every metric of METRIC_COLUMNS (None where undefined; the pixel ones without pixel ground truth), the
+    F1-optimal pixel threshold, each defect type's image AUROC against all good images ("per_defect_image_auroc")
+    and "pixel_truth".
 
     `scores` are the float N image scores of the maps (tdad.scoring.image_scores).
     """
     labels = inference.labels
     metrics.check_fpr_limit(fpr_limit)
     images = _defined("image metrics", metrics.rank_scores, labels, scores, "image metrics")
-    pixels = _defined("pixel metrics", metrics.rank_pixels, inference.masks, inference.maps)  # one sort, four metrics
+    if inference.pixel_truth:
+        pixels = _defined("pixel metrics", metrics.rank_pixels, inference.masks, inference.maps)  # one sort, 4 metrics
+    else:
+        pixels = None
+        log.info("metric_undefined", metric="pixel metrics", reason="no ground-truth masks (image-level labels)")
 
     def read(name: str, ranking: metrics.Ranking | None, metric: Callable[[metrics.Ranking], Any]) -> Any:
         return None if ranking is None else _defined(name, metric, ranking)
@@ -152,6 +162,7 @@ def compute_metrics(inference: Inference, scores: np.ndarray, fpr_limit: float =
         "pixel_ap": read("pixel_ap", pixels, metrics.Ranking.average_precision),
         "pixel_f1_threshold": pixel_f1_threshold,
         "per_defect_image_auroc": per_type,
+        "pixel_truth": inference.pixel_truth,
     }
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from calibration.metrics import Pixels, f1_max_threshold, flat_pixels
+from calibration.reference import DriftReference
 from foundation.errors import DataError
 
 CALIBRATION_FILE = "calibration.json"
@@ -55,6 +56,9 @@ class Calibration(BaseModel):
     f1_optimal_threshold: float | None = Field(None, description="image threshold of best F1 on good + NG")
     f1_at_optimal_threshold: float | None = None
     note: str = ""
+    reference: DriftReference | None = Field(None, description="good-part score quantiles and image statistics, "
+                                                               "the drift watch's baseline (None: calibrated "
+                                                               "before drift watch, which is then off)")
 
 
 def calibration_fix(path: Path) -> str:
@@ -136,6 +140,7 @@ def fit_thresholds(
     score_top_k: int | None = None,
     data_hash: str = "",
     sku_fingerprint: str = "",
+    good_image_stats: np.ndarray | None = None,
 ) -> Calibration:
     """Fit a SKU's thresholds from good image scores (N) and maps (N x H x W, or a list of a tiled SKU's stitched
     maps of different sizes), optionally NG ones.
@@ -150,6 +155,8 @@ def fit_thresholds(
       (barring exact ties).
     min_defect_area_px: ceil(1.2 x the largest 8-connected component that good parts still show above
       pixel_threshold) + 1, so no region seen on a good calibration part would be reported.
+    reference: the good scores' p50/p90/p99 and, with good_image_stats (N x 3, calibration.reference.image_stats
+      of each good image), their median brightness, contrast and focus: the drift watch's baseline.
     """
     good_scores = np.asarray(good_scores, dtype=np.float64).reshape(-1)
     if (isinstance(good_maps, np.ndarray) and good_maps.ndim != 3) or len(good_maps) != len(good_scores):
@@ -204,6 +211,7 @@ def fit_thresholds(
             f"image_threshold is the {k}-th largest of {n} good scores: expected false-reject rate "
             f"k/(n+1) = {k / (n + 1):.4g} for new good parts exchangeable with the calibration set"
         ),
+        reference=DriftReference.fit(good_scores, good_image_stats),
         **ng_fields,
     )
 

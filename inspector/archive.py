@@ -3,8 +3,9 @@
 Runs on its own thread behind a bounded queue so disk latency never reaches the hot path: when the queue is
 full the frame is not archived and `skipped` counts it (verdicts are guaranteed, the archive is not).
 Layout: <archive.dir>/<sku>/<YYYY-MM-DD>/<HHMMSS.mmm>_<frame id>_<ok|ng>{.png,_heat.png,.json} (UTC).
-When the folder grows past archive.max_mb the oldest files are deleted first. The latest NG parts are
-listed by `recent_ng` (for the station page's strip) without walking the folder.
+When the folder grows past archive.max_mb the oldest files are deleted first; the reviews folder
+(<archive.dir>/reviews, inspector/reviews.py) is neither counted nor deleted. The latest NG parts are listed by
+`recent_ng` (for the station page's strip) and every part by `parts` (the review queue) without walking the folder.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import queue
 import random
 import threading
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,6 +26,7 @@ import cv2
 import numpy as np
 
 from foundation.log import get_logger
+from inspector.config import REVIEWS_DIR
 
 log = get_logger(__name__)
 
@@ -80,9 +83,11 @@ class Archive:
         self._thread = threading.Thread(target=self._run, name="archive", daemon=True)
 
     def start(self) -> Archive:
-        """Index what is already on disk (oldest first) and start the writer thread."""
+        """Index what is already on disk (oldest first; the reviews folder is not the archive's) and start the
+        writer thread."""
         self.root.mkdir(parents=True, exist_ok=True)
-        existing = [(p.stat().st_mtime, p) for p in self.root.rglob("*") if p.is_file()]
+        existing = [(p.stat().st_mtime, p) for p in self.root.rglob("*")
+                    if p.is_file() and p.relative_to(self.root).parts[0] != REVIEWS_DIR]
         for _, path in sorted(existing):
             size = path.stat().st_size
             self._files.append((path, size))
@@ -117,6 +122,10 @@ class Archive:
         """The verdict JSON files of the last `limit` archived NG parts still on disk, newest first."""
         recent = [path for path in reversed(self._recent_ng.copy()) if path.is_file()]  # copy: one C call
         return recent[:limit]
+
+    def parts(self) -> Iterator[Path]:
+        """The verdict JSON files of every indexed part (NG and sampled OK), newest first; some may be gone since."""
+        return (path for path, _ in reversed(self._files.copy()) if path.suffix == ".json")  # copy: one C call
 
     def stats(self) -> dict[str, int]:
         """Counters for the status topic."""

@@ -29,10 +29,14 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("inspector.commands.evaluate", "measure a SKU's model on a labelled test set (AUROC, AUPRO)"),
     "bench": ("inspector.commands.bench", "benchmark latency and throughput per backend"),
     "demo": ("inspector.demo", "train a demo SKU and run the daemon on synthetic parts"),
+    "review": ("inspector.commands.review", "operator reviews of archived parts: export them as a labelled test set"),
+    "sku": ("inspector.commands.sku", "signed SKU bundles and the version store: keygen, pack, install, list, "
+                                      "activate, rollback"),
 }
 
 
-def _config_parent() -> argparse.ArgumentParser:
+def config_parent() -> argparse.ArgumentParser:
+    """The --config flag, as a parent parser for every command and for the actions of a command group."""
     parent = argparse.ArgumentParser(add_help=False)
     parent.add_argument(
         "--config",
@@ -45,7 +49,7 @@ def _config_parent() -> argparse.ArgumentParser:
 
 def build_parser(command: str | None) -> argparse.ArgumentParser:
     """The full parser; only `command`'s module is imported to add its own arguments."""
-    parent = _config_parent()
+    parent = config_parent()
     parser = argparse.ArgumentParser(
         prog="inspector", description="tdad-inspector: TDAD visual inspection on the line", parents=[parent]
     )

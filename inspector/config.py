@@ -11,6 +11,7 @@ from __future__ import annotations
 import getpass
 import ipaddress
 import os
+import re
 import stat
 import tomllib
 from pathlib import Path
@@ -50,6 +51,10 @@ class SyntheticCamera(_Section):
     defect_rate: float = Field(0.2, ge=0.0, le=1.0, description="share of parts drawn with a defect")
     seed: int = Field(0, description="random seed of the parts and defects")
     texture: str = Field("brick", description="a scikit-image texture the parts are made of: brick, grass, gravel, ...")
+    brightness_drift_per_frame: float = Field(
+        0.0, ge=-0.01, le=0.01, description="lighting drift for drift-watch tests: part n's intensities are "
+                                            "multiplied by 1 + this x (n - 1), e.g. -0.0005 = a lamp losing 5 % "
+                                            "every 100 parts; 0 = steady")
 
 
 class FolderCamera(_Section):
@@ -102,7 +107,9 @@ class MqttConfig(_Section):
     client_id: str | None = Field(None, description="MQTT client id; unset = derived from the topic root and pid")
     topic_prefix: str = Field("inspector", pattern=r"^[A-Za-z0-9_./-]+$",
                               description="first part of every topic: <topic_prefix>/<line_id>/<station_id>")
-    qos: Literal[0, 1, 2] = Field(1, description="QoS of verdicts, rejects and masks (1: at least once)")
+    qos: Literal[0, 1, 2] = Field(1, description="QoS of verdicts, rejects and masks (1: at least once; 2: exactly "
+                                                 "once, in a session kept across reconnects: a station bridged to "
+                                                 "the plant)")
     keepalive_s: int = Field(30, ge=5, le=3600, description="MQTT keepalive; the broker publishes the last will "
                                                             "after 1.5x this without a packet")
     username: str | None = Field(None, description="broker user name (with password_file)")
@@ -123,6 +130,9 @@ class MqttConfig(_Section):
         if self.password_file is None:
             return None
         return read_secret(self.password_file, "mqtt.password_file")
+
+
+REVIEWS_DIR = "reviews"  # the folder under archive.dir holding operator reviews and their parts, outside the cap
 
 
 class ArchiveConfig(_Section):
@@ -147,6 +157,31 @@ class ServiceConfig(_Section):
                                                              "(engine error, deadline, full queue, corrupt frame)")
     drain_timeout_s: float = Field(10.0, gt=0, description="on SIGTERM, how long frames in flight may take to get "
                                                            "their verdicts")
+
+
+class DriftConfig(_Section):
+    """Drift watch: recent OK parts against the SKU's calibration (inspector/drift.py, docs/operations.md)."""
+
+    enabled: bool = Field(True, description="watch the scores and images of OK parts for slow drift (lamp, "
+                                            "material batch, lens); off for SKUs calibrated before drift watch")
+    window: int = Field(200, ge=20, le=100_000, description="recent OK parts the statistics are taken over; "
+                                                            "bounds are checked once it is full")
+    score_p50: float = Field(0.3, gt=0, description="bound on the shift of the OK-score median, as a share of "
+                                                    "the calibrated margin (threshold - good p50)")
+    score_p90: float = Field(0.3, gt=0, description="bound on the shift of the OK-score p90, as a share of the "
+                                                    "calibrated margin (threshold - good p50)")
+    near_threshold: float = Field(0.05, gt=0, le=1, description="bound on the share of OK parts scoring at or "
+                                                                "above the warning level")
+    warning_level: float = Field(0.5, ge=0, lt=1, description="where the warning level lies from the calibrated "
+                                                              "good p99 (0) to the threshold (1)")
+    brightness: float = Field(0.03, gt=0, description="bound on the relative shift of the median brightness "
+                                                     "(mean grey)")
+    contrast: float = Field(0.06, gt=0, description="bound on the relative shift of the median contrast "
+                                                    "(std of grey)")
+    focus: float = Field(0.15, gt=0, description="bound on the relative shift of the median focus (variance of "
+                                                "the Laplacian)")
+    hysteresis: float = Field(0.7, gt=0, lt=1, description="an alarm clears once its statistic has stayed within "
+                                                           "this share of its bound for half a window of parts")
 
 
 class WebConfig(_Section):
@@ -179,6 +214,12 @@ class WebConfig(_Section):
                               "e.g. `openssl rand -hex 24 > FILE`")
         return token
 
+    def page_url(self, port: int | None = None) -> str:
+        """Where the station page is, as a browser or a command on this box reaches it (`port`: the one bound,
+        for port = 0)."""
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "::") else self.host
+        return f"http://{f'[{host}]' if ':' in host else host}:{self.port if port is None else port}/"
+
 
 def is_loopback(host: str) -> bool:
     """True for localhost and 127.0.0.0/8 or ::1 addresses: a listener there cannot be reached from the network."""
@@ -207,6 +248,12 @@ class SkuConfig(_Section):
                                                            "<model_dir>/calibration.json")
     publish_mask: Literal["ng", "all", "none"] = Field("ng", description="which verdicts also publish their "
                                                                          "defect mask PNG")
+    defect_types: list[str] = Field(
+        default_factory=list, description="defect types an operator may give a confirmed defect on the station "
+                                          "page's review queue (the exported test/<type> folders); empty = none")
+    good_dir: Path | None = Field(None, description="a folder of good parts (as the model sees them) that `inspector "
+                                                    "sku update` and the page's Teach re-fit the thresholds on; keep "
+                                                    "it apart from the parts taught")
 
     @field_validator("roi")
     @classmethod
@@ -214,6 +261,15 @@ class SkuConfig(_Section):
         if roi is not None and (roi[0] < 0 or roi[1] < 0 or roi[2] <= 0 or roi[3] <= 0):
             raise ValueError("expected [x, y, width, height] with x, y >= 0 and width, height > 0")
         return roi
+
+    @field_validator("defect_types")
+    @classmethod
+    def _defect_types_are_folders(cls, types: list[str]) -> list[str]:
+        if any(not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", t) or t == "good" for t in types) \
+                or len(set(types)) != len(types):
+            raise ValueError("expected distinct folder names of letters, digits, '_', '.' and '-', other than 'good' "
+                             "(the exported folder of good parts)")
+        return types
 
     def schedule_override(self) -> dict[str, int]:
         """The schedule fields this SKU overrides (none set = the trained model's schedule)."""
@@ -223,6 +279,18 @@ class SkuConfig(_Section):
     def calibration_path(self) -> Path:
         """Where this SKU's thresholds live: `thresholds_file`, else `<model_dir>/calibration.json`."""
         return self.thresholds_file or self.model_dir / "calibration.json"
+
+
+class StoreConfig(_Section):
+    """The SKU version store: signed bundles installed side by side, one version active per SKU (inspector sku)."""
+
+    dir: Path = Field(Path("var/skus"), description="where SKU versions live: <dir>/<sku>/versions/<id>, the link "
+                                                    "<dir>/<sku>/active and <dir>/<sku>/history.jsonl")
+    trusted_keys: list[Path] = Field(default_factory=list,
+                                     description="Ed25519 public keys (PEM) whose signed bundles `inspector sku "
+                                                 "install` accepts; none = no bundle installs")
+    ca_file: Path | None = Field(None, description="CA certificates that verify https bundle URLs; unset = the "
+                                                   "system's")
 
 
 class InspectorConfig(BaseSettings):
@@ -243,6 +311,8 @@ class InspectorConfig(BaseSettings):
     archive: ArchiveConfig = Field(ArchiveConfig(), description="frames kept for review")
     service: ServiceConfig = Field(ServiceConfig(), description="queue, deadlines, fail-safe and shutdown")
     web: WebConfig = Field(WebConfig(), description="the station page and /metrics")
+    drift: DriftConfig = Field(DriftConfig(), description="drift watch: OK parts against the calibration")
+    store: StoreConfig = Field(StoreConfig(), description="the SKU version store and the keys it trusts")
     skus: dict[str, SkuConfig] = Field(min_length=1, description="one table per product type")
 
     @classmethod
@@ -256,6 +326,13 @@ class InspectorConfig(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         """Environment overrides first, then the TOML document passed in by `load_config`."""
         return (env_settings, init_settings)
+
+    @field_validator("skus")
+    @classmethod
+    def _reviews_is_not_a_sku(cls, skus: dict[str, SkuConfig]) -> dict[str, SkuConfig]:
+        if REVIEWS_DIR in skus:
+            raise ValueError(f"the SKU name {REVIEWS_DIR!r} is taken by the archive's reviews folder; rename the SKU")
+        return skus
 
     @model_validator(mode="after")
     def _active_sku_known(self) -> InspectorConfig:
@@ -348,6 +425,8 @@ def _resolve_relative_paths(model: BaseModel, base: Path) -> None:
         value = getattr(model, name)
         if isinstance(value, Path) and not value.is_absolute():
             object.__setattr__(model, name, base / value)
+        elif isinstance(value, list) and value and all(isinstance(item, Path) for item in value):
+            object.__setattr__(model, name, [item if item.is_absolute() else base / item for item in value])
         elif isinstance(value, BaseModel):
             _resolve_relative_paths(value, base)
         elif isinstance(value, dict):

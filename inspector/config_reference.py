@@ -22,6 +22,7 @@ from pydantic_core import PydanticUndefined
 from engines.runtime.config import OnnxRuntimeSettings, TensorRTSettings, TorchSettings
 from inspector.config import (
     ArchiveConfig,
+    DriftConfig,
     FolderCamera,
     GenTLCamera,
     InspectorConfig,
@@ -29,6 +30,7 @@ from inspector.config import (
     MqttConfig,
     ServiceConfig,
     SkuConfig,
+    StoreConfig,
     SyntheticCamera,
     VideoCamera,
     WebConfig,
@@ -50,6 +52,8 @@ TABLES: tuple[tuple[str, type[BaseModel], tuple[str, ...]], ...] = (
     ("`[archive]`", ArchiveConfig, ()),
     ("`[service]`", ServiceConfig, ()),
     ("`[web]`", WebConfig, ()),
+    ("`[drift]`", DriftConfig, ()),
+    ("`[store]`", StoreConfig, ()),
     ("`[skus.<name>]`, one per SKU", SkuConfig, ()),
 )
 
@@ -139,8 +143,8 @@ def table(model: type[BaseModel], skip: tuple[str, ...] = ()) -> list[str]:
 
 def render() -> str:
     """The whole reference document."""
-    lines = [HEADER, "## Top level", "", *table(InspectorConfig, skip=("line", "camera", "mqtt", "engine",
-                                                                       "archive", "service", "web", "skus")), ""]
+    sections = ("line", "camera", "mqtt", "engine", "archive", "service", "web", "drift", "store", "skus")
+    lines = [HEADER, "## Top level", "", *table(InspectorConfig, skip=sections), ""]
     for heading, model, skip in TABLES:
         doc = (model.__doc__ or "").strip().splitlines()[0] if model.__doc__ else ""
         lines += [f"## {heading}", "", doc, "", *table(model, skip), ""]

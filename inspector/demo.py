@@ -96,6 +96,7 @@ def build_demo_sku(workdir: Path, recipe: Recipe = Recipe(), *, threads: int = 0
     import torch
 
     from calibration.evaluate import infer_dataset
+    from calibration.reference import stats_of_images
     from calibration.thresholds import fit_thresholds, format_table, save_calibration
     from engines.runtime import create_engine
     from tdad.manifest import maps_fingerprint, score_top_k
@@ -141,6 +142,7 @@ def build_demo_sku(workdir: Path, recipe: Recipe = Recipe(), *, threads: int = 0
         scores[good], inference.maps[good], recipe.target_frr,
         ng_scores=scores[ng], ng_maps=inference.maps[ng], ng_masks=inference.masks[ng],
         score_top_k=top_k, data_hash=file_list_hash(test), sku_fingerprint=maps_fingerprint(sku_dir),
+        good_image_stats=stats_of_images(test[int(i)].image for i in np.flatnonzero(good)),
     )
     save_calibration(calibration, sku_dir / "calibration.json")
     (sku_dir / RECIPE_FILE).write_text(json.dumps(asdict(recipe), indent=2) + "\n")

@@ -20,8 +20,9 @@ leaves a count of what was owed (inspector/spool.py, the journal).
 Pause stops the acquisition thread from pulling frames (the camera/driver buffers or drops them, as it
 would with no consumer); frames already pulled are still inspected and published. Resume continues pulling.
 A SKU changeover swaps the ActiveSku between two batches, so no frame is inspected half-way through it.
-An optional `on_published` hook sees every published verdict with its frame and map (the station page's
-live view and metrics); it runs on the publish thread, so it only keeps references.
+An optional `on_published` hook sees every published verdict with its frame, map, model input and calibration
+(the station page's live view and metrics, the drift watch, the trend); it runs on the publish thread, so it only
+keeps references and counts.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -48,6 +49,9 @@ from inspector.verdict import Verdict, new_run_id
 from tdad.manifest import TilingRecord
 from tdad.preprocess import Geometry, ResizeMode, resize_to_model
 from tdad.tiling import scale_image
+
+if TYPE_CHECKING:
+    from calibration.thresholds import Calibration
 
 log = get_logger(__name__)
 
@@ -93,6 +97,8 @@ class ActiveSku:
     roi: tuple[int, int, int, int] | None = None
     resize: ResizeMode = "stretch"
     tiling: TilingRecord | None = None
+    version: str = ""  # its version in the SKU store ("" when not run from it; inspector/activation.py)
+    content_hash: str = ""  # that version's content hash (else its meta.json's sha256): what runs, for status
 
 
 def preprocess(image_u8_hwc: Any, roi: tuple[int, int, int, int] | None, size: int,
@@ -202,7 +208,7 @@ class _Job:
 
 @dataclass
 class _Out:
-    """A verdict ready to publish, plus what the archive may want (ROI-resized image and map)."""
+    """A verdict ready to publish, plus what the archive and viewers may want (map, model input, calibration)."""
 
     verdict: Verdict
     mask_png: bytes | None
@@ -210,6 +216,8 @@ class _Out:
     map_f32_hw: np.ndarray | None = None
     map_rect: tuple[int, int, int, int] | None = None
     pixel_threshold: float | None = None
+    input_u8_hwc: np.ndarray | None = None
+    calibration: Calibration | None = None
 
 
 @dataclass(frozen=True)
@@ -224,6 +232,8 @@ class Published:
     map_f32_hw: np.ndarray | None
     map_rect: tuple[int, int, int, int] | None  # x, y, w, h in frame px that the map covers (see map_rect())
     pixel_threshold: float | None
+    input_u8_hwc: np.ndarray | None = None  # what the engine saw: the ROI resized (or scaled, for a tiled SKU)
+    calibration: Calibration | None = None  # the thresholds the verdict was decided with (None: fail-safe)
 
 
 _STOP = object()
@@ -518,14 +528,16 @@ class Pipeline:
                     outs[i] = self._fail(jobs[i], ENGINE_ERROR, f"{type(exc).__name__}: {exc}")
                 ready = []
             infer_ms = (time.perf_counter() - t0) * 1000.0
-            for k, (i, _, placement) in enumerate(ready):
+            for k, (i, image, placement) in enumerate(ready):
                 job = jobs[i]
                 job.timings_ms["infer"] = infer_ms
                 t0 = time.perf_counter()
+                calibration = sku.decider.calibration
                 decision = sku.decider.decide(maps[k], placement)
                 job.timings_ms["decide"] = (time.perf_counter() - t0) * 1000.0
                 outs[i] = _Out(self._verdict(job, sku, decision, None), decision.mask_png, job.frame, maps[k],
-                               map_rect(placement, maps[k].shape), float(sku.decider.calibration.pixel_threshold))
+                               map_rect(placement, maps[k].shape), float(calibration.pixel_threshold),
+                               image, calibration)
             self._in_flight = []
         return [outs[i] for i in range(len(jobs))]
 
@@ -591,6 +603,7 @@ class Pipeline:
         if self.on_published is not None:
             image = out.frame.image if isinstance(out.frame.image, np.ndarray) else None
             try:
-                self.on_published(Published(out.verdict, image, out.map_f32_hw, out.map_rect, out.pixel_threshold))
+                self.on_published(Published(out.verdict, image, out.map_f32_hw, out.map_rect, out.pixel_threshold,
+                                            out.input_u8_hwc, out.calibration))
             except Exception:
                 log.exception("on_published_failed", frame_id=out.verdict.frame_id)

@@ -4,14 +4,15 @@
 at start-up, refuses to start on a fatal one and only logs the others, which the daemon rides out: a GenTL
 producer or camera that is not there yet is waited for, and a disk too small for the spool and archive caps
 is handled by the spool (verdicts wait in memory, the oldest OK ones are dropped first). Changeover and
-threshold reload use `check_sku`. Nothing here changes the box: no directory is created, no file written.
+threshold reload use `check_sku`; activating a version of the SKU store runs the same `check_sku_dir` on it
+(`version_check`). Nothing here changes the box: no directory is created, no file written.
 """
 
 from __future__ import annotations
 
 import getpass
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from inspector.config import (
     GenTLCamera,
     InspectorConfig,
     MqttConfig,
+    SkuConfig,
     WebConfig,
     check_secret_file,
     resolve_sku,
@@ -144,9 +146,30 @@ def check_storage(config: InspectorConfig) -> list[Problem]:
 
 def check_sku(config: InspectorConfig, name: str, *, engine_files: bool = True) -> list[Problem]:
     """The SKU's model_dir, calibration, manifest (meta.json) and the files the configured engine backend loads."""
+    return check_sku_dir(resolve_sku(config, name), config.engine, name, engine_files=engine_files)
+
+
+def version_check(config: InspectorConfig, name: str) -> Callable[[Path], None]:
+    """The pre-flight to pass as `SkuStore.activate(check=...)`: check_sku_dir of a version folder as SKU `name`
+    of this station (its engine, its [skus.<name>] settings, or the defaults where it has no such table); the
+    first problem is raised as DataError, so a version the daemon would refuse never goes live."""
+    settings = config.skus.get(name)
+
+    def check(version_dir: Path) -> None:
+        sku = (SkuConfig(model_dir=version_dir) if settings is None
+               else settings.model_copy(update={"model_dir": version_dir}))
+        for problem in check_sku_dir(sku, config.engine, name):
+            raise DataError(str(problem))
+
+    return check
+
+
+def check_sku_dir(sku: SkuConfig, engine: EngineSettings, name: str, *, engine_files: bool = True) -> list[Problem]:
+    """The SKU folder `sku.model_dir` as SKU `name` of a station running `engine`: calibration present and fit on
+    these weights, manifest readable, and (engine_files) the files the backend loads; the daemon's SKU loading and
+    a store version's activation both run exactly this."""
     from calibration.thresholds import load_calibration  # scikit-learn: only when a SKU is checked
 
-    sku = resolve_sku(config, name)
     key = f"skus.{name}"
     if not sku.model_dir.is_dir():
         return [Problem(f"{key}.model_dir", f"{key}.model_dir = {sku.model_dir} does not exist; train the SKU "
@@ -179,10 +202,10 @@ def check_sku(config: InspectorConfig, name: str, *, engine_files: bool = True) 
         read_manifest(sku.model_dir)
     except DataError as exc:
         return [*problems, Problem(f"{key}.model_dir", str(exc))]
-    missing, fix = _engine_files_missing(sku.model_dir, config.engine)
+    missing, fix = _engine_files_missing(sku.model_dir, engine)
     if missing:
         problems.append(Problem(f"{key}.model_dir", f"{sku.model_dir} lacks {', '.join(missing)} for engine.backend "
-                                f"= {config.engine.backend!r}; {fix}"))
+                                f"= {engine.backend!r}; {fix}"))
     return problems
 
 

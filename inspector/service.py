@@ -14,8 +14,12 @@ does not.
 Watchdog: a timer sends WATCHDOG=1 every WatchdogSec/2 while the daemon is healthy: the pipeline's threads
 are alive and the inference and publish threads have come round within `stuck_after_s` (idle, paused and
 waiting-for-trigger are healthy; an engine call that hangs is not), and the publisher's sender and command
-threads and the status and changeover threads are alive. Otherwise the pings stop and systemd restarts the
-service.
+threads and the status, changeover and drift threads are alive. Otherwise the pings stop and systemd restarts
+the service.
+
+Every published verdict also feeds the score/yield trend (inspector/trend.py: the status's `trend`, the page's
+chart) and the drift watch (inspector/drift.py): a drift alarm raised or cleared is published on <root>/drift
+and shows in the status's `drift` field.
 
 Commands on <topic root>/cmd (JSON object; an optional "id" is echoed in the reply):
     {"cmd": "sku", "sku": "NAME"}  or  {"sku": "NAME"}   SKU changeover: reply {"ok": true, "state":
@@ -29,6 +33,20 @@ Commands on <topic root>/cmd (JSON object; an optional "id" is echoed in the rep
     {"cmd": "pause"} / {"cmd": "resume"}                 stop / continue pulling frames
     {"cmd": "reload"}                                    re-read the active SKU's thresholds (as SIGHUP)
     {"cmd": "status"}                                    reply with the status document
+    {"cmd": "review", "part": PART, "label": LABEL}      record an operator's review of an archived part
+     (+ "defect_type", "operator")                       (inspector/reviews.py): {"ok": true, "review": {...}}
+    {"cmd": "versions"} (+ "sku": NAME)                  the SKU's versions in the store, the active and the
+                                                         running one (inspector/activation.py)
+    {"cmd": "activate", "sku": NAME, "version": ID}      pre-flight, swap the store's link, reload the SKU if it
+    {"cmd": "rollback", "sku": NAME}                     inspects (link swapped back if that fails); optional
+     (+ "operator", "reason" for the history)            "operator" and "reason"; replies as a changeover's, with
+                                                         "version" and "from"; state "ready" when another SKU
+                                                         inspects (inspector/activation.py)
+    {"cmd": "teach", "sku": NAME}                        teach the SKU's active version its parts reviewed good
+                                                         (inspector/skuupdate.py, in a child process at nice 19):
+                                                         reply "teaching" at once, then a final reply "done" with
+                                                         the new version (added, not activated) or "failed"; the
+                                                         status's `teach` says where it stands
 Anything else (non-JSON, non-object, unknown cmd) gets {"ok": false, "error": "..."} on <root>/cmd/reply;
 the loop keeps running. Every command is answered at once, never queued behind a changeover that loads. The
 station page's controls (inspector/web, [web] in inspector.toml) send the same commands through the same
@@ -38,13 +56,14 @@ handler and get the same replies (a changeover's final one, which the page waits
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import signal
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import sdnotify
@@ -55,12 +74,17 @@ from foundation.errors import ConfigError, DataError, InspectorError
 from foundation.log import bind_context, configure_logging, get_logger
 from inspector import preflight
 from inspector.acquisition import Source, open_source
+from inspector.activation import Activations, pinned
 from inspector.archive import Archive
 from inspector.config import InspectorConfig, load_config, resolve_sku
 from inspector.decider import Decider
+from inspector.drift import DriftEvent, DriftWatch
 from inspector.mqtt import Publisher
-from inspector.pipeline import ActiveSku, Pipeline
+from inspector.pipeline import ActiveSku, Pipeline, Published
+from inspector.reviews import ReviewError, ReviewStore, parse_review
+from inspector.skuupdate import Teaching
 from inspector.spool import LOSS_CAUSES
+from inspector.trend import Trend
 from inspector.verdict import new_run_id
 from inspector.web import StationWeb
 from tdad.manifest import read_manifest
@@ -108,6 +132,7 @@ class _Changeover:
     name: str
     reply: dict[str, Any]
     deliver: Callable[[dict[str, Any]], None]
+    version: str | None = None  # a store version to load (an activation's reload); None: what model_dir names
 
 
 class Daemon:
@@ -127,9 +152,16 @@ class Daemon:
         self.publisher: Publisher | None = None
         self.pipeline: Pipeline | None = None
         self.archive: Archive | None = None
+        self.reviews: ReviewStore | None = None
+        self.defect_types = {name: sku.defect_types for name, sku in config.skus.items()}  # for reviews
         self.web: StationWeb | None = None
+        self.trend = Trend()
+        self.drift = DriftWatch(config.drift, on_event=self._on_drift) if config.drift.enabled else None
         self._loading: str | None = None  # the SKU the changeover thread is loading
         self._wanted: _Changeover | None = None  # the newest changeover not answered yet: the last request wins
+        self._activating: str | None = None  # the SKU an activate/rollback command works on (inspector/activation.py)
+        self.activations = Activations(config, self)
+        self.teaching = Teaching(config)
         self._changeovers = threading.Condition()
         self._halt = threading.Event()
         self._timers: list[threading.Thread] = []
@@ -141,27 +173,31 @@ class Daemon:
         """Load the active SKU, open camera and broker connection, start the pipeline, then READY=1."""
         cfg = self.config
         if cfg.web.enabled:  # first: a bad token file or a taken port fails before the slow SKU load
-            self.web = StationWeb(cfg.web, self, skus=sorted(cfg.skus))
+            self.web = StationWeb(cfg.web, self, skus=sorted(cfg.skus), defect_types=self.defect_types)
         self._notify(f"STATUS=loading SKU {cfg.active_sku}")
         bind_context(run_id=self.run_id)
-        active = self.sku_loader(cfg, cfg.active_sku)
+        active = self._load_sku(cfg.active_sku)
         bind_context(line=cfg.line.line_id, station=cfg.line.station_id, sku=cfg.active_sku)
         if cfg.archive.enabled:
             self.archive = Archive(cfg.archive.dir, max_mb=cfg.archive.max_mb,
                                    ok_sample_rate=cfg.archive.ok_sample_rate).start()
+            self.reviews = ReviewStore(cfg.archive.dir)
         self.publisher = Publisher(cfg.mqtt, self.topic_root, on_command=self.handle_command)
         self.publisher.start()
         self.source.open()
         self.pipeline = Pipeline(self.source, active, self.publisher.publish_verdict, cfg.service, line=cfg.line,
                                  batch=cfg.engine.batch, archive=self.archive, run_id=self.run_id,
-                                 on_published=self.web.observe if self.web is not None else None,
+                                 on_published=self._observe,
                                  gate=self.publisher, on_hold=self._on_hold)
         self.pipeline.start()
         if self.web is not None:
             self.web.start()
         self.state = "running"
-        for target, name in ((self._status_loop, "status"), (self._watchdog_loop, "watchdog"),
-                             (self._changeover_loop, "changeover")):
+        workers: list[tuple[Callable[[], None], str]] = [
+            (self._status_loop, "status"), (self._watchdog_loop, "watchdog"), (self._changeover_loop, "changeover")]
+        if self.drift is not None:
+            workers.append((functools.partial(self.drift.run, self._halt), "drift"))
+        for target, name in workers:
             thread = threading.Thread(target=target, name=name, daemon=True)
             thread.start()
             self._timers.append(thread)
@@ -182,6 +218,7 @@ class Daemon:
 
         self.state = "stopping"
         self._end_changeovers()
+        self.teaching.stop()
         self._notify("STOPPING=1\nSTATUS=draining")
         if self.web is not None:
             self.web.stop()
@@ -221,19 +258,21 @@ class Daemon:
 
     # ---- commands --------------------------------------------------------------------------------------------
 
-    def handle_command(self, command: Any, *, loading_reply: bool = True) -> dict[str, Any]:
+    def handle_command(self, command: Any, *, loading_reply: bool = True, client: str = "mqtt") -> dict[str, Any]:
         """Dispatch one command (schema in the module docstring); never raises.
 
         Only a changeover takes long, and it is queued (change_sku): every command is answered at once.
         loading_reply: a changeover is answered "loading" now and finally on /cmd/reply later; the station page,
         which shows the loading SKU from the status, passes False and gets the final reply.
+        client: who sent it, recorded with a review ("mqtt", or the station page's "web <address>").
         """
         if not isinstance(command, dict):
             return {"ok": False, "error": f"command must be a JSON object, got {type(command).__name__}"}
         reply: dict[str, Any] = {"id": command["id"]} if "id" in command else {}
         name = command.get("cmd", "sku" if "sku" in command else None)
         if not isinstance(name, str | None):
-            return reply | {"ok": False, "error": '"cmd" must be a string: sku, pause, resume, reload or status'}
+            return reply | {"ok": False, "error": '"cmd" must be a string: sku, pause, resume, reload, status, '
+                                                  'review, versions, activate, rollback or teach'}
         reply["cmd"] = name
         if self.pipeline is None:
             return reply | {"ok": False, "error": "the daemon is still starting; retry in a few seconds"}
@@ -246,10 +285,27 @@ class Daemon:
                 return reply | self.reload_thresholds()
             if name == "status":
                 return reply | {"ok": True, "status": self.status()}
-            return reply | {"ok": False, "error": f"unknown command {name!r}; use sku, pause, resume, reload or status"}
+            if name == "review":
+                return reply | self.review(command, client)
+            if name == "versions":
+                return reply | self.activations.versions(command)
+            if name in ("activate", "rollback"):
+                deliver = (lambda result: self._send_final_reply(reply | result)) if loading_reply else None
+                return reply | self.activations.start(name, command, client, deliver)
+            if name == "teach":
+                return reply | self.teaching.start(command, client, self._taught(reply))
+            return reply | {"ok": False, "error": f"unknown command {name!r}; use sku, pause, resume, reload, status, "
+                                                  "review, versions, activate, rollback or teach"}
         except Exception as exc:
             log.exception("command_failed", cmd=name)
             return reply | {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+
+    def _taught(self, reply: dict[str, Any]) -> Callable[[dict[str, Any]], None]:
+        """What a finished teaching does: the final reply on /cmd/reply and the status (with `teach`) published."""
+        def deliver(result: dict[str, Any]) -> None:
+            self._send_final_reply(reply | result)
+            self.publish_status()
+        return deliver
 
     def set_paused(self, paused: bool) -> dict[str, Any]:
         """Pause or resume acquisition."""
@@ -262,6 +318,19 @@ class Daemon:
         self.publish_status()
         return {"ok": True, "paused": paused}
 
+    def review(self, command: dict[str, Any], client: str) -> dict[str, Any]:
+        """Record an operator's review of an archived part (inspector/reviews.py) on the calling thread (the command
+        thread, or the station page's threadpool), never the pipeline's."""
+        if self.reviews is None:
+            return {"ok": False, "error": "reviews need the archive: set archive.enabled = true in inspector.toml"}
+        try:
+            review = self.reviews.add(parse_review(command, self.defect_types), client=client)
+        except ReviewError as exc:
+            return {"ok": False, "error": str(exc)}
+        log.info("part_reviewed", part=review.part, label=review.label, defect_type=review.defect_type,
+                 client=client, operator=review.operator)
+        return {"ok": True, "review": review.model_dump(mode="json")}
+
     def change_sku(self, name: Any, reply: dict[str, Any], *, wait: bool) -> dict[str, Any]:
         """Hand a changeover to the changeover thread, which loads and warms the SKU while the old one inspects.
 
@@ -269,7 +338,9 @@ class Daemon:
         final reply at once, state "superseded". Every request gets exactly one final reply: state "active" once
         the SKU inspects, "superseded", or ok false with the fix. wait=False (the /cmd topic) returns the interim
         "loading" reply and sends the final one (`reply` plus the result) with Publisher.send_reply; wait=True
-        (the station page) returns the final reply.
+        (the station page) returns the final reply. While an activation (inspector/activation.py) works on a SKU,
+        a request for it is refused, or, when it inspects and the activation reloads it, answered "active" at once
+        leaving that reload be.
         """
         pipeline = self.running
         if not isinstance(name, str) or not name:
@@ -284,6 +355,12 @@ class Daemon:
             if self.state in ("stopping", "stopped"):
                 return {"ok": False, "sku": name, "error": "the daemon is stopping"}
             already = name == pipeline.sku.name
+            if already and self._wanted is not None and self._wanted.name == name:
+                # an activation reloads the SKU inspecting: that reload stays wanted, and the SKU inspects meanwhile
+                return {"ok": True, "sku": name, "state": "active", "load_s": 0.0}
+            if not already and name == self._activating:
+                return {"ok": False, "sku": name, "error": f"SKU {name!r} is being activated (a new version); retry "
+                                                           "once that is answered"}
             superseded, self._wanted = self._wanted, None if already else request
             self._changeovers.notify_all()
         if superseded is not None:
@@ -294,6 +371,56 @@ class Daemon:
         if already:
             return {"ok": True, "sku": name, "state": "active", "load_s": 0.0}
         return final.result() if wait else {"ok": True, "sku": name, "state": "loading"}
+
+    def running_sku(self) -> ActiveSku:
+        """The SKU inspecting (a changeover waiting for the next batch included)."""
+        return self.running.sku
+
+    def claim_activation(self, name: str) -> str | None:
+        """Mark an activation of SKU `name` under way, unless one is or a changeover is in progress (then why, one
+        line); changeovers to `name` are refused until release_activation, so none loads it half-way through."""
+        with self._changeovers:
+            if self._activating is not None:
+                return f"an activation of SKU {self._activating!r} is under way; retry once it is answered"
+            busy = self._changeover_in_progress()
+            if busy is not None:
+                return f"a changeover to SKU {busy!r} is in progress; retry once it is answered"
+            self._activating = name
+        return None
+
+    def release_activation(self) -> None:
+        """The activation claimed is answered: changeovers to its SKU are taken again."""
+        with self._changeovers:
+            self._activating = None
+
+    def reload_version(self, name: str, version: str) -> dict[str, Any]:
+        """An activation's reload: when SKU `name` inspects, load `version` of it on the changeover thread (the old
+        engine inspects meanwhile) and return the final reply, as a changeover's; {"ok": true, "state": "ready"}
+        when another SKU inspects (the version loads at the next changeover to it); ok false when a changeover to
+        another SKU is in progress (a reload never cancels one) or the daemon stops."""
+        final: Future[dict[str, Any]] = Future()
+        request = _Changeover(name, {}, final.set_result, version)
+        with self._changeovers:
+            if self.state in ("stopping", "stopped"):
+                return {"ok": False, "sku": name, "error": "the daemon is stopping"}
+            if self.running.sku.name != name:
+                return {"ok": True, "sku": name, "state": "ready"}
+            busy = self._changeover_in_progress()
+            if busy is not None:
+                return {"ok": False, "sku": name, "error": f"a changeover to SKU {busy!r} came in meanwhile"}
+            self._wanted = request
+            self._changeovers.notify_all()
+        return final.result()
+
+    def _changeover_in_progress(self) -> str | None:
+        """The SKU a changeover loads or waits to load, None when none does (called holding self._changeovers)."""
+        return self._loading or (self._wanted.name if self._wanted is not None else None)
+
+    def _load_sku(self, name: str, version: str | None = None) -> ActiveSku:
+        """Load SKU `name` pinned to one version (inspector/activation.py: `version`, else the one its model_dir
+        names now), marked with that version and hash for the status and /metrics."""
+        config, identity = pinned(self.config, name, version)
+        return replace(self.sku_loader(config, name), version=identity.version, content_hash=identity.hash)
 
     def _send_final_reply(self, reply: dict[str, Any]) -> None:
         """A /cmd changeover's final reply, queued behind the replies the command thread is sending."""
@@ -318,7 +445,7 @@ class Daemon:
         self.publish_status()
         active: ActiveSku | None = None
         try:
-            active = self.sku_loader(self.config, request.name)
+            active = self._load_sku(request.name, request.version)
             result = {"ok": True, "sku": request.name, "state": "active", "load_s": round(time.monotonic() - t0, 2)}
         except Exception as exc:
             message = str(exc) if isinstance(exc, InspectorError) else f"{type(exc).__name__}: {exc}"
@@ -358,7 +485,7 @@ class Daemon:
         pipeline = self.running
         active = pipeline.sku
         try:
-            calibration = load_thresholds(self.config, active.name)
+            calibration = load_thresholds(pinned(self.config, active.name, active.version or None)[0], active.name)
         except Exception as exc:
             log.error("thresholds_reload_failed", sku=active.name, error=str(exc))
             return {"ok": False, "sku": active.name, "error": f"thresholds kept: {exc}"}
@@ -381,12 +508,16 @@ class Daemon:
             "camera_state": camera.get("state") or ("connected" if connected else "disconnected"),
         }
         if pipeline is not None:
-            doc |= {"sku": pipeline.sku.name, "paused": pipeline.paused, "not_ready": pipeline.not_ready,
+            active = pipeline.sku
+            doc |= {"sku": active.name, "sku_version": active.version, "sku_hash": active.content_hash,
+                    "paused": pipeline.paused, "not_ready": pipeline.not_ready,
                     "loading_sku": self._loading,
                     "queued": pipeline.queued(),
-                    "engine": _safe(pipeline.sku.engine.describe), "stats": pipeline.stats.snapshot()}
+                    "engine": _safe(active.engine.describe), "stats": pipeline.stats.snapshot()}
         if self.archive is not None:
             doc["archive"] = self.archive.stats()
+        doc |= {"drift": self.drift.status() if self.drift is not None else {"state": "disabled"},
+                "trend": self.trend.summary(), "teach": self.teaching.state()}
         if self.publisher is not None:
             doc |= {"broker_connected": bool(self.publisher.connected), "spool_pending": self.publisher.pending(),
                     "spool": self.publisher.spool_stats()}
@@ -405,6 +536,21 @@ class Daemon:
         camera = "" if doc["camera_connected"] else f" camera={doc['camera_state']}"
         self._notify(f"STATUS={self.state} sku={doc.get('sku')} frames={stats.get('frames')} "
                      f"ng={stats.get('ng')} fps={stats.get('fps')}{camera}")
+
+    def _observe(self, item: Published) -> None:
+        """The pipeline's on_published hook (publish thread): the trend counts the verdict, the drift watch and the
+        station page keep a reference to it; nothing here waits."""
+        self.trend.observe(item.verdict)
+        if self.drift is not None:
+            self.drift.observe(item)
+        if self.web is not None:
+            self.web.observe(item)
+
+    def _on_drift(self, event: DriftEvent) -> None:
+        """A drift alarm raised or cleared (drift thread): on <root>/drift, and at once in the retained status."""
+        if self.publisher is not None:
+            self.publisher.publish_event("drift", event)
+        self.publish_status()
 
     def _on_hold(self, reason: str | None) -> None:
         """Acquisition started or stopped holding (the spool policy): say so at once on every channel."""

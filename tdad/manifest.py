@@ -220,6 +220,19 @@ class SelectionRecord(BaseModel):
     seconds: float = 0.0
 
 
+class TaughtRecord(BaseModel):
+    """One `inspector sku update`: good parts whose novel patches joined the memory (tdad/training/teach.py)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    when: str
+    source: str  # the folder (or "reviews:<file>") the good parts came from
+    data_hash: str  # file-list hash of those parts
+    images: int
+    memory: tuple[int, int]  # entries before, after
+    fine_memory: tuple[int, int] = (0, 0)
+
+
 class SkuManifest(BaseModel):
     """meta.json of a SKU directory (schema SCHEMA_VERSION)."""
 
@@ -241,6 +254,7 @@ class SkuManifest(BaseModel):
     train: TrainRecord | None = None
     export: ExportRecord | None = None
     selection: SelectionRecord | None = None  # how memory boost, fine boost and top-k were chosen (None: by hand)
+    taught: list[TaughtRecord] = Field(default_factory=list)  # good parts added to the memory after training
 
     @computed_field  # type: ignore[prop-decorator]
     @property

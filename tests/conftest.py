@@ -69,6 +69,7 @@ def exported_random_sku(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def random_calibrated_sku(exported_random_sku: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A copy of the random-init SKU with calibration.json fitted on brick parts: daemon mechanics, not accuracy."""
+    from calibration.reference import stats_of_images
     from calibration.thresholds import fit_thresholds, save_calibration
     from engines.runtime import OnnxRuntimeSettings, create_engine
     from tdad.manifest import score_top_k
@@ -78,10 +79,11 @@ def random_calibrated_sku(exported_random_sku: Path, tmp_path_factory: pytest.Te
     sku_dir = Path(shutil.copytree(exported_random_sku, tmp_path_factory.mktemp("random_cal") / "sku"))
     engine = create_engine(OnnxRuntimeSettings(threads=1), sku_dir)
     rng = np.random.default_rng(0)
-    maps = engine.infer(np.stack([render_part("brick", engine.image_size, rng) for _ in range(9)]))
+    images = np.stack([render_part("brick", engine.image_size, rng) for _ in range(9)])
+    maps = engine.infer(images)
     top_k = score_top_k(sku_dir)
-    save_calibration(fit_thresholds(image_scores(maps, top_k=top_k), maps, 0.2, score_top_k=top_k),
-                     sku_dir / "calibration.json")
+    save_calibration(fit_thresholds(image_scores(maps, top_k=top_k), maps, 0.2, score_top_k=top_k,
+                                    good_image_stats=stats_of_images(images)), sku_dir / "calibration.json")
     return sku_dir
 
 

@@ -405,13 +405,20 @@ def test_live_overlay_draws_heat_map_mask_outline_and_defect_boxes() -> None:
     assert render_overlay(Published(verdict, None, heat, None, 0.5)) is None
 
 
-def test_grafana_dashboard_queries_only_metrics_the_station_exports() -> None:
-    dashboard = json.loads((Path(__file__).resolve().parents[1] / "deploy/grafana/inspector-station.json").read_text())
-    used = {name for panel in dashboard["panels"] for target in panel["targets"]
-            for name in re.findall(r"inspector_[a-z_]+", target["expr"])}
+@pytest.mark.parametrize("dashboard_file", ["inspector-station.json", "inspector-plant.json"])
+def test_grafana_dashboard_queries_only_metrics_the_station_exports(dashboard_file: str) -> None:
+    """Every metric a dashboard's panels and template variables query is one the daemon's /metrics exports."""
+    dashboard = json.loads((Path(__file__).resolve().parents[1] / "deploy/grafana" / dashboard_file).read_text())
+    queries = [target["expr"] for panel in dashboard["panels"] for target in panel["targets"]]
+    queries += [variable["definition"] for variable in dashboard["templating"]["list"]]
+    used = {name for query in queries for name in re.findall(r"inspector_[a-z_]+", query)}
     metrics = StationMetrics(lambda: {"stats": {"acquired": 1}, "queued": 0, "spool_pending": 0, "paused": False,
                                       "camera_connected": True, "broker_connected": True, "sku": "a",
-                                      "engine": {"backend": "onnxruntime", "precision": "fp32"}})
+                                      "engine": {"backend": "onnxruntime", "precision": "fp32"},
+                                      "drift": {"events": 0, "statistics": {
+                                          "brightness": {"value": 0.01, "bound": 0.04, "alarm": False}}},
+                                      "trend": {"minute": {"score": {"p50": 0.2, "p90": 0.3, "p99": 0.4}},
+                                                "threshold": 0.5}})
     metrics.observe(Verdict(frame_id=1, run_id="r", t_acquired=0.0, sku="a", ok=False,
                             latency_ms={"infer": 5.0, "total": 9.0},
                             engine="onnxruntime", line="l", station="s", reason="deadline_missed"))

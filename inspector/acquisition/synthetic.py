@@ -14,7 +14,8 @@ from inspector.config import SyntheticCamera
 
 
 class SyntheticSource(PacedSource):
-    """Renders `frames` parts (0 = endless) at `fps`; a seeded `defect_rate` fraction carries a defect."""
+    """Renders `frames` parts (0 = endless) at `fps`; a seeded `defect_rate` fraction carries a defect; with
+    `brightness_drift_per_frame`, the lighting drifts slowly (part n's gain is 1 + drift x (n - 1))."""
 
     def __init__(self, cfg: SyntheticCamera) -> None:
         super().__init__(cfg.fps)
@@ -44,6 +45,9 @@ class SyntheticSource(PacedSource):
                 image, mask = self._sample_data.draw_defect(image, rng)
                 meta.update(defect=True, defect_mask=mask)
                 self._defects += 1
+            if cfg.brightness_drift_per_frame:
+                gain = max(0.0, 1.0 + cfg.brightness_drift_per_frame * self.frames_produced)
+                image = cv2.convertScaleAbs(image, alpha=gain)  # saturating uint8: the scene under another lamp
             yield Frame(self._next_id(), time.time(), np.array(image, dtype=np.uint8), meta)
 
     def close(self) -> None:

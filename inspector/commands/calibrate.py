@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from calibration.evaluate import infer_dataset, map_scores
-from calibration.thresholds import fit_thresholds, format_table, save_calibration
-from engines.runtime import create_engine
+from calibration.reference import stats_of_images
+from calibration.thresholds import Calibration, fit_thresholds, format_table, save_calibration
+from engines.runtime import EngineSettings, create_engine
 from foundation.errors import ConfigError
 from inspector.commands.common import add_engine_arguments, sku_target
 from tdad.manifest import maps_fingerprint, read_manifest
@@ -18,7 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `inspector calibrate`."""
     add_engine_arguments(parser)
     parser.add_argument("--good", type=Path, required=True, help="folder of good images (recursive)")
-    parser.add_argument("--ng", type=Path, help="folder of NG images: reports miss rate and F1-optimal threshold")
+    parser.add_argument("--ng", type=Path, action="append", default=[],
+                        help="folder of NG images (recursive): reports miss rate and F1-optimal threshold; repeat it "
+                             "for several, e.g. each defect folder of `inspector review export`")
     parser.add_argument(
         "--ng-masks",
         type=Path,
@@ -28,38 +34,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the SKU's engine over the good (and NG) folders, fit thresholds, write calibration.json; a tiled SKU's
-    images are scaled, tiled, stitched and scored as the daemon does it (engines.tiled.infer_tiled)."""
+    """Run the SKU's engine over the good (and NG) folders, fit thresholds, write calibration.json."""
     target = sku_target(args)
-    engine = create_engine(target.engine, target.sku_dir, schedule_override=target.schedule_override or None)
-    manifest = read_manifest(target.sku_dir)
-    top_k, resize, tiling = manifest.score.top_k, manifest.preprocess.resize, manifest.tiling
-    scale = tiling.scale if tiling else None
-    good = FolderDataset(args.good, engine.image_size, resize=resize, tile_scale=scale)
-    good_maps = infer_dataset(engine, good, args.batch, desc="good", tiling=tiling).maps
-    hashes = [file_list_hash(good)]
-    if args.ng_masks is not None and args.ng is None:
-        raise ConfigError("--ng-masks needs --ng (the defective images the masks belong to)")
-    ng_scores = ng_maps = ng_masks = None
-    if args.ng is not None:
-        ng = FolderDataset(args.ng, engine.image_size, mask_dir=args.ng_masks, resize=resize, tile_scale=scale)
-        inference = infer_dataset(engine, ng, args.batch, desc="ng", tiling=tiling)
-        ng_scores = map_scores(inference.maps, top_k)
-        if args.ng_masks is not None:
-            ng_maps, ng_masks = inference.maps, inference.masks
-        hashes.append(file_list_hash(ng))
-    calibration = fit_thresholds(
-        map_scores(good_maps, top_k),
-        good_maps,
-        args.frr,
-        ng_scores=ng_scores,
-        ng_maps=ng_maps,
-        ng_masks=ng_masks,
-        score_top_k=top_k,
-        data_hash=hashes[0] if len(hashes) == 1 else "+".join(hashes),
-        sku_fingerprint=maps_fingerprint(target.sku_dir, target.schedule_override),
-    )
+    if args.ng_masks is not None and len(args.ng) != 1:
+        raise ConfigError("--ng-masks needs --ng (the defective images the masks belong to), exactly one")
+    calibration = calibrate_sku(target.engine, target.sku_dir, args.good, args.frr, batch=args.batch,
+                                schedule_override=target.schedule_override, ng=args.ng, ng_masks=args.ng_masks)
     save_calibration(calibration, target.calibration_path)
     print(format_table(calibration))
     print(f"wrote {target.calibration_path}")
     return 0
+
+
+def calibrate_sku(settings: EngineSettings, sku_dir: Path, good_dir: Path, frr: float, *, batch: int = 8,
+                  schedule_override: dict[str, int] | None = None, ng: Sequence[Path] = (),
+                  ng_masks: Path | None = None) -> Calibration:
+    """The thresholds of the SKU in sku_dir, run by an engine of `settings` over the good (and NG) folders; a tiled
+    SKU's images are scaled, tiled, stitched and scored as the daemon does it (engines.tiled.infer_tiled). What
+    `inspector calibrate` writes, and `inspector sku update` after teaching."""
+    engine = create_engine(settings, sku_dir, schedule_override=schedule_override or None)
+    manifest = read_manifest(sku_dir)
+    top_k, resize, tiling = manifest.score.top_k, manifest.preprocess.resize, manifest.tiling
+    scale = tiling.scale if tiling else None
+    good = FolderDataset(good_dir, engine.image_size, resize=resize, tile_scale=scale)
+    good_maps = infer_dataset(engine, good, batch, desc="good", tiling=tiling).maps
+    hashes = [file_list_hash(good)]
+    ng_scores = ng_maps = masks = None
+    for folder in ng:
+        parts = FolderDataset(folder, engine.image_size, mask_dir=ng_masks, resize=resize, tile_scale=scale)
+        inference = infer_dataset(engine, parts, batch, desc="ng", tiling=tiling)
+        scores = map_scores(inference.maps, top_k)
+        ng_scores = scores if ng_scores is None else np.concatenate([ng_scores, scores])
+        if ng_masks is not None:
+            ng_maps, masks = inference.maps, inference.masks
+        hashes.append(file_list_hash(parts))
+    return fit_thresholds(
+        map_scores(good_maps, top_k),
+        good_maps,
+        frr,
+        ng_scores=ng_scores,
+        ng_maps=ng_maps,
+        ng_masks=masks,
+        score_top_k=top_k,
+        data_hash=hashes[0] if len(hashes) == 1 else "+".join(hashes),
+        sku_fingerprint=maps_fingerprint(sku_dir, schedule_override),
+        good_image_stats=stats_of_images(item.image for item in good),
+    )

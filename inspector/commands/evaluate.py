@@ -250,6 +250,9 @@ def run(args: argparse.Namespace) -> int:
         rows.append({**variant.labels, "engine": engine.describe(), **result})
         log.info("eval_row_done", **variant.labels, **{k: result[k] for k in METRIC_COLUMNS})
     counts = rows[0]["defect_counts"] if rows else {}
+    pixels = ("not available, the test split has no ground_truth masks (image-level labels only)"
+              if rows and not rows[0]["pixel_truth"] else "")
+    pixels_md = f"Pixel metrics: {pixels}.\n\n" if pixels else ""
     report = {
         "sku_dir": str(target.sku_dir),
         "backend": "torch" if args.ablation or args.memory_boost else target.engine.backend,
@@ -278,12 +281,15 @@ def run(args: argparse.Namespace) -> int:
              if args.score_sweep else "")
     (out / "report.md").write_text(
         f"{title}\n\nResolution: {resolution(manifest)}.\n\nHeld out: {held_out}.\n\n"
+        f"{pixels_md}"
         f"{format_table(rows, markdown=True)}\n\n"
         f"Image AUROC per defect type (each type against all good images; images per type in brackets):\n\n"
         f"{format_defect_table(rows, counts, markdown=True)}\n\n{sweep}{montages}\n"
     )
     print(f"resolution: {resolution(manifest)}")
     print(f"held out: {held_out}")
+    if pixels:
+        print(f"pixel metrics: {pixels}")
     print(format_table(rows))
     print("\nimage AUROC per defect type (vs all good images)")
     print(format_defect_table(rows, counts))

@@ -13,6 +13,7 @@ from prometheus_client.registry import Collector
 
 from inspector.pipeline import CORRUPT_FRAME, DEADLINE, ENGINE_ERROR, INVALID_FRAME, QUEUE_FULL, SHUTDOWN, WRONG_SIZE
 from inspector.spool import LOSS_CAUSES
+from inspector.trend import QUANTILES
 from inspector.verdict import Verdict
 
 FAIL_SAFE_REASONS = (QUEUE_FULL, DEADLINE, ENGINE_ERROR, CORRUPT_FRAME, INVALID_FRAME, WRONG_SIZE, SHUTDOWN)
@@ -90,13 +91,48 @@ class _StatusCollector(Collector):
         for cause in LOSS_CAUSES:
             lost.add_metric([cause], float(spool.get(cause, 0) or 0))
         yield lost
+        yield from _drift_and_trend(doc)
         if doc.get("sku") is not None:
             sku = GaugeMetricFamily("inspector_active_sku", "The SKU being inspected (value 1)", labels=["sku"])
             sku.add_metric([str(doc["sku"])], 1.0)
             yield sku
+            bundle = GaugeMetricFamily("inspector_sku_bundle_info",
+                                       "Version and content hash of the SKU being inspected (value 1); version \"\" "
+                                       "when it does not run from the SKU store, the hash then of its meta.json",
+                                       labels=["sku", "version", "hash"])
+            bundle.add_metric([str(doc["sku"]), str(doc.get("sku_version") or ""), str(doc.get("sku_hash") or "")],
+                              1.0)
+            yield bundle
         engine = doc.get("engine") or {}
         if "backend" in engine:
             info = GaugeMetricFamily("inspector_engine_info", "Backend and precision of the active engine (value 1)",
                                      labels=["backend", "precision"])
             info.add_metric([str(engine["backend"]), str(engine.get("precision", ""))], 1.0)
             yield info
+
+
+def _drift_and_trend(doc: dict[str, Any]) -> Iterator[Metric]:
+    """The drift watch's statistics, alarms and event count, and the last minute's OK-score quantiles with the
+    threshold (the status document's `drift` and `trend`, inspector/drift.py and inspector/trend.py)."""
+    drift = doc.get("drift") or {}
+    value = GaugeMetricFamily("inspector_drift", "Drift watch statistic of the recent OK parts (0 = as calibrated; "
+                                                 "docs/operations.md)", labels=["statistic"])
+    alarm = GaugeMetricFamily("inspector_drift_alarm", "1 while the statistic is beyond its [drift] bound",
+                              labels=["statistic"])
+    for name, stat in (drift.get("statistics") or {}).items():
+        value.add_metric([name], float(stat["value"]))
+        alarm.add_metric([name], float(bool(stat["alarm"])))
+    yield value
+    yield alarm
+    yield CounterMetricFamily("inspector_drift_events", "Drift alarms raised", value=float(drift.get("events", 0)))
+    trend = doc.get("trend") or {}
+    score = GaugeMetricFamily("inspector_ok_score", "Score quantiles of the OK parts of the last complete minute",
+                              labels=["quantile"])
+    minute = (trend.get("minute") or {}).get("score") or {}
+    for name, quantile in QUANTILES.items():
+        if minute.get(name) is not None:
+            score.add_metric([str(quantile)], float(minute[name]))
+    yield score
+    if trend.get("threshold") is not None:
+        yield GaugeMetricFamily("inspector_score_threshold", "Image threshold of the active SKU (score >= it: NG)",
+                                value=float(trend["threshold"]))

@@ -7,15 +7,19 @@
 | `GET /api/status` | the status document (as on MQTT) plus per-SKU counts | viewers |
 | `GET /api/events` | server-sent events: `state` (1/s) and `frame` (≤ web.live_fps, latest wins) | viewers |
 | `GET /api/ng` | the last NG parts in the archive, newest first | viewers |
+| `GET /api/trend` | per minute of the last 24 h: OK, NG, fail-safe, OK-score quantiles (inspector/trend.py) | viewers |
+| `GET /api/reviews` | the review queue: `?show=unreviewed/reviewed/all&kind=all/ng/ok`, newest part first | viewers |
+| `GET /api/versions` | the inspecting SKU's versions in the store: the `versions` command's reply | viewers |
 | `GET /archive/<sku>/<day>/<file>` | an archived frame, heat map (PNG) or verdict (JSON) | viewers |
 | `GET /metrics` | Prometheus exposition | viewers, Prometheus |
-| `POST /api/cmd` | `{"cmd": "pause" / "resume" / "reload"}`, `{"cmd": "sku", "sku": NAME}` | token holders |
+| `POST /api/cmd` | CONTROL_COMMANDS: pause, resume, reload, sku, review, activate, rollback, teach | token holders |
 
 Security: the server listens on 127.0.0.1 unless the operator sets web.host and web.open_view (and then a
 loopback listener still only answers to loopback Host names, against DNS rebinding). Controls need the
 token from web.token_file as `Authorization: Bearer <token>`, a same-origin (or web.allowed_origins)
 Origin when a browser sends one, a JSON body of at most MAX_BODY bytes and a known command; anything else
-gets a 4xx with a one-line JSON error before the daemon is involved. Accepted commands go through
+gets a 4xx with a one-line JSON error before the daemon is involved (a review also needs a well-formed request,
+400, for a part still archived or kept, 404). Accepted commands go through
 `inspector.mqtt.run_command` into the daemon's handler, exactly as a /cmd message does, with the same reply
 (HTTP 200 when ok, 409 when the station could not do it).
 
@@ -34,12 +38,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import hmac
+import itertools
 import json
 import math
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,10 +65,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from foundation.errors import ConfigError, InspectorError
 from foundation.log import get_logger
+from inspector.activation import check_command
 from inspector.archive import Archive
-from inspector.config import WebConfig, is_loopback
+from inspector.config import REVIEWS_DIR, WebConfig, is_loopback
 from inspector.mqtt import parse_command, run_command
 from inspector.pipeline import Published
+from inspector.reviews import PartNotFound, Review, ReviewError, ReviewStore, parse_review
+from inspector.trend import Trend
 from inspector.web.live import Broadcast, LiveFeed, frame_event
 from inspector.web.metrics import StationMetrics
 
@@ -72,7 +80,10 @@ log = get_logger(__name__)
 STATIC = Path(__file__).resolve().parent / "static"
 ARCHIVE_CACHE = "private, max-age=86400, immutable"  # archived files are written once and never change
 MAX_BODY = 4096  # bytes of a control request; commands are tiny JSON objects
-CONTROL_COMMANDS = ("pause", "resume", "reload", "sku")
+CONTROL_COMMANDS = ("pause", "resume", "reload", "sku", "review", "activate", "rollback", "teach")
+QUEUE_SHOW = ("unreviewed", "reviewed", "all")  # the review queue's ?show= (all: not yet reviewed ones first)
+QUEUE_KINDS = ("all", "ng", "ok")  # and its ?kind=
+QUEUE_LIMIT = 60  # parts the review queue lists, newest first
 ARCHIVE_SUFFIXES = (".png", ".json")
 STATE_INTERVAL_S = 1.0
 TOKEN_FAILURES = 5  # control requests without the right token a client may send per window before a lockout
@@ -92,8 +103,11 @@ class Station(Protocol):
     """What the page needs from the daemon (inspector.service.Daemon)."""
 
     archive: Archive | None
+    reviews: ReviewStore | None
+    trend: Trend
 
-    def handle_command(self, command: dict[str, Any], *, loading_reply: bool = True) -> dict[str, Any]: ...
+    def handle_command(self, command: dict[str, Any], *, loading_reply: bool = True,
+                       client: str = "mqtt") -> dict[str, Any]: ...
 
     def status(self) -> dict[str, Any]: ...
 
@@ -169,11 +183,14 @@ class StationWeb:
     """The page, its live feed and /metrics for one station; bound at construction, served after start()."""
 
     def __init__(self, cfg: WebConfig, station: Station, *, skus: Sequence[str],
+                 defect_types: Mapping[str, Sequence[str]] | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        """clock: monotonic seconds for the token-failure windows (a test moves its own)."""
+        """defect_types: per SKU, what a confirmed defect may be labelled; clock: monotonic seconds for the
+        token-failure windows (a test moves its own)."""
         self.cfg = cfg
         self.station = station
         self.skus = list(skus)
+        self.defect_types = {sku: list(types) for sku, types in (defect_types or {}).items()}
         self.token = cfg.read_token()
         self.token_failures = TokenFailures(clock=clock)
         self.feed = LiveFeed()
@@ -193,10 +210,7 @@ class StationWeb:
     @property
     def url(self) -> str:
         """Where the page is, as a browser on this box opens it."""
-        host = self.cfg.host
-        if host in ("0.0.0.0", "::"):
-            host = "127.0.0.1"
-        return f"http://{f'[{host}]' if ':' in host else host}:{self.port}/"
+        return self.cfg.page_url(self.port)
 
     # ---- lifecycle -------------------------------------------------------------------------------------------
 
@@ -280,6 +294,9 @@ class StationWeb:
             Route("/api/status", self._status),
             Route("/api/events", self._events),
             Route("/api/ng", self._ng_parts),
+            Route("/api/trend", lambda _request: _json(self.station.trend.series())),
+            Route("/api/reviews", self._review_queue),
+            Route("/api/versions", self._versions),
             Route("/api/cmd", self._command, methods=["POST"]),
             Route("/archive/{path:path}", self._archive_file),
             Route("/metrics", self._metrics),
@@ -307,18 +324,45 @@ class StationWeb:
         archive = self.station.archive
         if archive is None:
             return JSONResponse({"archive": False, "parts": []})
-        root = archive.root
-        parts = []
-        for json_path in archive.recent_ng(self.cfg.ng_strip):
-            try:
-                verdict = json.loads(json_path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                continue  # deleted by the size cap in between, or being written
-            stem = json_path.relative_to(root).as_posix()[: -len(".json")]
-            files = {"json": f"{stem}.json", "image": f"{stem}.png", "heat": f"{stem}_heat.png"}
-            parts.append({"verdict": verdict} | {k: f"archive/{v}" if (root / v).is_file() else None
-                                                  for k, v in files.items()})
+        stems = (path.relative_to(archive.root).as_posix()[: -len(".json")]
+                 for path in archive.recent_ng(self.cfg.ng_strip))
+        parts = [part for stem in stems if (part := _archived_part(archive.root, stem)) is not None]
         return JSONResponse({"archive": True, "parts": parts})
+
+    def _review_queue(self, request: Request) -> Response:
+        """The review queue: parts not yet reviewed (from the archive), then reviewed ones (their kept copies, with
+        their latest review), each newest first, as ?show= and ?kind= select; and each SKU's defect types."""
+        show = request.query_params.get("show", "unreviewed")
+        kind = request.query_params.get("kind", "all")
+        if show not in QUEUE_SHOW or kind not in QUEUE_KINDS:
+            raise Refused(400, f"the queue takes ?show={'|'.join(QUEUE_SHOW)} and ?kind={'|'.join(QUEUE_KINDS)}")
+        archive, reviews = self.station.archive, self.station.reviews
+        if archive is None or reviews is None:
+            return _json({"archive": False, "parts": [], "defect_types": self.defect_types})
+        latest = reviews.latest()
+        kinds = ("_ng", "_ok") if kind == "all" else (f"_{kind}",)
+
+        def unreviewed() -> Iterator[tuple[str, str, Review | None]]:
+            for path in archive.parts():
+                part = path.relative_to(archive.root).as_posix()[: -len(".json")]
+                if part not in latest and part.endswith(kinds):
+                    yield part, part, None
+
+        def reviewed() -> Iterator[tuple[str, str, Review | None]]:
+            for part in sorted(latest, key=lambda p: p.partition("/")[2], reverse=True):
+                if part.endswith(kinds):
+                    yield part, f"{REVIEWS_DIR}/{part}", latest[part]
+
+        listed = itertools.chain(unreviewed() if show != "reviewed" else (),
+                                 reviewed() if show != "unreviewed" else ())
+        parts: list[dict[str, Any]] = []
+        for part, stem, review in listed:
+            entry = _archived_part(archive.root, stem)
+            if entry is not None:
+                parts.append(entry | {"part": part, "review": review.model_dump(mode="json") if review else None})
+                if len(parts) == QUEUE_LIMIT:
+                    break
+        return _json({"archive": True, "parts": parts, "defect_types": self.defect_types})
 
     def _archive_file(self, request: Request) -> FileResponse:
         """An archived file; anything outside the archive folder or not a PNG/JSON is refused."""
@@ -347,7 +391,7 @@ class StationWeb:
             if not exc.aggregated:
                 log.warning("web_command_refused", status=exc.status, error=exc.error, client=client)
             raise
-        handler = functools.partial(self.station.handle_command, loading_reply=False)
+        handler = functools.partial(self.station.handle_command, loading_reply=False, client=f"web {client}")
         reply = await run_in_threadpool(run_command, command, handler)
         log.info("web_command", command=command, ok=reply.get("ok"), client=client)
         return _json(reply, 200 if reply.get("ok") else 409)
@@ -381,15 +425,58 @@ class StationWeb:
         name = command.get("cmd")
         if name not in CONTROL_COMMANDS:
             raise Refused(400, f"unknown command {name!r}: use one of {', '.join(CONTROL_COMMANDS)}")
-        if name == "sku" and command.get("sku") not in self.skus:
+        if name in ("sku", "teach") and command.get("sku") not in self.skus:
             sku = command.get("sku")
-            what = f"unknown SKU {sku!r}" if sku is not None else 'a changeover needs "sku"'
+            request = "a changeover" if name == "sku" else "teach"
+            what = f"unknown SKU {sku!r}" if sku is not None else f'{request} needs "sku"'
             raise Refused(400, f"{what}: configured SKUs are {', '.join(self.skus)}")
+        if name == "review":
+            self._check_review(command)
+        if name in ("activate", "rollback"):
+            self._check_activation(name, command)
         return command
+
+    def _check_activation(self, name: str, command: dict[str, Any]) -> None:
+        """An activate/rollback request's shape and SKU (400), checked before the daemon runs it."""
+        try:
+            sku = check_command(name, command)[0]
+        except InspectorError as exc:
+            raise Refused(400, str(exc)) from None
+        if sku not in self.skus:
+            raise Refused(400, f"unknown SKU {sku!r}: configured SKUs are {', '.join(self.skus)}")
+
+    async def _versions(self, _request: Request) -> Response:
+        """The inspecting SKU's versions (the `versions` command; ok false, with why, when it is not in the store)."""
+        return _json(await run_in_threadpool(run_command, {"cmd": "versions"}, self.station.handle_command))
+
+    def _check_review(self, command: dict[str, Any]) -> None:
+        """A review's request (400) and its part (404), checked before the daemon records it."""
+        try:
+            part = parse_review(command, self.defect_types).part
+        except ReviewError as exc:
+            raise Refused(400, str(exc)) from None
+        reviews = self.station.reviews
+        if reviews is None:
+            raise Refused(404, "the archive is disabled ([archive] enabled = false): there are no parts to review")
+        try:
+            reviews.verdict_file(part)
+        except PartNotFound as exc:
+            raise Refused(404, str(exc)) from None
 
     def _allowed_origins(self, request: Request) -> set[str]:
         host = request.headers.get("host", "")
         return {f"http://{host}", f"https://{host}", *self.cfg.allowed_origins}
+
+
+def _archived_part(root: Path, stem: str) -> dict[str, Any] | None:
+    """An archived part's verdict and the URLs of its verdict JSON, frame and heat map (None where absent); None
+    when its verdict cannot be read (deleted by the size cap in between, or being written)."""
+    try:
+        verdict = json.loads((root / f"{stem}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    files = {"json": f"{stem}.json", "image": f"{stem}.png", "heat": f"{stem}_heat.png"}
+    return {"verdict": verdict} | {k: f"archive/{v}" if (root / v).is_file() else None for k, v in files.items()}
 
 
 def _json(data: dict[str, Any], status: int = 200) -> Response:

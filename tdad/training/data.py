@@ -6,6 +6,8 @@ folder  ``<root>/**/*.{png,jpg,jpeg,bmp,tif,tiff}`` (recursive, case-insensitive
         folders ignored): good images only, label 0, mask None.
 mvtec   ``<root>/<category>/train/good/*.png``; ``<root>/<category>/test/<type>/*.png`` with masks at
         ``<root>/<category>/ground_truth/<type>/<stem>_mask.png``; test ``good`` items get an all-false mask.
+        Without a ``ground_truth`` folder the test labels are image-level only (e.g. an export of operator
+        reviews, inspector/reviews.py): every item's mask is None and pixel metrics are not available.
 visa    ``<root>/split_csv/1cls.csv`` (columns object,split,label,image,mask; label normal/anomaly; paths
         relative to root) pointing into ``<root>/<category>/Data/Images/{Normal,Anomaly}/*.JPG`` and
         ``<root>/<category>/Data/Masks/Anomaly/*.png`` (non-zero = defect); normal test items get an
@@ -323,7 +325,8 @@ class MVTecDataset(ImageDataset):
 
     @staticmethod
     def _scan_test(base: Path) -> list[Record]:
-        """Test items per defect-type folder; every non-good image must have its <stem>_mask.png."""
+        """Test items per defect-type folder; with a ground_truth folder every non-good image must have its
+        <stem>_mask.png, without one the labels are image-level only (no masks)."""
         expected = (
             "expected MVTec AD layout <root>/<category>/test/<type>/*.png with masks at "
             "<root>/<category>/ground_truth/<type>/<stem>_mask.png"
@@ -334,11 +337,12 @@ class MVTecDataset(ImageDataset):
             if test_dir.is_dir()
             else []
         )
+        pixel_truth = (base / "ground_truth").is_dir()
         records: list[Record] = []
         for defect_type in types:
             for path in list_images(test_dir / defect_type, False):
-                if defect_type == "good":
-                    records.append(Record(path, None, 0, "good", True))
+                if defect_type == "good" or not pixel_truth:
+                    records.append(Record(path, None, int(defect_type != "good"), defect_type, pixel_truth))
                     continue
                 mask_path = base / "ground_truth" / defect_type / f"{path.stem}_mask.png"
                 if not mask_path.is_file():

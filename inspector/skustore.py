@@ -37,6 +37,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from foundation.errors import DataError, InspectorError
+from foundation.files import fsync_path
 from tdad.manifest import MANIFEST_FILE, file_sha256
 
 VERSIONS_DIR = "versions"
@@ -289,7 +290,7 @@ class SkuStore:
             for entry in files:
                 path = staged / entry.path
                 path.chmod(path.stat().st_mode & ~0o222)
-                _fsync(path)  # on disk before the rename makes the version visible
+                fsync_path(path)  # on disk before the rename makes the version visible
             record = {"id": vid, "sku": sku, "hash": content_hash(files), "files": len(files),
                       "bytes": sum(f.size for f in files), "created": provenance.created or _now(),
                       "installed": datetime.now(UTC).isoformat(),  # to the microsecond: versions() sorts by it
@@ -297,7 +298,7 @@ class SkuStore:
                       "details": provenance.details}
             _write_atomic(target.parent / f"{vid}.json", json.dumps(record, indent=2) + "\n")
             os.rename(staged, target)
-            _fsync(target.parent)
+            fsync_path(target.parent)
             reason = f"{provenance.origin} {provenance.source}".strip()
             _append(folder, HistoryEntry(_now(), provenance.actor, "add", None, vid, reason))
         return vid
@@ -360,7 +361,7 @@ class SkuStore:
                 link.unlink()
             os.symlink(f"{VERSIONS_DIR}/{after}", link)
             os.replace(link, folder / ACTIVE_LINK)
-            _fsync(folder)
+            fsync_path(folder)
             _append(folder, HistoryEntry(_now(), actor, action, before, after, reason))
         return Change(sku, before, after)
 
@@ -439,13 +440,3 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-
-
-def _fsync(path: Path) -> None:
-    """Sync a file's data, or a folder's entries (a rename or a new link), to disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-

@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import Any
 
 from foundation.errors import ConfigError
+from foundation.files import fsync_path
 from foundation.log import get_logger
 
 log = get_logger(__name__)
@@ -533,7 +534,7 @@ class Spool:
             self._active[ng], self._writers[ng] = seq, fd
             first = seq
             if self._fsync:
-                _fsync_dir(self.directory)
+                fsync_path(self.directory)  # the new segment's name survives a power cut
         return self._writers[ng], first, segment
 
     def _close_writer(self, ng: bool) -> None:
@@ -599,13 +600,4 @@ def _write_all(fd: int, data: bytes) -> None:
 def _close_fd(fd: int) -> None:
     """Close a descriptor; a late write error reported by close is already handled by the caller's bookkeeping."""
     with contextlib.suppress(OSError):
-        os.close(fd)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Persist a new directory entry (the segment file name) across a power cut."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
         os.close(fd)

@@ -123,10 +123,11 @@ make_dirs() {
     install -d -m 0755 "$opt_dir" "$root/etc/systemd/system"
     install -d -m 0750 "$etc_dir" "$etc_dir/tls" "$lib_dir" "$lib_dir/skus" "$cache_dir"
     install -d -m 0700 "$secrets_dir"
-    install -d -m 0750 "$lib_dir/$station" "$lib_dir/$station/spool" "$lib_dir/$station/archive"
+    install -d -m 0750 "$lib_dir/$station" "$lib_dir/$station/spool" "$lib_dir/$station/archive" \
+        "$lib_dir/$station/skus"
     own "root:$SVC_USER" "$etc_dir" "$etc_dir/tls" "$lib_dir" "$lib_dir/skus" "$cache_dir"
     own "$SVC_USER:$SVC_USER" "$secrets_dir" "$lib_dir/$station" "$lib_dir/$station/spool" \
-        "$lib_dir/$station/archive"
+        "$lib_dir/$station/archive" "$lib_dir/$station/skus"
 }
 
 make_venv() {
@@ -194,6 +195,10 @@ write_config() {
             -e "s|^qos = 1$|qos = $qos|" \
             -e "s|^# token_file = .*|token_file = \"/etc/inspector/secrets/$station.web-token\"|" \
             "$(config_template)" >"$cfg.new"
+        # the version store lives in the station's state folder: the daemon swaps its links (activate, rollback)
+        # and adds taught versions, and that folder is the only one the sandbox lets it write
+        printf '\n# written by deploy/install.sh (the commented [store] above shows its other keys)\n[store]\ndir = "/var/lib/inspector/%s/skus"\n' \
+            "$station" >>"$cfg.new"
         chmod 0640 "$cfg.new"
         mv "$cfg.new" "$cfg"
         note "wrote starter config $cfg: set camera, broker and SKUs, then check it"

@@ -88,7 +88,7 @@ def test_install_lays_out_the_box(tmp_path: Path) -> None:
     lib = tmp_path / "var" / "lib" / "inspector"
     assert mode(etc) == 0o750
     assert mode(etc / "secrets") == 0o700
-    for sub in ("", "spool", "archive"):
+    for sub in ("", "spool", "archive", "skus"):
         assert mode(lib / STATION / sub) == 0o750
     assert mode(etc / f"{STATION}.toml") == 0o640
     assert mode(etc / f"{STATION}.env") == 0o640
@@ -98,6 +98,7 @@ def test_install_lays_out_the_box(tmp_path: Path) -> None:
     assert config.line.station_id == STATION
     assert config.mqtt.spool_dir == Path(f"/var/lib/inspector/{STATION}/spool")
     assert config.archive.dir == Path(f"/var/lib/inspector/{STATION}/archive")
+    assert config.store.dir == Path(f"/var/lib/inspector/{STATION}/skus")  # writable by the sandboxed service
     assert all(sku.model_dir.is_relative_to("/var/lib/inspector/skus") for sku in config.skus.values())
     token = etc / "secrets" / f"{STATION}.web-token"
     assert mode(token) == 0o600 and len(token.read_text().strip()) == 48

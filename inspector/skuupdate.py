@@ -103,7 +103,9 @@ def update_sku(config: InspectorConfig, sku: str, *, add_good: Path | None = Non
         if export is not None and export.int8 is not None:
             quantize_int8(staged, good)
         progress(f"re-fitting the thresholds on {good}")
-        calibration = calibrate_sku(config.engine, staged, good, target_frr,
+        # one image per engine call: a memory search's distance matrix grows with the batch (GBs at 8 frames against a
+        # large fine memory), and this runs beside the inspecting daemon
+        calibration = calibrate_sku(config.engine, staged, good, target_frr, batch=1,
                                     schedule_override=settings.schedule_override() if settings else None)
         save_calibration(calibration, staged / CALIBRATION_FILE)
         provenance = Provenance(origin="update", source=f"{parent} + {record.images} good parts from {source}",

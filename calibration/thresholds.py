@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from calibration.metrics import Pixels, f1_max_threshold, flat_pixels
 from calibration.reference import DriftReference
 from foundation.errors import DataError
+from foundation.files import write_text_atomic
 
 CALIBRATION_FILE = "calibration.json"
 # Without NG masks, the pixel threshold is this quantile of all good-part pixel scores.
@@ -84,11 +85,8 @@ def load_calibration(path: Path) -> Calibration:
 
 
 def save_calibration(calibration: Calibration, path: Path) -> None:
-    """Write calibration.json atomically (temp file + rename) so the daemon never reads half a file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(calibration.model_dump_json(indent=2) + "\n")
-    tmp.replace(path)
+    """Write calibration.json atomically (foundation.files.write_text_atomic) so the daemon never reads half a file."""
+    write_text_atomic(Path(path), calibration.model_dump_json(indent=2) + "\n")
 
 
 def good_images_needed(target_frr: float) -> int:

@@ -37,7 +37,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from foundation.errors import DataError, InspectorError
-from foundation.files import fsync_path
+from foundation.files import fsync_path, write_text_atomic
 from tdad.manifest import MANIFEST_FILE, file_sha256
 
 VERSIONS_DIR = "versions"
@@ -296,7 +296,7 @@ class SkuStore:
                       "installed": datetime.now(UTC).isoformat(),  # to the microsecond: versions() sorts by it
                       "origin": provenance.origin, "source": provenance.source, "actor": provenance.actor,
                       "details": provenance.details}
-            _write_atomic(target.parent / f"{vid}.json", json.dumps(record, indent=2) + "\n")
+            write_text_atomic(target.parent / f"{vid}.json", json.dumps(record, indent=2) + "\n")
             os.rename(staged, target)
             fsync_path(target.parent)
             reason = f"{provenance.origin} {provenance.source}".strip()
@@ -431,12 +431,3 @@ def _append(folder: Path, entry: HistoryEntry) -> None:
     finally:
         os.close(fd)
 
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write a file so that a reader sees the old or the new content, never half (temp file, fsync, rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

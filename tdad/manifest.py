@@ -45,6 +45,7 @@ from typing import Any, Literal, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, computed_field
 
 from foundation.errors import ConfigError, DataError, first_line
+from foundation.files import write_text_atomic
 from tdad.preprocess import ResizeMode
 from tdad.schedule import Schedule
 from tdad.scoring import DEFAULT_TOP_K, top_k_for
@@ -347,11 +348,9 @@ def maps_fingerprint(sku_dir: Path, schedule_override: Mapping[str, int] | None 
 
 
 def write_manifest(sku_dir: Path, manifest: SkuManifest) -> Path:
-    """Write meta.json atomically (temp file + rename), so a reader never sees half a manifest."""
+    """Write meta.json atomically (foundation.files.write_text_atomic), so a reader never sees half a manifest."""
     path = Path(sku_dir) / MANIFEST_FILE
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(manifest.model_dump_json(indent=2) + "\n")
-    tmp.replace(path)
+    write_text_atomic(path, manifest.model_dump_json(indent=2) + "\n")
     return path
 
 

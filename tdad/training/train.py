@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from foundation.errors import ConfigError, DataError, first_line
+from foundation.files import write_text_atomic
 from foundation.gpu import torch_cuda_device
 from foundation.log import configure_logging, get_logger
 from tdad.manifest import RECONSTRUCTIONS, PreprocessRecord, Reconstruction, TilingRecord, TrainRecord
@@ -556,9 +557,7 @@ class Run:
         save_file(tensors, str(self.state_dir / "weights.safetensors"))
         torch.save(self.optimizer.state_dict() if self.optimizer else {}, self.state_dir / "optimizer.pt")
         state = {"phase": self.phase, "step": self.step, "losses": self.losses, "config": self.cfg.to_dict()}
-        tmp = self.state_dir / "state.json.tmp"
-        tmp.write_text(json.dumps(state, indent=2) + "\n")
-        tmp.replace(self.state_dir / "state.json")
+        write_text_atomic(self.state_dir / "state.json", json.dumps(state, indent=2) + "\n")
         log.info("checkpoint_saved", dir=str(self.state_dir), phase=PHASES[min(self.phase, 2)], step=self.step)
 
     def load(self) -> dict[str, Any]:

@@ -49,6 +49,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from engines.runtime.config import EngineSettings
+from engines.runtime.tensorrt_backend import plan_sidecar
 from foundation.errors import DataError, first_line
 from inspector.config import check_secret_file
 from inspector.skustore import FileEntry, Provenance, SkuStore, VersionExists, sku_files, unsafe_path, version_id
@@ -254,7 +255,7 @@ def _plan_infos(sku_dir: Path, names: set[str]) -> dict[str, PlanInfo]:
     """What each *.plan of the folder was built for, from its sidecar; DataError for a plan without one."""
     plans = {}
     for name in sorted(n for n in names if n.endswith(".plan")):
-        sidecar = Path(name).with_suffix(".json").as_posix()
+        sidecar = plan_sidecar(Path(name)).as_posix()
         fix = f"rebuild it with `inspector build --sku-dir {sku_dir}` or remove it"
         if sidecar not in names:
             raise DataError(f"{sku_dir / name}: TensorRT plan without its sidecar {Path(sidecar).name}; {fix}")

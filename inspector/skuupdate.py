@@ -36,8 +36,6 @@ from tdad.manifest import TaughtRecord, read_manifest
 
 log = get_logger(__name__)
 
-STALE_SUFFIXES = (".plan",)  # engine files tied to the old weights, left out of the new version
-
 
 @dataclass(frozen=True)
 class Updated:
@@ -59,6 +57,7 @@ def update_sku(config: InspectorConfig, sku: str, *, add_good: Path | None = Non
     # torch and the exporter: imported here, so the daemon (which holds Teaching) starts without them
     from engines.export import export_sku
     from engines.quantize import derive_fp16, quantize_int8
+    from engines.runtime.tensorrt_backend import plan_sidecar
     from inspector.commands.calibrate import calibrate_sku
     from tdad.training.teach import teach_sku
 
@@ -89,8 +88,11 @@ def update_sku(config: InspectorConfig, sku: str, *, add_good: Path | None = Non
         else:
             assert add_good is not None
             folder, source = add_good, str(add_good)
-        for relative in sku_paths(parent_dir):
-            if not relative.endswith(STALE_SUFFIXES) and not _is_plan_sidecar(parent_dir, relative):
+        paths = sku_paths(parent_dir)
+        plans = [p for p in paths if p.endswith(".plan")]  # built for the old weights: left out, with their sidecars
+        stale = {*plans, *(plan_sidecar(Path(p)).as_posix() for p in plans)}
+        for relative in paths:
+            if relative not in stale:
                 (staged / relative).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(parent_dir / relative, staged / relative)
         progress(f"teaching the good parts of {source}")
@@ -114,11 +116,6 @@ def update_sku(config: InspectorConfig, sku: str, *, add_good: Path | None = Non
     log.info("sku_updated", sku=sku, version=version, parent=parent, images=record.images,
              memory=list(record.memory), threshold=calibration.image_threshold)
     return Updated(version, parent, record, calibration.image_threshold, calibration.n_good)
-
-
-def _is_plan_sidecar(folder: Path, relative: str) -> bool:
-    """Whether `relative` is the .json sidecar of a TensorRT plan beside it (engines/runtime/build.py)."""
-    return relative.endswith(".json") and (folder / Path(relative).with_suffix(".plan")).is_file()
 
 
 class Teaching:

@@ -23,7 +23,7 @@ from typing import Any
 
 from engines.precision import GRAPH_PRECISIONS, check_graph, derived_is_current, graph_file
 from engines.runtime.staged import PART_NAMES, UNROLLED_NAME, check_export, file_sha256, read_sku_manifest
-from engines.runtime.tensorrt_backend import plan_path, plan_tag
+from engines.runtime.tensorrt_backend import plan_path, plan_sidecar, plan_tag
 from foundation.errors import EngineError
 from foundation.gpu import cuda_device, import_tensorrt
 from foundation.log import get_logger
@@ -130,7 +130,7 @@ def build_sku(sku_dir: Path, precision: str = "fp16", *, max_batch: int = 8, opt
                            workspace_mb=workspace_mb)
         if name == UNROLLED_NAME:
             info["schedule"] = export.unrolled_schedule.to_dict() if export.unrolled_schedule else None
-        out.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+        plan_sidecar(out).write_text(json.dumps(info, indent=2) + "\n")
         log.info("tensorrt_plan_built", plan=out.name, build_s=info["build_s"], precision=precision,
                  layer_output_types=info["layer_output_types"])
         plans.append(out)

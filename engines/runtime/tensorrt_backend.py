@@ -52,8 +52,14 @@ def plan_tag(gpu_name: str, trt_version: str, precision: str) -> str:
 
 
 def plan_path(sku_dir: Path, name: str, tag: str) -> Path:
-    """`<sku_dir>/<name>.<gpu>.<trt>.<precision>.plan`; its sidecar is the same path with .json."""
+    """`<sku_dir>/<name>.<gpu>.<trt>.<precision>.plan`; its sidecar is plan_sidecar of it."""
     return sku_dir / f"{name}.{tag}.plan"
+
+
+def plan_sidecar(plan: Path) -> Path:
+    """What a plan was built for and from (GPU, TensorRT, ONNX sha256; engines/runtime/build.py writes it): the
+    plan's path with .json."""
+    return plan.with_suffix(".json")
 
 
 def check_plan(sku_dir: Path, name: str, tag: str, precision: str, *, gpu: str | None = None,
@@ -69,7 +75,7 @@ def check_plan(sku_dir: Path, name: str, tag: str, precision: str, *, gpu: str |
         others = sorted(p.name for p in sku_dir.glob(f"{name}.*.plan"))
         found = f" (plans for other GPUs/TensorRT versions/precisions: {', '.join(others)})" if others else ""
         raise EngineError(f"no TensorRT plan {path} for this GPU/TensorRT/precision{found}; {fix}")
-    sidecar = path.with_suffix(".json")
+    sidecar = plan_sidecar(path)
     if not sidecar.is_file():
         raise EngineError(f"TensorRT plan {path} has no sidecar {sidecar.name}; {fix}")
     try:

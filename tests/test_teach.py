@@ -4,6 +4,7 @@ memory grows by at most a training image's share per taught image."""
 
 from __future__ import annotations
 
+import functools
 import shutil
 from pathlib import Path
 
@@ -191,6 +192,7 @@ def test_operator_teaches_reviewed_parts_in_the_browser_then_puts_the_version_li
     from inspector.skustore import SkuStore
     from inspector.web.browser import CHROMEDRIVER, CHROMIUM, headless_chromium
     from tests.test_review import ROI, reviewed_archive
+    from tests.test_web_browser import page_text, version_rows
 
     if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
         pytest.skip("needs Debian's chromium and chromium-driver (make system-deps)")
@@ -229,12 +231,8 @@ token_file = "{token}"
         with headless_chromium() as driver:
             wait = WebDriverWait(driver, 300.0, poll_frequency=0.2)
 
-            def text(element_id: str) -> str:
-                return str(driver.find_element(By.ID, element_id).text)
-
-            def rows() -> list[tuple[str, str]]:
-                return [(str(row.get_attribute("data-version")), str(row.get_attribute("data-state")))
-                        for row in driver.find_elements(By.CSS_SELECTOR, "#versions-list tr[data-version]")]
+            text = functools.partial(page_text, driver)
+            rows = functools.partial(version_rows, driver)
 
             driver.get(daemon.web.url)
             wait.until(lambda _: text("title") == "it / teach")

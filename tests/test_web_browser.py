@@ -10,6 +10,7 @@ roll back. Every wait is on a condition with a generous deadline.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,6 +34,21 @@ pytestmark = [
 
 TOKEN = "browser-test-token-0123456789abcdef"
 DEADLINE_S = 60.0
+
+
+def page_text(driver: Any, element_id: str) -> str:
+    """The text the page shows in the element with this id."""
+    from selenium.webdriver.common.by import By
+
+    return str(driver.find_element(By.ID, element_id).text)
+
+
+def version_rows(driver: Any) -> list[tuple[str, str]]:
+    """(version, state) of each row the SKU versions panel lists, read in one script call: the panel re-renders
+    its rows when the status changes, and rows found first and read one by one after could be gone by then."""
+    rows = driver.execute_script("return Array.from(document.querySelectorAll('#versions-list tr[data-version]'), "
+                                 "(row) => [row.dataset.version, row.dataset.state]);")
+    return [(str(version), str(state)) for version, state in rows]
 
 
 @pytest.fixture
@@ -89,8 +105,7 @@ def test_operator_walk_through_the_station_page(daemon: Daemon) -> None:
     with headless_chromium() as driver:
         wait = WebDriverWait(driver, DEADLINE_S, poll_frequency=0.2)
 
-        def text(element_id: str) -> str:
-            return str(driver.find_element(By.ID, element_id).text)
+        text = functools.partial(page_text, driver)
 
         def number(element_id: str) -> int:
             value = text(element_id)
@@ -129,6 +144,9 @@ def test_operator_walk_through_the_station_page(daemon: Daemon) -> None:
         driver.find_element(By.ID, "pause").click()
         wait.until(lambda _: "done (200)" in text("reply") and text("run-state") == "paused")
         stats = daemon.running.stats
+        # a frame the camera was delivering when the pause came is still taken and inspected: count after it
+        state_seq = int(body("data-state-seq"))
+        wait.until(lambda _: int(body("data-state-seq")) >= state_seq + 3)  # three more state events
         wait.until(lambda _: stats.snapshot()["frames"] == stats.snapshot()["acquired"])
         final = stats.snapshot()["frames"]
         wait.until(lambda _: number("frames") == final)
@@ -162,8 +180,7 @@ def test_operator_reviews_rejects_in_the_queue(daemon: Daemon) -> None:
     with headless_chromium() as driver:
         wait = WebDriverWait(driver, DEADLINE_S, poll_frequency=0.2)
 
-        def text(element_id: str) -> str:
-            return str(driver.find_element(By.ID, element_id).text)
+        text = functools.partial(page_text, driver)
 
         def listed() -> list[tuple[str, str]]:
             """The queue's parts and their review labels, as the page shows them."""
@@ -276,13 +293,8 @@ def test_operator_activates_a_sku_version_and_rolls_it_back(store_daemon: tuple[
     with headless_chromium() as driver:
         wait = WebDriverWait(driver, DEADLINE_S, poll_frequency=0.2)
 
-        def text(element_id: str) -> str:
-            return str(driver.find_element(By.ID, element_id).text)
-
-        def rows() -> list[tuple[str, str]]:
-            """(version, state) of each row the panel lists."""
-            return [(str(row.get_attribute("data-version")), str(row.get_attribute("data-state")))
-                    for row in driver.find_elements(By.CSS_SELECTOR, "#versions-list tr[data-version]")]
+        text = functools.partial(page_text, driver)
+        rows = functools.partial(version_rows, driver)
 
         driver.get(daemon.web.url)
         wait.until(lambda _: text("title") == "it / versions" and text("sku-version") == f"v {v1[:8]}")

@@ -375,6 +375,7 @@ function initReview() {
 
 let versionsKey = null;  // "<sku> <version>" of the status the panel was last refreshed for
 let versionsSku = null;  // the SKU the panel lists
+let versionsShown = null;  // the api/versions document the rows show (JSON), so an unchanged list is not redrawn
 
 function showVersion(status) {
   const version = status.sku_version || "";
@@ -442,16 +443,21 @@ async function refreshVersions() {
   versionsSku = doc.sku || null;
   text("versions-sku", doc.sku ? `· ${doc.sku}` : "");
   const list = $("versions-list");
-  if (!doc.ok) {
-    const row = document.createElement("tr");
-    const cell = document.createElement("td");
-    cell.colSpan = 5;
-    cell.className = "empty";
-    cell.textContent = doc.error;
-    row.append(cell);
-    list.replaceChildren(row);
-  } else {
-    list.replaceChildren(...doc.versions.map((version) => versionRow(version, doc)));
+  const shown = JSON.stringify(doc);
+  // an unchanged list keeps its rows, so a button the operator is about to press is not swapped under the pointer
+  if (shown !== versionsShown) {
+    versionsShown = shown;
+    if (doc.ok) {
+      list.replaceChildren(...doc.versions.map((version) => versionRow(version, doc)));
+    } else {
+      const row = document.createElement("tr");
+      const cell = document.createElement("td");
+      cell.colSpan = 5;
+      cell.className = "empty";
+      cell.textContent = doc.error;
+      row.append(cell);
+      list.replaceChildren(row);
+    }
   }
   $("versions-rollback").disabled = !doc.ok || $("versions-token").disabled;
   $("versions-teach").disabled = !doc.ok || $("versions-token").disabled || teaching;
@@ -465,6 +471,7 @@ async function changeVersion(command) {
   if (reason) command.reason = reason;
   for (const button of $("versions").querySelectorAll("button:not(.close)")) button.disabled = true;
   await send(command, "versions-reply");
+  versionsShown = null;  // the rows were disabled above: render them afresh
   await refreshVersions();
 }
 

@@ -15,7 +15,8 @@ defects larger than a line's thinnest ones dilutes those):
 
 The three evidence terms are computed once per image; every (b, f) candidate is a cheap recombination, scored
 by the mean of image AUROC, pixel AUROC and AUPRO@0.3. The choice, the whole table and the files read are
-recorded in the manifest (`selection`), so `inspector eval` can show that no test file fed a choice.
+recorded in the manifest (`selection`), so `inspector eval` can show that no test file fed a choice. Once
+chosen, the memories are refilled from every training image, the slice included (remember_all).
 """
 
 from __future__ import annotations
@@ -46,7 +47,7 @@ from tdad.scoring import image_scores, top_k_for
 from tdad.tiling import TilePlan
 from tdad.training.data import FolderDataset, ImageDataset, open_dataset
 from tdad.training.defects import DEFECT_KINDS, ValidationDefects
-from tdad.training.train import TrainConfig, validation_indices
+from tdad.training.train import TrainConfig, remember_all, validation_indices
 
 log = get_logger(__name__)
 
@@ -242,11 +243,12 @@ def select_settings(sku_dir: Path, cfg: TrainConfig, ng: Path | None = None, ng_
     model.config = dataclasses.replace(config, memory_boost=chosen.memory_boost if config.memory_size else 0.0,
                                        fine_boost=chosen.fine_boost if fine_size else 0.0,
                                        fine_memory_size=fine_size)
+    remembered = remember_all(model, cfg)
     sources = data.sources
     record = SelectionRecord(
         chosen=chosen, candidates=rows, validation_files=data.validation_files, ng_files=data.ng_files,
         good=sources.count("good"), synthetic_defects=sum(s not in ("good", "ng") for s in sources),
-        ng=sources.count("ng"), ng_masks=ng_masks is not None, defect_kinds=list(kinds),
+        ng=sources.count("ng"), ng_masks=ng_masks is not None, defect_kinds=list(kinds), remembered=remembered,
         seconds=round(time.perf_counter() - t0, 1))
     save_weights(model, sku_dir)
     write_manifest(sku_dir, manifest.model_copy(update={
@@ -279,5 +281,8 @@ def format_selection(record: SelectionRecord, rows: int = 8) -> str:
         if ng:
             line += f"  {cell(r.ng_image_auroc):>14}  {cell(r.ng_pixel_auroc):>14}  {cell(r.ng_aupro):>8}"
         lines.append(line + f"  {r.objective:9.4f}")
+    if record.remembered:
+        lines.append(f"then the memory was refilled from all {record.remembered} training images, the held-out ones "
+                     "included")
     return "\n".join(lines)
 

@@ -218,6 +218,7 @@ class SelectionRecord(BaseModel):
     ng: int = 0
     ng_masks: bool = False
     defect_kinds: list[str] = Field(default_factory=list)
+    remembered: int = 0  # training images the memory was refilled from once chosen (validation slice included)
     seconds: float = 0.0
 
 

@@ -87,6 +87,16 @@ def test_the_quick_sku_is_the_memory_alone_with_the_chosen_settings(opened: tupl
     torch.testing.assert_close(maps, expected, atol=1e-5, rtol=0)
 
 
+def test_once_chosen_the_memory_also_remembers_the_held_out_images(mvtec_root: Path,
+                                                                   opened: tuple[Path, list[Path]]) -> None:
+    sku, _ = opened
+    record = read_manifest(sku).selection
+    assert record is not None and record.remembered == 12  # every training image, the 2 held out included
+    train = sorted((mvtec_root / "brick" / "train" / "good").iterdir())
+    owners = set(load_sku(sku).segmenter.memory_owner.tolist())  # source image of each memory entry
+    assert set(validation_indices(len(train), 0.2).tolist()) <= owners <= set(range(len(train)))
+
+
 def test_a_quick_sku_goes_through_the_same_export_and_onnx_runtime(opened: tuple[Path, list[Path]],
                                                                    tmp_path: Path) -> None:
     import shutil

@@ -499,6 +499,28 @@ def store_fine_memory(model: TDADModel, remembered: np.ndarray, owners: np.ndarr
 
 
 @torch.no_grad()
+def remember_all(model: TDADModel, cfg: TrainConfig) -> int:
+    """Refill a trained SKU's memory (and its fine memory, where it kept one) from every training image, the
+    validation slice included, as a training on all of them would fill it; returns the images remembered.
+
+    Called once the settings are chosen: the slice was held out so that choosing measured unseen good parts;
+    after that it is only more good parts, and a memory that covers more normal variation rejects fewer of them.
+    """
+    images, _ = load_images(dataclasses.replace(cfg, holdout=0.0))
+    remembered, owners = memory_images(images, cfg.image_size, cfg.tile_overlap)
+    device = next(model.parameters()).device
+    size = memory_size_for(cfg, len(remembered), inference=True)
+    model.segmenter.resize_memory(size)
+    model.config = dataclasses.replace(model.config, memory_size=size)
+    scale = fill_memory(model, remembered, device, cfg.batch_size, cfg.seed, owners)
+    log.info("memory_stored", entries=size, scale=scale, images=len(images))
+    if model.config.fine_memory_size:  # at the size training chose, with the boost the SKU has now
+        store_fine_memory(model, remembered, owners, dataclasses.replace(cfg, fine_boost=model.segmenter.fine_boost),
+                          device)
+    return len(images)
+
+
+@torch.no_grad()
 def memory_only(model: TDADModel) -> None:
     """Switch the segmenter's learnt evidence off (heads and memory gain zero), so its final logit is the memory
     terms alone: a quick SKU, whose untrained decoder and reconstruction have nothing to add."""

@@ -19,7 +19,9 @@ leaves a count of what was owed (inspector/spool.py, the journal).
 
 Pause stops the acquisition thread from pulling frames (the camera/driver buffers or drops them, as it
 would with no consumer); frames already pulled are still inspected and published. Resume continues pulling.
-A SKU changeover swaps the ActiveSku between two batches, so no frame is inspected half-way through it.
+A SKU changeover swaps the ActiveSku between two batches, so no frame is inspected half-way through it; the
+engine it retires is closed then (a TensorRT engine frees its device memory), as is one swapped in and replaced
+before any batch used it.
 An optional `on_published` hook sees every published verdict with its frame, map, model input and calibration
 (the station page's live view and metrics, the drift watch, the trend); it runs on the publish thread, so it only
 keeps references and counts.
@@ -38,7 +40,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from engines.runtime.base import Engine
+from engines.runtime.base import Engine, close_engine
 from engines.tiled import infer_tiled
 from foundation.log import get_logger
 from inspector.acquisition import Frame, Source
@@ -325,7 +327,19 @@ class Pipeline:
     def swap_sku(self, sku: ActiveSku) -> None:
         """Inspect with `sku` from the next batch on (atomic between batches; the engine must be warm)."""
         with self._sku_lock:
-            self._next_sku = sku
+            replaced, self._next_sku = self._next_sku, sku
+            current = self._sku
+        if replaced is not None:  # a changeover overtaken before its first batch
+            self._retire(replaced, sku, current)
+
+    def _retire(self, old: ActiveSku, *kept: ActiveSku) -> None:
+        """Close the engine of a SKU no batch will use again (unless a kept SKU shares it); a failure is logged."""
+        if any(old.engine is sku.engine for sku in kept):
+            return
+        try:
+            close_engine(old.engine)
+        except Exception:
+            log.exception("engine_close_failed", sku=old.name)
 
     def queued(self) -> int:
         """Frames acquired and waiting for inference."""
@@ -478,11 +492,14 @@ class Pipeline:
         """Preprocess, batch-infer and decide; every job leaves as exactly one _Out."""
         try:
             while (jobs := self._next_batch()) is not None:
+                retired = None
                 with self._sku_lock:
                     if self._next_sku is not None:
-                        self._sku, self._next_sku = self._next_sku, None
+                        retired, self._sku, self._next_sku = self._sku, self._next_sku, None
                         self._expected_hw = None
                         log.info("sku_active", sku=self._sku.name)
+                if retired is not None:  # its last batch is done: this thread is the only one that ran it
+                    self._retire(retired, self._sku)
                 try:
                     outs = self._inspect(jobs, self._sku)
                 except Exception as exc:  # preprocess or decider raised on something unforeseen

@@ -11,12 +11,13 @@ threshold reload use `check_sku`; activating a version of the SKU store runs the
 from __future__ import annotations
 
 import getpass
+import json
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from engines.runtime.config import EngineSettings
+from engines.runtime.config import EngineSettings, TensorRTSettings
 from foundation.errors import DataError, InspectorError
 from inspector.config import (
     CameraConfig,
@@ -206,7 +207,31 @@ def check_sku_dir(sku: SkuConfig, engine: EngineSettings, name: str, *, engine_f
     if missing:
         problems.append(Problem(f"{key}.model_dir", f"{sku.model_dir} lacks {', '.join(missing)} for engine.backend "
                                 f"= {engine.backend!r}; {fix}"))
+    if isinstance(engine, TensorRTSettings):
+        problems += _plans_below_batch(sku.model_dir, engine)
     return problems
+
+
+def _plans_below_batch(sku_dir: Path, engine: TensorRTSettings) -> list[Problem]:
+    """engine.batch above the max batch a plan of the engine's precision was built for (as its sidecar records):
+    every micro-batch and tile chunk above it would fail. A plan without a readable sidecar is the backend's to
+    report (it names the rebuild)."""
+    from engines.runtime.tensorrt_backend import max_batch_error, plan_sidecar
+
+    small: dict[str, int] = {}
+    for plan in sorted(sku_dir.glob(f"*.{engine.precision}.plan")):
+        try:
+            max_batch = int(json.loads(plan_sidecar(plan).read_text())["max_batch"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if max_batch < engine.batch:
+            small[plan.name] = max_batch
+    if not small:
+        return []
+    first, *others = small
+    plans = f"the TensorRT plans ({first}{f' and {len(others)} more' if others else ''})"
+    return [Problem("engine.batch", max_batch_error(sku_dir, engine.precision, engine.batch, min(small.values()),
+                                                     plans))]
 
 
 def _calibration_is_stale(fingerprint: str, sku_dir: Path, schedule_override: dict[str, int]) -> bool:

@@ -70,6 +70,7 @@ import sdnotify
 
 from calibration.thresholds import Calibration, load_calibration
 from engines.runtime import create_engine
+from engines.runtime.base import close_engine
 from foundation.errors import ConfigError, DataError, InspectorError
 from foundation.log import bind_context, configure_logging, get_logger
 from inspector import preflight
@@ -110,10 +111,14 @@ def load_sku(config: InspectorConfig, name: str) -> ActiveSku:
     manifest = read_manifest(sku_cfg.model_dir)
     top_k = calibration.score_top_k or manifest.score.top_k
     engine = create_engine(config.engine, sku_cfg.model_dir, schedule_override=sku_cfg.schedule_override() or None)
-    if sku_cfg.input_size is not None and sku_cfg.input_size != engine.image_size:
-        raise ConfigError(f"skus.{name}.input_size = {sku_cfg.input_size} but the model in {sku_cfg.model_dir} "
-                          f"takes {engine.image_size} px; fix input_size or retrain")
-    engine.warmup()
+    try:
+        if sku_cfg.input_size is not None and sku_cfg.input_size != engine.image_size:
+            raise ConfigError(f"skus.{name}.input_size = {sku_cfg.input_size} but the model in {sku_cfg.model_dir} "
+                              f"takes {engine.image_size} px; fix input_size or retrain")
+        engine.warmup()
+    except BaseException:
+        close_engine(engine)  # refused after it loaded: free what it holds on the GPU
+        raise
     decider = Decider(calibration, top_k=top_k, publish_mask=sku_cfg.publish_mask)
     return ActiveSku(name=name, engine=engine, decider=decider, roi=sku_cfg.roi, resize=manifest.preprocess.resize,
                      tiling=manifest.tiling)
@@ -461,6 +466,8 @@ class Daemon:
                 wanted = None
         if wanted is None:
             log.info("changeover_dropped", sku=request.name, detail="superseded while it loaded")
+            if active is not None:
+                close_engine(active.engine)
         elif active is None:
             log.error("changeover_failed", sku=request.name, error=result["error"])
         else:

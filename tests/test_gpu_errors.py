@@ -4,14 +4,17 @@ their libraries, a CPU-only torch asked for CUDA. Skipped where the situation do
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
 import torch
+from packaging.requirements import Requirement
 
 from engines.runtime import create_engine, engine_settings
 from foundation.errors import EngineError
@@ -30,6 +33,19 @@ def test_no_driver_is_one_line_naming_the_driver() -> None:
     with pytest.raises(EngineError, match=r"^no usable NVIDIA driver: libcuda\.so\.1 is missing .*nvidia-smi must "
                                           r"work.*engine\.backend = \"onnxruntime\"$"):
         cuda_device(0)
+
+
+def test_cuda_bindings_requirements_leave_out_the_release_that_raises_without_a_driver() -> None:
+    """cuda-bindings 12.8.0's cudaGetDeviceCount raises RuntimeError ("Failed to dlopen libcuda.so.1") on a box
+    without a driver, so the CLI said "internal error"; 12.9.0 and 13.x return cudaErrorInsufficientDriver, which
+    the test above turns into its one line (both seen on this machine's wheels)."""
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    pins = {extra: Requirement(r).specifier for extra, reqs in extras.items() for r in reqs
+            if Requirement(r).name == "cuda-bindings"}
+    assert set(pins) == {"gpu", "gpu-cu13", "dev"}, pins
+    assert not [extra for extra, spec in pins.items() if spec.contains("12.8.0")]
+    assert pins["gpu"].contains("12.9.0") and pins["dev"].contains(importlib.metadata.version("cuda-bindings"))
 
 
 @pytest.mark.skipif(not NO_TENSORRT, reason="tensorrt is installed here")

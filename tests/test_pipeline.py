@@ -49,12 +49,14 @@ class BrightnessEngine:
         self.fail_calls = fail_calls
         self.gate = gate
         self.batches: list[int] = []
+        self.closed = False
 
     def load(self, sku_dir: Any) -> None:
         """Nothing to load."""
 
     def infer(self, images_u8_nhwc: np.ndarray) -> np.ndarray:
         """Red channel as the map; optionally sleep, wait for a gate, or raise for the first calls."""
+        assert not self.closed, "infer on a closed engine"
         self.batches.append(len(images_u8_nhwc))
         if self.gate is not None:
             self.gate.wait()
@@ -68,6 +70,10 @@ class BrightnessEngine:
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.backend, "image_size": self.image_size}
+
+    def close(self) -> None:
+        """Mark the engine closed: an infer after it fails the test's frames."""
+        self.closed = True
 
 
 class ListSource:
@@ -266,6 +272,24 @@ def test_sku_swap_between_batches_loses_nothing() -> None:
     names = [v.sku for v in published]
     assert [v.frame_id for v in published] == list(range(1, 41))
     assert names[0] == "a" and names[-1] == "b" and names == sorted(names)
+
+
+def test_a_swap_closes_the_retired_engine_after_its_last_batch_and_an_overtaken_one_at_once() -> None:
+    published: list[Verdict] = []
+    gate = threading.Event()
+    engine_a, engine_b, engine_c = BrightnessEngine(gate=gate), BrightnessEngine(), BrightnessEngine()
+    pipeline = Pipeline(ListSource([part() for _ in range(20)], interval_s=0.01), active(engine_a, "a"),
+                        lambda v, m: published.append(v))
+    pipeline.start()
+    assert wait_until(lambda: len(engine_a.batches) > 0)  # a batch is inside engine a
+    pipeline.swap_sku(active(engine_b, "b"))
+    pipeline.swap_sku(active(engine_c, "c"))  # overtakes b before any batch used it
+    assert engine_b.closed and not engine_a.closed
+    gate.set()
+    assert pipeline.wait(10)
+    assert engine_a.closed and not engine_c.closed and engine_b.batches == []
+    assert published[0].sku == "a" and {v.sku for v in published} == {"a", "c"}
+    assert all(v.reason is None for v in published)
 
 
 def test_stop_with_a_hung_engine_fail_safes_in_flight_and_queued_frames() -> None:

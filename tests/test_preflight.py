@@ -4,6 +4,7 @@ each missing or wrong one reported with its fix; real files, a real SKU saved by
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ import pytest
 
 from calibration.thresholds import save_calibration
 from engines.runtime.benchmark import make_random_sku
+from engines.runtime.staged import PART_NAMES, UNROLLED_NAME
 from inspector.cli import main
 from inspector.config import load_config
 from inspector.preflight import Problem, check
@@ -143,6 +145,21 @@ def test_an_sku_without_its_engine_files_names_the_command_that_makes_them(tmp_p
     (int8,) = problems(station(tmp_path, sku, backend="onnxruntime", engine='precision = "int8"'))
     assert "encoder.int8.onnx" in int8.message
     assert f"run: inspector export --sku-dir {sku} --int8 --calib DIR" in int8.message
+
+
+def test_an_engine_batch_above_the_plans_max_batch_names_the_build_that_fits(tmp_path: Path, sku: Path) -> None:
+    sku_copy = Path(shutil.copytree(sku, tmp_path / "sku"))
+    for name in (*PART_NAMES, UNROLLED_NAME):  # plans as inspector build leaves them, the segmenter's for batch 4
+        plan = sku_copy / f"{name}.nvidia-a2.trt10.8.0.43.fp16.plan"
+        plan.write_bytes(b"plan")
+        plan.with_suffix(".json").write_text(json.dumps({"max_batch": 4 if name == "segmenter" else 8}))
+    assert problems(station(tmp_path, sku_copy, backend="tensorrt", engine="batch = 4")) == []
+    (problem,) = problems(station(tmp_path, sku_copy, backend="tensorrt", engine="batch = 8"))
+    assert problem.key == "engine.batch" and problem.fatal
+    assert problem.message == (
+        "engine.batch = 8, but the TensorRT plans (segmenter.nvidia-a2.trt10.8.0.43.fp16.plan) take at most 4 frames "
+        "per call (engine.batch is the daemon's micro-batch and a tiled SKU's tile chunk); run: inspector build "
+        f"--sku-dir {sku_copy} --precision fp16 --max-batch 8, or lower engine.batch")
 
 
 def test_folder_camera_and_secret_readability(tmp_path: Path, sku: Path) -> None:

@@ -33,7 +33,7 @@ from inspector.pipeline import ActiveSku
 from inspector.service import Daemon, load_sku, load_thresholds
 from tests.test_decider import make_calibration
 from tests.test_pipeline import BrightnessEngine, ListSource, part
-from tests.waiting import holds_for
+from tests.waiting import holds_for, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -356,6 +356,32 @@ def test_changeovers_coalesce_and_never_hold_up_a_pause(tmp_path: Path, broker: 
         expected = (("a", True, "active") if sku == "a" else ("b", False, "superseded"))
         assert (by_id[i]["sku"], by_id[i]["ok"], by_id[i]["state"]) == expected, by_id[i]
         assert sku == "a" or by_id[i]["superseded_by"] == "a"
+
+
+def test_a_changeover_dropped_after_its_load_closes_the_engine_it_loaded(tmp_path: Path, broker: LocalBroker) -> None:
+    """b is requested, then a (which inspects) while b loads: b's loaded engine is never swapped in and is closed."""
+    config = write_config(tmp_path, broker.port)
+    engine_b, gate, loads = BrightnessEngine(), threading.Event(), []
+    loader = brightness_loader({"b": engine_b})
+
+    def slow_load(config: InspectorConfig, name: str) -> ActiveSku:
+        loads.append(name)
+        if name == "b":
+            gate.wait(60)
+        return loader(config, name)
+
+    daemon = Daemon(config, source=ListSource([part()] * 3000, interval_s=0.02), sku_loader=slow_load)
+    daemon.start()
+    try:
+        assert daemon.change_sku("b", {}, wait=False)["state"] == "loading"
+        assert wait_until(lambda: loads == ["a", "b"])  # b's load is under way
+        assert daemon.change_sku("a", {}, wait=False)["state"] == "active"
+        gate.set()
+        assert wait_until(lambda: engine_b.closed)
+        assert daemon.running.sku.name == "a" and engine_b.batches == []
+    finally:
+        gate.set()
+        daemon.stop()
 
 
 class Fatal(BaseException):

@@ -37,8 +37,8 @@ IMPLICIT_QUANTIZATION = ("FP16", "IInt8EntropyCalibrator2", "int8_calibrator", "
 
 
 def _root(node: ast.expr) -> ast.expr:
-    """The base of an attribute chain (`trt` in `trt.Logger.WARNING`)."""
-    while isinstance(node, ast.Attribute):
+    """The base of an attribute chain (`trt` in `trt.Logger.WARNING`, `self.trt` in `self.trt.DataType.HALF`)."""
+    while isinstance(node, ast.Attribute) and node.attr != "trt":
         node = node.value
     return node
 

@@ -30,3 +30,11 @@ class Engine(Protocol):
     def describe(self) -> dict[str, Any]:
         """Backend, precision, image size, schedule and versions, for status messages and logs."""
         ...
+
+
+def close_engine(engine: Engine) -> None:
+    """Free what `engine` holds beyond Python objects once nothing will call it again (TensorRT: device memory,
+    CUDA graphs, its stream); an engine without a close() (torch, ONNX Runtime) is left to the garbage collector."""
+    close = getattr(engine, "close", None)
+    if callable(close):
+        close()

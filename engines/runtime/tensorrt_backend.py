@@ -8,6 +8,12 @@ one CUDA graph captured from that context (H2D copy, all kernels, D2H copy) on t
 runs as plain launches; the SKU still loads. The per-part plans (encoder, denoiser, fusion, decoder, segmenter)
 run the shared two-stage loop on the host; they serve schedule overrides and stage-by-stage timings.
 
+Every context is created without activation memory of its own (USER_MANAGED) and runs in one device scratch
+shared by all plans of the engine, sized for the largest (device_memory_size_v2, its max batch): they all run
+one after another on the one stream, so activation memory stays that of one plan at its max batch, whatever
+batch sizes are seen. `load` refuses an engine.batch above the plans' max batch (every micro-batch and tile
+chunk above it would fail), and frees what it opened when it fails part-way; `close` frees everything.
+
 CUDA is reached through NVIDIA's cuda-python (`cuda.bindings.runtime`, a binary wheel that needs only the
 driver). Importable without any of it: creating the engine reports what is missing (foundation/gpu.py).
 """
@@ -92,6 +98,14 @@ def check_plan(sku_dir: Path, name: str, tag: str, precision: str, *, gpu: str |
     return path
 
 
+def max_batch_error(sku_dir: Path, precision: str, batch: int, max_batch: int, plans: str) -> str:
+    """The one line refusing an engine.batch above the max batch of `plans` (the daemon's micro-batch and a tiled
+    SKU's tile chunk are engine.batch frames)."""
+    return (f"engine.batch = {batch}, but {plans} take at most {max_batch} frames per call (engine.batch is the "
+            f"daemon's micro-batch and a tiled SKU's tile chunk); run: inspector build --sku-dir {sku_dir} "
+            f"--precision {precision} --max-batch {batch}, or lower engine.batch")
+
+
 def _pinned(rt: Any, shape: tuple[int, ...], dtype: np.dtype) -> tuple[int, np.ndarray]:
     """Page-locked host memory (cudaMallocHost) as a numpy array of `shape`; returns (pointer, array)."""
     nbytes = int(np.prod(shape)) * dtype.itemsize
@@ -101,10 +115,16 @@ def _pinned(rt: Any, shape: tuple[int, ...], dtype: np.dtype) -> tuple[int, np.n
 
 
 class _Plan:
-    """One deserialised engine: pinned host + device I/O buffers for its max batch, one context per batch size."""
+    """One deserialised engine: pinned host + device I/O buffers for its max batch, one context per batch size
+    (each without activation memory of its own: `scratch`, the engine's shared device memory, is set on it)."""
 
     def __init__(self, trt: Any, runtime: Any, path: Path, stream: Any) -> None:
         self.trt, self.rt, self.stream, self.name = trt, cuda_runtime(), stream, path.name
+        self.host: dict[str, np.ndarray] = {}
+        self.device: dict[str, int] = {}
+        self._host_ptrs: list[int] = []
+        self.contexts: dict[int, Any] = {}
+        self.scratch = (0, 0)  # (pointer, bytes) of the activation memory the engine shares among its plans
         self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:
             raise EngineError(f"TensorRT could not deserialise {path} (see the TensorRT log); rebuild it with "
@@ -113,20 +133,34 @@ class _Plan:
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
         self.max_batch = int(self.engine.get_tensor_profile_shape(self.inputs[0], 0)[2][0])
-        sizing = self.engine.create_execution_context()
+        self.scratch_bytes = int(self.engine.device_memory_size_v2)  # at the max batch, the largest need
+        sizing = self._new_context()
         for n in self.inputs:
-            sizing.set_input_shape(n, tuple(self.engine.get_tensor_profile_shape(n, 0)[2]))
-        self.host: dict[str, np.ndarray] = {}
-        self.device: dict[str, int] = {}
-        self._host_ptrs: list[int] = []
-        for n in names:
-            shape = tuple(int(d) for d in sizing.get_tensor_shape(n))
-            dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(n)))
-            pointer, self.host[n] = _pinned(self.rt, shape, dtype)
-            self._host_ptrs.append(pointer)
-            self.device[n] = int(check_cuda(self.rt.cudaMalloc(self.host[n].nbytes), f"cudaMalloc for {n}"))
-        del sizing
-        self.contexts: dict[int, Any] = {}
+            self._set_shape(sizing, n, tuple(self.engine.get_tensor_profile_shape(n, 0)[2]))
+        try:
+            for n in names:
+                shape = tuple(int(d) for d in sizing.get_tensor_shape(n))
+                dtype = np.dtype(trt.nptype(self.engine.get_tensor_dtype(n)))
+                pointer, self.host[n] = _pinned(self.rt, shape, dtype)
+                self._host_ptrs.append(pointer)
+                self.device[n] = int(check_cuda(self.rt.cudaMalloc(self.host[n].nbytes), f"cudaMalloc for {n}"))
+        except BaseException:
+            self.release()  # the buffers allocated before the failure
+            raise
+
+    def _new_context(self) -> Any:
+        """An execution context without activation memory of its own (it runs in `scratch`)."""
+        context = self.engine.create_execution_context(self.trt.ExecutionContextAllocationStrategy.USER_MANAGED)
+        if context is None:
+            raise EngineError(f"TensorRT could not create an execution context for {self.name} "
+                              "(GPU memory exhausted?)")
+        return context
+
+    def _set_shape(self, context: Any, name: str, shape: tuple[int, ...]) -> None:
+        """Set input `name`'s shape on `context`; EngineError where TensorRT refuses it (outside the profile)."""
+        if not context.set_input_shape(name, shape):
+            raise EngineError(f"TensorRT refused shape {shape} for input {name} of {self.name} (outside its "
+                              "optimisation profile, see the TensorRT log); rebuild it with inspector build")
 
     def context(self, n: int) -> Any:
         """The execution context bound to batch n (created on first use; addresses are the shared buffers)."""
@@ -134,14 +168,12 @@ class _Plan:
             raise EngineError(f"batch {n} exceeds the max batch {self.max_batch} {self.name} was built for; "
                               "rebuild with inspector build --max-batch N")
         if n not in self.contexts:
-            context = self.engine.create_execution_context()
-            if context is None:
-                raise EngineError(f"TensorRT could not create an execution context for {self.name} "
-                                  "(GPU memory exhausted?)")
+            context = self._new_context()
             for name in self.inputs:
-                context.set_input_shape(name, (n, *self.host[name].shape[1:]))
+                self._set_shape(context, name, (n, *self.host[name].shape[1:]))
             for name, pointer in self.device.items():
                 context.set_tensor_address(name, pointer)
+            context.set_device_memory(*self.scratch)
             self.contexts[n] = context
         return self.contexts[n]
 
@@ -183,13 +215,15 @@ class _Plan:
         return self.host[self.outputs[0]][:n].copy()
 
     def release(self) -> None:
-        """Free the device and pinned buffers (contexts first: they reference the engine)."""
+        """Drop the contexts, then the engine, and free the device and pinned buffers (and the arrays over them)."""
         self.contexts.clear()
+        self.engine = None
         for pointer in self.device.values():
             self.rt.cudaFree(pointer)
         for pointer in self._host_ptrs:
             self.rt.cudaFreeHost(pointer)
         self.device.clear()
+        self.host.clear()
         self._host_ptrs.clear()
 
 
@@ -239,6 +273,9 @@ class TensorRTEngine:
         self._graphs: dict[int, Any] = {}  # batch -> instantiated CUDA graph, or None where capture failed
         self._unrolled: _Plan | None = None
         self._plans: list[_Plan] = []
+        self.stream: Any = None
+        self._scratch: int | None = None  # the device memory every context runs in
+        self.max_batch = 0
 
     def load(self, sku_dir: Path) -> None:
         """Deserialise the plans for this GPU/TensorRT/precision; EngineError says what to build or install."""
@@ -249,21 +286,39 @@ class TensorRTEngine:
         self._residual = sku.manifest.model.residual  # segmenter input x + decode(z_rec) - decode(z0)
         self.gpu = cuda_device(self.device_id)
         tag = plan_tag(self.gpu.name, trt.__version__, self.precision)
-        identity = {"gpu": self.gpu.name, "tensorrt": trt.__version__}
         self._trt_logger = trt.Logger(trt.Logger.WARNING)
-        runtime = trt.Runtime(self._trt_logger)
         self.stream = check_cuda(self.rt.cudaStreamCreateWithFlags(self.rt.cudaStreamNonBlocking), "cudaStreamCreate")
+        try:
+            self._open_plans(trt.Runtime(self._trt_logger), tag, sku.export.unrolled_schedule == self.schedule)
+        except BaseException:
+            self.close()  # a load that fails part-way frees the plans, buffers and stream it made
+            raise
+        log.info("tensorrt_engine_loaded", sku_dir=str(self.sku_dir), tag=tag, gpu=self.gpu.name,
+                 unrolled=self._unrolled is not None, cuda_graphs=self.cuda_graphs)
+
+    def _open_plans(self, runtime: Any, tag: str, unrolled_current: bool) -> None:
+        """Deserialise the part plans (and the unrolled one when its schedule is the one in use), refuse an
+        engine.batch above their max batch, and allocate the activation memory they share."""
+        identity = {"gpu": self.gpu.name, "tensorrt": self.trt.__version__}
 
         def open_plan(name: str) -> _Plan:
-            plan = _Plan(trt, runtime, check_plan(self.sku_dir, name, tag, self.precision, **identity), self.stream)
+            plan = _Plan(self.trt, runtime, check_plan(self.sku_dir, name, tag, self.precision, **identity),
+                         self.stream)
             self._plans.append(plan)
             return plan
 
         self._parts = _PlanParts({name: open_plan(name) for name in PART_NAMES})
-        if plan_path(self.sku_dir, UNROLLED_NAME, tag).is_file() and sku.export.unrolled_schedule == self.schedule:
+        if plan_path(self.sku_dir, UNROLLED_NAME, tag).is_file() and unrolled_current:
             self._unrolled = open_plan(UNROLLED_NAME)
-        log.info("tensorrt_engine_loaded", sku_dir=str(self.sku_dir), tag=tag, gpu=self.gpu.name,
-                 unrolled=self._unrolled is not None, cuda_graphs=self.cuda_graphs)
+        smallest = min(self._plans, key=lambda p: p.max_batch)
+        self.max_batch = smallest.max_batch
+        if self.settings.batch > self.max_batch:
+            raise EngineError(max_batch_error(self.sku_dir, self.precision, self.settings.batch, self.max_batch,
+                                              f"the TensorRT plans ({smallest.name})"))
+        size = max(p.scratch_bytes for p in self._plans)
+        self._scratch = int(check_cuda(self.rt.cudaMalloc(size), f"cudaMalloc({size}) for TensorRT activations"))
+        for plan in self._plans:
+            plan.scratch = (self._scratch, size)
 
     def _run_unrolled(self, plan: _Plan, x: np.ndarray) -> np.ndarray:
         """One launch of the unrolled plan for batch n: a replayed CUDA graph, or the plain sequence."""
@@ -334,14 +389,24 @@ class TensorRTEngine:
         return int(total - free)
 
     def close(self) -> None:
-        """Release graphs, buffers and the stream (the daemon's changeover drops the old engine)."""
+        """Free what load made: CUDA graphs, contexts, plans, buffers, the shared activation memory and the stream.
+        The daemon calls it on the engine a changeover retires; a failed load calls it on what it opened."""
+        rt = self.rt
+        if self.stream is not None:
+            rt.cudaStreamSynchronize(self.stream)  # nothing may still run in what is freed below
         for graph in self._graphs.values():
             if graph is not None:
-                self.rt.cudaGraphExecDestroy(graph)
+                rt.cudaGraphExecDestroy(graph)
         self._graphs.clear()
         for plan in self._plans:
             plan.release()
         self._plans.clear()
+        if self._scratch is not None:
+            rt.cudaFree(self._scratch)
+            self._scratch = None
+        if self.stream is not None:
+            rt.cudaStreamDestroy(self.stream)
+            self.stream = None
 
     def describe(self) -> dict[str, Any]:
         """Backend, precision, GPU, TensorRT version, schedule, which path runs and which graphs were captured."""
@@ -356,5 +421,5 @@ class TensorRTEngine:
             "unrolled": self._unrolled is not None,
             "cuda_graphs": self.cuda_graphs,
             "captured_batches": sorted(n for n, g in self._graphs.items() if g is not None),
-            "max_batch": min(p.max_batch for p in self._parts.plans.values()),
+            "max_batch": self.max_batch,
         }

@@ -18,6 +18,11 @@ the whole set that many times, interleaved. --frame-size sets the camera's frame
 --tile-scale inspects with a copy of the demo SKU tiled at that scale (tdad/tiling.py: the frame scaled once,
 cut into tiles of the SKU's size, run through the engine in chunks of at most --batches, stitched). The copy keeps
 the demo's calibration, fitted on whole 128 px parts: its latency is the measurement, its verdicts are not.
+--engine runs another engine than the demo's (bench/latency.py's spec: `torch+device=cuda+channels_last`), and
+--sku-dir a calibrated SKU of your own instead of the demo's (camera frames of --part-size, rendered bricks):
+
+    python bench/daemon.py --sku-dir var/gpu-bench-sku --part-size 256 --engine torch+device=cuda --batches 1 \
+        --fps 25 --frames 500 --no-web --no-archive
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
+from engines.runtime.benchmark import engine_label, parse_engines
+from foundation.errors import EngineError
 from foundation.log import configure_logging
 from inspector.demo import Recipe, add_arguments, build_demo_sku, demo_config, run_demo
 from tdad.manifest import TilingRecord, read_manifest, write_manifest
@@ -148,18 +155,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tile-overlap", type=float, default=0.0, help="with --tile-scale: overlap of the tiles")
     parser.add_argument("--no-archive", action="store_true",
                         help="keep no NG frames (an uncalibrated tiled copy rejects and archives every large frame)")
+    parser.add_argument("--engine", help="engine spec as bench/latency.py's --backends takes one, e.g. "
+                                         "torch+device=cuda (default: --backend with --threads)")
+    parser.add_argument("--sku-dir", type=Path, help="a calibrated SKU to inspect with instead of the demo's")
     args = parser.parse_args(argv)
     args.config = None
     args.web_port = 0
     configure_logging("warning")
     workdir = Path(args.workdir).resolve()
-    sku_dir = build_demo_sku(workdir, Recipe(backend=args.backend, seed=args.seed, part_size=args.part_size,
-                                             train_scale=args.train_scale), threads=args.threads)
+    engine = None
+    if args.engine:
+        try:
+            (engine,) = parse_engines(args.engine, threads=args.threads or None, tensorrt_precision="fp16",
+                                      device="cpu", cuda_graphs=True)
+        except (EngineError, ValueError) as exc:
+            parser.error(f"--engine {args.engine!r}: {exc}")
+    if args.sku_dir is not None:
+        sku_dir = args.sku_dir.resolve()
+    else:
+        sku_dir = build_demo_sku(workdir, Recipe(backend=args.backend, seed=args.seed, part_size=args.part_size,
+                                                 train_scale=args.train_scale), threads=args.threads)
     if args.tile_scale is not None:
         tiling = TilingRecord(scale=args.tile_scale, overlap=args.tile_overlap)
         sku_dir = tiled_copy(sku_dir, workdir / f"sku-tiled-{args.tile_scale:g}-{args.tile_overlap:g}", tiling)
     width, height = (int(v) for v in args.frame_size.lower().split("x")) if args.frame_size else (args.part_size,) * 2
     label = input_label(width, height, sku_dir)
+    print(f"engine: {engine_label(engine) if engine is not None else args.backend}, SKU {sku_dir}")
     print(f"| input | batch | page | {' | '.join(COLUMNS)} |")
     print(f"|---|---:|---|{'---:|' * len(COLUMNS)}")
     for _ in range(args.repeat):
@@ -175,8 +196,10 @@ def main(argv: list[str] | None = None) -> int:
                 config = demo_config(args, sku_dir, workdir)
                 camera = config.camera.model_copy(update={"width": width, "height": height})
                 archive = config.archive.model_copy(update={"enabled": not args.no_archive})
-                summary = run_demo(config.model_copy(update={"camera": camera, "archive": archive}), workdir,
-                                   quiet=True, attach=attach)
+                update: dict[str, Any] = {"camera": camera, "archive": archive}
+                if engine is not None:
+                    update["engine"] = engine.model_copy(update={"batch": batch})
+                summary = run_demo(config.model_copy(update=update), workdir, quiet=True, attach=attach)
                 streams = f"{pages[:-1]} streams" if pages.endswith("s") else f"{pages} pages in chromium"
                 page = {"off": "off", "0": "served, closed"}.get(pages, streams)
                 print(f"| {label} | {batch} | {page} | {' | '.join(str(summary[c]) for c in COLUMNS)} |", flush=True)

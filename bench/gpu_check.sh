@@ -7,6 +7,12 @@
 #                                            # (bench/train_fingerprint.py); carry .gpu (under the 64 MiB limit)
 #   bench/gpu_check.sh check [OUTDIR]        # THERE: pytest -m gpu, torch CUDA latency (CUDA graphs on, off),
 #                                            # TensorRT builds + bench only if TensorRT's libraries import
+#   bench/gpu_check.sh all [OUTDIR]          # THERE, one call of under 8 minutes: pytest -m gpu; a SKU with a
+#                                            # memory prior and fine memory (random weights, memories filled
+#                                            # from rendered parts, calibrated on them); engine-only latency per
+#                                            # speed lever, batch 1 and batched; the daemon end to end (25 fps,
+#                                            # then as fast as it takes); the per-stage profile; the gpu preset's
+#                                            # training speed per phase; each step time-boxed
 #   bench/gpu_check.sh train OUTDIR CAT...   # THERE: per category, the gpu preset (two-stage) and its
 #                                            # no-reconstruction twin trained at once on the one GPU, then
 #                                            # inspector eval --ablation --compare-sku on CUDA; CAT@SIZE trains
@@ -22,6 +28,17 @@
 # EVAL_TIMEOUT (seconds per category's eval, default 150, 0: no eval there: a late eval is cut, the logs and SKUs
 # still come back), DEVICE (default cuda).
 # PY=.venv/bin/python DEVICE=cpu with a few steps rehearses it here (PY set: no wheels are installed).
+# all takes from the environment (GPU defaults): SIZE (256), MEMORY (16384), FINE_MEMORY (16384), BATCHES (1,8,32),
+# ITERS (30), COMPILE_MODES (default; also reduce-overhead, and max-autotune-no-cudagraphs, which autotunes for
+# minutes), DAEMON_FRAMES (400), PROFILE_ITERS (20), TRAIN_PRESET (gpu), TRAIN_STEPS (10), TRAIN_VARIANTS, THREADS
+# (engine CPU threads, 0: torch's), and time boxes in seconds: T_PYTEST (120), T_SKU (40), T_LATENCY (70),
+# T_COMPILE (70 per mode), T_DAEMON (50), T_PROFILE (30), T_TRAIN (60): 440 s at most, plus ~20 s of installing.
+# The CPU rehearsal (4 minutes on this 2-core box):
+#   PY=.venv/bin/python DEVICE=cpu OMP_NUM_THREADS=1 THREADS=1 SIZE=64 MEMORY=200 FINE_MEMORY=300 BATCHES=1,2 \
+#   ITERS=2 DAEMON_FRAMES=20 PROFILE_ITERS=2 TRAIN_PRESET=tiny TRAIN_STEPS=1 TRAIN_VARIANTS=fp32 T_COMPILE=400 \
+#   bench/gpu_check.sh all
+# The daemon needs mosquitto: prepare packs this box's binary and the libraries it links beyond glibc, used there
+# only where the image has none.
 # Sizing (measured, four trainings at once, batch 32): per training 18.7 autoencoder, 12.2 diffusion and 7.1
 # segmenter steps/s on an H200; 20, 11.4 and 5.5-6.4 on an H100, where AE_STEPS=600 DIFFUSION_STEPS=1500
 # SEG_STEPS=1200 took 6 min 12 s. Two at once (TWINS=0 WORKERS=6, H100, AE_STEPS=1000 DIFFUSION_STEPS=2000
@@ -63,13 +80,21 @@ if [[ "$mode" == prepare ]]; then
     data=()
     [[ -n "${2:-}" ]] && data=(--data "$2" --categories magnetic_tile cookies)
     .venv/bin/python bench/gpu_pack.py --out "$PACK" --weights "${data[@]}" || exit 1
+    # mosquitto for the daemon step, with the libraries it links beyond glibc (the image's glibc is used)
+    broker=$(command -v mosquitto || echo /usr/sbin/mosquitto)
+    rm -rf "$PACK/mosquitto" && mkdir -p "$PACK/mosquitto"
+    cp "$broker" "$PACK/mosquitto/" && ldd "$broker" | awk '$3 ~ /^\// {print $3}' |
+        grep -vE '/(libc|libm|libpthread|libdl|librt|libresolv|ld-linux[^/]*)\.so' |
+        xargs -r cp -L -t "$PACK/mosquitto/" || echo "gpu_check: could not pack mosquitto" >&2
+    tar -czf "$PACK/mosquitto.tar.gz" -C "$PACK" mosquitto && rm -rf "$PACK/mosquitto"
     # the first training batches as this box synthesises and scores them: train compares its own against these
     [[ -n "${2:-}" ]] && { .venv/bin/python "${FINGERPRINT[@]}" --threads 2 \
         --json "$PACK/fingerprint.json" || exit 1; }
     du -sh "$PACK"
     exit 0
 fi
-[[ "$mode" == check || "$mode" == train ]] || { echo "gpu_check: unknown mode $mode (prepare, check, train)"; exit 2; }
+[[ "$mode" == check || "$mode" == train || "$mode" == all ]] ||
+    { echo "gpu_check: unknown mode $mode (prepare, check, train, all)"; exit 2; }
 
 dest="${2:-${OUT:-var/gpu_check}}"  # what comes back: <mode>.tar.gz of the logs (and the SKUs, train mode)
 out="var/gpu_check/$mode"  # every step's log
@@ -84,7 +109,7 @@ step() {  # step NAME COMMAND...: run, keep its log, remember a failure
         failed+=("$name")
         echo "   FAILED (tail of $out/$name.log):"
     fi
-    tail -n 25 "$out/$name.log"
+    tail -n "${TAIL:-25}" "$out/$name.log"
 }
 finish() {
     tar -czf "$dest/$mode.tar.gz" -C "$out" --exclude '*.png' .
@@ -96,7 +121,7 @@ finish() {
     exit 0
 }
 
-export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=4
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS="${OMP_NUM_THREADS:-4}"
 site=/tmp/gpu_check_site
 if [[ -z "${PY:-}" ]] && compgen -G "$PACK/whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --upgrade --target "$site" "$PACK"/whl/*.whl
@@ -168,6 +193,58 @@ if [[ "$mode" == train ]]; then
 fi
 
 step environment bash -c "nvidia-smi; $py -c 'import torch, onnxruntime; print(torch.__version__, torch.version.cuda, torch.cuda.is_available(), onnxruntime.__version__)'; $py -c 'import tensorrt; print(\"tensorrt\", tensorrt.__version__)' || true"
+
+if [[ "$mode" == all ]]; then
+    export TAIL=45
+    start=$SECONDS
+    size="${SIZE:-256}" batches="${BATCHES:-1,8,32}" iters="${ITERS:-30}" threads="${THREADS:-0}"
+    sku=var/gpu-mem-sku
+    if ! command -v mosquitto >/dev/null && [[ -f "$PACK/mosquitto.tar.gz" ]]; then
+        broker=/tmp/gpu_check_mosquitto
+        mkdir -p "$broker/bin" && tar -xzf "$PACK/mosquitto.tar.gz" -C "$broker"
+        printf '#!/bin/sh\nLD_LIBRARY_PATH=%s exec %s "$@"\n' "$broker/mosquitto" "$broker/mosquitto/mosquitto" \
+            >"$broker/bin/mosquitto" && chmod +x "$broker/bin/mosquitto"
+        export PATH="$broker/bin:$PATH"
+    fi
+    tests=(tests/test_gpu.py)
+    $py -c "from foundation.gpu import import_tensorrt; import_tensorrt()" >/dev/null 2>&1 &&
+        tests+=(tests/test_tensorrt.py)
+    step pytest_gpu timeout "${T_PYTEST:-120}" "$py" -m pytest -q -m gpu -p no:cacheprovider -o addopts="" \
+        "${tests[@]}"
+    # the SKU: random weights, both memories filled from rendered parts, calibrated on 24 more (speed, not accuracy)
+    rm -rf "$sku" var/gpu-good
+    make="from engines.runtime.benchmark import make_random_sku as m; m('$sku', $size, export=False, \
+memory=${MEMORY:-16384}, fine_memory=${FINE_MEMORY:-16384})"
+    good="from tdad.training.sample_data import write_good_folder as w; w('var/gpu-good', 24, $size)"
+    step sku timeout "${T_SKU:-40}" bash -c "$py -c \"$make\" && $py -c \"$good\" && $py -m inspector.cli calibrate \
+        --sku-dir $sku --backend torch --device $device --threads $threads --good var/gpu-good --frr 0.05"
+    levers=torch,torch+channels_last+cudnn_benchmark,torch+preprocess_on_device
+    levers+=,torch+channels_last+cudnn_benchmark+preprocess_on_device
+    [[ "$device" == cuda ]] && levers+=,torch+cuda_graphs=false
+    step latency_levers timeout "${T_LATENCY:-70}" "$py" bench/latency.py --sku-dir "$sku" --batches "$batches" \
+        --iters "$iters" --threads "$threads" --device "$device" --backends "$levers" --json "$out/latency_levers.json"
+    for compile in ${COMPILE_MODES:-default}; do  # with the other levers; compiled per batch size: a step each
+        spec="torch+compile=$compile+channels_last+cudnn_benchmark+preprocess_on_device"
+        [[ "$compile" == reduce-overhead ]] && spec+="+cuda_graphs=false"
+        step "latency_compile_$compile" timeout "${T_COMPILE:-70}" "$py" bench/latency.py --sku-dir "$sku" \
+            --batches "${batches%,*}" --iters "$iters" --threads "$threads" --device "$device" --backends "$spec" \
+            --json "$out/latency_compile_$compile.json"
+    done
+    daemon=("$py" bench/daemon.py --workdir var/gpu-daemon --sku-dir "$sku" --part-size "$size" --no-web --no-archive
+            --threads "$threads" --engine "torch+device=$device")
+    frames="${DAEMON_FRAMES:-400}"  # camera -> verdict at 25 fps, then throughput with the micro-batcher at 8
+    step daemon timeout "${T_DAEMON:-50}" bash -c "${daemon[*]} --batches 1 --fps 25 --frames $frames && \
+        ${daemon[*]} --batches 8 --fps 0 --frames $((2 * frames)) --queue-depth 4096 --frame-timeout-ms 120000"
+    profile=("$py" bench/gpu_profile.py --sku-dir "$sku" --device "$device" --threads "$threads"
+             --iters "${PROFILE_ITERS:-20}")
+    step profile timeout "${T_PROFILE:-30}" bash -c "${profile[*]} --batch 1 && ${profile[*]} --batch 8 && \
+        ${profile[*]} --batch 1 --engine torch+channels_last+cudnn_benchmark+preprocess_on_device"
+    step train_speed timeout "${T_TRAIN:-60}" "$py" bench/train_speed.py --preset "${TRAIN_PRESET:-gpu}" \
+        --device "$device" --steps "${TRAIN_STEPS:-10}" --threads "$((threads > 0 ? threads : 4))" \
+        --variants "${TRAIN_VARIANTS:-fp32,bf16,bf16+channels_last,bf16+channels_last+compile}"
+    echo "== all: $((SECONDS - start)) s"
+    finish
+fi
 # The GPU tests: they fail, never skip, here. TensorRT's fail when its libraries are absent (that is the point).
 step pytest_gpu "$py" -m pytest -q -m gpu -p no:cacheprovider -o addopts="" tests/test_gpu.py tests/test_tensorrt.py
 step torch_cuda_bench "$py" bench/latency.py --random-sku var/gpu-bench-sku --batches 1,8,32 --iters 30 \

@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/latency.py --random-sku /tmp/bench-sku --threads 2 --json latency.json
     .venv/bin/python bench/latency.py --sku-dir skus/brick --backends onnxruntime --batches 1,4
+    python bench/latency.py --sku-dir D --device cuda --backends torch,torch+channels_last+cudnn_benchmark,\
+torch+preprocess_on_device,torch+compile=default     # the torch engine's speed levers, a row each
 """
 
 from __future__ import annotations

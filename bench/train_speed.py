@@ -1,9 +1,16 @@
 """Training throughput (images/s per phase) and torch inference latency, on CPU and on CUDA when present; and
 how the source image size affects loading and training (--source-sizes: PNG files of each size, decoded and
-resized once through the data set's decode cache).
+resized once through the data set's decode cache); or, with --preset, a preset's model per phase under each
+--variants entry on one device, and the minutes its full schedule takes at those rates.
 
     .venv/bin/python bench/train_speed.py --image-size 128 --batch-size 8 --steps 10 --threads 2
     .venv/bin/python bench/train_speed.py --image-size 128 --threads 1 --source-sizes 128 900 --phases autoencoder
+    python bench/train_speed.py --preset gpu --device cuda --steps 20 --variants fp32,bf16,bf16+channels_last
+
+--preset times the optimisation steps alone (train_step: autocast, clipping, AdamW) on batches drawn beforehand:
+in training, synthesis workers draw them beside the device. A variant is fp32 or bf16 (autocast), plus
+channels_last (the model and the image batches in that memory format) and compile (torch.compile of the phase's
+loss, inductor's default mode; its compilation falls in the warm-up steps).
 """
 
 from __future__ import annotations
@@ -16,11 +23,26 @@ from pathlib import Path
 import cv2
 import numpy as np
 import torch
+from torch import nn
 
 from tdad.model import ModelConfig, TDADModel
 from tdad.training.data import DECODE_CACHE, open_dataset
 from tdad.training.sample_data import render_part
-from tdad.training.train import LOSSES, PHASES, StepBatches, TrainConfig, configure_threads, load_images, set_phase
+from tdad.training.train import (
+    LOSSES,
+    PHASES,
+    PRESETS,
+    PhaseLoss,
+    StepBatches,
+    TrainConfig,
+    configure_threads,
+    load_images,
+    set_phase,
+    train_step,
+    untrained_model,
+)
+
+WARMUP_STEPS = 3  # untimed steps per phase: allocation, cuDNN's choices, a compile
 
 
 def train_rate(device: torch.device, cfg: TrainConfig, images: np.ndarray, phase: str, steps: int) -> float:
@@ -46,6 +68,61 @@ def train_rate(device: torch.device, cfg: TrainConfig, images: np.ndarray, phase
     if device.type == "cuda":
         torch.cuda.synchronize()
     return steps * cfg.batch_size / (time.perf_counter() - start)
+
+
+def preset_rate(device: torch.device, cfg: TrainConfig, images: np.ndarray, phase: str, steps: int,
+                variant: set[str]) -> float:
+    """Images/s of `steps` timed optimisation steps of one phase of the preset's model (after WARMUP_STEPS), on
+    batches drawn before the timing; `variant`: {"bf16", "channels_last", "compile"}, any of them."""
+    torch.manual_seed(0)
+    model = untrained_model(cfg, images, images)[0].to(device)
+    fmt = torch.channels_last if "channels_last" in variant else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    params = set_phase(model, phase)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    loss_of: nn.Module = PhaseLoss(model, phase, cfg)
+    if "compile" in variant:
+        loss_of = torch.compile(loss_of)  # type: ignore[assignment]
+    batches = StepBatches(cfg, images, phase, model.schedule)
+    drawn = [{k: _on(device, v, fmt) for k, v in batches[i].items()} for i in range(min(4, steps + WARMUP_STEPS))]
+    start = 0.0
+    for step in range(steps + WARMUP_STEPS):
+        if step == WARMUP_STEPS:
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+        train_step(model, phase, params, optimizer, drawn[step % len(drawn)], cfg.lr, cfg, "bf16" in variant,
+                   loss_of)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return steps * cfg.batch_size / (time.perf_counter() - start)
+
+
+def _on(device: torch.device, value: np.ndarray, fmt: torch.memory_format) -> torch.Tensor:
+    """One batch array as a tensor on the device, image-shaped floats in the memory format `fmt`."""
+    tensor = torch.from_numpy(np.asarray(value)).to(device)
+    return tensor.contiguous(memory_format=fmt) if tensor.ndim == 4 and tensor.is_floating_point() else tensor
+
+
+def preset_rows(args: argparse.Namespace, tmp: Path) -> None:
+    """Per variant: images/s of each phase of the preset and the minutes of its full schedule at those rates."""
+    device = torch.device(args.device)
+    cfg = TrainConfig(data=tmp, out=tmp, **PRESETS[args.preset])
+    rows_needed = max(16, -(-cfg.memory // (cfg.image_size // 8) ** 2))  # enough parts to fill the memory
+    rng = np.random.default_rng(0)
+    images = np.stack([render_part("brick", cfg.image_size, rng) for _ in range(rows_needed)])
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    steps = {phase: cfg.steps(phase) for phase in args.phases}
+    print(f"the {args.preset} preset ({cfg.image_size} px, batch {cfg.batch_size}, width {cfg.width}, memory "
+          f"{cfg.memory}) on {name}: images/s of {args.steps} steps per phase after {WARMUP_STEPS} warm-up steps, "
+          f"batches drawn beforehand; minutes for {' / '.join(map(str, steps.values()))} steps")
+    print("| variant | " + " | ".join(f"{p} img/s" for p in args.phases) + " | full schedule min |")
+    print("|---|" + "---:|" * (len(args.phases) + 1), flush=True)
+    for spec in args.variants.split(","):
+        variant = set(spec.split("+"))
+        rates = [preset_rate(device, cfg, images, phase, args.steps, variant) for phase in args.phases]
+        minutes = sum(steps[p] * cfg.batch_size / r for p, r in zip(args.phases, rates, strict=True)) / 60
+        print(f"| {spec} | " + " | ".join(f"{r:.1f}" for r in rates) + f" | {minutes:.1f} |", flush=True)
 
 
 def infer_ms(device: torch.device, image_size: int, repeats: int) -> float:
@@ -99,7 +176,8 @@ def source_size_rows(args: argparse.Namespace, tmp: Path) -> None:
               + " ".join(f"{r:18.1f}" for r in rates))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """Print the tables the flags ask for."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -111,8 +189,16 @@ def main() -> None:
                         help="only the source-size table: square PNG sides to compare, e.g. 128 900")
     parser.add_argument("--images", type=int, default=32, help="PNG files per source size")
     parser.add_argument("--phases", nargs="*", default=list(PHASES), choices=PHASES)
-    args = parser.parse_args()
+    parser.add_argument("--preset", choices=list(PRESETS), help="only the preset table: this preset's model")
+    parser.add_argument("--device", default="cpu", help="device of the preset table, e.g. cuda")
+    parser.add_argument("--variants", default="fp32,bf16,bf16+channels_last,bf16+channels_last+compile",
+                        help="comma-separated variants of the preset table: fp32|bf16[+channels_last][+compile]")
+    args = parser.parse_args(argv)
     configure_threads(TrainConfig(data=Path(), out=Path(), threads=args.threads))
+    if args.preset:
+        with tempfile.TemporaryDirectory() as tmp:
+            preset_rows(args, Path(tmp))
+        return
     if args.source_sizes:
         with tempfile.TemporaryDirectory() as tmp:
             source_size_rows(args, Path(tmp))

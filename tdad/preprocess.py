@@ -17,7 +17,7 @@ Ground-truth masks go through the same geometry with nearest-neighbour sampling 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import cv2
 import numpy as np
@@ -91,10 +91,21 @@ def resize_mask_to_model(mask_hw: np.ndarray, size: int, mode: ResizeMode = "str
     return geometry.place(resized)
 
 
+PIXEL_SCALE = np.float32(1.0 / 255.0)  # uint8 -> [0, 1]: one float32 multiply, the same on every device
+_PIXEL_SCALE = float(PIXEL_SCALE)  # as a Python float: torch.compile would trace the numpy scalar as a tensor
+
+
 def preprocess(images_u8_nhwc: np.ndarray) -> np.ndarray:
     """uint8 N x S x S x 3 RGB -> float32 N x 3 x S x S in [0, 1]: the one input transform of every backend."""
     if images_u8_nhwc.ndim != 4 or images_u8_nhwc.shape[-1] != 3 or images_u8_nhwc.dtype != np.uint8:
         raise ValueError(f"expected uint8 N x S x S x 3 images, got {images_u8_nhwc.dtype} {images_u8_nhwc.shape}")
     x = np.ascontiguousarray(images_u8_nhwc.transpose(0, 3, 1, 2), dtype=np.float32)  # a new array: uint8 in
-    x *= np.float32(1.0 / 255.0)  # in place, so the per-frame path allocates one batch, not two
+    x *= PIXEL_SCALE  # in place, so the per-frame path allocates one batch, not two
     return x
+
+
+def preprocess_tensor(images_u8_nhwc: Any) -> Any:
+    """`preprocess` on a torch uint8 N x S x S x 3 tensor where it lies (a GPU: a quarter of the bytes cross the
+    bus), bit for bit the same float32 N x 3 x S x S (contiguous); torch is not imported here, so the ONNX path
+    stays without it."""
+    return images_u8_nhwc.permute(0, 3, 1, 2).contiguous().float().mul_(_PIXEL_SCALE)

@@ -41,3 +41,36 @@ def test_cli_rejects_unknown_backends_and_bad_batches(sku: Path) -> None:
     args.config = None
     with pytest.raises(EngineError, match="unknown 'openvino'"):
         bench.run(args)
+
+
+def test_backend_specs_set_engine_keys_and_name_their_rows(sku: Path) -> None:
+    specs = ("torch,torch+channels_last+cudnn_benchmark,torch:bf16+compile=default+cuda_graphs=false,"
+             "onnxruntime+threads=2")
+    engines = benchmark.parse_engines(specs, threads=1, tensorrt_precision="fp16", device="cuda", cuda_graphs=True)
+    assert [benchmark.engine_label(s) for s in engines] == [
+        "torch-cuda", "torch-cuda+channels_last+cudnn_benchmark", "torch-cuda-bf16-nographs+compile=default",
+        "onnxruntime"]
+    assert engines[1].channels_last and engines[1].threads == 1 and engines[3].threads == 2
+    with pytest.raises(EngineError, match=r"engine\.chanels_last"):
+        benchmark.parse_engines("torch+chanels_last", threads=1, tensorrt_precision="fp16", device="cpu",
+                                cuda_graphs=True)
+    report = benchmark.benchmark(sku, benchmark.parse_engines("torch,torch+preprocess_on_device", threads=1,
+                                                              tensorrt_precision="fp16", device="cpu",
+                                                              cuda_graphs=True), [1], iters=1)
+    assert set(report["speedup"]) == {"torch+preprocess_on_device vs torch"}
+    assert "torch+preprocess_on_device     1" in benchmark.format_table(report)
+    same = benchmark.parse_engines("torch,torch+cuda_graphs=false", threads=1, tensorrt_precision="fp16",
+                                   device="cpu", cuda_graphs=True)  # no graphs on the CPU: one row would hide another
+    with pytest.raises(EngineError, match="torch named more than once"):
+        benchmark.benchmark(sku, same, [1], iters=1)
+
+
+def test_a_random_sku_can_carry_filled_memories(tmp_path: Path) -> None:
+    from tdad.manifest import read_manifest
+    from tdad.model import load_sku
+
+    sku = benchmark.make_random_sku(tmp_path / "sku", 64, export=False, memory=200, fine_memory=300)
+    config = read_manifest(sku).model
+    assert (config.memory_size, config.fine_memory_size) == (200, 300) and config.memory_boost > 0
+    segmenter = load_sku(sku).segmenter
+    assert segmenter.memory.abs().sum(1).min() > 0 and segmenter.fine_memory.abs().sum(1).min() > 0

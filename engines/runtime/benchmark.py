@@ -22,32 +22,63 @@ from typing import Any
 import numpy as np
 
 from engines.runtime import BACKENDS, EngineSettings, create_engine, engine_settings
+from engines.runtime.config import TORCH_LEVERS
 from foundation.errors import EngineError
 
 STAGE_ORDER = ("preprocess", "encode", "stage1", "fusion", "stage2", "decode", "segment")
 
 
-def make_random_sku(sku_dir: Path, image_size: int = 256, seed: int = 0, export: bool = True) -> Path:
+def make_random_sku(sku_dir: Path, image_size: int = 256, seed: int = 0, export: bool = True, memory: int = 0,
+                    fine_memory: int = 0) -> Path:
     """A randomly initialised (untrained) SKU of the default architecture with the residual reconstruction (as
     training writes it, so its graphs cost what a trained SKU's do), saved and exported to ONNX.
 
     The denoiser's zero-initialised output conv is given small random weights so every graph computes
-    something non-trivial (parity tests compare real numbers, not zeros).
+    something non-trivial (parity tests compare real numbers, not zeros). memory / fine_memory: entries of the
+    memory prior and of the fine memory, filled as training fills them from rendered good parts, so their searches
+    cost what a trained SKU's do and parity compares real distances.
     """
+    import dataclasses
+
     import torch
 
     from tdad.model import ModelConfig, TDADModel, save_sku
+    from tdad.nets.segmenter import MEMORY_BOOST
 
     torch.manual_seed(seed)
-    model = TDADModel(ModelConfig(image_size=image_size, residual=True)).eval()
+    config = ModelConfig(image_size=image_size, residual=True)
+    if memory:
+        config = dataclasses.replace(config, memory_size=memory, memory_boost=MEMORY_BOOST)
+    model = TDADModel(config).eval()
     with torch.no_grad():
         model.denoiser.conv_out.weight.normal_(0.0, 0.02)
+        if memory or fine_memory:
+            _fill_memories(model, Path(sku_dir), memory, fine_memory, seed)
     save_sku(model, Path(sku_dir), train_hash="random-init", note="untrained: for benchmarks and tests")
     if export:
         from engines.export import export_sku
 
         export_sku(Path(sku_dir))
     return Path(sku_dir)
+
+
+def _fill_memories(model: Any, sku_dir: Path, memory: int, fine_memory: int, seed: int) -> None:
+    """Fill the memory prior (memory entries) and store a fine memory (fine_memory entries) from enough rendered
+    brick parts to hold them, as training does (tdad.training.train)."""
+    import torch
+
+    from tdad.training.sample_data import render_part
+    from tdad.training.train import TrainConfig, fill_memory, store_fine_memory
+
+    size = model.config.image_size
+    count = max(2, -(-memory // (size // 8) ** 2), -(-fine_memory // (size // 4) ** 2))
+    rng = np.random.default_rng(seed)
+    parts = np.stack([render_part("brick", size, rng) for _ in range(count)])
+    cpu = torch.device("cpu")
+    if memory:
+        fill_memory(model, parts, cpu, batch=8, seed=seed)
+    cfg = TrainConfig(data=sku_dir, out=sku_dir, image_size=size, fine_memory=fine_memory, batch_size=8, seed=seed)
+    store_fine_memory(model, parts, None, cfg, cpu)
 
 
 def _percentile_ms(seconds: list[float], q: float) -> float:
@@ -119,32 +150,42 @@ def engine_label(settings: EngineSettings) -> str:
         parts.append(settings.precision)
     if (device == "cuda" or settings.backend == "tensorrt") and not getattr(settings, "cuda_graphs", True):
         parts.append("nographs")
-    return "-".join(parts)
+    levers = [(key, getattr(settings, key)) for key in TORCH_LEVERS if key in type(settings).model_fields]
+    changed = [(key, value) for key, value in levers if value != type(settings).model_fields[key].default]
+    return "-".join(parts) + "".join(f"+{key}" if value is True else f"+{key}={value}" for key, value in changed)
 
 
 def parse_engines(specs: str, *, threads: int | None, tensorrt_precision: str, device: str,
                   cuda_graphs: bool) -> list[EngineSettings]:
-    """`--backends` entries `backend[:precision]` (onnxruntime:int8, torch:bf16, tensorrt:fp16) as typed settings."""
+    """`--backends` entries `backend[:precision][+KEY[=VALUE]...]` as typed settings: onnxruntime:int8, torch:bf16,
+    tensorrt:fp16, torch+channels_last+compile=default (KEY: an engine setting of the backend, e.g. a speed lever of
+    TorchSettings; a bare KEY means true)."""
     engines = []
     for spec in (s for s in specs.split(",") if s):
-        backend, _, precision = spec.partition(":")
+        head, *options = spec.split("+")
+        backend, _, precision = head.partition(":")
         if backend not in BACKENDS:
             raise EngineError(f"--backends: unknown {backend!r} in {spec!r}; valid are {', '.join(BACKENDS)}")
+        keys = {key: value if given else True for key, given, value in (o.partition("=") for o in options)}
         if backend == "tensorrt":
-            engines.append(engine_settings(backend, precision=precision or tensorrt_precision,
-                                           cuda_graphs=cuda_graphs))
+            engines.append(engine_settings(backend, **{"precision": precision or tensorrt_precision,
+                                                       "cuda_graphs": cuda_graphs, **keys}))
         elif backend == "torch":
-            engines.append(engine_settings(backend, precision=precision or None, threads=threads, device=device,
-                                           cuda_graphs=cuda_graphs))
+            engines.append(engine_settings(backend, **{"precision": precision or None, "threads": threads,
+                                                       "device": device, "cuda_graphs": cuda_graphs, **keys}))
         else:
-            engines.append(engine_settings(backend, precision=precision or None, threads=threads))
+            engines.append(engine_settings(backend, **{"precision": precision or None, "threads": threads, **keys}))
     return engines
 
 
 def benchmark(sku_dir: Path, engines: Sequence[EngineSettings], batches: Sequence[int], iters: int) -> dict[str, Any]:
     """Every engine on the SKU, each in its own process; returns the JSON-ready report (see `format_table`)."""
+    labels = [engine_label(s) for s in engines]
+    if len(set(labels)) < len(labels):  # e.g. cuda_graphs=false on the CPU, where there are no graphs
+        twice = sorted({label for label in labels if labels.count(label) > 1})
+        raise EngineError(f"--backends: {', '.join(twice)} named more than once (the same engine here)")
     load_before = os.getloadavg()
-    results = {engine_label(s): run_isolated(s, sku_dir, batches, iters) for s in engines}
+    results = {label: run_isolated(s, sku_dir, batches, iters) for label, s in zip(labels, engines, strict=True)}
     report: dict[str, Any] = {
         "sku_dir": str(sku_dir),
         "iters": iters,
@@ -155,10 +196,11 @@ def benchmark(sku_dir: Path, engines: Sequence[EngineSettings], batches: Sequenc
         "results": results,
     }
     torch_fps = results.get("torch", {}).get("batches", {}).get("1", {}).get("fps")
-    for label, result in results.items():  # each variant against its row without the last suffix
-        base_fps = results.get(label.rsplit("-", 1)[0], {}).get("batches", {}) if "-" in label else {}
+    for label, result in results.items():  # each variant against its row without its levers, else the last suffix
+        base = label.split("+", 1)[0] if "+" in label else label.rsplit("-", 1)[0]
+        base_fps = results.get(base, {}).get("batches", {}) if base != label else {}
         if base_fps and "batches" in result:
-            report.setdefault("speedup", {})[f"{label} vs {label.rsplit('-', 1)[0]}"] = {
+            report.setdefault("speedup", {})[f"{label} vs {base}"] = {
                 b: m["fps"] / base_fps[b]["fps"] for b, m in result["batches"].items() if b in base_fps}
     if torch_fps:
         report["speedup_vs_torch_batch1"] = {
@@ -171,30 +213,31 @@ def benchmark(sku_dir: Path, engines: Sequence[EngineSettings], batches: Sequenc
 
 def format_table(report: dict[str, Any]) -> str:
     """The report as plain-text tables: throughput/latency per batch, stages at batch 1, memory."""
-    lines = [f"{'backend':18} {'batch':>5} {'frames/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'min ms':>8}"]
+    w = max([18, *(len(label) for label in report["results"])])  # lever rows have long names
+    lines = [f"{'backend':{w}} {'batch':>5} {'frames/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'min ms':>8}"]
     for backend, r in report["results"].items():
         if "error" in r:
-            lines.append(f"{backend:18} error: {r['error']}")
+            lines.append(f"{backend:{w}} error: {r['error']}")
             continue
         for batch, m in r["batches"].items():
             best = " (best)" if int(batch) == r["best_batch"] else ""
-            lines.append(f"{backend:18} {batch:>5} {m['fps']:9.2f} {m['p50_ms']:8.1f} {m['p99_ms']:8.1f} "
+            lines.append(f"{backend:{w}} {batch:>5} {m['fps']:9.2f} {m['p50_ms']:8.1f} {m['p99_ms']:8.1f} "
                          f"{m['min_ms']:8.1f}{best}")
     lines.append("")
-    lines.append(f"{'stage ms (batch 1, median)':28}" + "".join(f"{s:>10}" for s in (*STAGE_ORDER, "total")))
+    lines.append(f"{'stage ms (batch 1, median)':{w + 10}}" + "".join(f"{s:>10}" for s in (*STAGE_ORDER, "total")))
     for backend, r in report["results"].items():
         stages = r.get("stages_ms_batch1") or {}
         if stages:
             row = [stages.get(s, float("nan")) for s in STAGE_ORDER]
-            lines.append(f"{backend:28}" + "".join(f"{v:10.1f}" for v in (*row, sum(stages.values()))))
+            lines.append(f"{backend:{w + 10}}" + "".join(f"{v:10.1f}" for v in (*row, sum(stages.values()))))
     lines.append("")
     for backend, r in report["results"].items():
         if "error" not in r:
             gpu = r["device_memory_mb"]
             gpu_text = f", GPU memory in use {gpu:.0f} MB" if gpu is not None else ""
-            lines.append(f"{backend:18} peak RSS {r['peak_rss_mb']:.0f} MB{gpu_text}")
+            lines.append(f"{backend:{w}} peak RSS {r['peak_rss_mb']:.0f} MB{gpu_text}")
     for backend, x in report.get("speedup_vs_torch_batch1", {}).items():
-        lines.append(f"{backend:18} {x:.2f}x torch at batch 1")
+        lines.append(f"{backend:{w}} {x:.2f}x torch at batch 1")
     for pair, per_batch in report.get("speedup", {}).items():
         lines.append(f"{pair}: " + ", ".join(f"{x:.2f}x at batch {b}" for b, x in per_batch.items()))
     lines.append(f"load average before/after: {report['load_avg_before'][0]:.2f} / {report['load_avg_after'][0]:.2f} "

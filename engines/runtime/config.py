@@ -14,6 +14,8 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapt
 from foundation.errors import EngineError
 
 DEFAULT_BACKEND = "onnxruntime"
+CompileMode = Literal["off", "default", "max-autotune-no-cudagraphs", "reduce-overhead"]
+TORCH_LEVERS = ("channels_last", "cudnn_benchmark", "compile", "preprocess_on_device")  # TorchSettings' speed levers
 
 
 class _EngineSection(BaseModel):
@@ -42,11 +44,22 @@ class TorchSettings(_EngineSection):
     precision: Literal["fp32", "fp16", "bf16"] = Field("fp32", description="fp16 and bf16 need device = cuda")
     threads: int = Field(0, ge=0, description="CPU threads; 0 = torch's default")
     cuda_graphs: bool = Field(True, description="replay one captured CUDA graph per batch size (device = cuda)")
+    # speed levers of the GPU engine, each off until a GPU measures it (docs/gpu.md); on the CPU they run too
+    channels_last: bool = Field(False, description="run the networks in the channels-last memory format")
+    cudnn_benchmark: bool = Field(False, description="let cuDNN time its kernels for the fixed shapes once "
+                                                     "(device = cuda; process-wide)")
+    compile: CompileMode = Field("off", description="torch.compile (inductor) each network in this mode; "
+                                                    "\"reduce-overhead\" brings CUDA graphs of its own")
+    preprocess_on_device: bool = Field(False, description="copy the uint8 frames to the device and convert them "
+                                                          "there (a quarter of the bytes; the same numbers)")
 
     @model_validator(mode="after")
-    def _half_on_gpu_only(self) -> TorchSettings:
+    def _valid_combinations(self) -> TorchSettings:
         if self.precision != "fp32" and self.device != "cuda":
             raise ValueError(f"precision {self.precision!r} needs device = \"cuda\" (the CPU engine runs fp32)")
+        if self.compile == "reduce-overhead" and self.device == "cuda" and self.cuda_graphs:
+            raise ValueError("compile = \"reduce-overhead\" captures CUDA graphs of its own: set cuda_graphs = "
+                             "false, or use compile = \"max-autotune-no-cudagraphs\" with this engine's graphs")
         return self
 
 

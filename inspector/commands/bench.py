@@ -32,9 +32,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--random-sku", type=Path, metavar="DIR",
                        help="create an untrained 256 px SKU in DIR (if absent), export it and benchmark it")
     parser.add_argument("--image-size", type=int, default=256, help="image size of --random-sku")
+    parser.add_argument("--memory", type=int, default=0, help="memory prior entries of --random-sku (filled from "
+                                                              "rendered parts)")
+    parser.add_argument("--fine-memory", type=int, default=0, help="fine-memory entries of --random-sku")
     parser.add_argument("--backends", default="torch,onnxruntime",
-                        help="comma-separated backend[:precision], e.g. onnxruntime,onnxruntime:int8 or "
-                             "torch:bf16 (backends: " + ",".join(BACKENDS) + ")")
+                        help="comma-separated backend[:precision][+KEY[=VALUE]...], e.g. onnxruntime,onnxruntime:int8, "
+                             "torch:bf16 or torch+channels_last+compile=default (KEY: an engine setting, bare = "
+                             "true; backends: " + ",".join(BACKENDS) + ")")
     parser.add_argument("--batches", type=_int_list, default=[1, 2, 4, 8], help="comma-separated batch sizes")
     parser.add_argument("--iters", type=int, default=20, help="timed calls per batch size")
     parser.add_argument("--threads", type=int, default=0,
@@ -53,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
     if args.random_sku is not None:
         sku_dir = args.random_sku
         if not (sku_dir / MANIFEST_FILE).is_file():
-            make_random_sku(sku_dir, args.image_size)
+            make_random_sku(sku_dir, args.image_size, memory=args.memory, fine_memory=args.fine_memory)
     else:
         sku_dir = sku_dir_from_args(args)
     report = benchmark(sku_dir, engines, args.batches, args.iters)

@@ -10,6 +10,7 @@ to a folder to keep (and reuse across runs) the trained SKU there; `inspector de
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import structlog
 
 from inspector.broker import LocalBroker, start_local_broker
 from tests.fixtures_engines import IMAGE_SIZE
@@ -28,6 +30,16 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The demo recipe with half the tiny preset's steps: the daemon's accuracy checks pass with a wide margin,
 # and training stays well under a minute of CPU on an idle 2-core box.
 TEST_RECIPE_SCALE = 0.5
+
+
+@pytest.fixture(autouse=True)
+def _logging_as_before() -> Iterator[None]:
+    """Logging is process-wide: a test that runs a command's main() in-process (bench/daemon.py configures
+    "warning") must not hide the info events later tests capture (a spool test failed only after it)."""
+    saved, level = structlog.get_config(), logging.getLogger().level
+    yield
+    structlog.configure(**saved)
+    logging.getLogger().setLevel(level)
 
 
 @pytest.fixture

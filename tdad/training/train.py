@@ -509,11 +509,7 @@ def remember_all(model: TDADModel, cfg: TrainConfig) -> int:
     images, _ = load_images(dataclasses.replace(cfg, holdout=0.0))
     remembered, owners = memory_images(images, cfg.image_size, cfg.tile_overlap)
     device = next(model.parameters()).device
-    size = memory_size_for(cfg, len(remembered), inference=True)
-    model.segmenter.resize_memory(size)
-    model.config = dataclasses.replace(model.config, memory_size=size)
-    scale = fill_memory(model, remembered, device, cfg.batch_size, cfg.seed, owners)
-    log.info("memory_stored", entries=size, scale=scale, images=len(images))
+    refill_memory(model, remembered, owners, cfg, device, memory_size_for(cfg, len(remembered), inference=True))
     if model.config.fine_memory_size:  # at the size training chose, with the boost the SKU has now
         store_fine_memory(model, remembered, owners, dataclasses.replace(cfg, fine_boost=model.segmenter.fine_boost),
                           device)
@@ -545,10 +541,17 @@ def store_inference_memory(model: TDADModel, remembered: np.ndarray, owners: np.
     size = memory_size_for(cfg, len(remembered), inference=True)
     if not model.config.memory_size or size == model.config.memory_size:
         return
+    refill_memory(model, remembered, owners, cfg, device, size, ranks)
+
+
+def refill_memory(model: TDADModel, remembered: np.ndarray, owners: np.ndarray | None, cfg: TrainConfig,
+                  device: torch.device, size: int, ranks: Ranks = ALONE) -> None:
+    """Give the memory segmenter `size` entries, filled by fill_memory from the remembered rows (the model config's
+    entry count follows)."""
     model.segmenter.resize_memory(size)
     model.config = dataclasses.replace(model.config, memory_size=size)
-    log.info("memory_stored", entries=size, scale=fill_memory(model, remembered, device, cfg.batch_size, cfg.seed,
-                                                                owners, ranks))
+    log.info("memory_stored", entries=size, rows=len(remembered),
+             scale=fill_memory(model, remembered, device, cfg.batch_size, cfg.seed, owners, ranks))
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -35,6 +35,7 @@ from tests.test_pipeline import ListSource, part
 from tests.test_service import Subscriber, brightness_loader
 from tests.test_skustore import variant
 from tests.test_web import metric
+from tests.test_web_browser import write_token
 from tests.waiting import wait_until
 
 pytestmark = pytest.mark.integration
@@ -298,9 +299,7 @@ def free_port() -> int:
 
 def test_the_cli_activates_live_through_the_station_page(tmp_path: Path, broker: LocalBroker, versions: Store,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
-    token = tmp_path / "web.token"
-    token.write_text("cli-live-token-0123456789\n")
-    token.chmod(0o600)
+    token = write_token(tmp_path / "web.token", "cli-live-token-0123456789")
     port = free_port()
     config = station_config(tmp_path, broker.port, versions.plain,
                             f'[web]\nenabled = true\nport = {port}\ntoken_file = "{token}"\n')

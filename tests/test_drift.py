@@ -38,6 +38,7 @@ from tests.test_pipeline import BrightnessEngine, ListSource
 from tests.test_service import Subscriber, brightness_loader
 from tests.test_service import write_config as write_fast_config
 from tests.test_web import metric
+from tests.test_web_browser import needs_chromium
 from tests.waiting import wait_until
 
 RNG_SEED = 3
@@ -478,14 +479,13 @@ model_dir = "{random_calibrated_sku}"
 
 @pytest.mark.integration
 @pytest.mark.slow
+@needs_chromium
 def test_the_station_page_shows_the_drift_banner_and_draws_the_score_trend(drifting_station: Daemon) -> None:
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from inspector.web.browser import CHROMEDRIVER, CHROMIUM, headless_chromium
+    from inspector.web.browser import headless_chromium
 
-    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
-        pytest.skip("needs Debian's chromium and chromium-driver (make system-deps)")
     web = drifting_station.web
     assert web is not None
     assert wait_until(lambda: drifting_station.trend.series()["buckets"] != [], 30)

@@ -21,6 +21,7 @@ from tdad.scoring import image_scores
 from tdad.training.sample_data import render_part, write_good_folder
 from tdad.training.teach import COVERED, teach_sku
 from tests.fixtures_engines import copy_sku
+from tests.test_web_browser import needs_chromium
 
 SIZE = 64
 
@@ -180,6 +181,7 @@ def test_sku_update_from_reviews_teaches_the_reviewed_good_parts_cropped_to_the_
 
 @pytest.mark.integration
 @pytest.mark.slow
+@needs_chromium
 def test_operator_teaches_reviewed_parts_in_the_browser_then_puts_the_version_live_and_rolls_back(
         station: Path, tmp_path: Path, broker: LocalBroker) -> None:
     """Chromium on the station page: Teach makes a new version from the parts operators reviewed good (in the
@@ -190,17 +192,13 @@ def test_operator_teaches_reviewed_parts_in_the_browser_then_puts_the_version_li
     from inspector.config import load_config
     from inspector.service import Daemon
     from inspector.skustore import SkuStore
-    from inspector.web.browser import CHROMEDRIVER, CHROMIUM, headless_chromium
+    from inspector.web.browser import headless_chromium
     from tests.test_review import ROI, reviewed_archive
-    from tests.test_web_browser import page_text, version_rows
+    from tests.test_web_browser import page_text, version_rows, write_token
 
-    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
-        pytest.skip("needs Debian's chromium and chromium-driver (make system-deps)")
     root = copy_station(station, tmp_path / "station")
     reviewed_archive(root / "archive")
-    token = root / "web.token"
-    token.write_text("teach-test-token-0123456789abcdef\n")
-    token.chmod(0o600)
+    token = write_token(root / "web.token", "teach-test-token-0123456789abcdef")
     toml = root / "inspector.toml"
     toml.write_text(toml.read_text() + f"roi = {list(ROI)}\n" + f"""
 [line]

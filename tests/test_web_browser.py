@@ -25,15 +25,20 @@ from inspector.skustore import Provenance, SkuStore
 from inspector.web.browser import CHROMEDRIVER, CHROMIUM, headless_chromium
 from tests.test_skustore import variant
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.slow,
-    pytest.mark.skipif(not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()),
-                       reason="needs Debian's chromium and chromium-driver (make system-deps)"),
-]
+# a test that drives the station page in Debian's chromium (the page's tests elsewhere carry it too)
+needs_chromium = pytest.mark.skipif(not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()),
+                                    reason="needs Debian's chromium and chromium-driver (make system-deps)")
+pytestmark = [pytest.mark.integration, pytest.mark.slow, needs_chromium]
 
 TOKEN = "browser-test-token-0123456789abcdef"
 DEADLINE_S = 60.0
+
+
+def write_token(path: Path, token: str) -> Path:
+    """The station page's control token file at path, readable by its owner only (as the daemon requires)."""
+    path.write_text(token + "\n")
+    path.chmod(0o600)
+    return path
 
 
 def page_text(driver: Any, element_id: str) -> str:
@@ -53,9 +58,7 @@ def version_rows(driver: Any) -> list[tuple[str, str]]:
 
 @pytest.fixture
 def daemon(tmp_path: Path, broker: LocalBroker, random_calibrated_sku: Path) -> Iterator[Daemon]:
-    token = tmp_path / "web.token"
-    token.write_text(TOKEN + "\n")
-    token.chmod(0o600)
+    token = write_token(tmp_path / "web.token", TOKEN)
     path = tmp_path / "inspector.toml"
     path.write_text(f"""
 active_sku = "brick"
@@ -241,9 +244,7 @@ def store_daemon(tmp_path: Path, broker: LocalBroker,
                              Provenance(origin="bundle", source=f"part-{i}.tar.gz", actor="installer"))
            for i in (1, 2)]
     store.activate("part", ids[0])
-    token = tmp_path / "web.token"
-    token.write_text(TOKEN + "\n")
-    token.chmod(0o600)
+    token = write_token(tmp_path / "web.token", TOKEN)
     path = tmp_path / "inspector.toml"
     path.write_text(f"""
 active_sku = "part"

@@ -189,7 +189,7 @@ def nearest_distance(queries: torch.Tensor, memory: torch.Tensor, scale: torch.T
     added after it: the same distances to float rounding, 1.8x faster than the plain form, and each block's
     temporaries stay small enough for the allocator to reuse, where one N*h*w x M matrix (512 MB for 8 frames
     against 65536 entries) is mapped and zero-filled afresh by the kernel on every call. A traced or exported
-    graph keeps the plain single matmul."""
+    graph searches the whole memory in one Gemm."""
     n, d, h, w = queries.shape
     # float32 even under autocast: |q|^2 - 2 q.m + |m|^2 cancels, and bf16/fp16 would leave noise for distance
     with torch.autocast(queries.device.type, enabled=False):
@@ -197,10 +197,11 @@ def nearest_distance(queries: torch.Tensor, memory: torch.Tensor, scale: torch.T
         q2 = (q * q).sum(-1, keepdim=True)
         m2 = (memory * memory).sum(-1)
         if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
-            d2 = q2 - 2.0 * q @ memory.t() + m2
+            # one Gemm, |m|^2 - 2 q.m: a single N*h*w x M buffer where q2 - 2 q @ m.t() + m2 held three or four
+            d2 = torch.addmm(m2, q.reshape(n * h * w, d), memory.t(), alpha=-2.0).reshape(n, h * w, -1)
             if skip is not None:
                 d2 = d2.masked_fill(skip, float("inf"))
-            nearest = d2.amin(-1)
+            nearest = d2.amin(-1) + q2[..., 0]
         else:
             m2n = m2.expand(n, -1) if skip is None else m2.masked_fill(skip[:, 0], float("inf"))
             block = max(256, SEARCH_BLOCK // max(1, n * h * w))

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from engines.runtime import OnnxRuntimeSettings, TorchSettings, create_engine
@@ -73,8 +74,8 @@ def test_onnxruntime_matches_torch_on_a_tiny_trained_model(trained_sku: Path) ->
 
 
 def test_onnxruntime_matches_torch_with_the_memory_prior(tmp_path: Path) -> None:
-    """The segmenter's nearest-memory search (matmul form) and its inference boost, and the fine memory's search
-    on the 2x-upsampled input, export and run on ONNX Runtime like in torch."""
+    """The segmenter's nearest-memory search (one Gemm per memory) and its inference boost, and the fine memory's
+    search on the 2x-upsampled input, export and run on ONNX Runtime like in torch."""
     import dataclasses
 
     import torch
@@ -94,6 +95,13 @@ def test_onnxruntime_matches_torch_with_the_memory_prior(tmp_path: Path) -> None
     sku = save_sku(model, tmp_path / "sku")
     export_sku(sku)
     assert_parity(sku, part_frames(4, 64, seed=6))
+    # each search is Gemm -> Reshape -> ReduceMin: one query x entry matrix, no elementwise pass over it (the
+    # q2 - 2 q @ m.t() + m2 form held three or four of them in ONNX Runtime: 2.4 GB at batch 6, docs/performance.md)
+    graph = onnx.load(str(sku / "segmenter.onnx")).graph
+    consumers = {i: n for n in graph.node for i in n.input}
+    gemms = [n for n in graph.node if n.op_type == "Gemm"]
+    assert len(gemms) == 2 and not [n for n in graph.node if n.op_type == "MatMul"]
+    assert all(consumers[consumers[g.output[0]].output[0]].op_type == "ReduceMin" for g in gemms)
 
 
 @pytest.mark.parametrize("override", [None, {"steps1": 2, "steps2": 3}], ids=["unrolled", "parts"])

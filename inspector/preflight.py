@@ -214,24 +214,35 @@ def check_sku_dir(sku: SkuConfig, engine: EngineSettings, name: str, *, engine_f
 
 def _plans_below_batch(sku_dir: Path, engine: TensorRTSettings) -> list[Problem]:
     """engine.batch above the max batch a plan of the engine's precision was built for (as its sidecar records):
-    every micro-batch and tile chunk above it would fail. A plan without a readable sidecar is the backend's to
-    report (it names the rebuild)."""
+    every micro-batch and tile chunk above it would fail. Plans are grouped by the GPU model and TensorRT they
+    were built for (a SKU may carry plans for several): fatal when no group takes the batch, a warning naming
+    the groups that do not when another does (this check does not open the GPU to know which one this box loads;
+    the engine refuses at load). A plan without a readable sidecar is the backend's to report (it names the
+    rebuild)."""
     from engines.runtime.tensorrt_backend import max_batch_error, plan_sidecar
 
-    small: dict[str, int] = {}
-    for plan in sorted(sku_dir.glob(f"*.{engine.precision}.plan")):
+    suffix = f".{engine.precision}.plan"
+    groups: dict[str, dict[str, int]] = {}  # "<gpu>.<trt>" -> {plan below the batch: its max batch}
+    for plan in sorted(sku_dir.glob(f"*{suffix}")):
         try:
             max_batch = int(json.loads(plan_sidecar(plan).read_text())["max_batch"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
+        small = groups.setdefault(plan.name.removesuffix(suffix).split(".", 1)[-1], {})
         if max_batch < engine.batch:
             small[plan.name] = max_batch
-    if not small:
+    below = {gpu: small for gpu, small in groups.items() if small}
+    if not below:
         return []
+    small = {name: batch for plans in below.values() for name, batch in plans.items()}
     first, *others = small
     plans = f"the TensorRT plans ({first}{f' and {len(others)} more' if others else ''})"
-    return [Problem("engine.batch", max_batch_error(sku_dir, engine.precision, engine.batch, min(small.values()),
-                                                     plans))]
+    message = max_batch_error(sku_dir, engine.precision, engine.batch, min(small.values()), plans)
+    if len(below) == len(groups):
+        return [Problem("engine.batch", message)]
+    fits = ", ".join(sorted(set(groups) - set(below)))
+    return [Problem("engine.batch", f"if this box's GPU is {' or '.join(sorted(below))}: {message} (the plans for "
+                    f"{fits} take it)", fatal=False)]
 
 
 def _calibration_is_stale(fingerprint: str, sku_dir: Path, schedule_override: dict[str, int]) -> bool:

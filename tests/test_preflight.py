@@ -160,6 +160,14 @@ def test_an_engine_batch_above_the_plans_max_batch_names_the_build_that_fits(tmp
         "engine.batch = 8, but the TensorRT plans (segmenter.nvidia-a2.trt10.8.0.43.fp16.plan) take at most 4 frames "
         "per call (engine.batch is the daemon's micro-batch and a tiled SKU's tile chunk); run: inspector build "
         f"--sku-dir {sku_copy} --precision fp16 --max-batch 8, or lower engine.batch")
+    for name in (*PART_NAMES, UNROLLED_NAME):  # the same SKU also carries plans for another GPU, built for batch 8
+        plan = sku_copy / f"{name}.nvidia-h100-80gb-hbm3.trt10.8.0.43.fp16.plan"
+        plan.write_bytes(b"plan")
+        plan.with_suffix(".json").write_text(json.dumps({"max_batch": 8}))
+    (problem,) = problems(station(tmp_path, sku_copy, backend="tensorrt", engine="batch = 8"))
+    assert problem.key == "engine.batch" and not problem.fatal  # which GPU this box has is the engine's to know
+    assert problem.message.startswith("if this box's GPU is nvidia-a2.trt10.8.0.43: engine.batch = 8, but the ")
+    assert problem.message.endswith("or lower engine.batch (the plans for nvidia-h100-80gb-hbm3.trt10.8.0.43 take it)")
 
 
 def test_folder_camera_and_secret_readability(tmp_path: Path, sku: Path) -> None:

@@ -30,6 +30,7 @@ from inspector.service import Daemon
 from inspector.skustore import Provenance, SkuStore
 from inspector.web.metrics import StationMetrics
 from tdad.manifest import file_sha256
+from tests.stations import write_station
 from tests.test_bundle import run_cli
 from tests.test_pipeline import ListSource, part
 from tests.test_service import Subscriber, brightness_loader
@@ -74,32 +75,13 @@ def versions(random_calibrated_sku: Path, tmp_path: Path) -> Store:
     return Store(store, *ids, variant(random_calibrated_sku, tmp_path / "plain", "not in the store"))
 
 
-def station_config(tmp_path: Path, port: int, plain: Path, extra: str = "") -> InspectorConfig:
-    """SKUs part and other from the store, plain from a folder; part inspects."""
-    path = tmp_path / "inspector.toml"
-    path.write_text(f"""
-active_sku = "part"
-[line]
-line_id = "L1"
-station_id = "S1"
-[mqtt]
-port = {port}
-spool_dir = "spool"
-[archive]
-enabled = false
-[service]
-frame_timeout_ms = 60000
-[store]
-dir = "store"
-[skus.part]
-model_dir = "store/part/active"
-[skus.other]
-model_dir = "store/other/active"
-[skus.plain]
-model_dir = "{plain}"
-{extra}
-""")
-    return load_config(path)
+def station_config(tmp_path: Path, port: int, plain: Path, **tables: dict[str, Any]) -> InspectorConfig:
+    """SKUs part and other from the store, plain from a folder; part inspects (tables: tests/stations.py)."""
+    return load_config(write_station(
+        tmp_path / "inspector.toml", port=port, line_id="L1", station_id="S1", active="part",
+        skus={"part": {"model_dir": "store/part/active"}, "other": {"model_dir": "store/other/active"},
+              "plain": {"model_dir": plain}},
+        archive={"enabled": False}, store={"dir": "store"}, **tables))
 
 
 class HeldLoads:
@@ -302,7 +284,7 @@ def test_the_cli_activates_live_through_the_station_page(tmp_path: Path, broker:
     token = write_token(tmp_path / "web.token", "cli-live-token-0123456789")
     port = free_port()
     config = station_config(tmp_path, broker.port, versions.plain,
-                            f'[web]\nenabled = true\nport = {port}\ntoken_file = "{token}"\n')
+                            web={"enabled": True, "port": port, "token_file": token})
     toml = ("--config", str(tmp_path / "inspector.toml"))
     daemon = Daemon(config, source=ListSource([part()] * 20000, interval_s=0.02), sku_loader=brightness_loader())
     daemon.start()
@@ -339,8 +321,8 @@ def test_the_cli_activates_live_through_the_station_page(tmp_path: Path, broker:
 @pytest.fixture
 def onnx_station(tmp_path: Path, broker: LocalBroker, versions: Store) -> Iterator[tuple[Daemon, Subscriber]]:
     """A daemon on part v1 with ONNX Runtime engines and the synthetic camera at 10 parts/s."""
-    camera = '[camera]\ntype = "synthetic"\nwidth = 64\nheight = 64\nfps = 10.0\nseed = 5\n'
-    config = station_config(tmp_path, broker.port, versions.plain, camera + "[engine]\nthreads = 1\n")
+    config = station_config(tmp_path, broker.port, versions.plain,
+                            camera={"type": "synthetic", "width": 64, "height": 64, "fps": 10.0, "seed": 5})
     daemon = Daemon(config)
     sub = Subscriber(broker.port, config.topic_root)
     daemon.start()

@@ -37,6 +37,7 @@ from inspector.spool import Spool
 from tdad.training.sample_data import draw_defect, render_part
 from tests.fixtures_data import damaged_copies
 from tests.small_fs import fill, small_fs
+from tests.stations import write_station
 from tests.test_service import Subscriber
 from tests.waiting import wait_until
 
@@ -56,35 +57,14 @@ def random_sku(random_calibrated_sku: Path) -> Path:
     return random_calibrated_sku
 
 
-def write_config(tmp_path: Path, sku_dir: Path, port: int, camera: str, **service: Any) -> Path:
-    """An inspector.toml for one SKU on the local broker, with the given [camera] table body."""
-    service = {"frame_timeout_ms": 60000, "queue_depth": 512, "drain_timeout_s": 30} | service
-    service_toml = "\n".join(f"{k} = {json.dumps(v)}" for k, v in service.items())
-    path = tmp_path / "inspector.toml"
-    path.write_text(f"""
-active_sku = "brick"
-[line]
-line_id = "it"
-station_id = "s{port}"
-[camera]
-{camera}
-[mqtt]
-port = {port}
-spool_dir = "spool"
-reconnect_min_s = 0.2
-reconnect_max_s = 1.0
-[engine]
-backend = "onnxruntime"
-batch = 4
-threads = 1
-[archive]
-dir = "archive"
-[service]
-{service_toml}
-[skus.brick]
-model_dir = "{sku_dir}"
-""")
-    return path
+def write_config(tmp_path: Path, sku_dir: Path, port: int, camera: dict[str, Any], **service: Any) -> Path:
+    """An inspector.toml for one SKU on the local broker, with the given [camera] table (tests/stations.py)."""
+    return write_station(
+        tmp_path / "inspector.toml", port=port, station_id=f"s{port}", active="brick",
+        skus={"brick": {"model_dir": sku_dir}}, camera=camera,
+        mqtt={"reconnect_min_s": 0.2, "reconnect_max_s": 1.0},
+        engine={"backend": "onnxruntime", "batch": 4}, archive={"dir": "archive"},
+        service={"queue_depth": 512, "drain_timeout_s": 30} | service)
 
 
 def unique_by_frame(verdicts: list[dict[str, Any]]) -> dict[tuple[int, str], dict[str, Any]]:
@@ -106,7 +86,8 @@ def persistent_subscriber(broker: LocalBroker, root: str) -> Subscriber:
 
 def test_200_synthetic_parts_one_verdict_each_in_order_and_defects_caught(
         tmp_path: Path, broker: LocalBroker, trained: Path) -> None:
-    camera = 'type = "synthetic"\nwidth = 128\nheight = 128\nfps = 0.0\nframes = 200\ndefect_rate = 0.3\nseed = 7'
+    camera = {"type": "synthetic", "width": 128, "height": 128, "fps": 0.0, "frames": 200, "defect_rate": 0.3,
+              "seed": 7}
     config = load_config(write_config(tmp_path, trained, broker.port, camera))
     sub = persistent_subscriber(broker, config.topic_root)
     source = RecordingSource(open_source(config.camera))
@@ -129,7 +110,7 @@ def test_200_synthetic_parts_one_verdict_each_in_order_and_defects_caught(
 
 
 def test_broker_outage_mid_run_loses_no_verdict(tmp_path: Path, broker: LocalBroker, random_sku: Path) -> None:
-    camera = 'type = "synthetic"\nwidth = 64\nheight = 64\nfps = 15.0\nframes = 90\nseed = 3'
+    camera = {"type": "synthetic", "width": 64, "height": 64, "fps": 15.0, "frames": 90, "seed": 3}
     config = load_config(write_config(tmp_path, random_sku, broker.port, camera))
     sub = persistent_subscriber(broker, config.topic_root)
     daemon = Daemon(config)
@@ -172,7 +153,7 @@ def start_daemon(config_path: Path) -> subprocess.Popen[str]:
 
 def test_sigterm_drains_every_acquired_frame_and_restart_delivers_the_spool(
         tmp_path: Path, broker: LocalBroker, random_sku: Path) -> None:
-    camera = 'type = "synthetic"\nwidth = 64\nheight = 64\nfps = 10.0\nframes = 0\nseed = 5'
+    camera = {"type": "synthetic", "width": 64, "height": 64, "fps": 10.0, "frames": 0, "seed": 5}
     config_path = write_config(tmp_path, random_sku, broker.port, camera)
     config = load_config(config_path)
     sub = persistent_subscriber(broker, config.topic_root)
@@ -210,8 +191,8 @@ def test_sigterm_drains_every_acquired_frame_and_restart_delivers_the_spool(
 
 
 def test_viky_gentl_camera_frames_are_inspected(tmp_path: Path, broker: LocalBroker, random_sku: Path) -> None:
-    camera = (f'type = "gentl"\ncti = "{VIKY}"\nserial = "0"\ntimeout_s = 1.0\n'
-              'reconnect_min_s = 0.05\nreconnect_max_s = 0.4')
+    camera = {"type": "gentl", "cti": VIKY, "serial": "0", "timeout_s": 1.0, "reconnect_min_s": 0.05,
+              "reconnect_max_s": 0.4}
     config = load_config(write_config(tmp_path, random_sku, broker.port, camera, queue_depth=4))
     sub = persistent_subscriber(broker, config.topic_root)
     daemon = Daemon(config)
@@ -247,7 +228,7 @@ def test_corrupt_and_wrong_size_frames_get_fail_safe_verdicts_and_the_loop_goes_
     damaged = sorted(damaged_copies(jpeg, png).items())  # OpenCV decodes the JPEGs, with a warning, too
     for i, (name, (data, _)) in enumerate(damaged, start=7):
         (frames / f"{i:02d}_{name}").write_bytes(data)
-    camera = f'type = "folder"\npath = "{frames}"\npattern = "*.*"'
+    camera = {"type": "folder", "path": frames, "pattern": "*.*"}
     config = load_config(write_config(tmp_path, random_sku, broker.port, camera))
     sub = persistent_subscriber(broker, config.topic_root)
     daemon = Daemon(config)
@@ -281,7 +262,7 @@ def test_demo_config_and_run_start_their_own_broker_when_none_answers(tmp_path: 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     args = parser.parse_args(["--frames", "20", "--fps", "20", "--quiet", "--threads", "1", "--web-port", "0"])
-    args.config = write_config(tmp_path, trained, 1, 'type = "synthetic"')  # port 1: nothing listens there
+    args.config = write_config(tmp_path, trained, 1, {"type": "synthetic"})  # port 1: nothing listens there
     config = demo_config(args, trained, tmp_path / "demo")
     assert config.mqtt.port == 1 and config.camera.frames == 20
     summary = run_demo(config, tmp_path / "demo", quiet=True)
@@ -345,7 +326,7 @@ def sigterm(proc: subprocess.Popen[str], log: DaemonLog) -> tuple[int, str]:
 
 def test_a_spool_disk_that_fills_with_the_broker_down_loses_nothing_and_stops_cleanly(
         tmp_path: Path, broker: LocalBroker, random_sku: Path) -> None:
-    camera = 'type = "synthetic"\nwidth = 64\nheight = 64\nfps = 40.0\nframes = 0\ndefect_rate = 0.3\nseed = 11'
+    camera = {"type": "synthetic", "width": 64, "height": 64, "fps": 40.0, "frames": 0, "defect_rate": 0.3, "seed": 11}
     with small_fs(tmp_path / "fs", 640) as fs:
         config_path = write_config(tmp_path, random_sku, broker.port, camera)
         # the issue's set-up: a spool cap far beyond what its filesystem holds
@@ -393,7 +374,7 @@ def test_a_spool_disk_that_fills_with_the_broker_down_loses_nothing_and_stops_cl
 
 def full_disk_station(tmp_path: Path, fs: Path, broker: LocalBroker, sku: Path) -> tuple[Path, Subscriber]:
     """A 40 fps station whose spool (cap far beyond its filesystem) fills its tiny disk, with the broker down."""
-    camera = 'type = "synthetic"\nwidth = 64\nheight = 64\nfps = 40.0\nframes = 0\ndefect_rate = 0.3\nseed = 13'
+    camera = {"type": "synthetic", "width": 64, "height": 64, "fps": 40.0, "frames": 0, "defect_rate": 0.3, "seed": 13}
     config_path = write_config(tmp_path, sku, broker.port, camera, queue_depth=8)
     config_path.write_text(config_path.read_text().replace(
         'spool_dir = "spool"', f'spool_dir = "{fs / "spool"}"\nspool_max_mb = 256'))
@@ -468,8 +449,8 @@ def test_a_daemon_killed_with_verdicts_only_in_memory_has_them_counted_at_the_ne
 def test_a_camera_that_appears_after_start_is_used_without_a_restart(
         tmp_path: Path, broker: LocalBroker, random_sku: Path) -> None:
     cti = tmp_path / "vendor" / "viky.cti"  # the producer is installed (or the camera boots) only later
-    camera = (f'type = "gentl"\ncti = "{cti}"\nserial = "0"\ntimeout_s = 1.0\n'
-              'reconnect_min_s = 0.2\nreconnect_max_s = 1.0')
+    camera = {"type": "gentl", "cti": cti, "serial": "0", "timeout_s": 1.0, "reconnect_min_s": 0.2,
+              "reconnect_max_s": 1.0}
     config = load_config(write_config(tmp_path, random_sku, broker.port, camera, queue_depth=4))
     sub = persistent_subscriber(broker, config.topic_root)
     daemon = Daemon(config)
@@ -509,7 +490,7 @@ def test_a_tiled_sku_localises_a_defect_in_a_far_tile_of_a_large_frame_in_frame_
     calibration = load_calibration(sku_dir / "calibration.json")  # the demo's thresholds, carried over on purpose
     save_calibration(calibration.model_copy(update={"sku_fingerprint": maps_fingerprint(sku_dir)}),
                      sku_dir / "calibration.json")
-    sku = load_sku(load_config(write_config(tmp_path, sku_dir, 1883, 'type = "synthetic"')), "brick")
+    sku = load_sku(load_config(write_config(tmp_path, sku_dir, 1883, {"type": "synthetic"})), "brick")
     rng = np.random.default_rng(11)
     cells = [[render_part("brick", 128, rng) for _ in range(3)] for _ in range(2)]  # a 384 x 256 frame of 6 parts
     good = np.concatenate([np.concatenate(row, axis=1) for row in cells], axis=0)

@@ -33,6 +33,7 @@ from inspector.web.metrics import StationMetrics
 from tdad.preprocess import resize_to_model
 from tdad.scoring import image_scores
 from tdad.training.sample_data import render_part
+from tests.stations import write_station
 from tests.test_decider import make_calibration
 from tests.test_pipeline import BrightnessEngine, ListSource
 from tests.test_service import Subscriber, brightness_loader
@@ -318,7 +319,7 @@ def grey_parts(levels: list[float], seed: int = 0) -> list[np.ndarray]:
 @pytest.mark.integration
 def test_the_daemon_publishes_one_drift_event_shows_it_in_the_status_and_a_changeover_resets_it(
         tmp_path: Path, broker: LocalBroker) -> None:
-    config = write_fast_config(tmp_path, broker.port, "[drift]\nwindow = 20\n")
+    config = write_fast_config(tmp_path, broker.port, drift={"window": 20})
     engine = BrightnessEngine()  # what brightness_loader runs: the reference is its view of steady parts
     inputs = [resize_to_model(image, engine.image_size) for image in grey_parts([60.0] * 40, seed=1)]
     scores = image_scores(engine.infer(np.stack(inputs)), top_k=4)
@@ -355,7 +356,7 @@ def test_the_daemon_publishes_one_drift_event_shows_it_in_the_status_and_a_chang
 
 
 def test_with_drift_disabled_the_daemon_runs_no_watch(tmp_path: Path) -> None:
-    config = write_fast_config(tmp_path, 1883, "[drift]\nenabled = false\n")
+    config = write_fast_config(tmp_path, 1883, drift={"enabled": False})
     daemon = Daemon(config, source=ListSource([]), sku_loader=brightness_loader())
     assert daemon.drift is None and daemon.status()["drift"] == {"state": "disabled"}
 
@@ -382,8 +383,8 @@ def run_line(tmp_path: Path, broker: LocalBroker, sku: Path, drift: float, frame
     from inspector.demo import RecordingSource
     from tests.test_daemon_integration import write_config
 
-    camera = (f'type = "synthetic"\nwidth = 128\nheight = 128\nfps = 0.0\nframes = {frames}\ndefect_rate = 0.3\n'
-              f'seed = 5\nbrightness_drift_per_frame = {drift}')
+    camera = {"type": "synthetic", "width": 128, "height": 128, "fps": 0.0, "frames": frames, "defect_rate": 0.3,
+              "seed": 5, "brightness_drift_per_frame": drift}
     tmp_path.mkdir()
     path = write_config(tmp_path, sku, broker.port, camera, queue_depth=4096, frame_timeout_ms=600000)
     path.write_text(path.read_text() + "[drift]\nwindow = 100\n")
@@ -438,37 +439,13 @@ def test_a_dimming_lamp_raises_the_alarm_before_false_rejects_rise_and_a_steady_
 
 @pytest.fixture
 def drifting_station(tmp_path: Path, broker: LocalBroker, random_calibrated_sku: Path) -> Iterator[Daemon]:
-    path = tmp_path / "inspector.toml"
-    path.write_text(f"""
-active_sku = "brick"
-[line]
-line_id = "it"
-station_id = "drift"
-[camera]
-type = "synthetic"
-width = 64
-height = 64
-fps = 20.0
-seed = 4
-brightness_drift_per_frame = -0.004
-[mqtt]
-port = {broker.port}
-spool_dir = "spool"
-[engine]
-threads = 1
-[archive]
-enabled = false
-[service]
-watchdog = false
-frame_timeout_ms = 60000
-[web]
-enabled = true
-port = 0
-[drift]
-window = 20
-[skus.brick]
-model_dir = "{random_calibrated_sku}"
-""")
+    path = write_station(
+        tmp_path / "inspector.toml", port=broker.port, station_id="drift", active="brick",
+        skus={"brick": {"model_dir": random_calibrated_sku}},
+        camera={"type": "synthetic", "width": 64, "height": 64, "fps": 20.0, "seed": 4,
+                "brightness_drift_per_frame": -0.004},
+        archive={"enabled": False}, service={"watchdog": False}, web={"enabled": True, "port": 0},
+        drift={"window": 20})
     daemon = Daemon(load_config(path))
     daemon.start()
     try:

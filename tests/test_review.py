@@ -161,13 +161,11 @@ def test_a_torn_last_line_is_skipped_and_never_swallows_the_next(tmp_path: Path)
 
 def station_config(tmp_path: Path, port: int, *, max_mb: float = 50.0) -> InspectorConfig:
     """test_service's config of SKUs a, b, nocal with the page, every OK frame archived and defect types for a."""
-    config = write_config(tmp_path, port, f'[web]\nenabled = true\nport = 0\ntoken_file = "{token_file(tmp_path)}"\n')
-    path = tmp_path / "inspector.toml"
-    path.write_text(path.read_text()
-                    .replace('dir = "archive"\n', f'dir = "archive"\nok_sample_rate = 1.0\nmax_mb = {max_mb}\n')
-                    .replace('model_dir = "a"\n', 'model_dir = "a"\ndefect_types = ["scratch", "dent"]\n'))
+    config = write_config(tmp_path, port, skus={"a": {"model_dir": "a", "defect_types": ["scratch", "dent"]}},
+                          web={"enabled": True, "port": 0, "token_file": token_file(tmp_path)},
+                          archive={"ok_sample_rate": 1.0, "max_mb": max_mb})
     assert config.archive.dir == tmp_path / "archive"
-    return load_config(path)
+    return config
 
 
 class Page:

@@ -31,6 +31,7 @@ from inspector.decider import Decider
 from inspector.mqtt import WINDOW
 from inspector.pipeline import ActiveSku
 from inspector.service import Daemon, load_sku, load_thresholds
+from tests.stations import write_station
 from tests.test_decider import make_calibration
 from tests.test_pipeline import BrightnessEngine, ListSource, part
 from tests.waiting import holds_for, wait_until
@@ -133,34 +134,19 @@ def notify(monkeypatch: pytest.MonkeyPatch) -> Iterator[NotifySocket]:
     sock.close()
 
 
-def write_config(tmp_path: Path, port: int, extra: str = "") -> InspectorConfig:
-    """A config of SKUs a and b (calibrated) and nocal (a model_dir without calibration) on the local broker."""
+def write_config(tmp_path: Path, port: int, skus: dict[str, dict[str, Any]] | None = None,
+                 **tables: dict[str, Any]) -> InspectorConfig:
+    """A config of SKUs a and b (calibrated) and nocal (a model_dir without calibration) on the local broker, plus
+    `skus` and `tables` (tests/stations.py)."""
     for name in ("a", "b"):
         (tmp_path / name).mkdir(exist_ok=True)
         save_calibration(make_calibration(), tmp_path / name / "calibration.json")
     (tmp_path / "nocal").mkdir(exist_ok=True)
-    path = tmp_path / "inspector.toml"
-    path.write_text(f"""
-active_sku = "a"
-[line]
-line_id = "L1"
-station_id = "S1"
-[mqtt]
-port = {port}
-spool_dir = "spool"
-[archive]
-dir = "archive"
-[service]
-frame_timeout_ms = 5000
-[skus.a]
-model_dir = "a"
-[skus.b]
-model_dir = "b"
-[skus.nocal]
-model_dir = "nocal"
-{extra}
-""")
-    return load_config(path)
+    known = {"a": {"model_dir": "a"}, "b": {"model_dir": "b"}, "nocal": {"model_dir": "nocal"}}
+    return load_config(write_station(
+        tmp_path / "inspector.toml", port=port, line_id="L1", station_id="S1", active="a", skus=known | (skus or {}),
+        archive={"dir": "archive"} | tables.pop("archive", {}),
+        service={"frame_timeout_ms": 5000} | tables.pop("service", {}), **tables))
 
 
 def brightness_loader(engines: dict[str, BrightnessEngine] | None = None
@@ -273,7 +259,7 @@ def test_sighup_and_reload_command_pick_up_new_thresholds_and_keep_old_on_a_bad_
 
 
 def test_missing_calibration_and_model_dir_name_their_own_fixes(tmp_path: Path) -> None:
-    config = write_config(tmp_path, 1883, extra='[skus.gone]\nmodel_dir = "gone"\n')
+    config = write_config(tmp_path, 1883, skus={"gone": {"model_dir": "gone"}})
     with pytest.raises(DataError, match=r"inspector calibrate --sku nocal"):
         load_sku(config, "nocal")
     with pytest.raises(DataError, match=r"skus\.gone\.model_dir = .*gone does not exist; train the SKU") as info:

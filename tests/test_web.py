@@ -92,8 +92,8 @@ def token_file(folder: Path, token: str = TOKEN, mode: int = 0o600) -> Path:
 def station(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Station]:
     tmp_path = tmp_path_factory.mktemp("web")
     broker = start_local_broker(tmp_path / "broker")
-    web = f'[web]\nenabled = true\nport = 0\ntoken_file = "{token_file(tmp_path)}"\nlive_fps = 20\n'
-    config = write_config(tmp_path, broker.port, web)
+    config = write_config(tmp_path, broker.port,
+                          web={"enabled": True, "port": 0, "token_file": token_file(tmp_path), "live_fps": 20})
     images = [part(defect_xywh=(5, 5, 12, 12)) if i % 4 == 0 else part() for i in range(1, 20001)]
     daemon = Daemon(config, source=ListSource(images, interval_s=0.02), sku_loader=brightness_loader())
     sub = Subscriber(broker.port, config.topic_root)

@@ -23,6 +23,7 @@ from inspector.config import load_config
 from inspector.service import Daemon
 from inspector.skustore import Provenance, SkuStore
 from inspector.web.browser import CHROMEDRIVER, CHROMIUM, headless_chromium
+from tests.stations import write_station
 from tests.test_skustore import variant
 
 # a test that drives the station page in Debian's chromium (the page's tests elsewhere carry it too)
@@ -59,39 +60,13 @@ def version_rows(driver: Any) -> list[tuple[str, str]]:
 @pytest.fixture
 def daemon(tmp_path: Path, broker: LocalBroker, random_calibrated_sku: Path) -> Iterator[Daemon]:
     token = write_token(tmp_path / "web.token", TOKEN)
-    path = tmp_path / "inspector.toml"
-    path.write_text(f"""
-active_sku = "brick"
-[line]
-line_id = "it"
-station_id = "web"
-[camera]
-type = "synthetic"
-width = 128
-height = 128
-fps = 8.0
-defect_rate = 0.5
-seed = 11
-[mqtt]
-port = {broker.port}
-spool_dir = "spool"
-[engine]
-threads = 1
-[archive]
-dir = "archive"
-[service]
-watchdog = false
-frame_timeout_ms = 60000
-[web]
-enabled = true
-port = 0
-token_file = "{token}"
-[skus.brick]
-model_dir = "{random_calibrated_sku}"
-defect_types = ["scratch", "dent"]
-[skus.brick2]
-model_dir = "{random_calibrated_sku}"
-""")
+    path = write_station(
+        tmp_path / "inspector.toml", port=broker.port, station_id="web", active="brick",
+        skus={"brick": {"model_dir": random_calibrated_sku, "defect_types": ["scratch", "dent"]},
+              "brick2": {"model_dir": random_calibrated_sku}},
+        camera={"type": "synthetic", "width": 128, "height": 128, "fps": 8.0, "defect_rate": 0.5, "seed": 11},
+        archive={"dir": "archive"}, service={"watchdog": False},
+        web={"enabled": True, "port": 0, "token_file": token})
     d = Daemon(load_config(path))
     d.start()
     try:
@@ -245,36 +220,11 @@ def store_daemon(tmp_path: Path, broker: LocalBroker,
            for i in (1, 2)]
     store.activate("part", ids[0])
     token = write_token(tmp_path / "web.token", TOKEN)
-    path = tmp_path / "inspector.toml"
-    path.write_text(f"""
-active_sku = "part"
-[line]
-line_id = "it"
-station_id = "versions"
-[camera]
-type = "synthetic"
-width = 64
-height = 64
-fps = 8.0
-[mqtt]
-port = {broker.port}
-spool_dir = "spool"
-[engine]
-threads = 1
-[archive]
-enabled = false
-[service]
-watchdog = false
-frame_timeout_ms = 60000
-[web]
-enabled = true
-port = 0
-token_file = "{token}"
-[store]
-dir = "store"
-[skus.part]
-model_dir = "store/part/active"
-""")
+    path = write_station(
+        tmp_path / "inspector.toml", port=broker.port, station_id="versions", active="part",
+        skus={"part": {"model_dir": "store/part/active"}},
+        camera={"type": "synthetic", "width": 64, "height": 64, "fps": 8.0}, archive={"enabled": False},
+        service={"watchdog": False}, web={"enabled": True, "port": 0, "token_file": token}, store={"dir": "store"})
     d = Daemon(load_config(path))
     d.start()
     try:

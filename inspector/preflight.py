@@ -228,13 +228,13 @@ def _plans_below_batch(sku_dir: Path, engine: TensorRTSettings) -> list[Problem]
             max_batch = int(json.loads(plan_sidecar(plan).read_text())["max_batch"])
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        small = groups.setdefault(plan.name.removesuffix(suffix).split(".", 1)[-1], {})
+        group = groups.setdefault(plan.name.removesuffix(suffix).split(".", 1)[-1], {})
         if max_batch < engine.batch:
-            small[plan.name] = max_batch
-    below = {gpu: small for gpu, small in groups.items() if small}
+            group[plan.name] = max_batch
+    below = {gpu: group for gpu, group in groups.items() if group}
     if not below:
         return []
-    small = {name: batch for plans in below.values() for name, batch in plans.items()}
+    small = {name: batch for group in below.values() for name, batch in group.items()}
     first, *others = small
     plans = f"the TensorRT plans ({first}{f' and {len(others)} more' if others else ''})"
     message = max_batch_error(sku_dir, engine.precision, engine.batch, min(small.values()), plans)

@@ -306,7 +306,8 @@ def held_out_line(manifest: SkuManifest, test_files: Sequence[Path]) -> tuple[st
     overlap = sum(os.path.realpath(f) in used for f in test_files)
     c = record.chosen
     what = (f"settings (memory boost {c.memory_boost:g}, fine boost {c.fine_boost:g}, top-k {c.top_k}) chosen on "
-            f"{record.good} held-out training images, {record.synthetic_defects} synthetic defects"
+            + (f"{record.good} training images cross-fitted in {record.folds} folds" if record.folds
+               else f"{record.good} held-out training images") + f", {record.synthetic_defects} synthetic defects"
             + (f" and {record.ng} scrap parts" if record.ng else ""))
     if overlap:
         return f"{what}; WARNING: {overlap} of the {len(test_files)} evaluated files fed that choice", overlap

@@ -13,6 +13,9 @@ defects larger than a line's thinnest ones dilutes those):
 - optionally the operator's scrap parts (`--ng DIR`, with or without masks), weighted NG_WEIGHT times the
   synthetic defects.
 
+A quick SKU (the memory alone) with fewer than CROSS_FIT_BELOW held-out images is cross-fitted instead: every
+training image is validation, each of FOLDS folds scored against a memory of the other folds.
+
 The three evidence terms are computed once per image; every (b, f) candidate is a cheap recombination, scored
 by the mean of image AUROC, pixel AUROC and AUPRO@0.3. The choice, the whole table and the files read are
 recorded in the manifest (`selection`), so `inspector eval` can show that no test file fed a choice. Once
@@ -58,26 +61,34 @@ MIN_DEFECTS = 48  # synthetic defects at least, however small the validation sli
 NG_WEIGHT = 2.0  # a real scrap part counts this many synthetic defects
 PIXEL_SHARE = 0.25  # defect-free pixels ranked per candidate (every defect pixel is): a quarter of the sort
 TIE = 1e-3  # objectives this close are a tie: the cheaper, simpler candidate wins
+# a quick SKU (the memory alone) whose validation slice holds fewer good images chooses on every training image
+# instead, in FOLDS folds, each scored against a memory of the other folds: a few held-out parts judge false
+# positives by chance, and a memory has no training to bias toward the images it holds
+CROSS_FIT_BELOW = 16
+FOLDS = 5
 
 
 @dataclass
 class ValidationSet:
     """What selection scores: per image its inference-geometry uint8 picture, bool mask (None: image label
-    only), label and source ("good", a defect kind, or "ng")."""
+    only), label, source ("good", a defect kind, or "ng") and owner (the training image it was made from, by
+    index in the sorted training split; -1 for a scrap part)."""
 
     images: list[np.ndarray]
     masks: list[np.ndarray | None]
     labels: list[bool]
     sources: list[str]
+    owners: list[int]
     validation_files: list[str]
     ng_files: list[str]
 
-    def add(self, image: np.ndarray, mask: np.ndarray | None, label: bool, source: str) -> None:
+    def add(self, image: np.ndarray, mask: np.ndarray | None, label: bool, source: str, owner: int = -1) -> None:
         """Append one image."""
         self.images.append(image)
         self.masks.append(mask)
         self.labels.append(label)
         self.sources.append(source)
+        self.owners.append(owner)
 
 
 def training_split(cfg: TrainConfig, size: int) -> ImageDataset:
@@ -90,12 +101,14 @@ Painter = Callable[[np.ndarray, np.random.Generator, str], tuple[np.ndarray, np.
 
 
 def build_validation_set(cfg: TrainConfig, size: int, ng: Path | None = None, ng_masks: Path | None = None,
-                         painter: Painter | None = None, kinds: Sequence[str] = DEFECT_KINDS) -> ValidationSet:
-    """The held-out good images (at most MAX_IMAGES of them), each also with synthetic defects of the second family
-    (kinds in turn, at least MIN_DEFECTS in all), plus the operator's scrap parts; DataError when nothing was
-    held out. painter(image, rng, kind) -> (image, bool mask) replaces the second family (an ablation)."""
+                         painter: Painter | None = None, kinds: Sequence[str] = DEFECT_KINDS,
+                         every_image: bool = False) -> ValidationSet:
+    """The held-out good images (at most MAX_IMAGES of them; every_image: all training images, for cross-fitting),
+    each also with synthetic defects of the second family (kinds in turn, at least MIN_DEFECTS in all), plus the
+    operator's scrap parts; DataError when nothing was held out. painter(image, rng, kind) -> (image, bool mask)
+    replaces the second family (an ablation)."""
     split = training_split(cfg, size)
-    held = validation_indices(len(split), cfg.holdout)
+    held = np.arange(len(split)) if every_image else validation_indices(len(split), cfg.holdout)
     if not len(held):
         raise DataError(f"{cfg.data}: no validation slice (holdout={cfg.holdout}, {len(split)} good images; "
                         "at least 10 are needed): settings stay at their defaults")
@@ -103,15 +116,15 @@ def build_validation_set(cfg: TrainConfig, size: int, ng: Path | None = None, ng
         held = held[np.linspace(0, len(held) - 1, MAX_IMAGES).round().astype(int)]
     painter = painter or ValidationDefects(foreground="none" if cfg.foreground == "none" else "otsu")
     variants = max(2, math.ceil(MIN_DEFECTS / len(held)))
-    out = ValidationSet([], [], [], [], [], [])
+    out = ValidationSet([], [], [], [], [], [], [])
     for n, index in enumerate(held.tolist()):
         item = split[index]
         out.validation_files.append(str(item.path))
-        out.add(item.image, np.zeros(item.image.shape[:2], bool), False, "good")
+        out.add(item.image, np.zeros(item.image.shape[:2], bool), False, "good", index)
         for v in range(variants):
             kind = kinds[(n * variants + v) % len(kinds)]
             image, mask = painter(item.image, np.random.default_rng([cfg.seed, 29, index, v]), kind)
-            out.add(image, mask, True, kind)
+            out.add(image, mask, True, kind, index)
     if ng is not None:
         scrap = FolderDataset(ng, size, mask_dir=ng_masks, resize=cfg.resize, tile_scale=cfg.tile_scale)
         for item in scrap:
@@ -228,28 +241,50 @@ def select_settings(sku_dir: Path, cfg: TrainConfig, ng: Path | None = None, ng_
     model = load_sku(sku_dir)
     config = model.config
     tiling = manifest.tiling
-    data = build_validation_set(cfg, config.image_size, ng, ng_masks, painter, kinds)
     memory_only = bool(manifest.train and manifest.train.config.get("quick"))
-    terms = evidence_terms(model, data.images, memory_only, tiling.overlap if tiling else None)
-    rows = score_candidates(terms, data, config.image_size, bool(config.fine_memory_size),
+    overlap = tiling.overlap if tiling else None
+    count = len(training_split(cfg, config.image_size))
+    folds = FOLDS if memory_only and 0 < len(validation_indices(count, cfg.holdout)) < CROSS_FIT_BELOW else 0
+    data = build_validation_set(cfg, config.image_size, ng, ng_masks, painter, kinds, every_image=bool(folds))
+    remembered = 0
+    if folds:  # each fold against the memory of the others, then the scrap parts against the memory of all
+        terms: list[np.ndarray | None] = [None] * len(data.images)
+        owners = np.asarray(data.owners)
+
+        def score(which: np.ndarray) -> None:
+            if len(which):
+                for i, t in zip(which, evidence_terms(model, [data.images[i] for i in which], True, overlap),
+                                strict=True):
+                    terms[i] = t
+
+        for fold in range(folds):
+            remember_all(model, cfg, keep=np.flatnonzero(np.arange(count) % folds != fold))
+            score(np.flatnonzero((owners >= 0) & (owners % folds == fold)))
+        remembered = remember_all(model, cfg)
+        score(np.flatnonzero(owners < 0))
+        evidence = [t for t in terms if t is not None]
+    else:
+        evidence = evidence_terms(model, data.images, memory_only, overlap)
+    rows = score_candidates(evidence, data, config.image_size, bool(config.fine_memory_size),
                             bool(config.memory_size))
     chosen = best(rows)
     seg = model.segmenter
     seg.memory_boost, seg.fine_boost = chosen.memory_boost, chosen.fine_boost
-    fine_size = config.fine_memory_size
+    fine_size = model.config.fine_memory_size
     if fine_size and not chosen.fine_boost:
         seg.drop_fine_memory()
         fine_size = 0
-    model.config = dataclasses.replace(config, memory_boost=chosen.memory_boost if config.memory_size else 0.0,
+    model.config = dataclasses.replace(model.config, memory_boost=chosen.memory_boost if config.memory_size else 0.0,
                                        fine_boost=chosen.fine_boost if fine_size else 0.0,
                                        fine_memory_size=fine_size)
-    remembered = remember_all(model, cfg)
+    if not folds:
+        remembered = remember_all(model, cfg)
     sources = data.sources
     record = SelectionRecord(
         chosen=chosen, candidates=rows, validation_files=data.validation_files, ng_files=data.ng_files,
         good=sources.count("good"), synthetic_defects=sum(s not in ("good", "ng") for s in sources),
         ng=sources.count("ng"), ng_masks=ng_masks is not None, defect_kinds=list(kinds), remembered=remembered,
-        seconds=round(time.perf_counter() - t0, 1))
+        folds=folds, seconds=round(time.perf_counter() - t0, 1))
     save_weights(model, sku_dir)
     write_manifest(sku_dir, manifest.model_copy(update={
         "model": model.config, "score": ScoreRecord(top_k=chosen.top_k), "selection": record, "export": None}))
@@ -267,7 +302,9 @@ def format_selection(record: SelectionRecord, rows: int = 8) -> str:
     ng = record.ng > 0
     head = "  memory boost  fine boost  image AUROC  pixel AUROC  AUPRO@0.3" + (
         "  NG image AUROC  NG pixel AUROC  NG AUPRO" if ng else "") + "  objective"
-    lines = [f"settings chosen on {record.good} held-out good images, {record.synthetic_defects} synthetic defects "
+    good = (f"all {record.good} training images in {record.folds} folds, each against a memory of the others"
+            if record.folds else f"{record.good} held-out good images")
+    lines = [f"settings chosen on {good}, {record.synthetic_defects} synthetic defects "
              f"({', '.join(record.defect_kinds)})" + (f" and {record.ng} scrap parts" if ng else "")
              + "; no test image was read", head]
 
@@ -281,7 +318,7 @@ def format_selection(record: SelectionRecord, rows: int = 8) -> str:
         if ng:
             line += f"  {cell(r.ng_image_auroc):>14}  {cell(r.ng_pixel_auroc):>14}  {cell(r.ng_aupro):>8}"
         lines.append(line + f"  {r.objective:9.4f}")
-    if record.remembered:
+    if record.remembered and not record.folds:
         lines.append(f"then the memory was refilled from all {record.remembered} training images, the held-out ones "
                      "included")
     return "\n".join(lines)

@@ -219,6 +219,7 @@ class SelectionRecord(BaseModel):
     ng_masks: bool = False
     defect_kinds: list[str] = Field(default_factory=list)
     remembered: int = 0  # training images the memory was refilled from once chosen (validation slice included)
+    folds: int = 0  # > 0: a quick SKU cross-fitted on every training image in this many folds (calibration.selection)
     seconds: float = 0.0
 
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import tdad.training.data
-from calibration.selection import FINE_BOOSTS, MEMORY_BOOSTS, TIE, best
+from calibration.selection import FINE_BOOSTS, FOLDS, MEMORY_BOOSTS, TIE, best
 from foundation.errors import ConfigError
 from inspector.cli import main
 from inspector.commands.train import config_from_args
@@ -61,9 +61,55 @@ def test_selection_never_opens_the_test_split(mvtec_root: Path, opened: tuple[Pa
     record = read_manifest(sku).selection
     assert record is not None
     train = sorted((mvtec_root / "brick" / "train" / "good").iterdir())
-    held = [str(train[i]) for i in validation_indices(len(train), 0.2)]
-    assert record.validation_files == held and record.good == len(held) == 2
+    # a quick SKU of 12 images (2 held out) chooses on all of them, cross-fitted: the training split only
+    assert record.validation_files == [str(p) for p in train] and record.good == 12 and record.folds == FOLDS
     assert record.synthetic_defects >= 48 and not record.ng_files
+
+
+def test_a_small_quick_set_scores_each_fold_against_a_memory_without_it(mvtec_root: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Cross-fitting: every training image (and its painted defects) is scored after a refill from the other
+    folds' images only, each image in one fold; the scrap parts and the SKU get the memory of all of them."""
+    import calibration.selection as selection
+
+    events: list[tuple[str, set[int] | None]] = []
+    built: list[selection.ValidationSet] = []
+    real_build, real_remember, real_terms = (selection.build_validation_set, selection.remember_all,
+                                             selection.evidence_terms)
+
+    def build(*args: object, **kwargs: object) -> selection.ValidationSet:
+        built.append(real_build(*args, **kwargs))  # type: ignore[arg-type]
+        return built[-1]
+
+    def remember(model: object, cfg: TrainConfig, keep: np.ndarray | None = None) -> int:
+        events.append(("memory", None if keep is None else set(keep.tolist())))
+        return real_remember(model, cfg, keep)  # type: ignore[arg-type]
+
+    def terms(model: object, images: list[np.ndarray], *args: object) -> list[np.ndarray]:
+        owner = {id(image): o for image, o in zip(built[-1].images, built[-1].owners, strict=True)}
+        events.append(("scored", {owner[id(image)] for image in images}))
+        return real_terms(model, images, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(selection, "build_validation_set", build)
+    monkeypatch.setattr(selection, "remember_all", remember)
+    monkeypatch.setattr(selection, "evidence_terms", terms)
+    import cv2
+
+    scrap, rng = tmp_path / "ng", np.random.default_rng(4)
+    scrap.mkdir()
+    for i in range(2):
+        cv2.imwrite(str(scrap / f"scrap_{i}.png"), draw_defect(render_part("brick", S, rng), rng)[0][..., ::-1])
+    assert main(["train", "--out", str(tmp_path / "sku"), "--dataset", "mvtec", "--data", str(mvtec_root),
+                 "--category", "brick", "--quick", "--ng", str(scrap), *QUICK]) == 0
+    folds = events[:2 * FOLDS]
+    assert [kind for kind, _ in folds] == ["memory", "scored"] * FOLDS
+    scored = [owners for kind, owners in folds if kind == "scored"]
+    for (_, memory), (_, owners) in zip(folds[::2], folds[1::2], strict=True):
+        assert memory is not None and owners and memory.isdisjoint(owners) and memory | owners == set(range(12))
+    assert sorted(o for owners in scored for o in owners if owners) == list(range(12))
+    assert events[2 * FOLDS:] == [("memory", None), ("scored", {-1})]  # the scrap parts against every image
+    record = read_manifest(tmp_path / "sku").selection
+    assert record is not None and record.folds == FOLDS and record.ng == 2 and record.remembered == 12
 
 
 def test_the_quick_sku_is_the_memory_alone_with_the_chosen_settings(opened: tuple[Path, list[Path]]) -> None:
@@ -73,7 +119,7 @@ def test_the_quick_sku_is_the_memory_alone_with_the_chosen_settings(opened: tupl
     assert record is not None and meta.train is not None and meta.train.config["quick"]
     chosen = record.chosen
     assert chosen.memory_boost in MEMORY_BOOSTS and chosen.fine_boost in FINE_BOOSTS
-    assert chosen.objective == max(r.objective for r in record.candidates)
+    assert chosen == best(record.candidates) and chosen.objective >= max(r.objective for r in record.candidates) - TIE
     assert meta.score.top_k == chosen.top_k == top_k_for(S) and meta.model.memory_boost == chosen.memory_boost
     assert meta.model.fine_memory_size == (2048 if chosen.fine_boost else 0) and meta.export is None
     model = load_sku(sku)
@@ -112,7 +158,9 @@ def test_eval_says_no_test_file_fed_the_choice_and_refuses_a_hand_tuned_sku(
     base = ["eval", "--sku-dir", str(sku), "--dataset", "mvtec", "--root", str(mvtec_root), "--category", "brick",
             "--backend", "torch", "--threads", "1"]
     assert main([*base, "--out", str(tmp_path / "eval"), "--require-held-out"]) == 0
-    assert "none of the 11 evaluated files fed any choice" in capsys.readouterr().out  # 7 images + 4 masks
+    said = capsys.readouterr().out
+    assert "chosen on 12 training images cross-fitted in 5 folds" in said
+    assert "none of the 11 evaluated files fed any choice" in said  # 7 images + 4 masks
     hand = tmp_path / "hand"
     assert main(["train", "--out", str(hand), "--dataset", "mvtec", "--data", str(mvtec_root), "--category",
                  "brick", "--quick", "--no-select", *QUICK]) == 0

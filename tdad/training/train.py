@@ -499,14 +499,17 @@ def store_fine_memory(model: TDADModel, remembered: np.ndarray, owners: np.ndarr
 
 
 @torch.no_grad()
-def remember_all(model: TDADModel, cfg: TrainConfig) -> int:
+def remember_all(model: TDADModel, cfg: TrainConfig, keep: np.ndarray | None = None) -> int:
     """Refill a trained SKU's memory (and its fine memory, where it kept one) from every training image, the
     validation slice included, as a training on all of them would fill it; returns the images remembered.
+    keep: only these training images (indices into the sorted split), as setting selection's folds do.
 
     Called once the settings are chosen: the slice was held out so that choosing measured unseen good parts;
     after that it is only more good parts, and a memory that covers more normal variation rejects fewer of them.
     """
     images, _ = load_images(dataclasses.replace(cfg, holdout=0.0))
+    if keep is not None:
+        images = images[keep] if isinstance(images, np.ndarray) else [images[i] for i in keep.tolist()]
     remembered, owners = memory_images(images, cfg.image_size, cfg.tile_overlap)
     device = next(model.parameters()).device
     refill_memory(model, remembered, owners, cfg, device, memory_size_for(cfg, len(remembered), inference=True))

@@ -85,10 +85,12 @@ def pinned(config: InspectorConfig, name: str, version: str | None = None) -> tu
 
 
 def provenance(version: Version) -> str:
-    """A short line of where a version came from: its source, signer and who added it."""
+    """A short line of where a version came from: its source (a bundle's file name, not the folder it was installed
+    from: the station page shows this line to every viewer; `inspector sku list` has the whole source), signer and
+    who added it."""
     signer = version.details.get("signed_by")
-    parts = [version.source, f"signed by {signer}" if signer else "", f"added by {version.actor}" if version.actor
-             else ""]
+    source = version.source.replace("\\", "/").rstrip("/").rsplit("/", 1)[-1]
+    parts = [source, f"signed by {signer}" if signer else "", f"added by {version.actor}" if version.actor else ""]
     return ", ".join(p for p in parts if p)
 
 

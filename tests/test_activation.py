@@ -67,7 +67,10 @@ class Store:
 def versions(random_calibrated_sku: Path, tmp_path: Path) -> Store:
     store = SkuStore(tmp_path / "store")
     ids = [store.add_version("part", variant(random_calibrated_sku, tmp_path / f"v{i}", f"version {i}"), LOCAL)
-           for i in range(1, 4)]
+           for i in range(1, 3)]
+    bundle = Provenance(origin="bundle", source="/home/ops/bundles/part-3.tar.gz", actor="installer",
+                        details={"signed_by": "line-key-1"})
+    ids.append(store.add_version("part", variant(random_calibrated_sku, tmp_path / "v3", "version 3"), bundle))
     store.activate("part", ids[0], actor="installer")
     for i in ids[:2]:
         store.add_version("other", store.path("part", i), LOCAL)
@@ -155,8 +158,10 @@ def test_refusals_are_one_line_and_change_nothing(station: tuple[Daemon, HeldLoa
     listed = web(daemon, {"cmd": "versions"})
     assert listed["ok"] and (listed["sku"], listed["active"], listed["running"]) == ("part", versions.v1, versions.v1)
     assert [(v["id"], v["active"], v["origin"]) for v in listed["versions"]] == [
-        (versions.v1, True, "local"), (versions.v2, False, "local"), (versions.v3, False, "local")]
+        (versions.v1, True, "local"), (versions.v2, False, "local"), (versions.v3, False, "bundle")]
     assert listed["versions"][0]["provenance"] == "test, added by tester"
+    # the page shows this to every viewer: the bundle's name, not the folder on the box it came from
+    assert listed["versions"][2]["provenance"] == "part-3.tar.gz, signed by line-key-1, added by installer"
 
 
 def test_activate_reloads_the_inspecting_sku_and_meets_changeovers_in_order(

@@ -215,10 +215,10 @@ def check_sku_dir(sku: SkuConfig, engine: EngineSettings, name: str, *, engine_f
 def _plans_below_batch(sku_dir: Path, engine: TensorRTSettings) -> list[Problem]:
     """engine.batch above the max batch a plan of the engine's precision was built for (as its sidecar records):
     every micro-batch and tile chunk above it would fail. Plans are grouped by the GPU model and TensorRT they
-    were built for (a SKU may carry plans for several): fatal when no group takes the batch, a warning naming
-    the groups that do not when another does (this check does not open the GPU to know which one this box loads;
-    the engine refuses at load). A plan without a readable sidecar is the backend's to report (it names the
-    rebuild)."""
+    were built for (a SKU may carry plans for several). Where TensorRT and the GPU are here, only the group this
+    box loads counts; elsewhere (a config checked on another machine) it is fatal when no group takes the batch
+    and a warning naming the groups that do not when another does. A plan without a readable sidecar is the
+    backend's to report (it names the rebuild)."""
     from engines.runtime.tensorrt_backend import max_batch_error, plan_sidecar
 
     suffix = f".{engine.precision}.plan"
@@ -231,6 +231,9 @@ def _plans_below_batch(sku_dir: Path, engine: TensorRTSettings) -> list[Problem]
         group = groups.setdefault(plan.name.removesuffix(suffix).split(".", 1)[-1], {})
         if max_batch < engine.batch:
             group[plan.name] = max_batch
+    here = _plan_group_here(engine) if len(groups) > 1 else None
+    if here in groups:
+        groups = {here: groups[here]}
     below = {gpu: group for gpu, group in groups.items() if group}
     if not below:
         return []
@@ -243,6 +246,20 @@ def _plans_below_batch(sku_dir: Path, engine: TensorRTSettings) -> list[Problem]
     fits = ", ".join(sorted(set(groups) - set(below)))
     return [Problem("engine.batch", f"if this box's GPU is {' or '.join(sorted(below))}: {message} (the plans for "
                     f"{fits} take it)", fatal=False)]
+
+
+def _plan_group_here(engine: TensorRTSettings) -> str | None:
+    """The "<gpu>.<trt>" part of the plan names this box's TensorRT engine loads (tensorrt_backend.plan_tag), or
+    None where TensorRT or the GPU cannot say."""
+    from engines.runtime.tensorrt_backend import plan_tag
+    from foundation.gpu import cuda_device, import_tensorrt
+
+    try:
+        trt = import_tensorrt()
+        gpu = cuda_device(engine.device_id)
+    except InspectorError:
+        return None
+    return plan_tag(gpu.name, trt.__version__, engine.precision).removesuffix(f".{engine.precision}")
 
 
 def _calibration_is_stale(fingerprint: str, sku_dir: Path, schedule_override: dict[str, int]) -> bool:

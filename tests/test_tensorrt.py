@@ -207,6 +207,34 @@ def test_an_engine_batch_above_the_plans_max_batch_is_refused_at_load(
     _engine(sku, batch=2).close()
 
 
+def test_config_check_judges_the_plans_this_box_loads_among_those_for_other_gpus(
+        fake_gpu: FakeGpu, exported_random_sku: Path, tmp_path: Path) -> None:
+    """A SKU with plans for this (fake H100) box at max batch 2 and for an A2 at 8: on this box engine.batch = 4
+    is fatal (the A2's plans do not help it); where the GPU cannot say which it is, only a warning."""
+    from inspector.config import SkuConfig
+    from inspector.preflight import check_sku_dir
+    from tests.test_decider import make_calibration
+
+    sku = _plans(copy_sku(exported_random_sku, tmp_path / "sku"), max_batch=2)
+    save_calibration(make_calibration(), sku / "calibration.json")
+    for plan in list(sku.glob("*.fp32.plan")):  # the same parts built for another GPU model, for batch 8
+        other = plan.with_name(plan.name.replace(fake_gpu_tag(fake_gpu), "nvidia-a2.trt10.8.0.43"))
+        other.write_bytes(b"plan")
+        other.with_suffix(".json").write_text(json.dumps({"max_batch": 8}))
+    settings = engine_settings("tensorrt", precision="fp32", batch=4)
+    (problem,) = [p for p in check_sku_dir(SkuConfig(model_dir=sku), settings, "part") if p.key == "engine.batch"]
+    assert problem.fatal and problem.message.startswith("engine.batch = 4, but the TensorRT plans (")
+    assert "nvidia-a2" not in problem.message and "--max-batch 4" in problem.message
+    elsewhere = engine_settings("tensorrt", precision="fp32", batch=4, device_id=1)  # no such GPU to ask
+    (warning,) = [p for p in check_sku_dir(SkuConfig(model_dir=sku), elsewhere, "part") if p.key == "engine.batch"]
+    assert not warning.fatal and "(the plans for nvidia-a2.trt10.8.0.43 take it)" in warning.message
+
+
+def fake_gpu_tag(gpu: FakeGpu) -> str:
+    """The "<gpu>.<trt>" part of the fake GPU's plan names."""
+    return plan_tag(gpu.name, gpu.trt_version, "fp32").removesuffix(".fp32")
+
+
 def test_a_shape_tensorrt_refuses_is_one_line(fake_gpu: FakeGpu, exported_random_sku: Path, tmp_path: Path) -> None:
     sku = _plans(copy_sku(exported_random_sku, tmp_path / "sku"))
     (unrolled,) = sku.glob(f"{UNROLLED_NAME}.*.plan")

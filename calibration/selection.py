@@ -50,7 +50,7 @@ from tdad.scoring import image_scores, top_k_for
 from tdad.tiling import TilePlan
 from tdad.training.data import FolderDataset, ImageDataset, open_dataset
 from tdad.training.defects import DEFECT_KINDS, ValidationDefects
-from tdad.training.train import TrainConfig, remember_all, validation_indices
+from tdad.training.train import TrainConfig, all_training_images, remember, remember_all, validation_indices
 
 log = get_logger(__name__)
 
@@ -257,10 +257,12 @@ def select_settings(sku_dir: Path, cfg: TrainConfig, ng: Path | None = None, ng_
                                 strict=True):
                     terms[i] = t
 
+        images = all_training_images(cfg)  # decoded once for every fold's refill
         for fold in range(folds):
-            remember_all(model, cfg, keep=np.flatnonzero(np.arange(count) % folds != fold))
+            remember(model, cfg, images, keep=np.flatnonzero(np.arange(count) % folds != fold))
             score(np.flatnonzero((owners >= 0) & (owners % folds == fold)))
-        remembered = remember_all(model, cfg)
+        remember(model, cfg, images)
+        remembered = len(images)
         score(np.flatnonzero(owners < 0))
         evidence = [t for t in terms if t is not None]
     else:

@@ -74,16 +74,15 @@ def test_a_small_quick_set_scores_each_fold_against_a_memory_without_it(mvtec_ro
 
     events: list[tuple[str, set[int] | None]] = []
     built: list[selection.ValidationSet] = []
-    real_build, real_remember, real_terms = (selection.build_validation_set, selection.remember_all,
-                                             selection.evidence_terms)
+    real_build, real_remember, real_terms = selection.build_validation_set, selection.remember, selection.evidence_terms
 
     def build(*args: object, **kwargs: object) -> selection.ValidationSet:
         built.append(real_build(*args, **kwargs))  # type: ignore[arg-type]
         return built[-1]
 
-    def remember(model: object, cfg: TrainConfig, keep: np.ndarray | None = None) -> int:
+    def remember(model: object, cfg: TrainConfig, images: object, keep: np.ndarray | None = None) -> None:
         events.append(("memory", None if keep is None else set(keep.tolist())))
-        return real_remember(model, cfg, keep)  # type: ignore[arg-type]
+        real_remember(model, cfg, images, keep)  # type: ignore[arg-type]
 
     def terms(model: object, images: list[np.ndarray], *args: object) -> list[np.ndarray]:
         owner = {id(image): o for image, o in zip(built[-1].images, built[-1].owners, strict=True)}
@@ -91,7 +90,7 @@ def test_a_small_quick_set_scores_each_fold_against_a_memory_without_it(mvtec_ro
         return real_terms(model, images, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(selection, "build_validation_set", build)
-    monkeypatch.setattr(selection, "remember_all", remember)
+    monkeypatch.setattr(selection, "remember", remember)
     monkeypatch.setattr(selection, "evidence_terms", terms)
     import cv2
 

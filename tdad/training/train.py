@@ -499,15 +499,27 @@ def store_fine_memory(model: TDADModel, remembered: np.ndarray, owners: np.ndarr
 
 
 @torch.no_grad()
-def remember_all(model: TDADModel, cfg: TrainConfig, keep: np.ndarray | None = None) -> int:
+def remember_all(model: TDADModel, cfg: TrainConfig) -> int:
     """Refill a trained SKU's memory (and its fine memory, where it kept one) from every training image, the
     validation slice included, as a training on all of them would fill it; returns the images remembered.
-    keep: only these training images (indices into the sorted split), as setting selection's folds do.
 
     Called once the settings are chosen: the slice was held out so that choosing measured unseen good parts;
     after that it is only more good parts, and a memory that covers more normal variation rejects fewer of them.
     """
-    images, _ = load_images(dataclasses.replace(cfg, holdout=0.0))
+    images = all_training_images(cfg)
+    remember(model, cfg, images)
+    return len(images)
+
+
+def all_training_images(cfg: TrainConfig) -> TrainImages:
+    """Every training image, the validation slice included, decoded as load_images does."""
+    return load_images(dataclasses.replace(cfg, holdout=0.0))[0]
+
+
+@torch.no_grad()
+def remember(model: TDADModel, cfg: TrainConfig, images: TrainImages, keep: np.ndarray | None = None) -> None:
+    """Refill the memory (and the fine memory, where the SKU kept one) from the training images `images`, or only
+    those at the indices `keep` (setting selection's folds)."""
     if keep is not None:
         images = images[keep] if isinstance(images, np.ndarray) else [images[i] for i in keep.tolist()]
     remembered, owners = memory_images(images, cfg.image_size, cfg.tile_overlap)
@@ -516,7 +528,6 @@ def remember_all(model: TDADModel, cfg: TrainConfig, keep: np.ndarray | None = N
     if model.config.fine_memory_size:  # at the size training chose, with the boost the SKU has now
         store_fine_memory(model, remembered, owners, dataclasses.replace(cfg, fine_boost=model.segmenter.fine_boost),
                           device)
-    return len(images)
 
 
 @torch.no_grad()

@@ -42,11 +42,19 @@ def load_image_rgb(path: Path) -> np.ndarray:
 
 
 def decode_image_rgb(data: bytes, name: str) -> np.ndarray:
-    """Decode intact image bytes (`name`: what they are, for the error) to uint8 HxWx3 RGB with OpenCV."""
+    """Decode intact image bytes (`name`: what they are, for the error) to uint8 HxWx3 RGB with OpenCV.
+
+    Samples deeper than 8 bits are refused, not scaled: OpenCV's 8-bit decode keeps a 16-bit sample's high byte,
+    which turns a Mono12 image stored in 16 bits (0-4095) into a black one, and no scaling is known to match the
+    8-bit frames the camera path delivers (Mono8, RGB8, BGR8, Bayer 8)."""
     check_intact(data, name)
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH) if data else None
     if image is None:
         raise DataError(f"cannot read {name}: empty, truncated or not an image")
+    if image.dtype != np.uint8:
+        raise DataError(f"cannot use {name}: its samples are {image.dtype} (values up to {image.max():g}), and "
+                        "inspection reads 8-bit frames like the camera's Mono8/RGB8; save it as 8-bit, as the "
+                        "station's camera delivers it")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
 

@@ -21,6 +21,7 @@ from tdad.training.data import (
     MVTecDataset,
     VisADataset,
     file_list_hash,
+    load_mask,
     open_dataset,
 )
 from tdad.training.sample_data import DEFECT_TYPES, TEXTURES, draw_defect, render_part
@@ -165,6 +166,29 @@ def test_load_image_rgb_returns_rgb_and_names_unreadable_files(tmp_path: Path) -
     assert load_image_rgb(tmp_path / "red.png")[0, 0].tolist() == [255, 0, 0]
     with pytest.raises(DataError, match=r"missing\.png"):
         load_image_rgb(tmp_path / "missing.png")
+
+
+def test_images_deeper_than_8_bits_are_refused_in_one_line_naming_the_file_and_the_fix(tmp_path: Path) -> None:
+    # a Mono12 camera's frames saved in 16 bits: an 8-bit decode keeps the high byte, a black image (0-15)
+    mono12 = np.random.default_rng(0).integers(0, 4096, (24, 32), dtype=np.uint16)
+    cv2.imwrite(str(tmp_path / "mono12.png"), mono12)
+    cv2.imwrite(str(tmp_path / "rgb16.tif"), np.dstack([mono12] * 3))
+    for name, dtype in (("mono12.png", "uint16"), ("rgb16.tif", "uint16")):
+        with pytest.raises(DataError) as info:
+            load_image_rgb(tmp_path / name)
+        said = str(info.value)
+        assert name in said and dtype in said and "save it as 8-bit" in said and "\n" not in said
+    with pytest.raises(DataError, match=r"all 2 files failed to decode \(cannot use image .*save it as 8-bit"):
+        list(FolderDataset(tmp_path, image_size=16))
+
+
+def test_masks_keep_their_defect_at_any_bit_depth(tmp_path: Path) -> None:
+    drawn = np.zeros((8, 8), np.uint16)
+    drawn[2:4, 3:6] = 1  # 0/1 values: an 8-bit read of the 16-bit file would give an empty mask
+    cv2.imwrite(str(tmp_path / "a_mask.png"), drawn)
+    cv2.imwrite(str(tmp_path / "b_mask.png"), (drawn * 255).astype(np.uint8))
+    for name in ("a_mask.png", "b_mask.png"):
+        assert np.array_equal(load_mask(tmp_path / name), drawn > 0), name
 
 
 def test_file_list_hash_tracks_files_not_location(tmp_path: Path) -> None:

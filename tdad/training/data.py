@@ -155,8 +155,9 @@ def list_images(root: Path, recursive: bool = True) -> list[Path]:
 
 
 def load_mask(path: Path) -> np.ndarray:
-    """Decode a mask file to bool HxW (non-zero = defect); DataError naming the file when unreadable."""
-    mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    """Decode a mask file to bool HxW (non-zero = defect, at any bit depth: an 8-bit read would zero a 16-bit
+    mask's 0/1 values); DataError naming the file when unreadable."""
+    mask = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE | cv2.IMREAD_ANYDEPTH)
     if mask is None:
         raise DataError(f"cannot read mask {path}: the file is missing, truncated or not an image")
     return mask > 0
@@ -221,6 +222,7 @@ class ImageDataset(Sequence[Item]):
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} items")
         index %= n
+        last = "each was logged as image_skipped"
         for offset in range(n):
             candidate = (index + offset) % n
             if candidate in self._bad:
@@ -230,7 +232,8 @@ class ImageDataset(Sequence[Item]):
             except DataError as exc:
                 self._bad.add(candidate)
                 self._skip(self.records[candidate].path, str(exc))
-        raise DataError(f"no decodable images under {self.root}: all {n} files failed to decode")
+                last = str(exc)
+        raise DataError(f"no decodable images under {self.root}: all {n} files failed to decode ({last})")
 
     def __iter__(self) -> Iterator[Item]:
         return (self[i] for i in range(len(self)))

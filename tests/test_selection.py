@@ -14,7 +14,7 @@ import tdad.training.data
 from calibration.selection import FINE_BOOSTS, FOLDS, MEMORY_BOOSTS, TIE, best
 from foundation.errors import ConfigError
 from inspector.cli import main
-from inspector.commands.train import config_from_args
+from inspector.commands.train import config_from_args, inspection_scale_line
 from tdad.manifest import SelectionCandidate, read_manifest
 from tdad.model import load_sku
 from tdad.preprocess import preprocess
@@ -197,7 +197,8 @@ def test_best_prefers_the_cheaper_candidate_within_a_tie() -> None:
     assert best([*rows, row(8, 2, 0.95)]).key() == (8, 2, 25)  # a clear win is a clear win
 
 
-def test_cli_choices_come_with_their_inputs(mvtec_root: Path, tmp_path: Path) -> None:
+def test_cli_choices_come_with_their_inputs(mvtec_root: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
     base = ("--out", str(tmp_path), "--data", "d", "--device", "cpu")
     cfg, _ = config_from_args(_parse(*base))
     assert (cfg.holdout, cfg.fine_memory) == (0.2, 16384)  # a slice to choose on, a fine memory to weigh
@@ -219,6 +220,11 @@ def test_cli_choices_come_with_their_inputs(mvtec_root: Path, tmp_path: Path) ->
     assert fine.tiling() is not None and (fine.tile_scale, fine.tile_overlap) == (1.0, 0.25)
     whole, _ = config_from_args(_parse(*data, "--min-defect-px", "8"))
     assert whole.tiling() is None and whole.min_defect_px == 8
+    said = capsys.readouterr().out.splitlines()  # what the operator's number costs per frame
+    assert said == ["--min-defect-px 4: inspected in tiles at 1 model px per camera px; a 64x64 image becomes "
+                    "64x64, 3x3 tiles of 32 px, so a frame costs 9 engine passes",
+                    "--min-defect-px 8: whole images; on a 64x64 image such a defect covers 4.0 model px of 32 "
+                    "(4 are needed)"]
     with pytest.raises(ConfigError, match="--min-defect-px 0: the smallest defect must be a positive"):
         config_from_args(_parse(*data, "--min-defect-px", "0"))
 
@@ -227,6 +233,9 @@ def test_the_scale_for_a_defect_keeps_it_four_model_pixels_wide() -> None:
     assert scale_for_defect(12, [(576, 768)] * 3, 128) == 0.333  # a photo squashed to 128 px would keep 2
     assert scale_for_defect(12, [(256, 256)], 128) is None  # half scale keeps 6 px: whole images will do
     assert scale_for_defect(0.5, [(4096, 4096)], 128) == 4.0  # capped: the manifest allows up to 4x
+    # a 5-Mpixel camera and 5 px defects: the line is told each frame is 357 passes of the engine
+    assert inspection_scale_line(5, [(2048, 2448)], 128, scale_for_defect(5, [(2048, 2448)], 128)).endswith(
+        "a 2448x2048 image becomes 1958x1638, 21x17 tiles of 128 px, so a frame costs 357 engine passes")
 
 
 def test_the_remaining_time_counts_later_phases_at_their_relative_cost() -> None:

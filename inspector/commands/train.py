@@ -215,16 +215,38 @@ def selects(args: argparse.Namespace, memory: int) -> bool:
 
 
 def defect_scale(args: argparse.Namespace, image_size: int) -> float | None:
-    """The tile scale --min-defect-px implies for the training images' sizes (None: whole images)."""
+    """The tile scale --min-defect-px implies for the training images' sizes (None: whole images), printed with
+    what it means per frame (inspection_scale_line), since the operator's one number decides the frame cost."""
     from foundation.images import image_hw
     from tdad.tiling import scale_for_defect
     from tdad.training.data import open_dataset
 
     records = open_dataset(args.dataset, args.data, args.category, "train", image_size).records
+    sizes = [image_hw(r.path) for r in records]
     try:
-        return scale_for_defect(args.min_defect_px, [image_hw(r.path) for r in records], image_size)
+        scale = scale_for_defect(args.min_defect_px, sizes, image_size)
     except ValueError as exc:
         raise ConfigError(f"--min-defect-px {args.min_defect_px:g}: {exc}") from None
+    print(inspection_scale_line(args.min_defect_px, sizes, image_size, scale))
+    return scale
+
+
+def inspection_scale_line(min_defect_px: float, sizes_hw: list[tuple[int, int]], image_size: int,
+                          scale: float | None) -> str:
+    """What --min-defect-px chose, on the median-sized training image: whole images, or the tiles each frame is
+    cut into (each tile one engine pass, so the frame costs that many whole-image frames)."""
+    from tdad.tiling import DEFECT_MODEL_PX, TilePlan, scaled_hw
+
+    h, w = sorted(sizes_hw, key=lambda hw: hw[0] * hw[1])[len(sizes_hw) // 2]
+    said = f"--min-defect-px {min_defect_px:g}"
+    if scale is None:
+        covered = min_defect_px * min(image_size / h, image_size / w)
+        return (f"{said}: whole images; on a {w}x{h} image such a defect covers {covered:.1f} model px of "
+                f"{image_size} ({DEFECT_MODEL_PX:g} are needed)")
+    sh, sw = scaled_hw(h, w, scale)
+    plan = TilePlan.fit(sh, sw, image_size, DEFECT_TILE_OVERLAP)
+    return (f"{said}: inspected in tiles at {scale:g} model px per camera px; a {w}x{h} image becomes {sw}x{sh}, "
+            f"{len(plan.xs)}x{len(plan.ys)} tiles of {image_size} px, so a frame costs {len(plan)} engine passes")
 
 
 def boost_applies(cfg: TrainConfig, args: argparse.Namespace) -> TrainConfig:

@@ -14,7 +14,8 @@ defects larger than a line's thinnest ones dilutes those):
   synthetic defects.
 
 A quick SKU (the memory alone) with fewer than CROSS_FIT_BELOW held-out images is cross-fitted instead: every
-training image is validation, each of FOLDS folds scored against a memory of the other folds.
+training image is validation, each of FOLDS folds (one per image under FOLDS images) scored against a memory of
+the other folds. A trained SKU that held nothing out keeps its defaults (NoValidationSlice).
 
 The three evidence terms are computed once per image; every (b, f) candidate is a cheap recombination, scored
 by the mean of image AUROC, pixel AUROC and AUPRO@0.3. The choice, the whole table and the files read are
@@ -50,7 +51,14 @@ from tdad.scoring import image_scores, top_k_for
 from tdad.tiling import TilePlan
 from tdad.training.data import FolderDataset, ImageDataset, open_dataset
 from tdad.training.defects import DEFECT_KINDS, ValidationDefects
-from tdad.training.train import TrainConfig, all_training_images, remember, remember_all, validation_indices
+from tdad.training.train import (
+    MIN_HOLDOUT_IMAGES,
+    TrainConfig,
+    all_training_images,
+    remember,
+    remember_all,
+    validation_indices,
+)
 
 log = get_logger(__name__)
 
@@ -66,6 +74,10 @@ TIE = 1e-3  # objectives this close are a tie: the cheaper, simpler candidate wi
 # positives by chance, and a memory has no training to bias toward the images it holds
 CROSS_FIT_BELOW = 16
 FOLDS = 5
+
+
+class NoValidationSlice(DataError):
+    """A trained SKU held no good image out (too few images, or --holdout 0): its settings cannot be chosen."""
 
 
 @dataclass
@@ -110,8 +122,8 @@ def build_validation_set(cfg: TrainConfig, size: int, ng: Path | None = None, ng
     split = training_split(cfg, size)
     held = np.arange(len(split)) if every_image else validation_indices(len(split), cfg.holdout)
     if not len(held):
-        raise DataError(f"{cfg.data}: no validation slice (holdout={cfg.holdout}, {len(split)} good images; "
-                        "at least 10 are needed): settings stay at their defaults")
+        raise NoValidationSlice(f"{cfg.data}: no validation slice (holdout={cfg.holdout}, {len(split)} good images; "
+                                f"at least {MIN_HOLDOUT_IMAGES} are needed)")
     if len(held) > MAX_IMAGES:  # evenly spread: enough for the choice, a bounded cost (two searches per image)
         held = held[np.linspace(0, len(held) - 1, MAX_IMAGES).round().astype(int)]
     painter = painter or ValidationDefects(foreground="none" if cfg.foreground == "none" else "otsu")
@@ -244,7 +256,9 @@ def select_settings(sku_dir: Path, cfg: TrainConfig, ng: Path | None = None, ng_
     memory_only = bool(manifest.train and manifest.train.config.get("quick"))
     overlap = tiling.overlap if tiling else None
     count = len(training_split(cfg, config.image_size))
-    folds = FOLDS if memory_only and 0 < len(validation_indices(count, cfg.holdout)) < CROSS_FIT_BELOW else 0
+    # a quick SKU of a few images (even under the 10 a slice needs) still has folds; a trained one has no slice
+    folds = min(FOLDS, count) if memory_only and count > 1 and len(
+        validation_indices(count, cfg.holdout)) < CROSS_FIT_BELOW else 0
     data = build_validation_set(cfg, config.image_size, ng, ng_masks, painter, kinds, every_image=bool(folds))
     remembered = 0
     if folds:  # each fold against the memory of the others, then the scrap parts against the memory of all

@@ -20,7 +20,7 @@ from tdad.model import load_sku
 from tdad.preprocess import preprocess
 from tdad.scoring import top_k_for
 from tdad.tiling import scale_for_defect
-from tdad.training.sample_data import draw_defect, render_part, write_mvtec_tree
+from tdad.training.sample_data import draw_defect, render_part, write_good_folder, write_mvtec_tree
 from tdad.training.train import PRESETS, STEP_COST, TrainConfig, remaining_seconds, validation_indices
 from tests.test_parity import assert_parity, part_frames
 from tests.test_train import _parse
@@ -109,6 +109,27 @@ def test_a_small_quick_set_scores_each_fold_against_a_memory_without_it(mvtec_ro
     assert events[2 * FOLDS:] == [("memory", None), ("scored", {-1})]  # the scrap parts against every image
     record = read_manifest(tmp_path / "sku").selection
     assert record is not None and record.folds == FOLDS and record.ng == 2 and record.remembered == 12
+
+
+def test_a_quick_sku_of_a_few_images_is_cross_fitted_one_image_per_fold(tmp_path: Path) -> None:
+    write_good_folder(tmp_path / "good", 4, S, seed=3)  # under the 10 a validation slice needs
+    assert main(["train", "--out", str(tmp_path / "sku"), "--data", str(tmp_path / "good"), "--quick", *QUICK]) == 0
+    record = read_manifest(tmp_path / "sku").selection
+    assert record is not None and record.folds == 4 and record.good == 4 and record.remembered == 4
+    assert record.synthetic_defects >= 48
+
+
+def test_a_trained_sku_too_small_to_hold_images_out_keeps_its_defaults_and_says_so(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_good_folder(tmp_path / "good", 6, 32, seed=3)
+    assert main(["train", "--data", str(tmp_path / "good"), "--out", str(tmp_path / "sku"), "--device", "cpu",
+                 "--threads", "1", "--image-size", "32", "--batch-size", "4", "--ae-steps", "1",
+                 "--diffusion-steps", "1", "--seg-steps", "1", "--memory", "32", "--fine-memory", "32"]) == 0
+    said = capsys.readouterr().out
+    assert "settings not chosen: " in said and "6 good images; at least 10 are needed" in said
+    assert "keeps the defaults (memory boost 2, fine memory weight 1)" in said and "SKU written to" in said
+    meta = read_manifest(tmp_path / "sku")
+    assert meta.selection is None and (meta.model.memory_boost, meta.model.fine_boost) == (2.0, 1.0)
 
 
 def test_the_quick_sku_is_the_memory_alone_with_the_chosen_settings(opened: tuple[Path, list[Path]]) -> None:

@@ -274,8 +274,13 @@ def run(args: argparse.Namespace) -> int:
     if not checkpoint_finished(out):  # stopped early with a checkpoint (stop_after): nothing to choose settings for yet
         return 0
     if selects(args, cfg.memory):
-        from calibration.selection import format_selection, select_settings
+        from calibration.selection import NoValidationSlice, format_selection, select_settings
 
-        print(format_selection(select_settings(out, cfg, args.ng, args.ng_masks)))
+        try:
+            print(format_selection(select_settings(out, cfg, args.ng, args.ng_masks)))
+        except NoValidationSlice as exc:  # the SKU is whole, at the settings --no-select would have given it
+            print(f"settings not chosen: {exc}; the SKU keeps the defaults (memory boost {cfg.memory_boost:g}, "
+                  f"fine memory weight {cfg.fine_boost:g}). Add good images and train again, or train --quick, "
+                  "which chooses on every image")
     print(f"SKU written to {out}; next: inspector export --sku-dir {out}, then inspector calibrate")
     return 0

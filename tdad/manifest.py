@@ -28,6 +28,8 @@ Schema history:
   7  adds model.fine_memory_size and model.fine_boost (an inference-only memory of patch descriptors on a grid
      twice as fine, tdad/nets/segmenter.py); older files get 0, what they computed. Versioned so an older
      daemon refuses such a SKU instead of loading weights with tensors it does not know.
+     Later, without a bump (older files read the same, older readers keep it as an extra key): "trained_on",
+     the content digests of the images trained on or taught, which calibration refuses as good parts.
 """
 
 from __future__ import annotations
@@ -258,6 +260,9 @@ class SkuManifest(BaseModel):
     export: ExportRecord | None = None
     selection: SelectionRecord | None = None  # how memory boost, fine boost and top-k were chosen (None: by hand)
     taught: list[TaughtRecord] = Field(default_factory=list)  # good parts added to the memory after training
+    # content digests of every image the SKU was trained on, held out for selection or taught (sorted; empty in
+    # SKUs made before it was recorded): calibration refuses good parts it finds here (they read as normal)
+    trained_on: list[str] = Field(default_factory=list)
 
     @computed_field  # type: ignore[prop-decorator]
     @property

@@ -172,6 +172,30 @@ def test_a_quick_sku_goes_through_the_same_export_and_onnx_runtime(opened: tuple
     assert_parity(sku, part_frames(4, S))  # the quick SKU is served like any other, within the fp32 bound
 
 
+def test_calibration_refuses_good_parts_the_sku_was_trained_on_even_as_copies(
+        mvtec_root: Path, opened: tuple[Path, list[Path]], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A threshold fit on remembered images sits far below new good parts' scores (79 % of new good
+    `magnetic_tile` parts rejected, docs/onboarding.md): calibration must not take them, under any name."""
+    import shutil
+
+    sku = Path(shutil.copytree(opened[0], tmp_path / "sku"))
+    train = mvtec_root / "brick" / "train" / "good"
+    assert read_manifest(sku).trained_on  # every training image, the held-out ones included
+    assert main(["export", "--sku-dir", str(sku)]) == 0
+    calibrate = ["calibrate", "--sku-dir", str(sku), "--frr", "0.2", "--threads", "1", "--good"]
+    assert main([*calibrate, str(train)]) == 2
+    said = capsys.readouterr().err.strip()
+    assert f"12 of the 12 good images under {train}" in said and "trained on or taught" in said
+    assert "\n" not in said
+    fresh = write_good_folder(tmp_path / "fresh", 10, S, seed=77)
+    copy = fresh / "renamed.png"
+    shutil.copyfile(sorted(train.iterdir())[5], copy)
+    assert main([*calibrate, str(fresh)]) == 2
+    assert f"1 of the 11 good images under {fresh} (e.g. {copy})" in capsys.readouterr().err
+    copy.unlink()
+    assert main([*calibrate, str(fresh)]) == 0
+
+
 def test_eval_says_no_test_file_fed_the_choice_and_refuses_a_hand_tuned_sku(
         mvtec_root: Path, opened: tuple[Path, list[Path]], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     sku, _ = opened

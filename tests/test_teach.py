@@ -161,6 +161,21 @@ def test_sku_update_without_good_parts_to_calibrate_on_is_one_line(station: Path
     assert len(err) == 1 and "no reviews of SKU 'brick'" in err[0]
 
 
+def test_sku_update_refuses_to_refit_the_thresholds_on_the_parts_it_taught(station: Path, tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from inspector.skustore import SkuStore
+
+    root = copy_station(station, tmp_path / "station")
+    store = SkuStore(root / "skus")
+    versions = [v.id for v in store.versions("brick")]
+    taught = root / "calibration-good"  # skus.brick.good_dir: taught, it would read as normal by construction
+    assert main(["sku", "update", "--config", str(root / "inspector.toml"), "--sku", "brick",
+                 "--add-good", str(taught)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"12 of the 12 good images under {taught}" in err[0] and "taught" in err[0]
+    assert [v.id for v in store.versions("brick")] == versions  # nothing half-made was added
+
+
 @pytest.mark.slow
 def test_sku_update_from_reviews_teaches_the_reviewed_good_parts_cropped_to_the_roi(station: Path,
                                                                                      tmp_path: Path) -> None:

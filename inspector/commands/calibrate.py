@@ -12,10 +12,10 @@ from calibration.evaluate import infer_dataset, map_scores
 from calibration.reference import stats_of_images
 from calibration.thresholds import Calibration, fit_thresholds, format_table, save_calibration
 from engines.runtime import EngineSettings, create_engine
-from foundation.errors import ConfigError
+from foundation.errors import ConfigError, DataError
 from inspector.commands.common import add_engine_arguments, sku_target
 from tdad.manifest import maps_fingerprint, read_manifest
-from tdad.training.data import FolderDataset, file_list_hash
+from tdad.training.data import FolderDataset, file_digest, file_list_hash
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -57,6 +57,7 @@ def calibrate_sku(settings: EngineSettings, sku_dir: Path, good_dir: Path, frr: 
     top_k, resize, tiling = manifest.score.top_k, manifest.preprocess.resize, manifest.tiling
     scale = tiling.scale if tiling else None
     good = FolderDataset(good_dir, engine.image_size, resize=resize, tile_scale=scale)
+    refuse_remembered(good, manifest.trained_on, sku_dir)
     good_maps = infer_dataset(engine, good, batch, desc="good", tiling=tiling).maps
     hashes = [file_list_hash(good)]
     ng_scores = ng_maps = masks = None
@@ -80,3 +81,18 @@ def calibrate_sku(settings: EngineSettings, sku_dir: Path, good_dir: Path, frr: 
         sku_fingerprint=maps_fingerprint(sku_dir, schedule_override),
         good_image_stats=stats_of_images(item.image for item in good),
     )
+
+
+def refuse_remembered(good: FolderDataset, trained_on: Sequence[str], sku_dir: Path) -> None:
+    """DataError when good parts for the thresholds are images the SKU was trained on or taught (by content, so
+    copies count): its memory holds their patches, so they score lower than new good parts and a threshold fit
+    on them rejects good parts on the line. SKUs that predate the record (trained_on empty) are not checked."""
+    if not trained_on:
+        return
+    known = set(trained_on)
+    remembered = [r.path for r in good.records if file_digest(r.path) in known]
+    if remembered:
+        raise DataError(f"{len(remembered)} of the {len(good.records)} good images under {good.root} (e.g. "
+                        f"{remembered[0]}) are images {sku_dir} was trained on or taught: it reads them as normal, "
+                        "so thresholds fit on them would reject good parts on the line; calibrate on good parts "
+                        "kept apart from training")

@@ -418,6 +418,20 @@ def open_dataset(kind: DatasetKind, root: Path, category: str | None, split: str
     return cls(root, category, split, image_size, resize, tile_scale)
 
 
+def file_digest(path: Path) -> str:
+    """The sha256 prefix (16 hex digits) of a file's bytes: an image recognised wherever a copy of it turns up
+    (SkuManifest.trained_on); DataError naming the file when it cannot be read."""
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    except OSError as exc:
+        raise DataError(f"cannot read {path}: {exc.strerror or exc}") from None
+
+
+def content_digests(dataset: ImageDataset) -> list[str]:
+    """Sorted, distinct file_digest of every image file of the data set (what a SKU was trained on or taught)."""
+    return sorted({file_digest(record.path) for record in dataset.records})
+
+
 def file_list_hash(dataset: ImageDataset) -> str:
     """sha256 over the sorted relative paths and byte sizes of every image and mask (the SKU's train_hash)."""
     digest = hashlib.sha256()

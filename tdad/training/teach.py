@@ -25,7 +25,7 @@ from tdad.manifest import TaughtRecord, read_manifest, write_manifest
 from tdad.model import TDADModel, load_sku, save_weights
 from tdad.nets.segmenter import nearest_distance, patch_features
 from tdad.preprocess import preprocess
-from tdad.training.data import FolderDataset, file_list_hash
+from tdad.training.data import FolderDataset, content_digests, file_list_hash
 from tdad.training.train import TrainImages, memory_images
 
 COVERED = 1.0  # scaled distance of a typical good patch to the nearest patch of another good image
@@ -119,6 +119,7 @@ def teach_sku(sku_dir: Path, good_dir: Path, source: str | None = None) -> Taugh
                           data_hash=file_list_hash(dataset), images=taught.images,
                           memory=(taught.memory_before, taught.memory_after),
                           fine_memory=(taught.fine_before, taught.fine_after))
-    write_manifest(sku_dir, read_manifest(sku_dir).model_copy(
-        update={"model": model.config, "taught": [*manifest.taught, record]}))
+    write_manifest(sku_dir, read_manifest(sku_dir).model_copy(update={
+        "model": model.config, "taught": [*manifest.taught, record],
+        "trained_on": sorted({*manifest.trained_on, *content_digests(dataset)})}))
     return record

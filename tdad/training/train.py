@@ -47,7 +47,7 @@ from tdad.nets.segmenter import FINE_BOOST, MEMORY_BOOST, nearest_distance, patc
 from tdad.preprocess import RESIZE_MODES, ResizeMode, preprocess
 from tdad.schedule import Schedule, add_noise, predict_x0
 from tdad.tiling import TilePlan, random_crop
-from tdad.training.data import file_list_hash, open_dataset
+from tdad.training.data import content_digests, file_list_hash, open_dataset
 from tdad.training.distributed import ALONE, Ranks
 from tdad.training.synthesis import AnomalySynthesizer, TextureMix, check_textures
 
@@ -858,8 +858,11 @@ def train_ranks(cfg: TrainConfig, resume: bool, ranks: Ranks, device: torch.devi
     if cfg.quick:
         memory_only(model)
     model.eval()
+    split = open_dataset(cfg.dataset, cfg.data, cfg.category, "train", cfg.image_size,  # type: ignore[arg-type]
+                         cfg.resize, tile_scale=cfg.tile_scale)
     save_sku(model, cfg.out, train_hash=train_hash(cfg, data_hash), data_hash=data_hash,
              train=TrainRecord(losses=run.losses, config=cfg.to_dict()),
-             preprocess=PreprocessRecord(resize=cfg.resize), tiling=cfg.tiling())
+             preprocess=PreprocessRecord(resize=cfg.resize), tiling=cfg.tiling(),
+             trained_on=content_digests(split))  # the held-out slice too: selection remembers it
     log.info("train_done", sku_dir=str(cfg.out), losses=run.losses)
     return cfg.out

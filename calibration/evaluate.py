@@ -27,7 +27,7 @@ from engines.tiled import infer_tiled
 from foundation.log import get_logger
 from tdad.manifest import SkuManifest, TilingRecord
 from tdad.scoring import DEFAULT_TOP_K, image_scores, smoothed_max_scores
-from tdad.training.data import Item
+from tdad.training.data import Item, file_digest
 
 log = get_logger(__name__)
 
@@ -296,19 +296,26 @@ def _render(headers: list[str], cells: list[list[str]], markdown: bool) -> str:
 
 
 def held_out_line(manifest: SkuManifest, test_files: Sequence[Path]) -> tuple[str, int]:
-    """The report line that says what fed the SKU's settings and how many of the evaluated files were among them
-    (0: the numbers are held out), and that count."""
+    """The report line that says what fed the SKU's settings and how many of the evaluated files it was trained on
+    or chose them on (0: the numbers are held out), and that count. Files are matched by path and by content
+    (the manifest's trained_on and the scrap parts' digests), so a copy of a training image or of a scrap part
+    in the test split counts too."""
     record = manifest.selection
+    used = {os.path.realpath(f) for f in [*record.validation_files, *record.ng_files]} if record else set()
+    known = {*manifest.trained_on, *(record.ng_digests if record else [])}
+    overlap = sum(os.path.realpath(f) in used or (bool(known) and file_digest(Path(f)) in known) for f in test_files)
+    n = len(test_files)
     if record is None:
-        return ("settings: set by hand, not chosen by inspector train (no selection record); whatever they were "
-                "tuned on is not recorded"), 0
-    used = {os.path.realpath(f) for f in [*record.validation_files, *record.ng_files]}
-    overlap = sum(os.path.realpath(f) in used for f in test_files)
+        what = ("settings: set by hand, not chosen by inspector train (no selection record); whatever they were "
+                "tuned on is not recorded")
+        if overlap:
+            return f"{what}; WARNING: {overlap} of the {n} evaluated files were trained on", overlap
+        return what + (f"; none of the {n} evaluated files was trained on" if manifest.trained_on else ""), 0
     c = record.chosen
     what = (f"settings (memory boost {c.memory_boost:g}, fine boost {c.fine_boost:g}, top-k {c.top_k}) chosen on "
             + (f"{record.good} training images cross-fitted in {record.folds} folds" if record.folds
                else f"{record.good} held-out training images") + f", {record.synthetic_defects} synthetic defects"
             + (f" and {record.ng} scrap parts" if record.ng else ""))
     if overlap:
-        return f"{what}; WARNING: {overlap} of the {len(test_files)} evaluated files fed that choice", overlap
-    return f"{what}; none of the {len(test_files)} evaluated files fed any choice", 0
+        return f"{what}; WARNING: {overlap} of the {n} evaluated files were trained on or fed that choice", overlap
+    return f"{what}; none of the {n} evaluated files was trained on or fed any choice", 0

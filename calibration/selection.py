@@ -49,7 +49,7 @@ from tdad.model import TDADModel, load_sku, save_weights
 from tdad.preprocess import preprocess
 from tdad.scoring import image_scores, top_k_for
 from tdad.tiling import TilePlan
-from tdad.training.data import FolderDataset, ImageDataset, open_dataset
+from tdad.training.data import FolderDataset, ImageDataset, file_digest, open_dataset
 from tdad.training.defects import DEFECT_KINDS, ValidationDefects
 from tdad.training.train import (
     MIN_HOLDOUT_IMAGES,
@@ -298,6 +298,7 @@ def select_settings(sku_dir: Path, cfg: TrainConfig, ng: Path | None = None, ng_
     sources = data.sources
     record = SelectionRecord(
         chosen=chosen, candidates=rows, validation_files=data.validation_files, ng_files=data.ng_files,
+        ng_digests=sorted({file_digest(Path(f)) for f in data.ng_files}),
         good=sources.count("good"), synthetic_defects=sum(s not in ("good", "ng") for s in sources),
         ng=sources.count("ng"), ng_masks=ng_masks is not None, defect_kinds=list(kinds), remembered=remembered,
         folds=folds, seconds=round(time.perf_counter() - t0, 1))

@@ -215,6 +215,7 @@ class SelectionRecord(BaseModel):
     candidates: list[SelectionCandidate]
     validation_files: list[str]
     ng_files: list[str] = Field(default_factory=list)
+    ng_digests: list[str] = Field(default_factory=list)  # the scrap parts' content digests: eval spots copies
     good: int
     synthetic_defects: int
     ng: int = 0

@@ -204,7 +204,15 @@ def test_eval_says_no_test_file_fed_the_choice_and_refuses_a_hand_tuned_sku(
     assert main([*base, "--out", str(tmp_path / "eval"), "--require-held-out"]) == 0
     said = capsys.readouterr().out
     assert "chosen on 12 training images cross-fitted in 5 folds" in said
-    assert "none of the 11 evaluated files fed any choice" in said  # 7 images + 4 masks
+    assert "none of the 11 evaluated files was trained on or fed any choice" in said  # 7 images + 4 masks
+    # a training image copied into the test split under another name is caught by its content
+    import shutil
+
+    leaked = Path(shutil.copytree(mvtec_root, tmp_path / "leaked"))
+    shutil.copyfile(sorted((leaked / "brick" / "train" / "good").iterdir())[0],
+                    leaked / "brick" / "test" / "good" / "new_part.png")
+    assert main([*base[:6], str(leaked), *base[7:], "--out", str(tmp_path / "e1"), "--require-held-out"]) == 2
+    assert "WARNING: 1 of the 12 evaluated files were trained on or fed that choice" in capsys.readouterr().err
     hand = tmp_path / "hand"
     assert main(["train", "--out", str(hand), "--dataset", "mvtec", "--data", str(mvtec_root), "--category",
                  "brick", "--quick", "--no-select", *QUICK]) == 0
@@ -215,6 +223,8 @@ def test_eval_says_no_test_file_fed_the_choice_and_refuses_a_hand_tuned_sku(
 
 
 def test_scrap_parts_join_the_choice_with_their_own_metrics(mvtec_root: Path, tmp_path: Path) -> None:
+    import shutil
+
     import cv2
 
     ng, masks = tmp_path / "ng", tmp_path / "ng_masks"
@@ -231,6 +241,16 @@ def test_scrap_parts_join_the_choice_with_their_own_metrics(mvtec_root: Path, tm
     record = read_manifest(out).selection
     assert record is not None and record.ng == 4 and record.ng_masks and len(record.ng_files) == 4
     assert all(r.ng_image_auroc is not None and r.ng_aupro is not None for r in record.candidates)
+    # the scrap parts are recognised by content where they turn up in a test split (bench/scrap_split.py copies)
+    from calibration.evaluate import held_out_line
+
+    copies = [tmp_path / "test" / f"part_{i}.png" for i in range(2)]
+    copies[0].parent.mkdir()
+    shutil.copyfile(ng / "scrap_2.png", copies[0])
+    write_good_folder(tmp_path / "fresh", 1, S, seed=99)
+    shutil.copyfile(tmp_path / "fresh" / "good_000.png", copies[1])
+    line, overlap = held_out_line(read_manifest(out), copies)
+    assert overlap == 1 and "WARNING: 1 of the 2 evaluated files were trained on or fed that choice" in line
 
 
 def test_best_prefers_the_cheaper_candidate_within_a_tie() -> None:

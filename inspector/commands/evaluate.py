@@ -102,7 +102,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "--memory-boost (docs/accuracy.md: 'The memory prior and its boost')")
     parser.add_argument("--require-held-out", action="store_true",
                         help="refuse (exit 2) unless the SKU's settings were chosen by inspector train and none of "
-                             "the files evaluated here fed that choice (the report line 'held out:' says which)")
+                             "the files evaluated here was trained on or fed that choice, by path or content (the "
+                             "report line 'held out:' says which)")
     parser.add_argument("--score-sweep", action="store_true",
                         help="also print the image AUROC of other image-score definitions on the same maps: mean of "
                              "the top 0.05/0.15/0.5/1/5/25/100 %% of the map, its maximum, and its maximum after a "
@@ -238,7 +239,8 @@ def run(args: argparse.Namespace) -> int:
                            manifest.preprocess.resize, tile_scale=tiling.scale if tiling else None)
     held_out, overlap = held_out_line(manifest, [dataset.root / f for f in dataset.relative_files()])
     if overlap and args.require_held_out:
-        raise DataError(f"{target.sku_dir}: {held_out}; evaluate on files its selection did not read")
+        raise DataError(f"{target.sku_dir}: {held_out}; evaluate on files it was not trained on and its "
+                        "selection did not read")
     if manifest.selection is None and args.require_held_out:
         raise DataError(f"{target.sku_dir}: no selection record, so nothing shows its settings were not tuned on "
                         "this split; retrain with inspector train (settings chosen) or drop --require-held-out")

@@ -157,7 +157,7 @@ def evidence_terms(model: TDADModel, images: Sequence[np.ndarray], memory_only: 
     for i in range(0, len(tiles), batch):
         x = torch.from_numpy(preprocess(tiles[i : i + batch]))
         rec = x if memory_only else model.reconstruct(x)
-        terms.append(torch.stack(model.segmenter.map_terms(x, rec), dim=1).numpy())
+        terms.append(torch.stack(model.segmenter.map_terms(x, rec, memory_only), dim=1).numpy())
     stacked = np.concatenate(terms)
     out, start = [], 0
     for plan in plans:

@@ -30,6 +30,8 @@ Schema history:
      daemon refuses such a SKU instead of loading weights with tensors it does not know.
      Later, without a bump (older files read the same, older readers keep it as an extra key): "trained_on",
      the content digests of the images trained on or taught, which calibration refuses as good parts.
+     Also without a bump: model.memory_only (a quick SKU's map skips the reconstruction); an older reader
+     ignores it and runs the reconstruction, whose evidence that SKU zeroed: the same map, slower.
 """
 
 from __future__ import annotations
@@ -79,6 +81,9 @@ class ModelConfig:
     residual: bool = False  # segmenter's reconstruction x + decode(z_rec) - decode(z0) (training writes true)
     fine_memory_size: int = 0  # normal descriptors on the 2x-finer grid (0 = none; added after training)
     fine_boost: float = 0.0  # logit per unit of fine-memory distance, inference only (Segmenter.forward)
+    # a quick SKU: the map is the memory terms alone (Segmenter.memory_map), nothing reconstructed; the untrained
+    # networks stay in the weights, their evidence zeroed, so a reader that ignores this computes the same map
+    memory_only: bool = False
 
     def __post_init__(self) -> None:
         """Image sizes must divide by 32 (8x latent down-sampling, then two more U-Net halvings)."""

@@ -121,6 +121,8 @@ class TDADModel(nn.Module):
                      noises: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """N x 3 x S x S in [0, 1] -> anomaly maps N x S x S in [0, 1], reconstructing by `mode` (default: the
         mode the segmenter was trained with)."""
+        if self.config.memory_only:  # a quick SKU: its reconstruction and decoder have nothing to add
+            return self.segmenter.memory_map(images_f32_nchw)
         rec = self.reconstruct(images_f32_nchw, schedule, mode or self.reconstruction, noises)
         return self.segmenter(images_f32_nchw, rec)
 

@@ -151,6 +151,10 @@ def test_the_quick_sku_is_the_memory_alone_with_the_chosen_settings(opened: tupl
     assert float(learnt.abs().max()) == 0.0  # the decoder and learnt gain are off
     expected = torch.sigmoid(chosen.memory_boost * memory + chosen.fine_boost * fine)
     torch.testing.assert_close(maps, expected, atol=1e-5, rtol=0)
+    # the map skips the reconstruction and decoder (memory_only), and the full pipeline gives the same map
+    assert meta.model.memory_only
+    with torch.no_grad():
+        torch.testing.assert_close(maps, seg(x, model.reconstruct(x)), atol=1e-6, rtol=0)
 
 
 def test_once_chosen_the_memory_also_remembers_the_held_out_images(mvtec_root: Path,
@@ -167,9 +171,27 @@ def test_a_quick_sku_goes_through_the_same_export_and_onnx_runtime(opened: tuple
                                                                    tmp_path: Path) -> None:
     import shutil
 
+    import onnx
+
     sku = Path(shutil.copytree(opened[0], tmp_path / "sku"))
     assert main(["export", "--sku-dir", str(sku)]) == 0
     assert_parity(sku, part_frames(4, S))  # the quick SKU is served like any other, within the fp32 bound
+    # its whole-pipeline graph is the memory search alone, smaller than the segmenter graph it skips
+    nodes = {name: len(onnx.load(str(sku / f"{name}.onnx")).graph.node) for name in ("tdad", "segmenter")}
+    assert nodes["tdad"] < nodes["segmenter"], nodes
+    # no schedule changes its maps, so an override keeps the unrolled graph; the part graphs (reconstruction, the
+    # segmenter with its learnt evidence zeroed) give the same maps
+    from engines.runtime import OnnxRuntimeSettings, create_engine
+    from engines.runtime.onnx_backend import OnnxEngine
+
+    override = {"t1": 80, "steps1": 2, "t2": 300, "steps2": 3}
+    assert create_engine(OnnxRuntimeSettings(threads=1), sku, schedule_override=override).describe()["unrolled"]
+    frames = part_frames(2, S)
+    unrolled = create_engine(OnnxRuntimeSettings(threads=1), sku).infer(frames)
+    parts = OnnxEngine(OnnxRuntimeSettings(threads=1), unrolled=False)
+    parts.load(sku)
+    assert not parts.describe()["unrolled"]
+    np.testing.assert_allclose(parts.infer(frames), unrolled, atol=1e-3, rtol=0)
 
 
 def test_calibration_refuses_good_parts_the_sku_was_trained_on_even_as_copies(

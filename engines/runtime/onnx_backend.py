@@ -25,6 +25,7 @@ from engines.runtime.staged import (
     preprocess_frames,
     run_parts,
     run_parts_timed,
+    unrolled_applies,
 )
 from foundation.errors import EngineError
 from foundation.log import get_logger
@@ -115,7 +116,7 @@ class OnnxEngine:
         self.image_size, self.schedule, self._noises = sku.image_size, sku.schedule, sku.noises
         self._residual = sku.manifest.model.residual  # segmenter input x + decode(z_rec) - decode(z0)
         self._parts = _SessionParts({name: self._session(name) for name in PART_NAMES})
-        if self.use_unrolled and sku.export.unrolled_schedule == self.schedule:
+        if self.use_unrolled and unrolled_applies(sku):
             self._unrolled = self._session(UNROLLED_NAME)
         log.info("onnx_engine_loaded", sku_dir=str(self.sku_dir), providers=self.providers, threads=self.threads,
                  precision=self.precision, unrolled=self._unrolled is not None)

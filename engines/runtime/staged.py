@@ -111,6 +111,12 @@ def open_exported_sku(sku_dir: Path, override: dict[str, Any]) -> ExportedSku:
     return ExportedSku(manifest, export, manifest.image_size, schedule, noises)
 
 
+def unrolled_applies(sku: ExportedSku) -> bool:
+    """Whether the unrolled graph computes this SKU's maps: it was exported with the schedule in use, or the SKU
+    reconstructs nothing (a quick SKU, model.memory_only), so no schedule changes its maps."""
+    return sku.manifest.model.memory_only or sku.export.unrolled_schedule == sku.schedule
+
+
 def reconstruction(parts: Parts, x: Any, z0: Any, z: Any, residual: bool) -> Any:
     """The segmenter's second input from the reconstructed latents z: decode(z), or for a residual SKU
     (manifest model.residual) x + decode(z) - decode(z0) (tdad.schedule.residual_reconstruction)."""

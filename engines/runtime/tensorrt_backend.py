@@ -39,6 +39,7 @@ from engines.runtime.staged import (
     preprocess_frames,
     run_parts,
     run_parts_timed,
+    unrolled_applies,
 )
 from foundation.errors import EngineError
 from foundation.gpu import check_cuda, cuda_device, cuda_runtime, import_tensorrt
@@ -289,7 +290,7 @@ class TensorRTEngine:
         self._trt_logger = trt.Logger(trt.Logger.WARNING)
         self.stream = check_cuda(self.rt.cudaStreamCreateWithFlags(self.rt.cudaStreamNonBlocking), "cudaStreamCreate")
         try:
-            self._open_plans(trt.Runtime(self._trt_logger), tag, sku.export.unrolled_schedule == self.schedule)
+            self._open_plans(trt.Runtime(self._trt_logger), tag, unrolled_applies(sku))
         except BaseException:
             self.close()  # a load that fails part-way frees the plans, buffers and stream it made
             raise

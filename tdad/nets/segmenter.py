@@ -107,22 +107,36 @@ class Segmenter(nn.Module):
             outs.append(h)
         return [head(h) for head, h in zip(self.heads, outs, strict=True)], distance
 
-    def map_terms(self, x: torch.Tensor, x_rec: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def map_terms(self, x: torch.Tensor, x_rec: torch.Tensor,
+                  memory_only: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The three evidence terms of the final logit, each N x S x S: the learnt logit (decoder + learnt gain *
         (distance - 1)), the memory distance - 1 and the fine-memory distance - 1 (zeros without one), so that
         forward's map is sigmoid(learnt + memory_boost * memory + fine_boost * fine) and setting selection can
-        weigh them anew without another pass."""
-        logits, distance = self._decode(x, x_rec, None)
-        final = logits[-1]
-        size = final.shape[-2:]
+        weigh them anew without another pass. memory_only (a quick SKU, learnt evidence zeroed): the learnt term
+        is zeros and neither x_rec nor the decoder is computed."""
+        size = x.shape[-2:]
+        if memory_only:
+            final = x.new_zeros((x.shape[0], 1, *size))
+            distance = self.memory_distance(patch_features(self.backbone(x)))
+        else:
+            logits, distance = self._decode(x, x_rec, None)
+            final = logits[-1]
         memory = torch.zeros_like(final)
         if distance is not None:
             memory = F.interpolate(distance, size=size, mode="bilinear", align_corners=False) - 1.0
-            final = final + self.memory_gain * memory
+            if not memory_only:
+                final = final + self.memory_gain * memory
         fine = torch.zeros_like(final)
         if self.fine_memory_size:
             fine = F.interpolate(self.fine_distance(x), size=size, mode="bilinear", align_corners=False) - 1.0
         return final[:, 0], memory[:, 0], fine[:, 0]
+
+    def memory_map(self, x: torch.Tensor) -> torch.Tensor:
+        """x: N x 3 x S x S in [0, 1] -> N x S x S maps of the memory terms alone, sigmoid(memory_boost * (distance
+        - 1) + fine_boost * (fine - 1)): a quick SKU's map (ModelConfig.memory_only), what forward gives once the
+        learnt evidence is zeroed, without the reconstruction, the second backbone pass or the decoder."""
+        _, memory, fine = self.map_terms(x, x, memory_only=True)
+        return torch.sigmoid(self.memory_boost * memory + self.fine_boost * fine)
 
     def resize_memory(self, size: int) -> None:
         """Give a memory segmenter `size` empty entries (to be refilled by fill_memory): a trained SKU stores a

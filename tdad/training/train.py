@@ -533,12 +533,14 @@ def remember(model: TDADModel, cfg: TrainConfig, images: TrainImages, keep: np.n
 @torch.no_grad()
 def memory_only(model: TDADModel) -> None:
     """Switch the segmenter's learnt evidence off (heads and memory gain zero), so its final logit is the memory
-    terms alone: a quick SKU, whose untrained decoder and reconstruction have nothing to add."""
+    terms alone, and mark the model memory_only so that its map skips what has nothing to add (the untrained
+    reconstruction and decoder): a quick SKU."""
     seg = model.segmenter
     for head in seg.heads:
         head.weight.zero_()
         head.bias.zero_()
     seg.memory_gain.zero_()
+    model.config = dataclasses.replace(model.config, memory_only=True)
 
 
 def memory_size_for(cfg: TrainConfig, n_rows: int, inference: bool = False) -> int:

@@ -275,6 +275,21 @@ def test_scrap_parts_join_the_choice_with_their_own_metrics(mvtec_root: Path, tm
     assert overlap == 1 and "WARNING: 1 of the 2 evaluated files were trained on or fed that choice" in line
 
 
+def test_a_scrap_part_that_is_also_a_good_training_image_is_refused_before_training(
+        mvtec_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import shutil
+
+    ng = tmp_path / "ng"
+    ng.mkdir()
+    shutil.copyfile(sorted((mvtec_root / "brick" / "train" / "good").iterdir())[3], ng / "scrap_a.png")
+    out = tmp_path / "sku"
+    assert main(["train", "--out", str(out), "--dataset", "mvtec", "--data", str(mvtec_root), "--category", "brick",
+                 "--quick", *QUICK, "--ng", str(ng)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"1 of the 1 scrap parts under {ng} (e.g. {ng / 'scrap_a.png'})" in err[0]
+    assert not out.exists()  # refused before anything was trained
+
+
 def test_best_prefers_the_cheaper_candidate_within_a_tie() -> None:
     def row(b: float, f: float, objective: float) -> SelectionCandidate:
         return SelectionCandidate(memory_boost=b, fine_boost=f, top_k=25, objective=objective)

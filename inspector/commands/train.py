@@ -249,6 +249,21 @@ def inspection_scale_line(min_defect_px: float, sizes_hw: list[tuple[int, int]],
             f"{len(plan.xs)}x{len(plan.ys)} tiles of {image_size} px, so a frame costs {len(plan)} engine passes")
 
 
+def refuse_scrap_among_good(cfg: TrainConfig, ng: Path) -> None:
+    """DataError when a --ng scrap part is also one of the good training images (by content, so copies count):
+    the memory would hold it as normal while selection scores it as a defect."""
+    from tdad.training.data import FolderDataset, content_digests, file_digest, open_dataset
+
+    good = set(content_digests(open_dataset(cfg.dataset, cfg.data, cfg.category, "train",  # type: ignore[arg-type]
+                                            cfg.image_size)))
+    scrap = FolderDataset(ng, cfg.image_size)
+    both = [r.path for r in scrap.records if file_digest(r.path) in good]
+    if both:
+        raise DataError(f"{len(both)} of the {len(scrap.records)} scrap parts under {ng} (e.g. {both[0]}) are also "
+                        f"good training images under {cfg.data}: a part is one or the other; take it out of one "
+                        "folder")
+
+
 def boost_applies(cfg: TrainConfig, args: argparse.Namespace) -> TrainConfig:
     """cfg, or ConfigError when --memory-boost is given to a run without a memory prior, or --fine-boost to one
     without a fine memory (either would do nothing)."""
@@ -265,6 +280,8 @@ def run(args: argparse.Namespace) -> int:
     """`inspector train`: exit 0 when the SKU directory is written (its settings chosen on the validation slice
     unless fixed by hand), 130 when interrupted (checkpointed). Under torchrun rank 0 alone chooses and reports."""
     cfg, resume = config_from_args(args)
+    if args.ng is not None:
+        refuse_scrap_among_good(cfg, args.ng)  # before the training, not after it
     try:
         out = train_sku(cfg, resume=resume)
     except KeyboardInterrupt:

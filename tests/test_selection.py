@@ -187,7 +187,10 @@ def test_a_quick_sku_goes_through_the_same_export_and_onnx_runtime(opened: tuple
     override = {"t1": 80, "steps1": 2, "t2": 300, "steps2": 3}
     assert create_engine(OnnxRuntimeSettings(threads=1), sku, schedule_override=override).describe()["unrolled"]
     frames = part_frames(2, S)
-    unrolled = create_engine(OnnxRuntimeSettings(threads=1), sku).infer(frames)
+    engine = create_engine(OnnxRuntimeSettings(threads=1), sku)
+    unrolled = engine.infer(frames)
+    timed, stages = engine.infer_timed(frames)  # the benchmark's stage table: its one graph, as the segment stage
+    assert set(stages) == {"preprocess", "segment"} and np.array_equal(timed, unrolled)
     parts = OnnxEngine(OnnxRuntimeSettings(threads=1), unrolled=False)
     parts.load(sku)
     assert not parts.describe()["unrolled"]

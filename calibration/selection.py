@@ -53,6 +53,7 @@ from tdad.training.data import FolderDataset, ImageDataset, file_digest, open_da
 from tdad.training.defects import DEFECT_KINDS, ValidationDefects
 from tdad.training.train import (
     MIN_HOLDOUT_IMAGES,
+    RowDescriptors,
     TrainConfig,
     all_training_images,
     remember,
@@ -271,11 +272,12 @@ def select_settings(sku_dir: Path, cfg: TrainConfig, ng: Path | None = None, ng_
                                 strict=True):
                     terms[i] = t
 
-        images = all_training_images(cfg)  # decoded once for every fold's refill
+        images = all_training_images(cfg)  # decoded once, and described once (unless too many) for every refill
+        described = RowDescriptors.of(model, cfg, images)
         for fold in range(folds):
-            remember(model, cfg, images, keep=np.flatnonzero(np.arange(count) % folds != fold))
+            remember(model, cfg, images, keep=np.flatnonzero(np.arange(count) % folds != fold), described=described)
             score(np.flatnonzero((owners >= 0) & (owners % folds == fold)))
-        remember(model, cfg, images)
+        remember(model, cfg, images, described=described)
         remembered = len(images)
         score(np.flatnonzero(owners < 0))
         evidence = [t for t in terms if t is not None]

@@ -3,6 +3,7 @@ defects of the second family and scrap parts, never from the test split, and the
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from foundation.errors import ConfigError
 from inspector.cli import main
 from inspector.commands.train import config_from_args, inspection_scale_line
 from tdad.manifest import SelectionCandidate, read_manifest
-from tdad.model import load_sku
+from tdad.model import TDADModel, load_sku
 from tdad.preprocess import preprocess
 from tdad.scoring import top_k_for
 from tdad.tiling import scale_for_defect
@@ -80,9 +81,11 @@ def test_a_small_quick_set_scores_each_fold_against_a_memory_without_it(mvtec_ro
         built.append(real_build(*args, **kwargs))  # type: ignore[arg-type]
         return built[-1]
 
-    def remember(model: object, cfg: TrainConfig, images: object, keep: np.ndarray | None = None) -> None:
+    def remember(model: object, cfg: TrainConfig, images: object, keep: np.ndarray | None = None,
+                 described: object = None) -> None:
+        assert described is not None  # a small set is described once, not once per fold
         events.append(("memory", None if keep is None else set(keep.tolist())))
-        real_remember(model, cfg, images, keep)  # type: ignore[arg-type]
+        real_remember(model, cfg, images, keep, described)  # type: ignore[arg-type]
 
     def terms(model: object, images: list[np.ndarray], *args: object) -> list[np.ndarray]:
         owner = {id(image): o for image, o in zip(built[-1].images, built[-1].owners, strict=True)}
@@ -130,6 +133,31 @@ def test_a_trained_sku_too_small_to_hold_images_out_keeps_its_defaults_and_says_
     assert "keeps the defaults (memory boost 2, fine memory weight 1)" in said and "SKU written to" in said
     meta = read_manifest(tmp_path / "sku")
     assert meta.selection is None and (meta.model.memory_boost, meta.model.fine_boost) == (2.0, 1.0)
+
+
+def test_a_fold_refilled_from_descriptors_computed_once_is_the_fold_refilled_from_its_images(
+        opened: tuple[Path, list[Path]]) -> None:
+    from tdad.training.train import RowDescriptors, all_training_images, remember
+
+    sku, _ = opened
+    cfg = TrainConfig.from_dict(read_manifest(sku).train.config)  # type: ignore[union-attr]
+    images = all_training_images(cfg)
+    keep = np.flatnonzero(np.arange(len(images)) % FOLDS != 2)
+    def with_fine_memory() -> TDADModel:  # the SKU may have dropped its fine memory when choosing
+        model = load_sku(sku)
+        if not model.config.fine_memory_size:
+            model.segmenter.resize_fine_memory(2048)
+            model.config = dataclasses.replace(model.config, fine_memory_size=2048)
+        return model
+
+    described = RowDescriptors.of(with_fine_memory(), cfg, images)
+    assert described is not None and described.fine is not None
+    models = [with_fine_memory(), with_fine_memory()]
+    remember(models[0], cfg, images, keep)
+    remember(models[1], cfg, images, keep, described)
+    for name in ("memory", "memory_owner", "memory_scale", "fine_memory", "fine_memory_scale"):
+        a, b = (getattr(m.segmenter, name) for m in models)
+        torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4, msg=name)
 
 
 def test_the_quick_sku_is_the_memory_alone_with_the_chosen_settings(opened: tuple[Path, list[Path]]) -> None:

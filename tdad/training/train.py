@@ -423,27 +423,31 @@ def memory_images(images: TrainImages, size: int, overlap: float) -> tuple[np.nd
 @torch.no_grad()
 def sample_descriptors(describe: Callable[[torch.Tensor], torch.Tensor], images_u8_nhwc: np.ndarray, cell: int,
                        count: int, rng: np.random.Generator, device: torch.device, batch: int,
-                       owners: np.ndarray | None,
-                       ranks: Ranks = ALONE) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                       owners: np.ndarray | None, ranks: Ranks = ALONE, cached: torch.Tensor | None = None,
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A seeded random sample of `count` patch descriptors of the images (describe: N x 3 x S x S -> N x D x S/cell
     x S/cell) and up to 4096 probe descriptors, each with its source image (`owners`, one per row; default: each
     row its own): (sample, its owners, probes, their owners). The sample is drawn before any feature is
     computed, so only the chosen patches are kept (a tiled SKU's tiles have millions of patches). Among ranks each
-    describes its share of the image batches and every rank gets the whole sample."""
+    describes its share of the image batches and every rank gets the whole sample. cached: every row's
+    descriptors already computed (N * S/cell * S/cell x D, row by row; RowDescriptors), taken instead of describe."""
     per_row = (images_u8_nhwc.shape[1] // cell) * (images_u8_nhwc.shape[2] // cell)
     total = len(images_u8_nhwc) * per_row
     pick = rng.choice(total, count, replace=False)
     probe = rng.choice(total, min(4096, total), replace=False)
     wanted = np.union1d(pick, probe)  # sorted: the order the loop below meets them in
-    starts = range(0, len(images_u8_nhwc), batch)
-    kept = {}
-    for i in ranks.mine(starts):
-        x = torch.from_numpy(preprocess(images_u8_nhwc[i : i + batch])).to(device)
-        f = describe(x)
-        rows = wanted[(wanted >= i * per_row) & (wanted < (i + len(x)) * per_row)] - i * per_row
-        kept[i] = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])[torch.from_numpy(rows).to(device)]
-    every = ranks.gather(kept)
-    feats = torch.cat([every[i].to(device) for i in starts])
+    if cached is not None:
+        feats = cached[torch.from_numpy(wanted)].to(device)
+    else:
+        starts = range(0, len(images_u8_nhwc), batch)
+        kept = {}
+        for i in ranks.mine(starts):
+            x = torch.from_numpy(preprocess(images_u8_nhwc[i : i + batch])).to(device)
+            f = describe(x)
+            rows = wanted[(wanted >= i * per_row) & (wanted < (i + len(x)) * per_row)] - i * per_row
+            kept[i] = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])[torch.from_numpy(rows).to(device)]
+        every = ranks.gather(kept)
+        feats = torch.cat([every[i].to(device) for i in starts])
     sources = np.arange(len(images_u8_nhwc)) if owners is None else np.asarray(owners)
     feat_owners = torch.from_numpy(sources[wanted // per_row]).to(device)
     at_pick = torch.from_numpy(np.searchsorted(wanted, pick)).to(device)
@@ -463,14 +467,15 @@ def leave_one_out_scale(memory: torch.Tensor, memory_owners: torch.Tensor, probe
 
 
 def fill_memory(model: TDADModel, images_u8_nhwc: np.ndarray, device: torch.device, batch: int, seed: int,
-                owners: np.ndarray | None = None, ranks: Ranks = ALONE) -> float:
+                owners: np.ndarray | None = None, ranks: Ranks = ALONE, cached: torch.Tensor | None = None) -> float:
     """Fill the segmenter's memory with a seeded random sample of the images' stride-8 patch descriptors, each
-    tagged with its source image (`owners`), and set memory_scale by leave_one_out_scale; returns that scale."""
+    tagged with its source image (`owners`), and set memory_scale by leave_one_out_scale; returns that scale.
+    cached: the rows' descriptors, already computed (sample_descriptors)."""
     seg = model.segmenter
     rng = np.random.default_rng([seed, len(PHASES)])
     memory, memory_owners, probes, probe_owners = sample_descriptors(
         lambda x: patch_features(seg.backbone(x)), images_u8_nhwc, 8, seg.memory_size, rng, device, batch, owners,
-        ranks)
+        ranks, cached)
     seg.memory.copy_(memory)
     seg.memory_owner.copy_(memory_owners)
     scale = leave_one_out_scale(memory, memory_owners, probes, probe_owners)
@@ -479,9 +484,10 @@ def fill_memory(model: TDADModel, images_u8_nhwc: np.ndarray, device: torch.devi
 
 
 def store_fine_memory(model: TDADModel, remembered: np.ndarray, owners: np.ndarray | None, cfg: TrainConfig,
-                      device: torch.device, ranks: Ranks = ALONE) -> None:
+                      device: torch.device, ranks: Ranks = ALONE, cached: torch.Tensor | None = None) -> None:
     """Give the trained segmenter its fine memory (cfg.fine_memory entries of Segmenter.fine_features, capped at
-    the images' cells, scaled like fill_memory's) and cfg.fine_boost; nothing when cfg.fine_memory is 0."""
+    the images' cells, scaled like fill_memory's) and cfg.fine_boost; nothing when cfg.fine_memory is 0.
+    cached: the rows' fine descriptors, already computed (sample_descriptors)."""
     if not cfg.fine_memory:
         return
     seg = model.segmenter
@@ -490,7 +496,7 @@ def store_fine_memory(model: TDADModel, remembered: np.ndarray, owners: np.ndarr
     seg.fine_boost = cfg.fine_boost
     rng = np.random.default_rng([cfg.seed, len(PHASES) + 1])
     memory, memory_owners, probes, probe_owners = sample_descriptors(
-        seg.fine_features, remembered, 4, size, rng, device, cfg.batch_size, owners, ranks)
+        seg.fine_features, remembered, 4, size, rng, device, cfg.batch_size, owners, ranks, cached)
     seg.fine_memory.copy_(memory)
     scale = leave_one_out_scale(memory, memory_owners, probes, probe_owners)
     seg.fine_memory_scale.fill_(scale)
@@ -516,18 +522,63 @@ def all_training_images(cfg: TrainConfig) -> TrainImages:
     return load_images(dataclasses.replace(cfg, holdout=0.0))[0]
 
 
+CACHE_BYTES = 1 << 30  # RowDescriptors of a set larger than this are not kept: each fold describes its rows again
+
+
+@dataclass(frozen=True)
+class RowDescriptors:
+    """Every memory and fine-memory patch descriptor of the rows memory_images makes of a set of training images,
+    computed once, so that setting selection's folds refill their memories by indexing (remember(described=...))
+    instead of running the backbone over the same rows once per fold."""
+
+    owners: np.ndarray  # the source image of each row
+    memory: torch.Tensor  # rows x (S/8)^2 x D
+    fine: torch.Tensor | None  # rows x (S/4)^2 x D, None for a SKU without a fine memory
+
+    @classmethod
+    @torch.no_grad()
+    def of(cls, model: TDADModel, cfg: TrainConfig, images: TrainImages) -> RowDescriptors | None:
+        """The descriptors of `images` under the model's backbone; None when they would take over CACHE_BYTES."""
+        seg, size = model.segmenter, cfg.image_size
+        rows, owners = memory_images(images, size, cfg.tile_overlap)
+        width = seg.memory.shape[1]
+        cells = (size // 8) ** 2 + ((size // 4) ** 2 if model.config.fine_memory_size else 0)
+        if len(rows) * cells * width * 4 > CACHE_BYTES:
+            return None
+        device = next(model.parameters()).device
+        memory, fine = [], []
+        for i in range(0, len(rows), cfg.batch_size):
+            x = torch.from_numpy(preprocess(rows[i : i + cfg.batch_size])).to(device)
+            memory.append(patch_features(seg.backbone(x)).flatten(2).transpose(1, 2))
+            if model.config.fine_memory_size:
+                fine.append(seg.fine_features(x).flatten(2).transpose(1, 2))
+        return cls(owners, torch.cat(memory), torch.cat(fine) if fine else None)
+
+    def rows_of(self, keep: np.ndarray | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The memory and fine descriptors (flat, row by row) of the rows of the images at the sorted indices
+        `keep` (all: None), in the order memory_images gives those images' rows."""
+        mask = torch.ones(len(self.owners), dtype=torch.bool) if keep is None else torch.from_numpy(
+            np.isin(self.owners, keep))
+        memory = self.memory[mask].reshape(-1, self.memory.shape[-1])
+        return memory, None if self.fine is None else self.fine[mask].reshape(-1, self.fine.shape[-1])
+
+
 @torch.no_grad()
-def remember(model: TDADModel, cfg: TrainConfig, images: TrainImages, keep: np.ndarray | None = None) -> None:
+def remember(model: TDADModel, cfg: TrainConfig, images: TrainImages, keep: np.ndarray | None = None,
+             described: RowDescriptors | None = None) -> None:
     """Refill the memory (and the fine memory, where the SKU kept one) from the training images `images`, or only
-    those at the indices `keep` (setting selection's folds)."""
+    those at the sorted indices `keep` (setting selection's folds); described: RowDescriptors.of(images), so the
+    backbone is not run again."""
+    cached_memory, cached_fine = described.rows_of(keep) if described is not None else (None, None)
     if keep is not None:
         images = images[keep] if isinstance(images, np.ndarray) else [images[i] for i in keep.tolist()]
     remembered, owners = memory_images(images, cfg.image_size, cfg.tile_overlap)
     device = next(model.parameters()).device
-    refill_memory(model, remembered, owners, cfg, device, memory_size_for(cfg, len(remembered), inference=True))
+    refill_memory(model, remembered, owners, cfg, device, memory_size_for(cfg, len(remembered), inference=True),
+                  cached=cached_memory)
     if model.config.fine_memory_size:  # at the size training chose, with the boost the SKU has now
         store_fine_memory(model, remembered, owners, dataclasses.replace(cfg, fine_boost=model.segmenter.fine_boost),
-                          device)
+                          device, cached=cached_fine)
 
 
 @torch.no_grad()
@@ -561,13 +612,13 @@ def store_inference_memory(model: TDADModel, remembered: np.ndarray, owners: np.
 
 
 def refill_memory(model: TDADModel, remembered: np.ndarray, owners: np.ndarray | None, cfg: TrainConfig,
-                  device: torch.device, size: int, ranks: Ranks = ALONE) -> None:
+                  device: torch.device, size: int, ranks: Ranks = ALONE, cached: torch.Tensor | None = None) -> None:
     """Give the memory segmenter `size` entries, filled by fill_memory from the remembered rows (the model config's
-    entry count follows)."""
+    entry count follows; cached: their descriptors, already computed)."""
     model.segmenter.resize_memory(size)
     model.config = dataclasses.replace(model.config, memory_size=size)
     log.info("memory_stored", entries=size, rows=len(remembered),
-             scale=fill_memory(model, remembered, device, cfg.batch_size, cfg.seed, owners, ranks))
+             scale=fill_memory(model, remembered, device, cfg.batch_size, cfg.seed, owners, ranks, cached))
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -345,6 +345,8 @@ def file_sha256(path: Path) -> str:
 
 # the manifest records that shape a SKU's anomaly maps (not its export, train or bookkeeping records)
 MAP_SHAPING = {"model", "schedule", "latent_scale", "score", "preprocess", "reconstruction", "tiling"}
+# how a map is computed, not what it is: left out, so that SKUs calibrated before the field existed stay valid
+NOT_MAP_SHAPING = {"model": {"memory_only"}}
 
 
 def maps_fingerprint(sku_dir: Path, schedule_override: Mapping[str, int] | None = None) -> str:
@@ -355,7 +357,7 @@ def maps_fingerprint(sku_dir: Path, schedule_override: Mapping[str, int] | None 
     manifest = read_manifest(sku_dir)
     if schedule_override:
         manifest = manifest.model_copy(update={"schedule": manifest.schedule.with_overrides(**schedule_override)})
-    shaping = manifest.model_dump(mode="json", include=MAP_SHAPING)
+    shaping = manifest.model_dump(mode="json", include=MAP_SHAPING, exclude=NOT_MAP_SHAPING)
     text = file_sha256(Path(sku_dir) / WEIGHTS_FILE) + json.dumps(shaping, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()
 

@@ -15,6 +15,7 @@ from tdad.manifest import (
     DerivedGraphsRecord,
     ModelConfig,
     TilingRecord,
+    maps_fingerprint,
     new_manifest,
     read_manifest,
     score_top_k,
@@ -120,3 +121,13 @@ def test_bad_tiling_records_are_refused_naming_the_key(tmp_path: Path, tiling: d
     (tmp_path / MANIFEST_FILE).write_text(json.dumps(SCHEMA_1 | {"schema_version": 4, "tiling": tiling}))
     with pytest.raises(DataError, match=rf"meta\.json.*{message}"):
         read_manifest(tmp_path)
+
+
+def test_a_calibration_fit_by_an_earlier_build_keeps_its_sku_fingerprint(tmp_path: Path) -> None:
+    """The fingerprint 5d44279 computed for this SKU: fields added to the manifest since (memory_only, trained_on)
+    must not change it, or every station's calibration is refused after an upgrade."""
+    (tmp_path / "model.safetensors").write_bytes(b"weights")
+    model = ModelConfig(image_size=64, memory_size=16, memory_boost=1.0, fine_memory_size=8, fine_boost=0.5)
+    write_manifest(tmp_path, new_manifest(model, Schedule(), 0.5, trained_on=["0123456789abcdef"]))
+    assert maps_fingerprint(tmp_path) == "a7a699785c7b39b2c210cd62ecab65acbd9d5ed8c8c80c7c6868d71c2274b93c"
+

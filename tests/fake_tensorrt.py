@@ -582,6 +582,24 @@ def _graph_io(model: onnx.ModelProto) -> list[tuple[str, TensorIOMode, DataType,
     return io
 
 
+def _resolved_io(model: str, io: list[tuple[str, TensorIOMode, DataType, tuple[int, ...]]],
+                 ) -> list[tuple[str, TensorIOMode, DataType, tuple[int, ...]]]:
+    """io with the symbolic non-batch dims of the outputs resolved, as TensorRT's parser resolves a dim that follows
+    from the inputs' static dims (an exported map's H x W comes out of shape arithmetic): one batch-1 run of the
+    graph on zeros gives them. Inputs keep theirs; a graph with a symbolic non-batch input dim is left as it is."""
+    if all(-1 not in shape[1:] for _, mode, _, shape in io if mode == TensorIOMode.OUTPUT):
+        return io
+    inputs = [(n, d, shape) for n, mode, d, shape in io if mode == TensorIOMode.INPUT]
+    if any(-1 in shape[1:] for _, _, shape in inputs):
+        return io
+    session = ort.InferenceSession(model, session_options(1), providers=["CPUExecutionProvider"])
+    feeds = {n: np.zeros((1, *shape[1:]), NUMPY_TYPES[d]) for n, d, shape in inputs}
+    names = [n for n, mode, _, _ in io if mode == TensorIOMode.OUTPUT]
+    got = dict(zip(names, session.run(names, feeds), strict=True))
+    return [(n, mode, d, (shape[0], *got[n].shape[1:]) if mode == TensorIOMode.OUTPUT else shape)
+            for n, mode, d, shape in io]
+
+
 class ICudaEngine:
     """A deserialised fake plan: its graph's tensors, one optimisation profile, contexts over an ORT session."""
 
@@ -844,7 +862,7 @@ class OnnxParser:
         except Exception as exc:
             self._errors.append(f"cannot read {model}: {exc}")
             return False
-        self._network._onnx, self._network._io = Path(model).resolve(), _graph_io(graph)
+        self._network._onnx, self._network._io = Path(model).resolve(), _resolved_io(model, _graph_io(graph))
         return True
 
     @property

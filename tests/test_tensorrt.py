@@ -178,6 +178,39 @@ def test_the_runtime_batches_captures_and_replays_graphs_in_bounded_memory_and_c
     assert fake_gpu.alive() == {}
 
 
+def test_memory_skus_run_on_the_plans_and_a_memory_only_one_times_its_one_plan(
+        fake_gpu: FakeGpu, tmp_path: Path) -> None:
+    """A SKU with a memory and a fine memory (the product's: its map's H x W come out of shape arithmetic) runs
+    on its plans as on ONNX Runtime; made memory-only (a quick SKU), its one plan also runs under a schedule
+    override, and the stage timing is that plan."""
+    from engines.export import export_sku
+    from engines.runtime.benchmark import make_random_sku
+    from tdad.model import load_sku as load_model
+    from tdad.model import save_sku
+    from tdad.training.train import memory_only
+
+    sku = _plans(make_random_sku(tmp_path / "sku", 64, memory=64, fine_memory=32))
+    frames = random_frames(2, seed=5)
+    engine = _engine(sku)
+    np.testing.assert_allclose(engine.infer(frames), create_engine(OnnxRuntimeSettings(threads=1), sku).infer(frames),
+                               atol=1e-6, rtol=0)
+    engine.close()
+    model = load_model(sku)
+    memory_only(model)
+    save_sku(model, sku)
+    export_sku(sku)
+    _plans(sku)
+    expected = create_engine(OnnxRuntimeSettings(threads=1), sku).infer(frames)
+    engine = create_engine(engine_settings("tensorrt", precision="fp32"), sku, schedule_override={"steps1": 2})
+    assert isinstance(engine, TensorRTEngine) and engine.describe()["unrolled"]
+    np.testing.assert_allclose(engine.infer(frames), expected, atol=1e-6, rtol=0)
+    maps, stages = engine.infer_timed(frames)
+    assert set(stages) == {"preprocess", "segment"}
+    np.testing.assert_allclose(maps, expected, atol=1e-6, rtol=0)
+    engine.close()
+    assert fake_gpu.alive() == {}
+
+
 def test_a_failed_capture_runs_plain_launches(fake_gpu: FakeGpu, exported_random_sku: Path, tmp_path: Path) -> None:
     sku = _plans(copy_sku(exported_random_sku, tmp_path / "sku"))
     (unrolled,) = sku.glob(f"{UNROLLED_NAME}.*.plan")

@@ -285,6 +285,7 @@ class TensorRTEngine:
         sku = open_exported_sku(self.sku_dir, self.schedule_override)
         self.image_size, self.schedule, self._noises = sku.image_size, sku.schedule, sku.noises
         self._residual = sku.manifest.model.residual  # segmenter input x + decode(z_rec) - decode(z0)
+        self._memory_only = sku.manifest.model.memory_only
         self.gpu = cuda_device(self.device_id)
         tag = plan_tag(self.gpu.name, trt.__version__, self.precision)
         self._trt_logger = trt.Logger(trt.Logger.WARNING)
@@ -369,11 +370,16 @@ class TensorRTEngine:
         return run_parts(self._parts, x, self.schedule, *self._noises, residual=self._residual)
 
     def infer_timed(self, images_u8_nhwc: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
-        """`infer` through the per-part plans with wall milliseconds per stage (host round trips included)."""
+        """`infer` through the per-part plans with wall milliseconds per stage (host round trips included); a
+        memory-only SKU (nothing reconstructed) through its one plan, timed as its segment stage."""
         t0 = time.perf_counter()
         x = preprocess_frames(images_u8_nhwc, self.image_size)
         pre_ms = (time.perf_counter() - t0) * 1e3
         check_cuda(self.rt.cudaSetDevice(self.device_id), "cudaSetDevice")
+        if self._memory_only and self._unrolled is not None:
+            t1 = time.perf_counter()
+            maps = self._run_unrolled(self._unrolled, x)
+            return maps, {"preprocess": pre_ms, "segment": (time.perf_counter() - t1) * 1e3}
         maps, ms = run_parts_timed(self._parts, x, self.schedule, *self._noises,
                                     residual=self._residual)
         return maps, {"preprocess": pre_ms, **ms}

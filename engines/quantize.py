@@ -45,6 +45,10 @@ log = get_logger(__name__)
 GRAPH_NAMES = (*PART_NAMES, UNROLLED_NAME)
 QUANTIZED_OPS = ("Conv", "Gemm", "MatMul")
 FP32_SCOPE = "/backbone/"  # ONNX node names of the frozen feature extractor (segmenter graph and unrolled graph)
+# initializers whose consumers stay fp32: the memory searches (Gemm |m|^2 - 2 q.m, which cancels against |q|^2, so
+# int8 error would swamp a good patch's small distance; and the quantizer gave that Gemm's per-entry weight a scalar
+# scale beside a per-entry zero point, a DequantizeLinear ONNX Runtime refuses to run)
+FP32_INITIALIZERS = ("memory",)  # name endings: memory, fine_memory, model.segmenter.memory, ...
 DEFAULT_CALIB_IMAGES = 32
 
 
@@ -204,11 +208,13 @@ def _reader(samples: list[dict[str, np.ndarray]]) -> Any:
 
 
 def quantize_graph(source: Path, out: Path, samples: list[dict[str, np.ndarray]], calibration: str) -> Path:
-    """Static QDQ int8 quantization of one fp32 graph over `samples` (the backbone's nodes left fp32), stamped with
-    its source."""
+    """Static QDQ int8 quantization of one fp32 graph over `samples` (the backbone's nodes and the memory searches
+    left fp32), stamped with its source."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    fp32_nodes = [n.name for n in onnx.load(str(source), load_external_data=False).graph.node if FP32_SCOPE in n.name]
+    graph = onnx.load(str(source), load_external_data=False).graph
+    kept = {i.name for i in graph.initializer if i.name.endswith(FP32_INITIALIZERS)}
+    fp32_nodes = [n.name for n in graph.node if FP32_SCOPE in n.name or kept.intersection(n.input)]
     root_logger = logging.getLogger()
     level = root_logger.level
     root_logger.setLevel(logging.ERROR)  # the quantizer's notes on the root logger ("consider pre-processing")

@@ -86,6 +86,26 @@ def test_int8_engine_runs_both_paths_close_to_fp32(derived_sku: Path) -> None:
     assert rel_error(engine.infer_timed(frames)[0], ref) < INT8_RANDOM_BOUND  # the int8 part graphs
 
 
+def test_a_memory_skus_int8_graphs_run_and_keep_the_memory_searches_fp32(tmp_path: Path) -> None:
+    """The product's SKUs have a memory and a fine memory: their int8 graphs run on ONNX Runtime (the quantizer
+    once gave the search's Gemm weight a scalar scale beside per-entry zero points, refused at run time), and each
+    search reads its memory unquantized."""
+    from engines.runtime.benchmark import make_random_sku
+
+    sku = make_random_sku(tmp_path / "sku", IMAGE_SIZE, memory=64, fine_memory=32)
+    quantize_int8(sku, write_good_folder(tmp_path / "good", 4, IMAGE_SIZE), threads=1)
+    for name in ("segmenter", UNROLLED_NAME):
+        model = onnx.load(str(graph_file(sku, name, "int8")))
+        searches = [n for n in model.graph.node if n.op_type == "Gemm" and any(i.endswith("memory") for i in n.input)]
+        assert len(searches) == 2, name  # the memory and the fine memory, their weights still the fp32 initializers
+        assert {i.name for i in model.graph.initializer} >= {i for n in searches for i in n.input[1:2]}, name
+    frames = random_frames(2, seed=4)
+    ref = create_engine(engine_settings("onnxruntime", threads=1), sku).infer(frames)
+    engine = create_engine(engine_settings("onnxruntime", threads=1, precision="int8"), sku)
+    assert rel_error(engine.infer(frames), ref) < INT8_RANDOM_BOUND
+    assert rel_error(engine.infer_timed(frames)[0], ref) < INT8_RANDOM_BOUND
+
+
 def test_fp16_graphs_compute_in_fp16_with_fp32_io_and_fp32_timestep_embedding(derived_sku: Path) -> None:
     x = np.random.default_rng(0).random((2, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
     for name in ("encoder", "tdad"):

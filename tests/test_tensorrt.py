@@ -181,20 +181,26 @@ def test_the_runtime_batches_captures_and_replays_graphs_in_bounded_memory_and_c
 def test_memory_skus_run_on_the_plans_and_a_memory_only_one_times_its_one_plan(
         fake_gpu: FakeGpu, tmp_path: Path) -> None:
     """A SKU with a memory and a fine memory (the product's: its map's H x W come out of shape arithmetic) runs
-    on its plans as on ONNX Runtime; made memory-only (a quick SKU), its one plan also runs under a schedule
-    override, and the stage timing is that plan."""
+    on its fp32 and int8 plans as on ONNX Runtime; made memory-only (a quick SKU), its one plan also runs under
+    a schedule override, and the stage timing is that plan."""
     from engines.export import export_sku
+    from engines.quantize import quantize_int8
     from engines.runtime.benchmark import make_random_sku
+    from engines.runtime.build import build_sku
     from tdad.model import load_sku as load_model
     from tdad.model import save_sku
+    from tdad.training.sample_data import write_good_folder
     from tdad.training.train import memory_only
 
     sku = _plans(make_random_sku(tmp_path / "sku", 64, memory=64, fine_memory=32))
+    quantize_int8(sku, write_good_folder(tmp_path / "calib", 4, 64, seed=2), threads=1)
+    build_sku(sku, "int8", max_batch=4, opt_batch=1)
     frames = random_frames(2, seed=5)
-    engine = _engine(sku)
-    np.testing.assert_allclose(engine.infer(frames), create_engine(OnnxRuntimeSettings(threads=1), sku).infer(frames),
-                               atol=1e-6, rtol=0)
-    engine.close()
+    for precision in ("fp32", "int8"):  # int8: the Q/DQ graphs, the memory searches' Gemm quantized
+        engine = create_engine(engine_settings("tensorrt", precision=precision), sku)
+        reference = create_engine(OnnxRuntimeSettings(threads=1, precision=precision), sku)
+        np.testing.assert_allclose(engine.infer(frames), reference.infer(frames), atol=1e-6, rtol=0)
+        engine.close()
     model = load_model(sku)
     memory_only(model)
     save_sku(model, sku)

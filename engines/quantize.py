@@ -93,6 +93,47 @@ def fp32_island(graph: onnx.GraphProto) -> list[str]:
     return sorted(keep)
 
 
+def search_island(graph: onnx.GraphProto) -> list[str]:
+    """Names of the nodes of each memory search (tdad.nets.segmenter.nearest_distance), kept in fp32: every node on
+    a path from the search's Cast of its queries to float to its division by the memory's scale, and the |m|^2 of
+    its memory. |m|^2 - 2 q.m + |q|^2 cancels (fp16 would swamp a good patch's distance), and converted to fp16
+    the Cast's declared float output no longer matched its input's type, a graph ONNX Runtime refuses to load."""
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    memories = {i.name for i in graph.initializer if i.name.endswith(FP32_INITIALIZERS)}
+    keep: set[str] = set()
+    for gemm in (n for n in graph.node if n.op_type == "Gemm" and memories.intersection(n.input)):
+        start = producer[gemm.input[0]]
+        while start.op_type != "Cast":  # the queries' Reshape/Transpose back to their cast to float
+            start = producer[start.input[0]]
+        after, todo = set(), [start]  # downstream of the cast, up to the division by the scale
+        while todo:
+            node = todo.pop()
+            if node.name in after:
+                continue
+            after.add(node.name)
+            if not any(i.endswith("memory_scale") for i in node.input):
+                todo.extend(c for o in node.output for c in consumers.get(o, []))
+        before, todo = set(), [n for n in graph.node if n.name in after and any(
+            i.endswith("memory_scale") for i in n.input)]  # upstream of that division
+        while todo:
+            node = todo.pop()
+            if node.name in before:
+                continue
+            before.add(node.name)
+            todo.extend(producer[i] for i in node.input if i in producer)
+        keep |= after & before
+        todo = [producer[i] for i in gemm.input[2:] if i in producer]  # |m|^2: of the memory alone (often folded)
+        while todo:
+            node = todo.pop()
+            keep.add(node.name)
+            todo.extend(producer[i] for i in node.input if i in producer)
+    return sorted(keep)
+
+
 def convert_fp16(source: Path, out: Path) -> Path:
     """Write the fp16 (fp32-I/O) version of one fp32 graph, stamped with its source."""
     from onnxconverter_common import float16
@@ -100,7 +141,8 @@ def convert_fp16(source: Path, out: Path) -> Path:
     model = onnx.load(str(source))
     with warnings.catch_warnings():  # one "truncated to 1e-07" note per tiny weight: not operator news
         warnings.simplefilter("ignore", UserWarning)
-        half = float16.convert_float_to_float16(model, keep_io_types=True, node_block_list=fp32_island(model.graph))
+        half = float16.convert_float_to_float16(model, keep_io_types=True,
+                                                node_block_list=fp32_island(model.graph) + search_island(model.graph))
     _stamp(half, "fp16", source)
     onnx.checker.check_model(half)
     onnx.save(half, str(out))

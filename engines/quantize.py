@@ -29,12 +29,13 @@ from typing import Any, Literal
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 
 from engines.precision import META_PRECISION, META_SOURCE, META_SOURCE_SHA256, check_graph, graph_file
 from engines.runtime.config import OnnxRuntimeSettings
-from engines.runtime.onnx_backend import OnnxEngine
+from engines.runtime.onnx_backend import OnnxEngine, session_options
 from engines.runtime.staged import PART_NAMES, UNROLLED_NAME, check_export, file_sha256, read_sku_manifest, run_parts
-from foundation.errors import DataError, EngineError
+from foundation.errors import DataError, EngineError, first_line
 from foundation.log import get_logger
 from tdad.manifest import DerivedGraphsRecord, TilingRecord, read_manifest, with_derived, write_manifest
 from tdad.preprocess import ResizeMode, preprocess
@@ -68,6 +69,22 @@ def _stamp(model: onnx.ModelProto, precision: str, source: Path, **extra: str) -
     model.metadata_props.extend(kept)
     for key, value in props.items():
         model.metadata_props.add(key=key, value=value)
+
+
+ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+
+
+def check_runs(path: Path) -> None:
+    """EngineError naming the derived graph when ONNX Runtime cannot load it or run it once on zeros at batch 1, so
+    a graph that would only fail on the station is refused where it is written (two such gaps went unseen: the
+    fp16 and int8 graphs of every SKU with a memory, engines/quantize.py FP32_INITIALIZERS and search_island)."""
+    try:
+        session = ort.InferenceSession(str(path), session_options(1), providers=["CPUExecutionProvider"])
+        session.run(None, {i.name: np.zeros([d if isinstance(d, int) else 1 for d in i.shape], ORT_DTYPES[i.type])
+                           for i in session.get_inputs()})
+    except Exception as exc:  # ORT raises its own untyped errors
+        raise EngineError(f"{path}: written, but ONNX Runtime cannot run it ({first_line(exc)}); this is a defect "
+                          "of the export: deploy the fp32 graphs, and report it") from None
 
 
 def _record(sku_dir: Path, precision: Literal["fp16", "int8"], graphs: DerivedGraphsRecord) -> None:
@@ -146,6 +163,7 @@ def convert_fp16(source: Path, out: Path) -> Path:
     _stamp(half, "fp16", source)
     onnx.checker.check_model(half)
     onnx.save(half, str(out))
+    check_runs(out)
     return out
 
 
@@ -275,6 +293,7 @@ def quantize_graph(source: Path, out: Path, samples: list[dict[str, np.ndarray]]
         root_logger.setLevel(level)
     _stamp(model, "int8", source, **{"tdad.calibration": calibration})
     onnx.save(model, str(out))
+    check_runs(out)
     return out
 
 

@@ -117,6 +117,23 @@ def test_a_memory_skus_int8_and_fp16_graphs_run_and_keep_the_memory_searches_fp3
     assert rel_error(engine.infer_timed(frames)[0], ref) < INT8_RANDOM_BOUND
 
 
+def test_a_derived_graph_that_cannot_run_is_refused_where_it_is_written(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The two gaps the memory SKUs had, brought back: export says so in one line instead of writing graphs that
+    fail on the station."""
+    import engines.quantize as quantize
+    from engines.runtime.benchmark import make_random_sku
+
+    sku = make_random_sku(tmp_path / "sku", IMAGE_SIZE, memory=64)
+    monkeypatch.setattr(quantize, "search_island", lambda graph: [])
+    with pytest.raises(EngineError, match=r"segmenter\.fp16\.onnx: written, but ONNX Runtime cannot run it \(.*"
+                                          r"report it"):
+        derive_fp16(sku)
+    monkeypatch.setattr(quantize, "FP32_INITIALIZERS", ("no such initializer",))
+    with pytest.raises(EngineError, match=r"\.int8\.onnx: written, but ONNX Runtime cannot run it"):
+        quantize_int8(sku, write_good_folder(tmp_path / "good", 4, IMAGE_SIZE), threads=1)
+
+
 def test_fp16_graphs_compute_in_fp16_with_fp32_io_and_fp32_timestep_embedding(derived_sku: Path) -> None:
     x = np.random.default_rng(0).random((2, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
     for name in ("encoder", "tdad"):

@@ -117,7 +117,7 @@ class Segmenter(nn.Module):
         size = x.shape[-2:]
         if memory_only:
             final = x.new_zeros((x.shape[0], 1, *size))
-            distance = self.memory_distance(patch_features(self.backbone(x)))
+            distance = self.memory_distance(self.memory_features(x))
         else:
             logits, distance = self._decode(x, x_rec, None)
             final = logits[-1]
@@ -163,11 +163,14 @@ class Segmenter(nn.Module):
             del self.fine_memory, self.fine_memory_scale
         self.fine_memory_size, self.fine_boost = 0, 0.0
 
+    def memory_features(self, x: torch.Tensor) -> torch.Tensor:
+        """x: N x 3 x S x S -> N x D x S/8 x S/8 patch descriptors: what the memory stores and is searched with."""
+        return patch_features(self.backbone(x))
+
     def fine_features(self, x: torch.Tensor) -> torch.Tensor:
         """x: N x 3 x S x S -> N x D x S/4 x S/4 patch descriptors of x upsampled 2x: the memory's descriptors on
         a grid twice as fine, so a defect a few pixels wide moves the distance of the cells it is in."""
-        return patch_features(self.backbone(F.interpolate(x, scale_factor=2.0, mode="bilinear",
-                                                          align_corners=False)))
+        return self.memory_features(F.interpolate(x, scale_factor=2.0, mode="bilinear", align_corners=False))
 
     def memory_distance(self, queries: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
         """N x D x h x w patch features -> N x 1 x h x w distance to the nearest memory entry / memory_scale

@@ -23,7 +23,7 @@ import torch
 from foundation.errors import DataError
 from tdad.manifest import TaughtRecord, read_manifest, write_manifest
 from tdad.model import TDADModel, load_sku, save_weights
-from tdad.nets.segmenter import nearest_distance, patch_features
+from tdad.nets.segmenter import nearest_distance
 from tdad.preprocess import preprocess
 from tdad.training.data import FolderDataset, content_digests, file_list_hash
 from tdad.training.train import TrainImages, memory_images
@@ -83,7 +83,7 @@ def teach_good(model: TDADModel, images: TrainImages, overlap: float = 0.0) -> T
     first_owner = int(known.max()) + 1 if known.numel() else 0
     owners = row_owners + first_owner
     before, fine_before = seg.memory_size, seg.fine_memory_size
-    added, added_owners = novel_descriptors(lambda x: patch_features(seg.backbone(x)), rows, owners, seg.memory,
+    added, added_owners = novel_descriptors(seg.memory_features, rows, owners, seg.memory,
                                             seg.memory_scale, math.ceil(before / sources))
     seg.memory = torch.cat([seg.memory, added])
     seg.memory_owner = torch.cat([seg.memory_owner, added_owners.to(seg.memory_owner.device)])

@@ -43,7 +43,7 @@ from foundation.gpu import torch_cuda_device
 from foundation.log import configure_logging, get_logger
 from tdad.manifest import RECONSTRUCTIONS, PreprocessRecord, Reconstruction, TilingRecord, TrainRecord
 from tdad.model import ModelConfig, TDADModel, save_sku
-from tdad.nets.segmenter import FINE_BOOST, MEMORY_BOOST, nearest_distance, patch_features
+from tdad.nets.segmenter import FINE_BOOST, MEMORY_BOOST, nearest_distance
 from tdad.preprocess import RESIZE_MODES, ResizeMode, preprocess
 from tdad.schedule import Schedule, add_noise, predict_x0
 from tdad.tiling import TilePlan, random_crop
@@ -474,7 +474,7 @@ def fill_memory(model: TDADModel, images_u8_nhwc: np.ndarray, device: torch.devi
     seg = model.segmenter
     rng = np.random.default_rng([seed, len(PHASES)])
     memory, memory_owners, probes, probe_owners = sample_descriptors(
-        lambda x: patch_features(seg.backbone(x)), images_u8_nhwc, 8, seg.memory_size, rng, device, batch, owners,
+        seg.memory_features, images_u8_nhwc, 8, seg.memory_size, rng, device, batch, owners,
         ranks, cached)
     seg.memory.copy_(memory)
     seg.memory_owner.copy_(memory_owners)
@@ -549,7 +549,7 @@ class RowDescriptors:
         memory, fine = [], []
         for i in range(0, len(rows), cfg.batch_size):
             x = torch.from_numpy(preprocess(rows[i : i + cfg.batch_size])).to(device)
-            memory.append(patch_features(seg.backbone(x)).flatten(2).transpose(1, 2))
+            memory.append(seg.memory_features(x).flatten(2).transpose(1, 2))
             if model.config.fine_memory_size:
                 fine.append(seg.fine_features(x).flatten(2).transpose(1, 2))
         return cls(owners, torch.cat(memory), torch.cat(fine) if fine else None)

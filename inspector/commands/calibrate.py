@@ -15,7 +15,7 @@ from engines.runtime import EngineSettings, create_engine
 from foundation.errors import ConfigError, DataError
 from inspector.commands.common import add_engine_arguments, sku_target
 from tdad.manifest import maps_fingerprint, read_manifest
-from tdad.training.data import FolderDataset, file_digest, file_list_hash
+from tdad.training.data import FolderDataset, copies_among, file_list_hash
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,8 +89,7 @@ def refuse_remembered(good: FolderDataset, trained_on: Sequence[str], sku_dir: P
     on them rejects good parts on the line. SKUs that predate the record (trained_on empty) are not checked."""
     if not trained_on:
         return
-    known = set(trained_on)
-    remembered = [r.path for r in good.records if file_digest(r.path) in known]
+    remembered = copies_among(good, set(trained_on))
     if remembered:
         raise DataError(f"{len(remembered)} of the {len(good.records)} good images under {good.root} (e.g. "
                         f"{remembered[0]}) are images {sku_dir} was trained on or taught: it reads them as normal, "

@@ -252,12 +252,12 @@ def inspection_scale_line(min_defect_px: float, sizes_hw: list[tuple[int, int]],
 def refuse_scrap_among_good(cfg: TrainConfig, ng: Path) -> None:
     """DataError when a --ng scrap part is also one of the good training images (by content, so copies count):
     the memory would hold it as normal while selection scores it as a defect."""
-    from tdad.training.data import FolderDataset, content_digests, file_digest, open_dataset
+    from tdad.training.data import FolderDataset, content_digests, copies_among, open_dataset
 
     good = set(content_digests(open_dataset(cfg.dataset, cfg.data, cfg.category, "train",  # type: ignore[arg-type]
                                             cfg.image_size)))
     scrap = FolderDataset(ng, cfg.image_size)
-    both = [r.path for r in scrap.records if file_digest(r.path) in good]
+    both = copies_among(scrap, good)
     if both:
         raise DataError(f"{len(both)} of the {len(scrap.records)} scrap parts under {ng} (e.g. {both[0]}) are also "
                         f"good training images under {cfg.data}: a part is one or the other; take it out of one "

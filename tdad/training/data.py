@@ -432,6 +432,12 @@ def content_digests(dataset: ImageDataset) -> list[str]:
     return sorted({file_digest(record.path) for record in dataset.records})
 
 
+def copies_among(dataset: ImageDataset, digests: set[str]) -> list[Path]:
+    """The image files of the data set whose content digest (file_digest) is among `digests`: copies, under any
+    name, of images a SKU was trained on (or of its good images, for scrap parts)."""
+    return [record.path for record in dataset.records if file_digest(record.path) in digests]
+
+
 def file_list_hash(dataset: ImageDataset) -> str:
     """sha256 over the sorted relative paths and byte sizes of every image and mask (the SKU's train_hash)."""
     digest = hashlib.sha256()

@@ -84,6 +84,9 @@ class ModelConfig:
     # a quick SKU: the map is the memory terms alone (Segmenter.memory_map), nothing reconstructed; the untrained
     # networks stay in the weights, their evidence zeroed, so a reader that ignores this computes the same map
     memory_only: bool = False
+    # each memory's inference term standardised per map cell against good parts (Segmenter.standardised); the
+    # profile itself is in the weights, so SKUs trained before it read distance - 1 as they did
+    memory_profile: bool = False
 
     def __post_init__(self) -> None:
         """Image sizes must divide by 32 (8x latent down-sampling, then two more U-Net halvings)."""
@@ -345,8 +348,9 @@ def file_sha256(path: Path) -> str:
 
 # the manifest records that shape a SKU's anomaly maps (not its export, train or bookkeeping records)
 MAP_SHAPING = {"model", "schedule", "latent_scale", "score", "preprocess", "reconstruction", "tiling"}
-# how a map is computed, not what it is: left out, so that SKUs calibrated before the field existed stay valid
-NOT_MAP_SHAPING = {"model": {"memory_only"}}
+# left out, so that SKUs calibrated before the field existed stay valid: memory_only is how a map is computed, not
+# what it is; memory_profile's centres and spreads are in the weights, which the fingerprint hashes
+NOT_MAP_SHAPING = {"model": {"memory_only", "memory_profile"}}
 
 
 def maps_fingerprint(sku_dir: Path, schedule_override: Mapping[str, int] | None = None) -> str:

@@ -47,7 +47,7 @@ class TDADModel(nn.Module):
         self.denoiser = Denoiser(c.latent_channels, c.cond_channels, c.denoiser_channels, c.time_dim)
         self.fusion = Fusion(c.latent_channels, c.cond_channels, c.fusion_channels)
         self.segmenter = Segmenter(c.image_size, c.seg_channels, c.memory_size, c.memory_boost, c.fine_memory_size,
-                                   c.fine_boost)
+                                   c.fine_boost, c.memory_profile)
 
     @property
     def latent_scale(self) -> float:

@@ -108,6 +108,41 @@ def test_memory_prior_distances_exclude_the_source_image_and_read_about_one() ->
     assert torch.allclose(boosted - unboosted, 1.5 * (here - 1.0), atol=1e-3)
 
 
+def test_a_memory_profile_standardises_each_cell_against_good_images_matched_without_their_own_patches() -> None:
+    """With memory_profile, fill_memory draws the same memory (and scale) and adds each cell's mean and spread of
+    the leave-one-image-out distances; inference's memory term is then (distance - centre) / spread, the
+    training logits untouched. A profile trained on images whose top rows differ a lot from image to image
+    centres those cells higher, so only an excess over what good parts show there counts."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    images = np.full((6, S, S, 3), 128, np.uint8) + rng.integers(0, 8, (6, S, S, 3), dtype=np.uint8)
+    images[:, :16] = rng.integers(0, 256, (6, 16, S, 3), dtype=np.uint8)  # the top two cell rows: all unlike
+    config = dataclasses.replace(ModelConfig(image_size=S), memory_size=6 * 8 * 8 // 2)
+    plain = TDADModel(config).eval()
+    model = TDADModel(dataclasses.replace(config, memory_profile=True)).eval()
+    assert model.load_state_dict(plain.state_dict(), strict=False).missing_keys == [
+        "segmenter.memory_center", "segmenter.memory_spread"]  # the same networks, plus a neutral profile
+    cpu = torch.device("cpu")
+    assert fill_memory(model, images, cpu, 2, 0) == fill_memory(plain, images, cpu, 2, 0)
+    seg = model.segmenter
+    assert torch.equal(seg.memory, plain.segmenter.memory)  # the profile's rows are drawn after the sample
+    x = torch.from_numpy(images.transpose(0, 3, 1, 2) / 255.0).float()
+    with torch.no_grad():
+        apart = seg.memory_distance(patch_features(seg.backbone(x)), exclude=torch.arange(6))
+    mean = F.avg_pool2d(apart.mean(0, keepdim=True), 3, 1, 1, count_include_pad=False)
+    torch.testing.assert_close(seg.memory_center, mean)  # every image is a profile row here (6 < PROFILE_ROWS)
+    assert float(seg.memory_center[..., :2, :].min()) > float(seg.memory_center[..., 4:, :].max())
+    assert float(seg.memory_spread.min()) >= 0.5 * float(seg.memory_spread.median()) - 1e-6
+    with torch.no_grad():
+        seg.memory_boost = 1.5
+        boosted = torch.logit(seg(x[:2], x[:2]).double()).float()
+        learnt = seg.logits(x[:2], x[:2])[-1][:, 0]
+        torch.testing.assert_close(learnt, plain.segmenter.logits(x[:2], x[:2])[-1][:, 0])
+        term = (seg.memory_distance(patch_features(seg.backbone(x[:2]))) - seg.memory_center) / seg.memory_spread
+    here = F.interpolate(term, size=(S, S), mode="bilinear", align_corners=False)[:, 0]
+    assert torch.allclose(boosted - learnt, 1.5 * here, atol=1e-3)
+
+
 def test_the_fine_memory_adds_its_distance_at_inference_only(tmp_path: Path) -> None:
     """store_fine_memory keeps descriptors of the 2x-upsampled images (4 px cells), scaled so a good cell of
     another image reads ~1; forward adds fine_boost * (distance - 1) to the map's logits, and the logits

@@ -74,8 +74,8 @@ def test_onnxruntime_matches_torch_on_a_tiny_trained_model(trained_sku: Path) ->
 
 
 def test_onnxruntime_matches_torch_with_the_memory_prior(tmp_path: Path) -> None:
-    """The segmenter's nearest-memory search (one Gemm per memory) and its inference boost, and the fine memory's
-    search on the 2x-upsampled input, export and run on ONNX Runtime like in torch."""
+    """The segmenter's nearest-memory search (one Gemm per memory), its profile and inference boost, and the fine
+    memory's search on the 2x-upsampled input, export and run on ONNX Runtime like in torch."""
     import dataclasses
 
     import torch
@@ -86,12 +86,14 @@ def test_onnxruntime_matches_torch_with_the_memory_prior(tmp_path: Path) -> None
     from tdad.training.train import TrainConfig, fill_memory, store_fine_memory
 
     torch.manual_seed(0)
-    model = TDADModel(dataclasses.replace(ModelConfig(image_size=64), memory_size=200, memory_boost=2.0)).eval()
+    model = TDADModel(dataclasses.replace(ModelConfig(image_size=64), memory_size=200, memory_boost=2.0,
+                                          memory_profile=True)).eval()
     with torch.no_grad():
         model.denoiser.conv_out.weight.normal_(0.0, 0.02)
     fill_memory(model, part_frames(6, 64, seed=5), torch.device("cpu"), batch=3, seed=0)
     fine = TrainConfig(data=tmp_path, out=tmp_path, image_size=64, fine_memory=300, fine_boost=1.5, batch_size=3)
     store_fine_memory(model, part_frames(6, 64, seed=5), None, fine, torch.device("cpu"))
+    assert float(model.segmenter.memory_spread.std()) > 0 and float(model.segmenter.fine_center.std()) > 0
     sku = save_sku(model, tmp_path / "sku")
     export_sku(sku)
     assert_parity(sku, part_frames(4, 64, seed=6))

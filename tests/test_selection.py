@@ -133,6 +133,7 @@ def test_a_trained_sku_too_small_to_hold_images_out_keeps_its_defaults_and_says_
     assert "keeps the defaults (memory boost 2, fine memory weight 1)" in said and "SKU written to" in said
     meta = read_manifest(tmp_path / "sku")
     assert meta.selection is None and (meta.model.memory_boost, meta.model.fine_boost) == (2.0, 1.0)
+    assert not meta.model.memory_profile  # a trained segmenter's memory terms stay distance - 1
 
 
 def test_a_fold_refilled_from_descriptors_computed_once_is_the_fold_refilled_from_its_images(
@@ -155,7 +156,8 @@ def test_a_fold_refilled_from_descriptors_computed_once_is_the_fold_refilled_fro
     models = [with_fine_memory(), with_fine_memory()]
     remember(models[0], cfg, images, keep)
     remember(models[1], cfg, images, keep, described)
-    for name in ("memory", "memory_owner", "memory_scale", "fine_memory", "fine_memory_scale"):
+    for name in ("memory", "memory_owner", "memory_scale", "fine_memory", "fine_memory_scale", "memory_center",
+                 "memory_spread", "fine_center", "fine_spread"):  # a quick SKU's profiles too
         a, b = (getattr(m.segmenter, name) for m in models)
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4, msg=name)
 
@@ -181,6 +183,7 @@ def test_the_quick_sku_is_the_memory_alone_with_the_chosen_settings(opened: tupl
     torch.testing.assert_close(maps, expected, atol=1e-5, rtol=0)
     # the map skips the reconstruction and decoder (memory_only), and the full pipeline gives the same map
     assert meta.model.memory_only
+    assert meta.model.memory_profile and float(seg.memory_center.std()) > 0 and float(seg.memory_spread.std()) > 0
     with torch.no_grad():
         torch.testing.assert_close(maps, seg(x, model.reconstruct(x)), atol=1e-6, rtol=0)
 

@@ -20,6 +20,7 @@ from inspector.commands.train import add_arguments, config_from_args
 from tdad.manifest import ModelConfig, TilingRecord, read_manifest
 from tdad.model import TDADModel, load_sku, save_sku
 from tdad.nets.segmenter import MEMORY_BOOST
+from tdad.preprocess import preprocess
 from tdad.schedule import Schedule
 from tdad.training.sample_data import write_good_folder
 from tdad.training.train import (
@@ -27,6 +28,7 @@ from tdad.training.train import (
     PHASES,
     PRESETS,
     STATE_DIR,
+    Run,
     StepBatches,
     TrainConfig,
     available_cpus,
@@ -170,6 +172,20 @@ def test_resume_without_checkpoint_is_an_operator_error(good_dir: Path, tmp_path
         train_sku(tiny_config(good_dir, tmp_path), resume=True)
 
 
+def test_a_checkpoint_from_before_memory_profiles_resumes_and_other_gaps_are_refused(tmp_path: Path) -> None:
+    """A run checkpointed before memories had profiles resumes (--resume is how a finished run stores its memories
+    and chooses its settings: the profile is filled there, neutral until then); a checkpoint missing any other
+    tensor is a corrupt one."""
+    cfg = TrainConfig(data=tmp_path, out=tmp_path, image_size=S)
+    config = ModelConfig(image_size=S, memory_size=64)
+    Run(cfg, TDADModel(config)).save()
+    resumed = Run(cfg, TDADModel(dataclasses.replace(config, memory_profile=True)))
+    resumed.load()
+    assert torch.equal(resumed.model.segmenter.memory_center, torch.ones(1, 1, S // 8, S // 8))
+    with pytest.raises(DataError, match=r"corrupt checkpoint.*missing"):
+        Run(cfg, TDADModel(dataclasses.replace(config, fine_memory_size=8))).load()
+
+
 def _parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -295,7 +311,7 @@ def test_no_reconstruction_trains_the_segmenter_alone_and_cannot_be_exported(goo
     assert not torch.equal(trained["model.segmenter.memory_scale"], stored["segmenter.memory_scale"])
     assert meta.train is not None and set(meta.train.losses) == {"segmenter"}
     model = load_sku(sku)
-    x = torch.rand(1, 3, S, S)
+    x = torch.from_numpy(preprocess(load_images(tiny_config(good_dir, tmp_path))[0][:1]))  # a good part: unsaturated
     with torch.inference_mode():
         assert torch.equal(model.anomaly_maps(x), model.segmenter(x, x))
     with pytest.raises(DataError, match="ablation SKU"):

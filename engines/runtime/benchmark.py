@@ -36,7 +36,8 @@ def make_random_sku(sku_dir: Path, image_size: int = 256, seed: int = 0, export:
     The denoiser's zero-initialised output conv is given small random weights so every graph computes
     something non-trivial (parity tests compare real numbers, not zeros). memory / fine_memory: entries of the
     memory prior and of the fine memory, filled as training fills them from rendered good parts, so their searches
-    cost what a trained SKU's do and parity compares real distances.
+    cost what a trained SKU's do and parity compares real distances; with their profiles, as a quick SKU has them,
+    so that every graph a SKU can have is exercised.
     """
     import dataclasses
 
@@ -48,7 +49,7 @@ def make_random_sku(sku_dir: Path, image_size: int = 256, seed: int = 0, export:
     torch.manual_seed(seed)
     config = ModelConfig(image_size=image_size, residual=True)
     if memory:
-        config = dataclasses.replace(config, memory_size=memory, memory_boost=MEMORY_BOOST)
+        config = dataclasses.replace(config, memory_size=memory, memory_boost=MEMORY_BOOST, memory_profile=True)
     model = TDADModel(config).eval()
     with torch.no_grad():
         model.denoiser.conv_out.weight.normal_(0.0, 0.02)

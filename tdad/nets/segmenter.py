@@ -41,13 +41,21 @@ class Segmenter(nn.Module):
     patch descriptors of the SKU's good images (a normal-appearance prior that synthetic anomalies alone
     cannot teach: which real variation, like a tile's streaks, is normal). forward (inference, every exported
     graph) weights that prior by memory_boost more than training does; training's loss calls logits unboosted.
+
+    With memory_profile each memory's inference term is the distance standardised per map position against good
+    images (centre and spread at each cell, filled by training from good images matched without their own
+    patches), in place of distance - 1: a part's edges and fixtures read far from every memory entry on good
+    parts too, and only a cell's excess over what good parts show there is evidence.
     """
 
     def __init__(self, image_size: int, channels: tuple[int, int, int, int], memory_size: int = 0,
-                 memory_boost: float = 0.0, fine_memory_size: int = 0, fine_boost: float = 0.0) -> None:
+                 memory_boost: float = 0.0, fine_memory_size: int = 0, fine_boost: float = 0.0,
+                 memory_profile: bool = False) -> None:
         super().__init__()
         self.backbone = Backbone(image_size)
         feat = self.backbone.channels
+        self.image_size = image_size
+        self.memory_profile = memory_profile
         self.memory_size = memory_size
         self.memory_boost = float(memory_boost)
         self.fine_memory_size = 0
@@ -60,6 +68,9 @@ class Segmenter(nn.Module):
             self.register_buffer("memory", torch.zeros(memory_size, feat[2] + feat[3]))
             self.register_buffer("memory_owner", torch.full((memory_size,), -1, dtype=torch.int64))
             self.register_buffer("memory_scale", torch.ones(()))
+            if memory_profile:  # ones: distance - 1, until training fills them (fill_memory)
+                self.register_buffer("memory_center", torch.ones(1, 1, image_size // 8, image_size // 8))
+                self.register_buffer("memory_spread", torch.ones(1, 1, image_size // 8, image_size // 8))
             # every scale's logit starts from gain * (distance - 1): a patch unlike any good one is suspect from
             # the first step, and the decoder learns where reconstruction evidence overrules the prior
             self.memory_gain = nn.Parameter(torch.tensor(MEMORY_GAIN))
@@ -73,18 +84,14 @@ class Segmenter(nn.Module):
         for head in self.heads:  # start from "almost surely normal" (p = 0.05), the focal-loss prior trick
             nn.init.constant_(head.bias, -math.log((1.0 - PRIOR) / PRIOR))
 
-    def logits(self, x: torch.Tensor, x_rec: torch.Tensor, exclude: torch.Tensor | None = None,
-               boost: float = 0.0) -> list[torch.Tensor]:
-        """x, x_rec: N x 3 x S x S in [0, 1] -> logits N x 1 x s x s at s = S/8, S/4, S/2, S.
-
-        exclude (training only): N memory owner ids whose entries x may not match (its own source image);
-        boost: logit per unit of memory distance added to the learnt gain (forward passes memory_boost)."""
+    def logits(self, x: torch.Tensor, x_rec: torch.Tensor, exclude: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """x, x_rec: N x 3 x S x S in [0, 1] -> training's logits N x 1 x s x s at s = S/8, S/4, S/2, S, each with
+        the learnt gain * (distance - 1) (exclude: N memory owner ids whose entries x may not match, its own
+        source image)."""
         logits, distance = self._decode(x, x_rec, exclude)
         if distance is None:
             return logits
-        gain = self.memory_gain + boost
-        return [lg + gain * (F.interpolate(distance, size=lg.shape[-2:], mode="bilinear", align_corners=False) - 1.0)
-                for lg in logits]
+        return [lg + self.memory_gain * (_upsample(distance, lg.shape[-2:]) - 1.0) for lg in logits]
 
     def _decode(self, x: torch.Tensor, x_rec: torch.Tensor,
                 exclude: torch.Tensor | None) -> tuple[list[torch.Tensor], torch.Tensor | None]:
@@ -110,8 +117,8 @@ class Segmenter(nn.Module):
     def map_terms(self, x: torch.Tensor, x_rec: torch.Tensor,
                   memory_only: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The three evidence terms of the final logit, each N x S x S: the learnt logit (decoder + learnt gain *
-        (distance - 1)), the memory distance - 1 and the fine-memory distance - 1 (zeros without one), so that
-        forward's map is sigmoid(learnt + memory_boost * memory + fine_boost * fine) and setting selection can
+        (distance - 1)), the memory term and the fine-memory term (zeros without one; Segmenter.standardised), so
+        that forward's map is sigmoid(learnt + memory_boost * memory + fine_boost * fine) and setting selection can
         weigh them anew without another pass. memory_only (a quick SKU, learnt evidence zeroed): the learnt term
         is zeros and neither x_rec nor the decoder is computed."""
         size = x.shape[-2:]
@@ -123,17 +130,24 @@ class Segmenter(nn.Module):
             final = logits[-1]
         memory = torch.zeros_like(final)
         if distance is not None:
-            memory = F.interpolate(distance, size=size, mode="bilinear", align_corners=False) - 1.0
             if not memory_only:
-                final = final + self.memory_gain * memory
+                final = final + self.memory_gain * (_upsample(distance, size) - 1.0)
+            memory = _upsample(self.standardised(distance, "memory"), size)
         fine = torch.zeros_like(final)
         if self.fine_memory_size:
-            fine = F.interpolate(self.fine_distance(x), size=size, mode="bilinear", align_corners=False) - 1.0
+            fine = _upsample(self.standardised(self.fine_distance(x), "fine"), size)
         return final[:, 0], memory[:, 0], fine[:, 0]
 
+    def standardised(self, distance: torch.Tensor, which: str) -> torch.Tensor:
+        """A memory's N x 1 x h x w distance as its inference term: (distance - centre) / spread per cell with a
+        memory profile (which: "memory" or "fine"), else distance - 1 (a good patch reads ~1 on average)."""
+        if not self.memory_profile:
+            return distance - 1.0
+        return (distance - getattr(self, f"{which}_center")) / getattr(self, f"{which}_spread")
+
     def memory_map(self, x: torch.Tensor) -> torch.Tensor:
-        """x: N x 3 x S x S in [0, 1] -> N x S x S maps of the memory terms alone, sigmoid(memory_boost * (distance
-        - 1) + fine_boost * (fine - 1)): a quick SKU's map (ModelConfig.memory_only), what forward gives once the
+        """x: N x 3 x S x S in [0, 1] -> N x S x S maps of the memory terms alone, sigmoid(memory_boost * memory +
+        fine_boost * fine): a quick SKU's map (ModelConfig.memory_only), what forward gives once the
         learnt evidence is zeroed, without the reconstruction, the second backbone pass or the decoder."""
         _, memory, fine = self.map_terms(x, x, memory_only=True)
         return torch.sigmoid(self.memory_boost * memory + self.fine_boost * fine)
@@ -155,12 +169,18 @@ class Segmenter(nn.Module):
         device = next(self.backbone.parameters()).device  # where the segmenter already is, as resize_memory does
         self.register_buffer("fine_memory", torch.zeros(size, width, device=device))
         self.register_buffer("fine_memory_scale", torch.ones((), device=device))
+        if self.memory_profile:
+            cells = self.image_size // 4
+            self.register_buffer("fine_center", torch.ones(1, 1, cells, cells, device=device))
+            self.register_buffer("fine_spread", torch.ones(1, 1, cells, cells, device=device))
         self.fine_memory_size = size
 
     def drop_fine_memory(self) -> None:
         """Remove the fine memory (setting selection found it does not pay for its search)."""
         if self.fine_memory_size:
             del self.fine_memory, self.fine_memory_scale
+            if self.memory_profile:
+                del self.fine_center, self.fine_spread
         self.fine_memory_size, self.fine_boost = 0, 0.0
 
     def memory_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -184,13 +204,15 @@ class Segmenter(nn.Module):
         return nearest_distance(self.fine_features(x), self.fine_memory, self.fine_memory_scale)
 
     def forward(self, x: torch.Tensor, x_rec: torch.Tensor) -> torch.Tensor:
-        """x, x_rec: N x 3 x S x S in [0, 1] -> anomaly maps N x S x S in [0, 1]; with a fine memory its distance
-        adds fine_boost logits per unit above a good cell's (inference only: training never sees it)."""
-        logits = self.logits(x, x_rec, boost=self.memory_boost)[-1]
-        if self.fine_memory_size:
-            fine = F.interpolate(self.fine_distance(x), size=logits.shape[-2:], mode="bilinear", align_corners=False)
-            logits = logits + self.fine_boost * (fine - 1.0)
-        return torch.sigmoid(logits[:, 0])
+        """x, x_rec: N x 3 x S x S in [0, 1] -> anomaly maps N x S x S in [0, 1]: the map_terms weighed by
+        memory_boost and fine_boost (inference only: training's loss never sees either)."""
+        learnt, memory, fine = self.map_terms(x, x_rec)
+        return torch.sigmoid(learnt + self.memory_boost * memory + self.fine_boost * fine)
+
+
+def _upsample(cells: torch.Tensor, size: torch.Size) -> torch.Tensor:
+    """N x 1 x h x w -> N x 1 x size, bilinear (how every memory term reaches the map's pixels)."""
+    return F.interpolate(cells, size=size, mode="bilinear", align_corners=False)
 
 
 SEARCH_BLOCK = 1 << 22  # distance-matrix elements per block in eager search (16 MB of float32)

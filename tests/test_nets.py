@@ -143,6 +143,17 @@ def test_a_memory_profile_standardises_each_cell_against_good_images_matched_wit
     assert torch.allclose(boosted - learnt, 1.5 * here, atol=1e-3)
 
 
+def test_a_memory_of_one_source_image_keeps_a_neutral_profile() -> None:
+    """Tiles of a single good image have no other image to be matched against: the profile stays centre 1, spread 1
+    (the memory term distance - 1) instead of a mean over no distances."""
+    images = np.random.default_rng(4).integers(0, 256, (4, S, S, 3), dtype=np.uint8)
+    config = dataclasses.replace(ModelConfig(image_size=S), memory_size=64, memory_profile=True)
+    model = TDADModel(config).eval()
+    fill_memory(model, images, torch.device("cpu"), 2, 0, owners=np.zeros(4, np.int64))
+    assert torch.equal(model.segmenter.memory_center, torch.ones(1, 1, S // 8, S // 8))
+    assert torch.equal(model.segmenter.memory_spread, torch.ones(1, 1, S // 8, S // 8))
+
+
 def test_the_fine_memory_adds_its_distance_at_inference_only(tmp_path: Path) -> None:
     """store_fine_memory keeps descriptors of the 2x-upsampled images (4 px cells), scaled so a good cell of
     another image reads ~1; forward adds fine_boost * (distance - 1) to the map's logits, and the logits

@@ -109,10 +109,10 @@ def test_memory_prior_distances_exclude_the_source_image_and_read_about_one() ->
 
 
 def test_a_memory_profile_standardises_each_cell_against_good_images_matched_without_their_own_patches() -> None:
-    """With memory_profile, fill_memory draws the same memory (and scale) and adds each cell's mean and spread of
-    the leave-one-image-out distances; inference's memory term is then (distance - centre) / spread, the
-    training logits untouched. A profile trained on images whose top rows differ a lot from image to image
-    centres those cells higher, so only an excess over what good parts show there counts."""
+    """With memory_profile, fill_memory draws the same memory (and scale), keeps good rows and adds each cell's
+    mean and spread of their leave-one-image-out distances; inference's memory term is then (distance - centre) /
+    spread, the training logits untouched. A profile trained on images whose top rows differ a lot from image to
+    image centres those cells higher, so only an excess over what good parts show there counts."""
     torch.manual_seed(0)
     rng = np.random.default_rng(0)
     images = np.full((6, S, S, 3), 128, np.uint8) + rng.integers(0, 8, (6, S, S, 3), dtype=np.uint8)
@@ -121,7 +121,8 @@ def test_a_memory_profile_standardises_each_cell_against_good_images_matched_wit
     plain = TDADModel(config).eval()
     model = TDADModel(dataclasses.replace(config, memory_profile=True)).eval()
     assert model.load_state_dict(plain.state_dict(), strict=False).missing_keys == [
-        "segmenter.memory_center", "segmenter.memory_spread"]  # the same networks, plus a neutral profile
+        "segmenter.memory_center", "segmenter.memory_spread", "segmenter.profile_rows",
+        "segmenter.profile_owner"]  # the same networks, plus a neutral profile with no rows
     cpu = torch.device("cpu")
     assert fill_memory(model, images, cpu, 2, 0) == fill_memory(plain, images, cpu, 2, 0)
     seg = model.segmenter
@@ -131,6 +132,8 @@ def test_a_memory_profile_standardises_each_cell_against_good_images_matched_wit
         apart = seg.memory_distance(patch_features(seg.backbone(x)), exclude=torch.arange(6))
     mean = F.avg_pool2d(apart.mean(0, keepdim=True), 3, 1, 1, count_include_pad=False)
     torch.testing.assert_close(seg.memory_center, mean)  # every image is a profile row here (6 < PROFILE_ROWS)
+    assert seg.profile_owner[:6].tolist() == list(range(6)) and seg.profile_owner[6:].eq(-1).all()
+    assert torch.equal(seg.profile_rows[:6], torch.from_numpy(images))  # kept, to be measured again when taught
     assert float(seg.memory_center[..., :2, :].min()) > float(seg.memory_center[..., 4:, :].max())
     assert float(seg.memory_spread.min()) >= 0.5 * float(seg.memory_spread.median()) - 1e-6
     with torch.no_grad():

@@ -84,6 +84,9 @@ def test_taught_patches_are_the_ones_the_memory_covered_least(quick_sku: Path, t
     assert torch.all(gaps > COVERED)  # nothing already covered was added
     again = teach_sku(sku, good)  # the same parts a second time add little: their novel patches are covered now
     assert again.memory[1] - again.memory[0] <= added.shape[0] // 4
+    # the profile is measured again on the good rows the SKU keeps: a grown memory can only bring them nearer
+    center, taught_center = (load_sku(d).segmenter.memory_center for d in (quick_sku, sku))
+    assert torch.all(taught_center <= center + 1e-6) and not torch.equal(taught_center, center)
 
 
 def test_a_sku_without_a_memory_is_refused_in_one_line(exported_random_sku: Path, tmp_path: Path) -> None:

@@ -17,6 +17,9 @@ MEMORY_GAIN = 2.0  # initial logit per unit of normalised memory distance above 
 MEMORY_BOOST = 2.0
 # logit per unit of fine-memory distance (a SKU's optional second memory on a 2x-finer grid; README: measured)
 FINE_BOOST = 1.0
+# good rows a memory profile is measured on, kept with it so that it is measured again whenever the memory changes
+# (teaching); 64 measured as well as 300 on a validation slice
+PROFILE_ROWS = 64
 
 
 def _conv_act(in_ch: int, out_ch: int, k: int = 3) -> nn.Sequential:
@@ -43,9 +46,10 @@ class Segmenter(nn.Module):
     graph) weights that prior by memory_boost more than training does; training's loss calls logits unboosted.
 
     With memory_profile each memory's inference term is the distance standardised per map position against good
-    images (centre and spread at each cell, filled by training from good images matched without their own
-    patches), in place of distance - 1: a part's edges and fixtures read far from every memory entry on good
-    parts too, and only a cell's excess over what good parts show there is evidence.
+    images (centre and spread at each cell, measured by training on up to PROFILE_ROWS good rows it keeps here,
+    each matched without its own image's entries), in place of distance - 1: a part's edges and fixtures read far
+    from every memory entry on good parts too, and only a cell's excess over what good parts show there is
+    evidence.
     """
 
     def __init__(self, image_size: int, channels: tuple[int, int, int, int], memory_size: int = 0,
@@ -68,9 +72,12 @@ class Segmenter(nn.Module):
             self.register_buffer("memory", torch.zeros(memory_size, feat[2] + feat[3]))
             self.register_buffer("memory_owner", torch.full((memory_size,), -1, dtype=torch.int64))
             self.register_buffer("memory_scale", torch.ones(()))
-            if memory_profile:  # ones: distance - 1, until training fills them (fill_memory)
+            if memory_profile:  # ones: distance - 1, until training measures them (fill_memory); no rows yet
                 self.register_buffer("memory_center", torch.ones(1, 1, image_size // 8, image_size // 8))
                 self.register_buffer("memory_spread", torch.ones(1, 1, image_size // 8, image_size // 8))
+                self.register_buffer("profile_rows", torch.zeros(PROFILE_ROWS, image_size, image_size, 3,
+                                                                 dtype=torch.uint8))
+                self.register_buffer("profile_owner", torch.full((PROFILE_ROWS,), -1, dtype=torch.int64))
             # every scale's logit starts from gain * (distance - 1): a patch unlike any good one is suspect from
             # the first step, and the decoder learns where reconstruction evidence overrules the prior
             self.memory_gain = nn.Parameter(torch.tensor(MEMORY_GAIN))
@@ -169,10 +176,11 @@ class Segmenter(nn.Module):
         device = next(self.backbone.parameters()).device  # where the segmenter already is, as resize_memory does
         self.register_buffer("fine_memory", torch.zeros(size, width, device=device))
         self.register_buffer("fine_memory_scale", torch.ones((), device=device))
-        if self.memory_profile:
+        if self.memory_profile:  # the fine profile's rows are the memory's; its entries' sources are kept for it
             cells = self.image_size // 4
             self.register_buffer("fine_center", torch.ones(1, 1, cells, cells, device=device))
             self.register_buffer("fine_spread", torch.ones(1, 1, cells, cells, device=device))
+            self.register_buffer("fine_memory_owner", torch.full((size,), -1, dtype=torch.int64, device=device))
         self.fine_memory_size = size
 
     def drop_fine_memory(self) -> None:
@@ -180,7 +188,7 @@ class Segmenter(nn.Module):
         if self.fine_memory_size:
             del self.fine_memory, self.fine_memory_scale
             if self.memory_profile:
-                del self.fine_center, self.fine_spread
+                del self.fine_center, self.fine_spread, self.fine_memory_owner
         self.fine_memory_size, self.fine_boost = 0, 0.0
 
     def memory_features(self, x: torch.Tensor) -> torch.Tensor:

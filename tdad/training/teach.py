@@ -6,7 +6,9 @@ Each taught image gets at most the memory share a training image had (entries / 
 spent on its patches farthest from what the memory already holds, most distant first and only those farther
 than a typical good patch is from another good image (distance > 1 at the memory's scale): a patch the memory
 already covers adds nothing but search time. The memory scales are kept: the segmenter's learnt gain and the
-chosen boosts were fit against them, and the thresholds are re-fit on good parts after teaching instead.
+chosen boosts were fit against them, and the thresholds are re-fit on good parts after teaching instead. A quick
+SKU's memory profiles are measured again on the good rows they keep: measured against the memory before teaching,
+they would expect every cell to read farther than it now does.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from tdad.model import TDADModel, load_sku, save_weights
 from tdad.nets.segmenter import nearest_distance
 from tdad.preprocess import preprocess
 from tdad.training.data import FolderDataset, content_digests, file_list_hash
-from tdad.training.train import TrainImages, memory_images
+from tdad.training.train import TrainImages, measure_profile, memory_images
 
 COVERED = 1.0  # scaled distance of a typical good patch to the nearest patch of another good image
 
@@ -90,12 +92,18 @@ def teach_good(model: TDADModel, images: TrainImages, overlap: float = 0.0) -> T
     seg.memory_size = len(seg.memory)
     config = dataclasses.replace(model.config, memory_size=seg.memory_size)
     if seg.fine_memory_size:
-        fine, _ = novel_descriptors(seg.fine_features, rows, owners, seg.fine_memory, seg.fine_memory_scale,
-                                 math.ceil(fine_before / sources))
+        fine, fine_owners = novel_descriptors(seg.fine_features, rows, owners, seg.fine_memory, seg.fine_memory_scale,
+                                              math.ceil(fine_before / sources))
         seg.fine_memory = torch.cat([seg.fine_memory, fine])
+        if seg.memory_profile:
+            seg.fine_memory_owner = torch.cat([seg.fine_memory_owner, fine_owners.to(seg.fine_memory_owner.device)])
         seg.fine_memory_size = len(seg.fine_memory)
         config = dataclasses.replace(config, fine_memory_size=seg.fine_memory_size)
     model.config = config
+    if seg.memory_profile:  # the kept good rows against the grown memories: their profiles would be stale
+        measure_profile(model, "memory")
+        if seg.fine_memory_size:
+            measure_profile(model, "fine")
     return Taught(images=len(np.unique(row_owners)), memory_before=before, memory_after=seg.memory_size,
                   fine_before=fine_before, fine_after=seg.fine_memory_size)
 

@@ -43,7 +43,7 @@ from foundation.gpu import torch_cuda_device
 from foundation.log import configure_logging, get_logger
 from tdad.manifest import RECONSTRUCTIONS, PreprocessRecord, Reconstruction, TilingRecord, TrainRecord
 from tdad.model import ModelConfig, TDADModel, save_sku
-from tdad.nets.segmenter import FINE_BOOST, MEMORY_BOOST, nearest_distance
+from tdad.nets.segmenter import FINE_BOOST, MEMORY_BOOST, PROFILE_ROWS, nearest_distance
 from tdad.preprocess import RESIZE_MODES, ResizeMode, preprocess
 from tdad.schedule import Schedule, add_noise, predict_x0
 from tdad.tiling import TilePlan, random_crop
@@ -420,42 +420,35 @@ def memory_images(images: TrainImages, size: int, overlap: float) -> tuple[np.nd
     return np.concatenate(tiles), np.repeat(np.arange(len(images)), [len(t) for t in tiles])
 
 
-PROFILE_BUFFERS = ("_center", "_spread")  # a memory profile's, filled anew with every memory (fill_memory)
-PROFILE_ROWS = 64  # rows whose every cell a memory profile is measured on (as good as 300 on a validation slice)
+# a memory profile's tensors (Segmenter), measured anew with every memory, so a checkpoint from before may lack them
+PROFILE_BUFFERS = ("_center", "_spread", "profile_rows", "profile_owner", "fine_memory_owner")
 
 
 class Sample(NamedTuple):
-    """sample_descriptors' draw: the memory's entries and probes with their source images, and where a profile is
-    wanted every cell of up to PROFILE_ROWS rows (rows x cells x D) with each row's source image."""
+    """sample_descriptors' draw: the memory's entries and probes, each with its source image."""
 
     memory: torch.Tensor
     owners: torch.Tensor
     probes: torch.Tensor
     probe_owners: torch.Tensor
-    profile: torch.Tensor | None
-    profile_owners: torch.Tensor | None
 
 
 @torch.no_grad()
 def sample_descriptors(describe: Callable[[torch.Tensor], torch.Tensor], images_u8_nhwc: np.ndarray, cell: int,
                        count: int, rng: np.random.Generator, device: torch.device, batch: int,
                        owners: np.ndarray | None, ranks: Ranks = ALONE, cached: torch.Tensor | None = None,
-                       profile: bool = False) -> Sample:
+                       ) -> Sample:
     """A seeded random sample of `count` patch descriptors of the images (describe: N x 3 x S x S -> N x D x S/cell
     x S/cell) and up to 4096 probe descriptors, each with its source image (`owners`, one per row; default: each
-    row its own), and with `profile` every cell of PROFILE_ROWS random rows (drawn after the rest, so the sample
-    is the same either way). The sample is drawn before any feature is computed, so only the chosen patches are
-    kept (a tiled SKU's tiles have millions of patches). Among ranks each describes its share of the image batches
-    and every rank gets the whole sample. cached: every row's descriptors already computed (N * S/cell * S/cell x
-    D, row by row; RowDescriptors), taken instead of describe."""
+    row its own). The sample is drawn before any feature is computed, so only the chosen patches are kept (a tiled
+    SKU's tiles have millions of patches). Among ranks each describes its share of the image batches and every rank
+    gets the whole sample. cached: every row's descriptors already computed (N * S/cell * S/cell x D, row by row;
+    RowDescriptors), taken instead of describe."""
     per_row = (images_u8_nhwc.shape[1] // cell) * (images_u8_nhwc.shape[2] // cell)
     total = len(images_u8_nhwc) * per_row
     pick = rng.choice(total, count, replace=False)
     probe = rng.choice(total, min(4096, total), replace=False)
-    rows = np.sort(rng.choice(len(images_u8_nhwc), min(PROFILE_ROWS, len(images_u8_nhwc)), replace=False)) \
-        if profile else np.zeros(0, np.int64)
-    cells = (rows[:, None] * per_row + np.arange(per_row)).ravel()
-    wanted = np.union1d(np.union1d(pick, probe), cells)  # sorted: the order the loop below meets them in
+    wanted = np.union1d(pick, probe)  # sorted: the order the loop below meets them in
     if cached is not None:
         feats = cached[torch.from_numpy(wanted)].to(device)
     else:
@@ -464,20 +457,15 @@ def sample_descriptors(describe: Callable[[torch.Tensor], torch.Tensor], images_
         for i in ranks.mine(starts):
             x = torch.from_numpy(preprocess(images_u8_nhwc[i : i + batch])).to(device)
             f = describe(x)
-            at = wanted[(wanted >= i * per_row) & (wanted < (i + len(x)) * per_row)] - i * per_row
-            kept[i] = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])[torch.from_numpy(at).to(device)]
+            rows = wanted[(wanted >= i * per_row) & (wanted < (i + len(x)) * per_row)] - i * per_row
+            kept[i] = f.permute(0, 2, 3, 1).reshape(-1, f.shape[1])[torch.from_numpy(rows).to(device)]
         every = ranks.gather(kept)
         feats = torch.cat([every[i].to(device) for i in starts])
     sources = np.arange(len(images_u8_nhwc)) if owners is None else np.asarray(owners)
     feat_owners = torch.from_numpy(sources[wanted // per_row]).to(device)
     at_pick = torch.from_numpy(np.searchsorted(wanted, pick)).to(device)
     at_probe = torch.from_numpy(np.searchsorted(wanted, probe)).to(device)
-    rows_feats = rows_owners = None
-    if profile:
-        rows_feats = feats[torch.from_numpy(np.searchsorted(wanted, cells)).to(device)].reshape(len(rows), per_row, -1)
-        rows_owners = torch.from_numpy(sources[rows]).to(device)
-    return Sample(feats[at_pick], feat_owners[at_pick], feats[at_probe], feat_owners[at_probe], rows_feats,
-                  rows_owners)
+    return Sample(feats[at_pick], feat_owners[at_pick], feats[at_probe], feat_owners[at_probe])
 
 
 def leave_one_out_scale(sample: Sample) -> float:
@@ -490,46 +478,67 @@ def leave_one_out_scale(sample: Sample) -> float:
     return max(float(distances[torch.isfinite(distances)].mean()), 1e-6)
 
 
-def leave_one_out_profile(sample: Sample, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """A memory profile: the mean and standard deviation at each cell of the sample's profile rows' distances (in
-    units of `scale`) to the nearest memory entry of another source image, each 1 x 1 x h x w, locally averaged
-    over 3 x 3 cells against sampling noise; spreads are floored at half their median, so a cell that every good
-    part shows alike does not turn noise into evidence. Rows with no entry of another image are left out; with
-    fewer than two left the profile stays neutral (centre 1, spread 1: distance - 1)."""
-    assert sample.profile is not None and sample.profile_owners is not None
-    n, cells, width = sample.profile.shape
-    side = math.isqrt(cells)
-    queries, memory = sample.profile.transpose(1, 2).reshape(n, width, side, side), sample.memory
-    distances = torch.cat([
-        nearest_distance(chunk, memory, memory.new_tensor(scale), sample.owners[None, None, :] == owners[:, None, None])
-        for chunk, owners in zip(queries.split(16), sample.profile_owners.split(16), strict=True)])
+@torch.no_grad()
+def measure_profile(model: TDADModel, which: str, batch: int = 8) -> None:
+    """Measure a memory's profile (which: "memory" or "fine") on the segmenter's kept good rows: the mean and
+    standard deviation at each cell of the rows' distances to the nearest entry of another source image, locally
+    averaged over 3 x 3 cells against sampling noise, spreads floored at half their median (a cell every good part
+    shows alike must not turn noise into evidence). Called whenever the memory changes (filled, taught). With
+    fewer than two rows that have another image's entries the profile is neutral (centre 1, spread 1)."""
+    seg = model.segmenter
+    keep = seg.profile_owner >= 0
+    rows, owners = seg.profile_rows[keep].cpu().numpy(), seg.profile_owner[keep]
+    describe = seg.memory_features if which == "memory" else seg.fine_features
+    memory, memory_owner, scale = ((seg.memory, seg.memory_owner, seg.memory_scale) if which == "memory" else
+                                   (seg.fine_memory, seg.fine_memory_owner, seg.fine_memory_scale))
+    center, spread = getattr(seg, f"{which}_center"), getattr(seg, f"{which}_spread")
+    distances = torch.cat([memory.new_zeros(0, 1, *center.shape[-2:]), *(
+        nearest_distance(describe(torch.from_numpy(preprocess(rows[i : i + batch])).to(memory.device)), memory,
+                         scale, memory_owner[None, None, :] == owners[i : i + batch, None, None])
+        for i in range(0, len(rows), batch))])
     distances = distances[torch.isfinite(distances).flatten(1).all(1)]
     if len(distances) < 2:
-        log.warning("memory_profile_neutral", rows=n, reason="fewer than two rows with another image's entries")
-        return memory.new_ones(1, 1, side, side), memory.new_ones(1, 1, side, side)
-    center, spread = distances.mean(0, keepdim=True), distances.std(0, keepdim=True)
-    center, spread = (F.avg_pool2d(t, 3, stride=1, padding=1, count_include_pad=False) for t in (center, spread))
-    return center, spread.clamp_min(0.5 * float(spread.median()))
+        log.warning("memory_profile_neutral", memory=which, rows=len(rows),
+                    reason="fewer than two good rows with another image's entries")
+        center.fill_(1.0)
+        spread.fill_(1.0)
+        return
+    mean, std = (F.avg_pool2d(t, 3, stride=1, padding=1, count_include_pad=False)
+                 for t in (distances.mean(0, keepdim=True), distances.std(0, keepdim=True)))
+    center.copy_(mean)
+    spread.copy_(std.clamp_min(0.5 * float(std.median())))
+
+
+def keep_profile_rows(model: TDADModel, images_u8_nhwc: np.ndarray, owners: np.ndarray | None,
+                      rng: np.random.Generator) -> None:
+    """Keep up to PROFILE_ROWS random rows of the images (and their source images) in the segmenter, the good
+    parts its memory profiles are measured on."""
+    seg = model.segmenter
+    picked = np.sort(rng.choice(len(images_u8_nhwc), min(PROFILE_ROWS, len(images_u8_nhwc)), replace=False))
+    sources = np.arange(len(images_u8_nhwc)) if owners is None else np.asarray(owners)
+    seg.profile_rows.zero_()
+    seg.profile_owner.fill_(-1)
+    seg.profile_rows[: len(picked)] = torch.from_numpy(images_u8_nhwc[picked]).to(seg.profile_rows.device)
+    seg.profile_owner[: len(picked)] = torch.from_numpy(sources[picked]).to(seg.profile_owner.device)
 
 
 def fill_memory(model: TDADModel, images_u8_nhwc: np.ndarray, device: torch.device, batch: int, seed: int,
                 owners: np.ndarray | None = None, ranks: Ranks = ALONE, cached: torch.Tensor | None = None) -> float:
     """Fill the segmenter's memory with a seeded random sample of the images' stride-8 patch descriptors, each
     tagged with its source image (`owners`), set memory_scale by leave_one_out_scale and, where the SKU keeps
-    one, the memory profile by leave_one_out_profile; returns the scale. cached: the rows' descriptors, already
-    computed (sample_descriptors)."""
+    a profile, keep its good rows (drawn after the sample, which is the same either way) and measure it; returns
+    the scale. cached: the rows' descriptors, already computed (sample_descriptors)."""
     seg = model.segmenter
     rng = np.random.default_rng([seed, len(PHASES)])
     sample = sample_descriptors(seg.memory_features, images_u8_nhwc, 8, seg.memory_size, rng, device, batch, owners,
-                                ranks, cached, profile=seg.memory_profile)
+                                ranks, cached)
     seg.memory.copy_(sample.memory)
     seg.memory_owner.copy_(sample.owners)
     scale = leave_one_out_scale(sample)
     seg.memory_scale.fill_(scale)
     if seg.memory_profile:
-        center, spread = leave_one_out_profile(sample, scale)
-        seg.memory_center.copy_(center)
-        seg.memory_spread.copy_(spread)
+        keep_profile_rows(model, images_u8_nhwc, owners, rng)
+        measure_profile(model, "memory", batch)
     return scale
 
 
@@ -546,14 +555,13 @@ def store_fine_memory(model: TDADModel, remembered: np.ndarray, owners: np.ndarr
     seg.fine_boost = cfg.fine_boost
     rng = np.random.default_rng([cfg.seed, len(PHASES) + 1])
     sample = sample_descriptors(seg.fine_features, remembered, 4, size, rng, device, cfg.batch_size, owners, ranks,
-                                cached, profile=seg.memory_profile)
+                                cached)
     seg.fine_memory.copy_(sample.memory)
     scale = leave_one_out_scale(sample)
     seg.fine_memory_scale.fill_(scale)
-    if seg.memory_profile:
-        center, spread = leave_one_out_profile(sample, scale)
-        seg.fine_center.copy_(center)
-        seg.fine_spread.copy_(spread)
+    if seg.memory_profile:  # on the rows fill_memory kept
+        seg.fine_memory_owner.copy_(sample.owners)
+        measure_profile(model, "fine", cfg.batch_size)
     model.config = dataclasses.replace(model.config, fine_memory_size=size, fine_boost=cfg.fine_boost)
     log.info("fine_memory_stored", entries=size, scale=scale, boost=cfg.fine_boost)
 

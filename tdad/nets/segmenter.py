@@ -137,9 +137,10 @@ class Segmenter(nn.Module):
             final = logits[-1]
         memory = torch.zeros_like(final)
         if distance is not None:
-            if not memory_only:
-                final = final + self.memory_gain * (_upsample(distance, size) - 1.0)
-            memory = _upsample(self.standardised(distance, "memory"), size)
+            near = _upsample(distance, size) - 1.0  # upsampled once: the learnt gain's term and, without a profile,
+            if not memory_only:                     # the memory term (every full SKU's exported graph runs this)
+                final = final + self.memory_gain * near
+            memory = _upsample(self.standardised(distance, "memory"), size) if self.memory_profile else near
         fine = torch.zeros_like(final)
         if self.fine_memory_size:
             fine = _upsample(self.standardised(self.fine_distance(x), "fine"), size)

@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import cv2
 import numpy as np
@@ -424,26 +424,17 @@ def memory_images(images: TrainImages, size: int, overlap: float) -> tuple[np.nd
 PROFILE_BUFFERS = ("_center", "_spread", "profile_rows", "profile_owner", "fine_memory_owner")
 
 
-class Sample(NamedTuple):
-    """sample_descriptors' draw: the memory's entries and probes, each with its source image."""
-
-    memory: torch.Tensor
-    owners: torch.Tensor
-    probes: torch.Tensor
-    probe_owners: torch.Tensor
-
-
 @torch.no_grad()
 def sample_descriptors(describe: Callable[[torch.Tensor], torch.Tensor], images_u8_nhwc: np.ndarray, cell: int,
                        count: int, rng: np.random.Generator, device: torch.device, batch: int,
                        owners: np.ndarray | None, ranks: Ranks = ALONE, cached: torch.Tensor | None = None,
-                       ) -> Sample:
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A seeded random sample of `count` patch descriptors of the images (describe: N x 3 x S x S -> N x D x S/cell
     x S/cell) and up to 4096 probe descriptors, each with its source image (`owners`, one per row; default: each
-    row its own). The sample is drawn before any feature is computed, so only the chosen patches are kept (a tiled
-    SKU's tiles have millions of patches). Among ranks each describes its share of the image batches and every rank
-    gets the whole sample. cached: every row's descriptors already computed (N * S/cell * S/cell x D, row by row;
-    RowDescriptors), taken instead of describe."""
+    row its own): (sample, its owners, probes, their owners). The sample is drawn before any feature is
+    computed, so only the chosen patches are kept (a tiled SKU's tiles have millions of patches). Among ranks each
+    describes its share of the image batches and every rank gets the whole sample. cached: every row's
+    descriptors already computed (N * S/cell * S/cell x D, row by row; RowDescriptors), taken instead of describe."""
     per_row = (images_u8_nhwc.shape[1] // cell) * (images_u8_nhwc.shape[2] // cell)
     total = len(images_u8_nhwc) * per_row
     pick = rng.choice(total, count, replace=False)
@@ -465,16 +456,17 @@ def sample_descriptors(describe: Callable[[torch.Tensor], torch.Tensor], images_
     feat_owners = torch.from_numpy(sources[wanted // per_row]).to(device)
     at_pick = torch.from_numpy(np.searchsorted(wanted, pick)).to(device)
     at_probe = torch.from_numpy(np.searchsorted(wanted, probe)).to(device)
-    return Sample(feats[at_pick], feat_owners[at_pick], feats[at_probe], feat_owners[at_probe])
+    return feats[at_pick], feat_owners[at_pick], feats[at_probe], feat_owners[at_probe]
 
 
-def leave_one_out_scale(sample: Sample) -> float:
-    """Mean distance of the sample's probes to their nearest memory entry of another source image: the scale that
-    makes a normal patch read ~1."""
-    memory, one = sample.memory, sample.memory.new_ones(())
+def leave_one_out_scale(memory: torch.Tensor, memory_owners: torch.Tensor, probes: torch.Tensor,
+                        probe_owners: torch.Tensor) -> float:
+    """Mean distance of the probes to their nearest memory entry of another source image: the scale that makes
+    a normal patch read ~1."""
+    one = memory.new_ones(())
     distances = torch.cat([
-        nearest_distance(chunk[:, :, None, None], memory, one, sample.owners[None, None, :] == owners[:, None, None])
-        .flatten() for chunk, owners in zip(sample.probes.split(512), sample.probe_owners.split(512), strict=True)])
+        nearest_distance(chunk[:, :, None, None], memory, one, memory_owners[None, None, :] == owners[:, None, None])
+        .flatten() for chunk, owners in zip(probes.split(512), probe_owners.split(512), strict=True)])
     return max(float(distances[torch.isfinite(distances)].mean()), 1e-6)
 
 
@@ -530,11 +522,12 @@ def fill_memory(model: TDADModel, images_u8_nhwc: np.ndarray, device: torch.devi
     the scale. cached: the rows' descriptors, already computed (sample_descriptors)."""
     seg = model.segmenter
     rng = np.random.default_rng([seed, len(PHASES)])
-    sample = sample_descriptors(seg.memory_features, images_u8_nhwc, 8, seg.memory_size, rng, device, batch, owners,
-                                ranks, cached)
-    seg.memory.copy_(sample.memory)
-    seg.memory_owner.copy_(sample.owners)
-    scale = leave_one_out_scale(sample)
+    memory, memory_owners, probes, probe_owners = sample_descriptors(
+        seg.memory_features, images_u8_nhwc, 8, seg.memory_size, rng, device, batch, owners,
+        ranks, cached)
+    seg.memory.copy_(memory)
+    seg.memory_owner.copy_(memory_owners)
+    scale = leave_one_out_scale(memory, memory_owners, probes, probe_owners)
     seg.memory_scale.fill_(scale)
     if seg.memory_profile:
         keep_profile_rows(model, images_u8_nhwc, owners, rng)
@@ -554,13 +547,13 @@ def store_fine_memory(model: TDADModel, remembered: np.ndarray, owners: np.ndarr
     seg.resize_fine_memory(size)
     seg.fine_boost = cfg.fine_boost
     rng = np.random.default_rng([cfg.seed, len(PHASES) + 1])
-    sample = sample_descriptors(seg.fine_features, remembered, 4, size, rng, device, cfg.batch_size, owners, ranks,
-                                cached)
-    seg.fine_memory.copy_(sample.memory)
-    scale = leave_one_out_scale(sample)
+    memory, memory_owners, probes, probe_owners = sample_descriptors(
+        seg.fine_features, remembered, 4, size, rng, device, cfg.batch_size, owners, ranks, cached)
+    seg.fine_memory.copy_(memory)
+    scale = leave_one_out_scale(memory, memory_owners, probes, probe_owners)
     seg.fine_memory_scale.fill_(scale)
     if seg.memory_profile:  # on the rows fill_memory kept
-        seg.fine_memory_owner.copy_(sample.owners)
+        seg.fine_memory_owner.copy_(memory_owners)
         measure_profile(model, "fine", cfg.batch_size)
     model.config = dataclasses.replace(model.config, fine_memory_size=size, fine_boost=cfg.fine_boost)
     log.info("fine_memory_stored", entries=size, scale=scale, boost=cfg.fine_boost)

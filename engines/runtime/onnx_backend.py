@@ -9,7 +9,6 @@ within noise at batch 4 — session-call overhead is small on CPU; it costs ~1.6
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +20,10 @@ from engines.runtime.config import OnnxRuntimeSettings
 from engines.runtime.staged import (
     PART_NAMES,
     UNROLLED_NAME,
+    infer_timed,
     open_exported_sku,
     preprocess_frames,
     run_parts,
-    run_parts_timed,
     unrolled_applies,
 )
 from foundation.errors import EngineError
@@ -132,16 +131,10 @@ class OnnxEngine:
     def infer_timed(self, images_u8_nhwc: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
         """`infer` through the part graphs, with wall milliseconds per stage; a memory-only SKU (nothing
         reconstructed) through its one graph, timed as its segment stage."""
-        t0 = time.perf_counter()
-        x = preprocess_frames(images_u8_nhwc, self.image_size)
-        pre_ms = (time.perf_counter() - t0) * 1e3
-        if self._memory_only and self._unrolled is not None:
-            t1 = time.perf_counter()
-            maps = self._unrolled.run(None, {"image": x})[0]
-            return maps, {"preprocess": pre_ms, "segment": (time.perf_counter() - t1) * 1e3}
-        maps, ms = run_parts_timed(self._parts, x, self.schedule, *self._noises,
-                                    residual=self._residual)
-        return maps, {"preprocess": pre_ms, **ms}
+        unrolled = self._unrolled
+        whole = (lambda x: unrolled.run(None, {"image": x})[0]) if self._memory_only and unrolled else None
+        return infer_timed(images_u8_nhwc, self.image_size, whole, self._parts, self.schedule, *self._noises,
+                           residual=self._residual)
 
     def warmup(self) -> None:
         """One batch of 1 through the session(s) that `infer` uses, so allocations happen now."""

@@ -5,6 +5,7 @@ and TensorRT backends, with an optional stage-by-stage timing that leaves the no
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -170,3 +171,18 @@ def run_parts_timed(parts: Parts, x: Any, schedule: Schedule, noise1: Any, noise
         "segment": t4 - t3,
     }
     return maps, {k: v * 1e3 for k, v in ms.items()}
+
+
+def infer_timed(frames_u8_nhwc: np.ndarray, image_size: int, whole: Callable[[Any], Any] | None, parts: Parts,
+                schedule: Schedule, noise1: Any, noise2: Any, *, residual: bool) -> tuple[Any, dict[str, float]]:
+    """A backend's timed inference: preprocessing, then `whole` (the one graph of a memory-only SKU, which
+    reconstructs nothing; timed as its segment stage) when given, else `run_parts_timed` stage by stage."""
+    t0 = time.perf_counter()
+    x = preprocess_frames(frames_u8_nhwc, image_size)
+    pre_ms = (time.perf_counter() - t0) * 1e3
+    if whole is not None:
+        t1 = time.perf_counter()
+        maps = whole(x)
+        return maps, {"preprocess": pre_ms, "segment": (time.perf_counter() - t1) * 1e3}
+    maps, ms = run_parts_timed(parts, x, schedule, noise1, noise2, residual=residual)
+    return maps, {"preprocess": pre_ms, **ms}

@@ -23,7 +23,6 @@ from __future__ import annotations
 import ctypes
 import json
 import re
-import time
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +34,10 @@ from engines.runtime.staged import (
     PART_NAMES,
     UNROLLED_NAME,
     file_sha256,
+    infer_timed,
     open_exported_sku,
     preprocess_frames,
     run_parts,
-    run_parts_timed,
     unrolled_applies,
 )
 from foundation.errors import EngineError
@@ -372,17 +371,11 @@ class TensorRTEngine:
     def infer_timed(self, images_u8_nhwc: np.ndarray) -> tuple[np.ndarray, dict[str, float]]:
         """`infer` through the per-part plans with wall milliseconds per stage (host round trips included); a
         memory-only SKU (nothing reconstructed) through its one plan, timed as its segment stage."""
-        t0 = time.perf_counter()
-        x = preprocess_frames(images_u8_nhwc, self.image_size)
-        pre_ms = (time.perf_counter() - t0) * 1e3
         check_cuda(self.rt.cudaSetDevice(self.device_id), "cudaSetDevice")
-        if self._memory_only and self._unrolled is not None:
-            t1 = time.perf_counter()
-            maps = self._run_unrolled(self._unrolled, x)
-            return maps, {"preprocess": pre_ms, "segment": (time.perf_counter() - t1) * 1e3}
-        maps, ms = run_parts_timed(self._parts, x, self.schedule, *self._noises,
-                                    residual=self._residual)
-        return maps, {"preprocess": pre_ms, **ms}
+        unrolled = self._unrolled
+        whole = (lambda x: self._run_unrolled(unrolled, x)) if self._memory_only and unrolled else None
+        return infer_timed(images_u8_nhwc, self.image_size, whole, self._parts, self.schedule, *self._noises,
+                           residual=self._residual)
 
     def warmup(self) -> None:
         """One batch of 1 through both paths (also captures the batch-1 CUDA graph)."""

@@ -15,12 +15,11 @@ import json
 import sys
 from pathlib import Path
 
-from calibration.evaluate import METRIC_COLUMNS, evaluate
+from calibration.evaluate import METRIC_COLUMNS, evaluate, sku_split
 from engines.quantize import DEFAULT_CALIB_IMAGES, quantize_int8
 from engines.runtime import create_engine, engine_settings
 from foundation.errors import InspectorError
-from tdad.manifest import score_top_k
-from tdad.training.data import open_dataset
+from tdad.manifest import read_manifest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,12 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.calib is not None:
             quantize_int8(args.sku_dir, args.calib, args.calib_images, threads=args.threads)
+        manifest = read_manifest(args.sku_dir)
         rows = {}
         for precision in ("fp32", "int8"):
             engine = create_engine(engine_settings("onnxruntime", threads=args.threads, precision=precision),
                                    args.sku_dir)
-            dataset = open_dataset(args.dataset, args.root, args.category, "test", engine.image_size)
-            rows[precision] = evaluate(engine, dataset, top_k=score_top_k(args.sku_dir))
+            rows[precision] = evaluate(engine, sku_split(manifest, args.dataset, args.root, args.category),
+                                       top_k=manifest.score.top_k, tiling=manifest.tiling)
     except InspectorError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -22,11 +22,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from calibration.evaluate import compute_metrics, infer_dataset, map_scores
+from calibration.evaluate import compute_metrics, infer_dataset, map_scores, sku_split
 from engines.export import export_sku
 from engines.runtime import create_engine, engine_settings
 from tdad.manifest import read_manifest
-from tdad.training.data import list_images, open_dataset
+from tdad.training.data import list_images
 from tdad.training.teach import teach_sku
 
 
@@ -61,10 +61,8 @@ def measure(sku: Path, data: Path, category: str, threads: int) -> dict[str, flo
     """The SKU's metrics on the test split (ONNX Runtime, as the station runs it)."""
     manifest = read_manifest(sku)
     engine = create_engine(engine_settings("onnxruntime", threads=threads), sku)
-    tiling = manifest.tiling
-    dataset = open_dataset("mvtec", data, category, "test", manifest.image_size, manifest.preprocess.resize,
-                           tile_scale=tiling.scale if tiling else None)
-    inference = infer_dataset(engine, dataset, 8, desc=sku.name, tiling=tiling)
+    inference = infer_dataset(engine, sku_split(manifest, "mvtec", data, category), 8, desc=sku.name,
+                              tiling=manifest.tiling)
     scores = map_scores(inference.maps, manifest.score.top_k)
     metrics = compute_metrics(inference, scores)
     return {"memory": manifest.model.memory_size, "image_auroc": metrics["image_auroc"],

@@ -27,7 +27,7 @@ from engines.tiled import infer_tiled
 from foundation.log import get_logger
 from tdad.manifest import SkuManifest, TilingRecord
 from tdad.scoring import DEFAULT_TOP_K, image_scores, smoothed_max_scores
-from tdad.training.data import Item, file_digest
+from tdad.training.data import DatasetKind, ImageDataset, Item, file_digest, open_dataset
 
 log = get_logger(__name__)
 
@@ -293,6 +293,15 @@ def _render(headers: list[str], cells: list[list[str]], markdown: bool) -> str:
         return "\n".join(lines + ["| " + " | ".join(c) + " |" for c in cells])
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
     return "\n".join("  ".join(v.rjust(w) for v, w in zip(line, widths, strict=True)) for line in [headers, *cells])
+
+
+def sku_split(manifest: SkuManifest, kind: DatasetKind, root: Path, category: str | None,
+              split: str = "test") -> ImageDataset:
+    """A labelled split at the SKU's geometry: resized as the SKU resizes, or scaled by its tile scale for a tiled
+    SKU (then evaluate with tiling=manifest.tiling), as the station sees its frames."""
+    tiling = manifest.tiling
+    return open_dataset(kind, root, category, split, manifest.image_size, manifest.preprocess.resize,
+                        tile_scale=tiling.scale if tiling else None)
 
 
 def held_out_line(manifest: SkuManifest, test_files: Sequence[Path]) -> tuple[str, int]:

@@ -325,3 +325,16 @@ def test_a_tiled_sku_calibrates_and_evaluates_images_of_different_sizes_at_its_s
     row = report["rows"][0]
     assert all(0.0 <= row[k] <= 1.0 for k in ("image_auroc", "pixel_auroc", "aupro"))
     assert "at scale 0.5" in (out / "report.md").read_text() and "resolution: tiles" in capsys.readouterr().out
+
+
+def test_a_skus_split_is_read_at_its_geometry(tiny_sku: Path, tmp_path: Path) -> None:
+    from calibration.evaluate import sku_split
+    from tdad.manifest import PreprocessRecord, TilingRecord, read_manifest
+
+    root = make_mvtec_tree(tmp_path / "mvtec", n_test_good=1, n_test_bad=1, size=64)
+    manifest = read_manifest(tiny_sku).model_copy(update={"preprocess": PreprocessRecord(resize="letterbox")})
+    whole = sku_split(manifest, "mvtec", root, "brick")
+    assert whole.resize == "letterbox" and whole.tile_scale is None and whole[0].image.shape[:2] == (
+        manifest.image_size, manifest.image_size)
+    tiled = sku_split(manifest.model_copy(update={"tiling": TilingRecord(scale=0.5)}), "mvtec", root, "brick")
+    assert tiled.tile_scale == 0.5 and tiled[0].image.shape[:2] == (32, 32)  # scaled, tiled later by evaluate

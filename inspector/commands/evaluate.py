@@ -19,6 +19,7 @@ from calibration.evaluate import (
     format_sweep_table,
     format_table,
     held_out_line,
+    sku_split,
 )
 from calibration.thresholds import load_calibration
 from engines.runtime import Engine, EngineSettings, create_engine, engine_class
@@ -26,7 +27,7 @@ from foundation.errors import ConfigError, DataError
 from foundation.log import get_logger
 from inspector.commands.common import SkuTarget, add_engine_arguments, sku_target
 from tdad.manifest import RECONSTRUCTIONS, SkuManifest, read_manifest
-from tdad.training.data import file_list_hash, open_dataset
+from tdad.training.data import file_list_hash
 
 log = get_logger(__name__)
 
@@ -235,8 +236,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         variants = schedule_variants(args, target)
     tiling = manifest.tiling
-    dataset = open_dataset(args.dataset, args.root, args.category, "test", manifest.image_size,
-                           manifest.preprocess.resize, tile_scale=tiling.scale if tiling else None)
+    dataset = sku_split(manifest, args.dataset, args.root, args.category)
     held_out, overlap = held_out_line(manifest, [dataset.root / f for f in dataset.relative_files()])
     if overlap and args.require_held_out:
         raise DataError(f"{target.sku_dir}: {held_out}; evaluate on files it was not trained on and its "

@@ -11,7 +11,7 @@ import onnxruntime as ort
 import pytest
 
 from engines.precision import META_PRECISION, META_SOURCE_SHA256, check_graph, graph_file
-from engines.quantize import FP32_SCOPE, GRAPH_NAMES, QUANTIZED_OPS, derive_fp16, quantize_int8
+from engines.quantize import FP32_PARTS, FP32_SCOPES, GRAPH_NAMES, QUANTIZED_OPS, derive_fp16, quantize_int8
 from engines.runtime import create_engine, engine_settings
 from engines.runtime.staged import UNROLLED_NAME, file_sha256
 from foundation.errors import EngineError
@@ -44,24 +44,34 @@ def _session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
+# the graphs that hold each fp32 scope's nodes: the segmenter's backbone, and the autoencoder in the unrolled graph
+FP32_HOLDERS = {"/backbone/": ("segmenter", UNROLLED_NAME), "/encoder/": (UNROLLED_NAME,),
+                "/decoder/": (UNROLLED_NAME,)}
+
+
 def test_int8_graphs_hold_symmetric_qdq_and_their_source(derived_sku: Path) -> None:
+    assert set(FP32_HOLDERS) == set(FP32_SCOPES)
     for name in GRAPH_NAMES:
         path = graph_file(derived_sku, name, "int8")
         model = onnx.load(str(path))
         ops = {n.op_type for n in model.graph.node}
-        assert {"QuantizeLinear", "DequantizeLinear"} <= ops, name
-        inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
-        zero_points = [inits[n.input[2]] for n in model.graph.node
-                       if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2]
-        assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points), name  # TensorRT's form
+        assert ({"QuantizeLinear", "DequantizeLinear"} <= ops) == (name not in FP32_PARTS), name
         meta = {p.key: p.value for p in model.metadata_props}
         assert meta[META_PRECISION] == "int8"
         assert meta[META_SOURCE_SHA256] == file_sha256(graph_file(derived_sku, name, "fp32"))
         assert check_graph(derived_sku, name, "int8") == path
+        if name in FP32_PARTS:  # the autoencoder's part graphs are its fp32 graphs, stamped
+            continue
+        inits = {i.name: onnx.numpy_helper.to_array(i) for i in model.graph.initializer}
+        zero_points = [inits[n.input[2]] for n in model.graph.node
+                       if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2]
+        assert zero_points and all(z.dtype == np.int8 and not z.any() for z in zero_points), name  # TensorRT's form
         dequantized = {n.output[0] for n in model.graph.node if n.op_type == "DequantizeLinear"}
-        backbone = [n for n in model.graph.node if n.op_type == "Conv" and FP32_SCOPE in n.name]
-        assert bool(backbone) == (name in ("segmenter", UNROLLED_NAME)), name
-        assert not any(set(n.input) & dequantized for n in backbone), f"{name}: the frozen backbone must stay fp32"
+        for scope, holders in FP32_HOLDERS.items():
+            kept = [n for n in model.graph.node if n.op_type == "Conv" and scope in n.name]
+            assert bool(kept) == (name in holders), (name, scope)
+            assert not any(set(n.input) & dequantized for n in kept), f"{name}: {scope} must stay fp32"
+        assert any(n.op_type == "Conv" and set(n.input) & dequantized for n in model.graph.node), name
 
 
 def test_derived_graphs_are_noted_in_the_manifests_export_record(derived_sku: Path) -> None:

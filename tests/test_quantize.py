@@ -96,14 +96,16 @@ def test_int8_engine_runs_both_paths_close_to_fp32(derived_sku: Path) -> None:
     assert rel_error(engine.infer_timed(frames)[0], ref) < INT8_RANDOM_BOUND  # the int8 part graphs
 
 
-def test_a_memory_skus_int8_and_fp16_graphs_run_and_keep_the_memory_searches_fp32(tmp_path: Path) -> None:
-    """The product's SKUs have a memory and a fine memory: their int8 graphs run on ONNX Runtime (the quantizer
-    once gave the search's Gemm weight a scalar scale beside per-entry zero points, refused at run time), and each
-    search reads its memory unquantized; their fp16 graphs load (the search's Cast to float once kept a float
-    output over an fp16 input) and search in fp32."""
+@pytest.mark.parametrize("profile", [False, True], ids=["trained", "quick"])
+def test_a_memory_skus_int8_and_fp16_graphs_run_and_keep_the_memory_searches_fp32(tmp_path: Path,
+                                                                                  profile: bool) -> None:
+    """The product's SKUs have a memory and a fine memory (a quick SKU's with their profiles): their int8 graphs
+    run on ONNX Runtime (the quantizer once gave the search's Gemm weight a scalar scale beside per-entry zero
+    points, refused at run time), and each search reads its memory unquantized; their fp16 graphs load (the
+    search's Cast to float once kept a float output over an fp16 input) and search in fp32."""
     from engines.runtime.benchmark import make_random_sku
 
-    sku = make_random_sku(tmp_path / "sku", IMAGE_SIZE, memory=64, fine_memory=32)
+    sku = make_random_sku(tmp_path / "sku", IMAGE_SIZE, memory=64, fine_memory=32, profile=profile)
     quantize_int8(sku, write_good_folder(tmp_path / "good", 4, IMAGE_SIZE), threads=1)
     derive_fp16(sku)
     x = np.random.default_rng(3).random((2, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)

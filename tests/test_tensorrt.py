@@ -192,7 +192,7 @@ def test_memory_skus_run_on_the_plans_and_a_memory_only_one_times_its_one_plan(
     from tdad.training.sample_data import write_good_folder
     from tdad.training.train import memory_only
 
-    sku = _plans(make_random_sku(tmp_path / "sku", 64, memory=64, fine_memory=32))
+    sku = _plans(make_random_sku(tmp_path / "sku", 64, memory=64, fine_memory=32, profile=True))
     quantize_int8(sku, write_good_folder(tmp_path / "calib", 4, 64, seed=2), threads=1)
     build_sku(sku, "int8", max_batch=4, opt_batch=1)
     frames = random_frames(2, seed=5)

@@ -29,15 +29,15 @@ STAGE_ORDER = ("preprocess", "encode", "stage1", "fusion", "stage2", "decode", "
 
 
 def make_random_sku(sku_dir: Path, image_size: int = 256, seed: int = 0, export: bool = True, memory: int = 0,
-                    fine_memory: int = 0) -> Path:
+                    fine_memory: int = 0, profile: bool = False) -> Path:
     """A randomly initialised (untrained) SKU of the default architecture with the residual reconstruction (as
     training writes it, so its graphs cost what a trained SKU's do), saved and exported to ONNX.
 
     The denoiser's zero-initialised output conv is given small random weights so every graph computes
     something non-trivial (parity tests compare real numbers, not zeros). memory / fine_memory: entries of the
     memory prior and of the fine memory, filled as training fills them from rendered good parts, so their searches
-    cost what a trained SKU's do and parity compares real distances; with their profiles, as a quick SKU has them,
-    so that every graph a SKU can have is exercised.
+    cost what a trained SKU's do and parity compares real distances. profile: the memories' profiles a quick SKU
+    has (a trained SKU's memory terms are distance - 1, tdad.training.train.untrained_model).
     """
     import dataclasses
 
@@ -49,7 +49,7 @@ def make_random_sku(sku_dir: Path, image_size: int = 256, seed: int = 0, export:
     torch.manual_seed(seed)
     config = ModelConfig(image_size=image_size, residual=True)
     if memory:
-        config = dataclasses.replace(config, memory_size=memory, memory_boost=MEMORY_BOOST, memory_profile=True)
+        config = dataclasses.replace(config, memory_size=memory, memory_boost=MEMORY_BOOST, memory_profile=profile)
     model = TDADModel(config).eval()
     with torch.no_grad():
         model.denoiser.conv_out.weight.normal_(0.0, 0.02)

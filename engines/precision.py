@@ -9,15 +9,22 @@ re-exported since is refused with the command that regenerates it. Torch- and ON
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engines.runtime.staged import file_sha256
 from foundation.errors import EngineError
+
+if TYPE_CHECKING:
+    from tdad.manifest import ExportRecord
 
 GRAPH_PRECISIONS = ("fp32", "fp16", "int8")
 DERIVED_PRECISIONS = ("fp16", "int8")
 META_PRECISION = "tdad.precision"
 META_SOURCE = "tdad.source"
 META_SOURCE_SHA256 = "tdad.source_sha256"
+# how engines/quantize.py makes int8 graphs now (recorded in the manifest); graphs made otherwise still run
+INT8_METHOD = ("onnxruntime quantize_static QDQ, symmetric int8, per-channel, minmax; frozen backbone and "
+               "autoencoder fp32")
 
 
 def graph_file(sku_dir: Path, name: str, precision: str) -> Path:
@@ -33,6 +40,17 @@ def regenerate_hint(sku_dir: Path, precision: str) -> str:
         return f"run: inspector export --sku-dir {sku_dir} --int8 --calib DIR (a folder of the SKU's good images)"
     flag = " --fp16" if precision == "fp16" else ""
     return f"run: inspector export --sku-dir {sku_dir}{flag}"
+
+
+def int8_outdated(sku_dir: Path, export: ExportRecord) -> str | None:
+    """One line when the SKU's int8 graphs were quantized another way than this version's INT8_METHOD (they run,
+    without what it mended: before it, the autoencoder was quantized too, which cost magnetic_tile 0.03 of pixel
+    AUROC), naming the command that makes them again; None when they are current or absent."""
+    record = export.int8
+    if record is None or record.method == INT8_METHOD:
+        return None
+    return (f"{sku_dir}: its int8 graphs were quantized as {record.method or 'an unrecorded scheme'!r}, not as this "
+            f"version does ({INT8_METHOD}); they run, but to have them made as now {regenerate_hint(sku_dir, 'int8')}")
 
 
 def graph_metadata(path: Path) -> dict[str, str]:

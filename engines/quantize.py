@@ -32,7 +32,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from engines.precision import META_PRECISION, META_SOURCE, META_SOURCE_SHA256, check_graph, graph_file
+from engines.precision import (
+    INT8_METHOD,
+    META_PRECISION,
+    META_SOURCE,
+    META_SOURCE_SHA256,
+    check_graph,
+    graph_file,
+)
 from engines.runtime.config import OnnxRuntimeSettings
 from engines.runtime.onnx_backend import OnnxEngine, session_options
 from engines.runtime.staged import PART_NAMES, UNROLLED_NAME, check_export, file_sha256, read_sku_manifest, run_parts
@@ -326,8 +333,7 @@ def quantize_int8(sku_dir: Path, calib_dir: Path, limit: int = DEFAULT_CALIB_IMA
         log.info("int8_graph_written", graph=paths[-1].name, samples=len(feeds[name]))
     _record(sku_dir, "int8", DerivedGraphsRecord(
         files=[p.name for p in paths], calibration=calibration, ops=list(QUANTIZED_OPS), tool=_version("onnxruntime"),
-        method="onnxruntime quantize_static QDQ, symmetric int8, per-channel, minmax; frozen backbone and "
-               "autoencoder fp32"))
+        method=INT8_METHOD))
     return paths
 
 

@@ -96,6 +96,29 @@ def test_int8_engine_runs_both_paths_close_to_fp32(derived_sku: Path) -> None:
     assert rel_error(engine.infer_timed(frames)[0], ref) < INT8_RANDOM_BOUND  # the int8 part graphs
 
 
+def test_int8_graphs_quantized_the_old_way_run_and_say_how_to_remake_them(derived_sku: Path, tmp_path: Path) -> None:
+    """A SKU whose int8 graphs an earlier version made (the autoencoder quantized too) still loads at int8, and
+    the load logs the command that makes them as now; current graphs log nothing."""
+    from structlog.testing import capture_logs
+
+    from tdad.manifest import with_derived, write_manifest
+
+    settings = engine_settings("onnxruntime", threads=1, precision="int8")
+    with capture_logs() as logs:
+        create_engine(settings, derived_sku)
+    assert not [e for e in logs if e["event"] == "int8_graphs_outdated"]
+    old = copy_sku(derived_sku, tmp_path / "old")
+    manifest = read_manifest(old)
+    assert manifest.export is not None and manifest.export.int8 is not None
+    before = "onnxruntime quantize_static QDQ, symmetric int8, per-channel, minmax; frozen backbone fp32"
+    write_manifest(old, with_derived(manifest, "int8", manifest.export.int8.model_copy(update={"method": before})))
+    with capture_logs() as logs:
+        engine = create_engine(settings, old)
+    (warning,) = [e for e in logs if e["event"] == "int8_graphs_outdated"]
+    assert before in warning["message"] and f"inspector export --sku-dir {old} --int8 --calib" in warning["message"]
+    assert engine.infer(random_frames(1)).shape == (1, IMAGE_SIZE, IMAGE_SIZE)
+
+
 @pytest.mark.parametrize("profile", [False, True], ids=["trained", "quick"])
 def test_a_memory_skus_int8_and_fp16_graphs_run_and_keep_the_memory_searches_fp32(tmp_path: Path,
                                                                                   profile: bool) -> None:

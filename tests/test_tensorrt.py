@@ -178,6 +178,27 @@ def test_the_runtime_batches_captures_and_replays_graphs_in_bounded_memory_and_c
     assert fake_gpu.alive() == {}
 
 
+def test_int8_plans_of_graphs_quantized_the_old_way_run_and_say_how_to_remake_them(
+        fake_gpu: FakeGpu, exported_random_sku: Path, tmp_path: Path) -> None:
+    from engines.quantize import quantize_int8
+    from engines.runtime.build import build_sku
+    from tdad.manifest import read_manifest, with_derived, write_manifest
+    from tdad.training.sample_data import write_good_folder
+
+    sku = copy_sku(exported_random_sku, tmp_path / "sku")
+    quantize_int8(sku, write_good_folder(tmp_path / "calib", 4, 64, seed=2), threads=1)
+    build_sku(sku, "int8", max_batch=2, opt_batch=1)
+    manifest = read_manifest(sku)
+    assert manifest.export is not None and manifest.export.int8 is not None
+    write_manifest(sku, with_derived(manifest, "int8", manifest.export.int8.model_copy(update={"method": "older"})))
+    with capture_logs() as logs:
+        engine = create_engine(engine_settings("tensorrt", precision="int8"), sku)
+    (warning,) = [e for e in logs if e["event"] == "int8_graphs_outdated"]
+    assert "'older'" in warning["message"] and "--int8 --calib" in warning["message"]
+    assert engine.infer(random_frames(1)).shape[0] == 1
+    engine.close()
+
+
 def test_memory_skus_run_on_the_plans_and_a_memory_only_one_times_its_one_plan(
         fake_gpu: FakeGpu, tmp_path: Path) -> None:
     """A SKU with a memory and a fine memory (the product's: its map's H x W come out of shape arithmetic) runs

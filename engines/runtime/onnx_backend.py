@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from engines.precision import check_graph
+from engines.precision import check_graph, int8_outdated
 from engines.runtime.config import OnnxRuntimeSettings
 from engines.runtime.staged import (
     PART_NAMES,
@@ -115,6 +115,8 @@ class OnnxEngine:
         self.image_size, self.schedule, self._noises = sku.image_size, sku.schedule, sku.noises
         self._residual = sku.manifest.model.residual  # segmenter input x + decode(z_rec) - decode(z0)
         self._memory_only = sku.manifest.model.memory_only
+        if self.precision == "int8" and (outdated := int8_outdated(self.sku_dir, sku.export)):
+            log.warning("int8_graphs_outdated", sku_dir=str(self.sku_dir), message=outdated)
         self._parts = _SessionParts({name: self._session(name) for name in PART_NAMES})
         if self.use_unrolled and unrolled_applies(sku):
             self._unrolled = self._session(UNROLLED_NAME)

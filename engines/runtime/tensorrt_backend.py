@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from engines.precision import check_graph
+from engines.precision import check_graph, int8_outdated
 from engines.runtime.config import TensorRTSettings
 from engines.runtime.staged import (
     PART_NAMES,
@@ -285,6 +285,8 @@ class TensorRTEngine:
         self.image_size, self.schedule, self._noises = sku.image_size, sku.schedule, sku.noises
         self._residual = sku.manifest.model.residual  # segmenter input x + decode(z_rec) - decode(z0)
         self._memory_only = sku.manifest.model.memory_only
+        if self.precision == "int8" and (outdated := int8_outdated(self.sku_dir, sku.export)):
+            log.warning("int8_graphs_outdated", sku_dir=str(self.sku_dir), message=outdated)
         self.gpu = cuda_device(self.device_id)
         tag = plan_tag(self.gpu.name, trt.__version__, self.precision)
         self._trt_logger = trt.Logger(trt.Logger.WARNING)

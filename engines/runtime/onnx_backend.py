@@ -134,7 +134,7 @@ class OnnxEngine:
         """`infer` through the part graphs, with wall milliseconds per stage; a memory-only SKU (nothing
         reconstructed) through its one graph, timed as its segment stage."""
         unrolled = self._unrolled
-        whole = (lambda x: unrolled.run(None, {"image": x})[0]) if self._memory_only and unrolled else None
+        whole = (lambda x: unrolled.run(None, {"image": x})[0]) if self._memory_only and unrolled is not None else None
         return infer_timed(images_u8_nhwc, self.image_size, whole, self._parts, self.schedule, *self._noises,
                            residual=self._residual)
 

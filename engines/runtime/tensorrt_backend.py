@@ -375,7 +375,7 @@ class TensorRTEngine:
         memory-only SKU (nothing reconstructed) through its one plan, timed as its segment stage."""
         check_cuda(self.rt.cudaSetDevice(self.device_id), "cudaSetDevice")
         unrolled = self._unrolled
-        whole = (lambda x: self._run_unrolled(unrolled, x)) if self._memory_only and unrolled else None
+        whole = (lambda x: self._run_unrolled(unrolled, x)) if self._memory_only and unrolled is not None else None
         return infer_timed(images_u8_nhwc, self.image_size, whole, self._parts, self.schedule, *self._noises,
                            residual=self._residual)
 

@@ -8,11 +8,14 @@ and `inspector config check` start in a fraction of a second without torch. Oper
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from foundation.errors import InspectorError
 
@@ -95,7 +98,7 @@ def config_check(args: argparse.Namespace) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `inspector` console script."""
+    """The `inspector` command line: runs the chosen subcommand and returns its exit status (console exits with it)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(_chosen_command(argv))
     args = parser.parse_args(argv)
@@ -122,5 +125,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
 
 
+def exit_process(code: int) -> NoReturn:
+    """End the process with `code`. A torchrun rank (WORLD_SIZE > 1) runs the exit handlers and flushes its output,
+    then leaves by os._exit, without the interpreter's finalization: torch's DistributedDataParallel keeps the rank's
+    process group alive past destroy_process_group, and a gloo worker thread of it still dropping a finished
+    collective's tensors while the interpreter finalizes aborts the process (SIGABRT), failing a run that wrote its
+    SKU."""
+    if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "0", "1"):
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+def console() -> NoReturn:
+    """The `inspector` console script: main(), then exit_process with its exit status."""
+    exit_process(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

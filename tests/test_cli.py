@@ -1,7 +1,9 @@
-"""The command line: every subcommand has --help, and the top level imports no heavy module."""
+"""The command line: every subcommand has --help, the top level imports no heavy module, and a torchrun rank's
+process ends without the interpreter's finalization."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -49,3 +51,21 @@ def test_train_help_puts_the_operators_options_first_and_explains_every_option()
             "schedule (the presets set these)", "research and ablation (for an ML engineer)"} <= set(groups)
     silent = [a.option_strings[0] for a in train._actions if a.option_strings and not a.help]
     assert silent == [], f"options without a one-line help: {silent}"
+
+
+@pytest.mark.parametrize("world", ["2", "1", None])
+def test_a_torchrun_rank_ends_after_its_exit_handlers_and_output_without_the_interpreters_finalization(
+        world: str | None) -> None:
+    code = ("import atexit\n"
+            "from inspector.cli import exit_process\n"
+            "class Finalized:\n"
+            "    def __del__(self): print('finalized', flush=True)\n"
+            "kept = Finalized()\n"
+            "atexit.register(print, 'exit handlers ran')\n"
+            "print('buffered output')\n"
+            "exit_process(3)\n")
+    env = {k: v for k, v in os.environ.items() if k != "WORLD_SIZE"} | ({} if world is None else {"WORLD_SIZE": world})
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr
+    finalized = [] if world == "2" else ["finalized"]
+    assert done.stdout.splitlines() == ["buffered output", "exit handlers ran", *finalized]

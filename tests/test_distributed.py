@@ -35,7 +35,7 @@ from safetensors.torch import load_file
 from structlog.testing import capture_logs
 
 from foundation.errors import ConfigError
-from inspector.cli import main
+from inspector.cli import exit_process, main
 from tdad.manifest import read_manifest
 from tdad.training import train
 from tdad.training.distributed import Ranks
@@ -125,6 +125,7 @@ def collectives_of_rank(rank: int, port: int) -> None:
         assert torch.equal(grads[0], grads[1])
         assert ranks.mean_and_any(torch.tensor(1.0 + rank), flag=rank == 1) == (1.5, True)
         assert sorted(ranks.gather({10 + rank: torch.zeros(rank + 1)})) == [10, 11]
+    exit_process(0)  # as the console script ends a rank: DistributedDataParallel kept the gloo group alive
 
 
 @pytest.mark.slow
@@ -145,4 +146,4 @@ def test_a_global_batch_the_ranks_cannot_split_is_one_line_before_any_process_gr
 
 
 if __name__ == "__main__":
-    sys.exit(run_rank(sys.argv[1], sys.argv[2:]))
+    exit_process(run_rank(sys.argv[1], sys.argv[2:]))

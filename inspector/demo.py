@@ -95,13 +95,13 @@ def build_demo_sku(workdir: Path, recipe: Recipe = Recipe(), *, threads: int = 0
     """Train, export and calibrate the demo SKU under workdir/sku (cached by recipe); returns the SKU dir."""
     import torch
 
-    from calibration.evaluate import infer_dataset
+    from calibration.evaluate import infer_dataset, sku_split
     from calibration.reference import stats_of_images
     from calibration.thresholds import fit_thresholds, format_table, save_calibration
     from engines.runtime import create_engine
-    from tdad.manifest import maps_fingerprint, score_top_k
+    from tdad.manifest import maps_fingerprint, read_manifest, score_top_k
     from tdad.scoring import image_scores
-    from tdad.training.data import file_list_hash, open_dataset
+    from tdad.training.data import file_list_hash
     from tdad.training.sample_data import write_mvtec_tree
     from tdad.training.train import PRESETS, TrainConfig, train_sku
 
@@ -134,7 +134,7 @@ def build_demo_sku(workdir: Path, recipe: Recipe = Recipe(), *, threads: int = 0
         export_sku(sku_dir)
     engine = create_engine(engine_settings(recipe.backend, threads=threads), sku_dir)
     top_k = score_top_k(sku_dir)
-    test = open_dataset("mvtec", data_root, recipe.category, "test", engine.image_size)
+    test = sku_split(read_manifest(sku_dir), "mvtec", data_root, recipe.category)
     inference = infer_dataset(engine, test, desc="calibrate")
     good, ng = ~inference.labels, inference.labels
     scores = image_scores(inference.maps, top_k=top_k)

@@ -99,7 +99,7 @@ def build_demo_sku(workdir: Path, recipe: Recipe = Recipe(), *, threads: int = 0
     from calibration.reference import stats_of_images
     from calibration.thresholds import fit_thresholds, format_table, save_calibration
     from engines.runtime import create_engine
-    from tdad.manifest import maps_fingerprint, read_manifest, score_top_k
+    from tdad.manifest import maps_fingerprint, read_manifest
     from tdad.scoring import image_scores
     from tdad.training.data import file_list_hash
     from tdad.training.sample_data import write_mvtec_tree
@@ -133,9 +133,10 @@ def build_demo_sku(workdir: Path, recipe: Recipe = Recipe(), *, threads: int = 0
         print("exporting ONNX graphs ...", file=sys.stderr)
         export_sku(sku_dir)
     engine = create_engine(engine_settings(recipe.backend, threads=threads), sku_dir)
-    top_k = score_top_k(sku_dir)
-    test = sku_split(read_manifest(sku_dir), "mvtec", data_root, recipe.category)
-    inference = infer_dataset(engine, test, desc="calibrate")
+    manifest = read_manifest(sku_dir)
+    top_k = manifest.score.top_k
+    test = sku_split(manifest, "mvtec", data_root, recipe.category)
+    inference = infer_dataset(engine, test, desc="calibrate", tiling=manifest.tiling)
     good, ng = ~inference.labels, inference.labels
     scores = image_scores(inference.maps, top_k=top_k)
     calibration = fit_thresholds(

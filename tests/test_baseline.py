@@ -3,7 +3,6 @@ project's metrics on a test split."""
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
 import sys
@@ -14,16 +13,12 @@ import numpy as np
 import pytest
 
 from tdad.training.sample_data import write_mvtec_tree
-
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "baseline.py"
+from tests.bench_scripts import BENCH, load_script
 
 
 @pytest.fixture(scope="module")
 def script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("baseline", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_script("baseline")
     module.torch.set_num_threads(1)
     return module
 
@@ -45,8 +40,8 @@ def test_a_remembered_part_scores_zero_and_painted_defects_rank_above_good_parts
 
 def test_the_command_prints_a_row_per_resolution(tmp_path: Path) -> None:
     root = write_mvtec_tree(tmp_path / "data", "brick", n_train=4, n_test_good=2, n_test_bad=2, size=64)
-    out = subprocess.run([sys.executable, str(SCRIPT), "--root", str(root), "--category", "brick", "--size", "32",
-                          "64", "--threads", "1"], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run([sys.executable, str(BENCH / "baseline.py"), "--root", str(root), "--category", "brick",
+                          "--size", "32", "64", "--threads", "1"], capture_output=True, text=True, check=True).stdout
     lines = out.splitlines()
     assert lines[0].startswith("PatchCore-style baseline on brick")
     assert lines[2].split()[:2] == ["32", "px"] and lines[3].split()[:2] == ["64", "px"]

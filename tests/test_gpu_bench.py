@@ -3,25 +3,12 @@ bench/gpu_profile.py's per-stage table and bench/train_speed.py's preset table."
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-
-
-def load_script(name: str) -> ModuleType:
-    """A bench script as a module (bench/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+from tests.bench_scripts import load_script
 
 
 def test_the_profile_splits_a_frame_into_its_stages(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -3,8 +3,6 @@ that tells a box's libraries (the CPU columns) from its device (the device colum
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -12,18 +10,12 @@ import pytest
 
 from tdad.training.sample_data import write_mvtec_tree
 from tdad.training.train import PRESETS, TrainConfig
-
-SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "train_fingerprint.py"
+from tests.bench_scripts import load_script
 
 
 @pytest.fixture(scope="module")
 def script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("train_fingerprint", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclass looks its module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("train_fingerprint")
 
 
 def test_fingerprint_is_reproducible_and_a_gap_is_named(script: ModuleType, tmp_path: Path) -> None:

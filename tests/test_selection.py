@@ -137,7 +137,7 @@ def test_a_trained_sku_too_small_to_hold_images_out_keeps_its_defaults_and_says_
 
 
 def test_a_fold_refilled_from_descriptors_computed_once_is_the_fold_refilled_from_its_images(
-        opened: tuple[Path, list[Path]]) -> None:
+        opened: tuple[Path, list[Path]], monkeypatch: pytest.MonkeyPatch) -> None:
     from tdad.training.train import RowDescriptors, all_training_images, remember
 
     sku, _ = opened
@@ -155,6 +155,11 @@ def test_a_fold_refilled_from_descriptors_computed_once_is_the_fold_refilled_fro
     assert described is not None and described.fine is not None
     models = [with_fine_memory(), with_fine_memory()]
     remember(models[0], cfg, images, keep)
+    def no_backbone_pass(x: torch.Tensor) -> list[torch.Tensor]:
+        raise AssertionError("a refill from descriptors computed once ran the backbone")
+
+    # the memories, their scales and their profiles all come from the descriptors: no pass of the backbone
+    monkeypatch.setattr(models[1].segmenter.backbone, "forward", no_backbone_pass)
     remember(models[1], cfg, images, keep, described)
     for name in ("memory", "memory_owner", "memory_scale", "fine_memory", "fine_memory_scale", "memory_center",
                  "memory_spread", "fine_center", "fine_spread"):  # a quick SKU's profiles too

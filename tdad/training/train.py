@@ -470,13 +470,28 @@ def leave_one_out_scale(memory: torch.Tensor, memory_owners: torch.Tensor, probe
     return max(float(distances[torch.isfinite(distances)].mean()), 1e-6)
 
 
+def cached_rows(kept_u8: np.ndarray, rows_u8: np.ndarray, cached: torch.Tensor, grid: int) -> torch.Tensor | None:
+    """The descriptors of the kept rows (k x S x S x 3), found by content among rows_u8 (N x S x S x 3) whose
+    descriptors `cached` holds (N * grid^2 x D, row by row, as sample_descriptors takes them), as k x D x grid x
+    grid; None when a kept row is not among them."""
+    where = {row.tobytes(): i for i, row in enumerate(rows_u8)}
+    found = [where.get(row.tobytes()) for row in kept_u8]
+    if any(i is None for i in found):
+        return None
+    per_row = cached.view(len(rows_u8), grid, grid, -1)
+    return per_row[torch.as_tensor(found)].permute(0, 3, 1, 2)
+
+
 @torch.no_grad()
-def measure_profile(model: TDADModel, which: str, batch: int = 8) -> None:
+def measure_profile(model: TDADModel, which: str, batch: int = 8,
+                    described: tuple[np.ndarray, torch.Tensor] | None = None) -> None:
     """Measure a memory's profile (which: "memory" or "fine") on the segmenter's kept good rows: the mean and
     standard deviation at each cell of the rows' distances to the nearest entry of another source image, locally
     averaged over 3 x 3 cells against sampling noise, spreads floored at half their median (a cell every good part
     shows alike must not turn noise into evidence). Called whenever the memory changes (filled, taught). With
-    fewer than two rows that have another image's entries the profile is neutral (centre 1, spread 1)."""
+    fewer than two rows that have another image's entries the profile is neutral (centre 1, spread 1).
+    described: (the rows the memory was filled from, their descriptors under this memory's features, cached), so
+    that a refill from cached descriptors (setting selection's folds) runs no backbone pass for the profile."""
     seg = model.segmenter
     keep = seg.profile_owner >= 0
     rows, owners = seg.profile_rows[keep].cpu().numpy(), seg.profile_owner[keep]
@@ -484,9 +499,15 @@ def measure_profile(model: TDADModel, which: str, batch: int = 8) -> None:
     memory, memory_owner, scale = ((seg.memory, seg.memory_owner, seg.memory_scale) if which == "memory" else
                                    (seg.fine_memory, seg.fine_memory_owner, seg.fine_memory_scale))
     center, spread = getattr(seg, f"{which}_center"), getattr(seg, f"{which}_spread")
+    queries = cached_rows(rows, described[0], described[1], center.shape[-1]) if described is not None else None
+
+    def of(i: int) -> torch.Tensor:
+        if queries is not None:
+            return queries[i : i + batch].to(memory.device)
+        return describe(torch.from_numpy(preprocess(rows[i : i + batch])).to(memory.device))
+
     distances = torch.cat([memory.new_zeros(0, 1, *center.shape[-2:]), *(
-        nearest_distance(describe(torch.from_numpy(preprocess(rows[i : i + batch])).to(memory.device)), memory,
-                         scale, memory_owner[None, None, :] == owners[i : i + batch, None, None])
+        nearest_distance(of(i), memory, scale, memory_owner[None, None, :] == owners[i : i + batch, None, None])
         for i in range(0, len(rows), batch))])
     distances = distances[torch.isfinite(distances).flatten(1).all(1)]
     if len(distances) < 2:
@@ -531,7 +552,7 @@ def fill_memory(model: TDADModel, images_u8_nhwc: np.ndarray, device: torch.devi
     seg.memory_scale.fill_(scale)
     if seg.memory_profile:
         keep_profile_rows(model, images_u8_nhwc, owners, rng)
-        measure_profile(model, "memory", batch)
+        measure_profile(model, "memory", batch, None if cached is None else (images_u8_nhwc, cached))
     return scale
 
 
@@ -554,7 +575,7 @@ def store_fine_memory(model: TDADModel, remembered: np.ndarray, owners: np.ndarr
     seg.fine_memory_scale.fill_(scale)
     if seg.memory_profile:  # on the rows fill_memory kept
         seg.fine_memory_owner.copy_(memory_owners)
-        measure_profile(model, "fine", cfg.batch_size)
+        measure_profile(model, "fine", cfg.batch_size, None if cached is None else (remembered, cached))
     model.config = dataclasses.replace(model.config, fine_memory_size=size, fine_boost=cfg.fine_boost)
     log.info("fine_memory_stored", entries=size, scale=scale, boost=cfg.fine_boost)
 

@@ -12,14 +12,13 @@ S px), so its rows sit beside a SKU's as the README's bar was meant to.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.nn import functional as F
 
-from calibration.evaluate import Inference, compute_metrics, format_table
+from calibration.evaluate import Inference, compute_metrics, format_table, infer_dataset
 from tdad.nets.backbone import Backbone
 from tdad.nets.segmenter import nearest_distance, patch_features
 from tdad.preprocess import preprocess
@@ -37,24 +36,31 @@ def describe(backbone: Backbone, dataset: ImageDataset) -> torch.Tensor:
         for i in range(0, len(dataset), BATCH)])
 
 
-@torch.no_grad()
+class NearestPatch:
+    """The baseline as a MapSource (engines.runtime.base): each patch's distance to its nearest memory patch, the
+    S/8 x S/8 map upsampled to S x S."""
+
+    def __init__(self, backbone: Backbone, memory: torch.Tensor, image_size: int) -> None:
+        self.backbone, self.memory, self.image_size = backbone, memory, image_size
+
+    @torch.no_grad()
+    def infer(self, images_u8_nhwc: np.ndarray) -> np.ndarray:
+        """N x S x S x 3 uint8 RGB -> N x S x S float32 distance maps."""
+        cells = patch_features(self.backbone(torch.from_numpy(preprocess(images_u8_nhwc))))
+        distance = nearest_distance(cells, self.memory, torch.ones(()))
+        return F.interpolate(distance, size=(self.image_size, self.image_size), mode="bilinear",
+                             align_corners=False)[:, 0].numpy()
+
+
 def baseline(root: Path, category: str, size: int, seed: int = 0) -> tuple[Inference, np.ndarray]:
     """The baseline's maps over the category's test split at size x size (stretched) and their image scores."""
     backbone = Backbone(size)
     train = describe(backbone, open_dataset("mvtec", root, category, "train", size))
     patches = train.permute(0, 2, 3, 1).reshape(-1, train.shape[1])
     pick = torch.randperm(len(patches), generator=torch.Generator().manual_seed(seed))[:MEMORY]
-    memory, one = patches[pick].contiguous(), torch.ones(())
     test = open_dataset("mvtec", root, category, "test", size)
-    t0 = time.perf_counter()
-    cells = describe(backbone, test)
-    distance = torch.cat([nearest_distance(cells[i : i + BATCH], memory, one) for i in range(0, len(cells), BATCH)])
-    maps = F.interpolate(distance, size=(size, size), mode="bilinear", align_corners=False)[:, 0].numpy()
-    seconds = time.perf_counter() - t0
-    items = [test[i] for i in range(len(test))]
-    masks = np.stack([item.mask if item.mask is not None else np.zeros((size, size), bool) for item in items])
-    inference = Inference(maps=maps, labels=np.array([item.label != 0 for item in items]), masks=masks,
-                          defect_types=np.array([item.defect_type for item in items]), seconds=seconds)
+    inference = infer_dataset(NearestPatch(backbone, patches[pick].contiguous(), size), test, BATCH, desc="baseline")
+    maps = np.asarray(inference.maps)
     return inference, maps.reshape(len(maps), -1).max(axis=1)
 
 

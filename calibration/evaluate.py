@@ -23,6 +23,7 @@ from calibration import metrics
 from calibration.montage import MontageRow, write_montage
 from calibration.thresholds import Calibration
 from engines.runtime import Engine
+from engines.runtime.base import MapSource
 from engines.tiled import infer_tiled
 from foundation.log import get_logger
 from tdad.manifest import SkuManifest, TilingRecord
@@ -76,7 +77,7 @@ class Inference:
         return len(self.maps) / self.seconds if self.seconds > 0 else float("inf")
 
 
-def infer_dataset(engine: Engine, dataset: Sequence[Item], batch_size: int = 8, desc: str = "infer",
+def infer_dataset(engine: MapSource, dataset: Sequence[Item], batch_size: int = 8, desc: str = "infer",
                   tiling: TilingRecord | None = None) -> Inference:
     """Run the engine over every item in order, in batches, into preallocated arrays (tqdm on stderr); with
     `tiling` (items scaled by the SKU's scale), each item tiled and stitched as the daemon does it.

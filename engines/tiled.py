@@ -7,12 +7,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from engines.runtime.base import Engine
+from engines.runtime.base import MapSource
 from tdad.manifest import TilingRecord
 from tdad.tiling import TilePlan
 
 
-def infer_tiled(engine: Engine, images_u8_hwc: Sequence[np.ndarray], tiling: TilingRecord,
+def infer_tiled(engine: MapSource, images_u8_hwc: Sequence[np.ndarray], tiling: TilingRecord,
                 batch: int) -> list[np.ndarray]:
     """Stitched h x w maps of scaled frames: every frame's tiles through the engine in chunks of at most
     `batch` (what its TensorRT profiles and micro-batch allow), the one tiled path of daemon, calibrate and eval."""

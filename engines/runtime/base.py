@@ -8,19 +8,26 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 
-@runtime_checkable
-class Engine(Protocol):
-    """One loaded SKU model: uint8 RGB frames in, float32 anomaly maps in [0, 1] out."""
+class MapSource(Protocol):
+    """Anything that maps frames to anomaly maps at a fixed size: every Engine, and a reference method a benchmark
+    scores beside them. All that running one over a data set (calibration.evaluate.infer_dataset) or over tiles
+    (engines.tiled.infer_tiled) needs."""
 
-    backend: str
     image_size: int
-
-    def load(self, sku_dir: Path) -> None:
-        """Load the SKU directory's weights/graphs/plans; raise EngineError with the fix on failure."""
-        ...
 
     def infer(self, images_u8_nhwc: np.ndarray) -> np.ndarray:
         """Map N x S x S x 3 uint8 RGB images to N x S x S float32 anomaly maps at input resolution."""
+        ...
+
+
+@runtime_checkable
+class Engine(MapSource, Protocol):
+    """One loaded SKU model: uint8 RGB frames in, float32 anomaly maps in [0, 1] out."""
+
+    backend: str
+
+    def load(self, sku_dir: Path) -> None:
+        """Load the SKU directory's weights/graphs/plans; raise EngineError with the fix on failure."""
         ...
 
     def warmup(self) -> None:
